@@ -1,0 +1,74 @@
+"""Storage: the interfaces, their backends, and ``open_database`` to get a ready database."""
+
+from twisted.internet.defer import Deferred
+
+from mim_twisted.storage import migrations
+from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated
+
+BACKENDS = ("memory", "sqlite", "postgresql")
+
+
+def open_database(
+    backend: str,
+    *,
+    sqlite_path: str | None = None,
+    postgresql_dsn: str | None = None,
+    pool_size: int = 4,
+    auto_migrate: bool,
+) -> Deferred[IDatabase]:
+    """Open the database of ``backend`` (one of BACKENDS) with its schema at the newest version.
+
+    An outdated schema is migrated when ``auto_migrate`` is true and is otherwise a
+    SchemaOutdated failure; a schema newer than this code is a SchemaTooNew failure. On failure
+    the database is closed again.
+    """
+    return Deferred.fromCoroutine(
+        _open_database(backend, sqlite_path, postgresql_dsn, pool_size, auto_migrate)
+    )
+
+
+async def _open_database(
+    backend: str,
+    sqlite_path: str | None,
+    postgresql_dsn: str | None,
+    pool_size: int,
+    auto_migrate: bool,
+) -> IDatabase:
+    database = await _connect(backend, sqlite_path, postgresql_dsn, pool_size)
+    try:
+        installed = await database.schema_version()
+        newest = migrations.newest_version()
+        if migrations.needs_migration(installed, newest):
+            if not auto_migrate:
+                raise SchemaOutdated(
+                    f"the database schema is at version {installed}, this code needs version "
+                    f"{newest}: run `mimctl migrate`"
+                )
+            await database.migrate()
+    except BaseException:
+        await database.close()
+        raise
+    return database
+
+
+async def _connect(
+    backend: str, sqlite_path: str | None, postgresql_dsn: str | None, pool_size: int
+) -> IDatabase:
+    # Backends are imported on use: the PostgreSQL driver need not load for SQLite, and back.
+    if backend == "memory":
+        from mim_twisted.storage.memory import MemoryDatabase
+
+        return MemoryDatabase()
+    if backend == "sqlite":
+        if not sqlite_path:
+            raise ValueError("the sqlite storage backend needs sqlite_path")
+        from mim_twisted.storage.sqlite import SQLiteDatabase
+
+        return SQLiteDatabase(sqlite_path)
+    if backend == "postgresql":
+        if not postgresql_dsn:
+            raise ValueError("the postgresql storage backend needs postgresql_dsn")
+        from mim_twisted.storage.postgres import PostgresDatabase
+
+        return await PostgresDatabase(postgresql_dsn, pool_size).start()
+    raise ValueError(f"unknown storage backend {backend!r}, expected one of {', '.join(BACKENDS)}")

@@ -2,6 +2,9 @@
 
 from zope.interface import Attribute, Interface
 
+# The keys of an account's credentials mapping (see IAccountStore), all of them required.
+CREDENTIAL_MECHANISMS = ("SCRAM-SHA-1", "SCRAM-SHA-256")
+
 
 class AccountExists(Exception):
     """``create_account`` for a (domain, username) that is already registered."""
@@ -13,6 +16,10 @@ class AccountNotFound(Exception):
 
 class SchemaOutdated(Exception):
     """The database schema is older than this code and automatic migration is off."""
+
+
+class SchemaTooNew(Exception):
+    """The database schema is newer than this code: it was migrated by a later release."""
 
 
 class IDatabase(Interface):

@@ -1,0 +1,386 @@
+"""The server configuration: a TOML file read into frozen dataclasses, checked key by key.
+
+Each key is declared once, as a dataclass field made with ``option(default, check)``; one loader
+walks those declarations, so a new key is one line. The embedded default is the empty document,
+so every default passes through the same checks (and path resolution) as a value from a file.
+Problems are reported as a ConfigError whose text is one line: the file, the dotted key, what
+is wrong.
+"""
+
+import dataclasses
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from twisted.words.protocols.jabber import jid
+
+SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; str() is one line naming the file and the key."""
+
+
+class _CheckError(ValueError):
+    """What is wrong with a value. The loader adds the key; a check spanning several keys of
+    one table (in __post_init__) names the offending one in ``key``."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class _KeyedError(Exception):
+    """What is wrong, already naming the dotted key; load_config adds the file name."""
+
+
+class _Where(NamedTuple):
+    key: str  # dotted key of the value being checked, for messages and nested keys
+    base: str  # directory that relative paths are resolved against
+
+
+_Check = Callable[[Any, _Where], Any]
+
+
+def option(default: Any, check: _Check) -> Any:
+    """Declare a key: its default, written as it would be in the file (or a function of the
+    table's keys declared before it), and the check that validates and converts the value."""
+    return dataclasses.field(metadata={"default": default, "check": check})
+
+
+def _show(value: Any) -> str:
+    """A value as TOML would write it, on one line (json escapes newlines in strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_show, value)) + "]"
+    if isinstance(value, dict):
+        return "a table"
+    return str(value)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _make(cls: type, raw: Mapping[str, Any], where: _Where, **extra: Any) -> Any:
+    """Build dataclass ``cls`` from the TOML table ``raw`` according to its declared options."""
+    declared = {f.name: f for f in dataclasses.fields(cls) if "check" in f.metadata}
+    for name in raw:
+        if name not in declared:
+            raise _KeyedError(f"unknown key {_show(_join(where.key, name))}")
+    values: dict[str, Any] = {}
+    for name, field in declared.items():
+        key = _join(where.key, name)
+        default = field.metadata["default"]
+        if name in raw:
+            value = raw[name]
+        elif callable(default):
+            value = default(values)
+        else:
+            value = default
+        try:
+            values[name] = field.metadata["check"](value, _Where(key, where.base))
+        except _CheckError as error:
+            raise _KeyedError(f"{key}: {error} (got {_show(value)})") from None
+    try:
+        return cls(**values, **extra)
+    except _CheckError as error:
+        raise _KeyedError(f"{_join(where.key, error.key)}: {error}") from None
+
+
+# Checks: each takes the raw TOML value and where it is, and returns the converted value or
+# raises _CheckError saying what the value must be.
+
+
+def boolean(value: Any, where: _Where) -> bool:
+    if not isinstance(value, bool):
+        raise _CheckError("must be true or false")
+    return value
+
+
+def text(value: Any, where: _Where) -> str:
+    if not isinstance(value, str):
+        raise _CheckError("must be a string")
+    return value
+
+
+def integer(low: int, high: int | None = None) -> _Check:
+    wanted = f"an integer >= {low}" if high is None else f"an integer {low}..{high}"
+
+    def check(value: Any, where: _Where) -> int:
+        # bool is a subclass of int in Python, but `true` is not a size.
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            raise _CheckError(f"must be {wanted}")
+        return value
+
+    return check
+
+
+def number(low: float, *, inclusive: bool) -> _Check:
+    wanted = f"a number {'>=' if inclusive else '>'} {low:g}"
+
+    def check(value: Any, where: _Where) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < low
+            or (value == low and not inclusive)
+        ):
+            raise _CheckError(f"must be {wanted}")
+        return float(value)
+
+    return check
+
+
+def one_of(*allowed: str) -> _Check:
+    wanted = ", ".join(map(_show, allowed))
+
+    def check(value: Any, where: _Where) -> str:
+        if value not in allowed:
+            raise _CheckError(f"must be one of {wanted}")
+        return value
+
+    return check
+
+
+def subset_of(*allowed: str) -> _Check:
+    """A non-empty list of distinct names from ``allowed``, kept in the order written."""
+    wanted = ", ".join(map(_show, allowed))
+
+    def check(value: Any, where: _Where) -> tuple[str, ...]:
+        if (
+            not isinstance(value, list)
+            or not value
+            or any(item not in allowed for item in value)
+            or len(set(value)) != len(value)
+        ):
+            raise _CheckError(f"must be a non-empty list of distinct values from {wanted}")
+        return tuple(value)
+
+    return check
+
+
+def local_path(*, optional: bool = False, existing_file: bool = False) -> _Check:
+    """A filesystem path, returned absolute; "" is kept as "" (meaning "use the default") when
+    ``optional``."""
+
+    def check(value: Any, where: _Where) -> str:
+        if not isinstance(value, str) or not (value or optional):
+            raise _CheckError("must be a path" if optional else "must be a non-empty path")
+        if not value:
+            return value
+        resolved = os.path.abspath(os.path.join(where.base, value))
+        if existing_file and not os.path.isfile(resolved):
+            raise _CheckError(f"file not found: {resolved}")
+        return resolved
+
+    return check
+
+
+def _domain(value: Any) -> str:
+    # RFC 7622 3.2: a final dot is not part of the domain; nameprep also folds case.
+    if not isinstance(value, str):
+        raise _CheckError("must be a list of domain names")
+    try:
+        return jid.prep(None, value.removesuffix("."), None)[1]
+    except (jid.InvalidFormat, ValueError, IndexError):  # IndexError: empty label, as in "a..b"
+        raise _CheckError(f"{_show(value)} is not a valid domain name") from None
+
+
+def domain_list(value: Any, where: _Where) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _CheckError("must be a non-empty list of domain names")
+    domains: list[str] = []
+    for item in value:
+        domain = _domain(item)
+        if domain in domains:
+            raise _CheckError(f"{_show(domain)} is listed twice")
+        domains.append(domain)
+    return tuple(domains)
+
+
+def ip_address(value: Any, where: _Where) -> str:
+    message = 'must be an IPv4 or IPv6 address, or "localhost"'
+    if not isinstance(value, str):  # ipaddress would take the integer 1 as 0.0.0.1
+        raise _CheckError(message)
+    if value == "localhost":
+        return value
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _CheckError(message) from None
+
+
+def table(cls: type) -> _Check:
+    """A sub-table such as [storage.sqlite], built into dataclass ``cls``."""
+
+    def check(value: Any, where: _Where) -> Any:
+        if not isinstance(value, dict):
+            raise _CheckError("must be a table")
+        return _make(cls, value, where)
+
+    return check
+
+
+def array_of_tables(cls: type) -> _Check:
+    """A non-empty [[array]] of tables, each built into dataclass ``cls``."""
+
+    def check(value: Any, where: _Where) -> tuple[Any, ...]:
+        if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+            raise _CheckError(f"must be a non-empty array of tables, written [[{where.key}]]")
+        return tuple(
+            _make(cls, item, _Where(f"{where.key}[{index}]", where.base))
+            for index, item in enumerate(value)
+        )
+
+    return check
+
+
+# The keys. Dataclass fields without option() are not keys (Config.source).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    domains: tuple[str, ...] = option(["localhost"], domain_list)
+    data_dir: str = option("mim-data", local_path())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ListenerConfig:
+    address: str = option("127.0.0.1", ip_address)
+    port: int = option(5222, integer(0, 65535))
+    starttls: str = option("required", one_of("required", "optional"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TLSConfig:
+    certificate: str = option("", local_path(optional=True, existing_file=True))
+    private_key: str = option("", local_path(optional=True, existing_file=True))
+
+    def __post_init__(self) -> None:
+        # Both empty means a generated self-signed pair; half a pair is always a mistake.
+        if self.certificate and not self.private_key:
+            raise _CheckError("must be set when tls.certificate is set", key="private_key")
+        if self.private_key and not self.certificate:
+            raise _CheckError("must be set when tls.private_key is set", key="certificate")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AuthConfig:
+    mechanisms: tuple[str, ...] = option(list(SASL_MECHANISMS), subset_of(*SASL_MECHANISMS))
+    allow_plain_without_tls: bool = option(False, boolean)
+    scram_iterations: int = option(4096, integer(4096))
+    max_failures: int = option(3, integer(1))
+    failure_delay: float = option(1.0, number(0, inclusive=True))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SQLiteConfig:
+    path: str = option("", local_path(optional=True))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PostgreSQLConfig:
+    dsn: str = option("host=127.0.0.1 dbname=mim", text)
+    pool_size: int = option(4, integer(1, 100))
+
+
+def _migrate_embedded_only(storage: Mapping[str, Any]) -> bool:
+    # The embedded database belongs to this server alone; a shared PostgreSQL schema is
+    # upgraded only when an operator says so (mimctl migrate).
+    return storage["backend"] == "sqlite"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    backend: str = option("sqlite", one_of("sqlite", "postgresql"))
+    auto_migrate: bool = option(_migrate_embedded_only, boolean)
+    sqlite: SQLiteConfig = option({}, table(SQLiteConfig))
+    postgresql: PostgreSQLConfig = option({}, table(PostgreSQLConfig))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    max_stanza_size: int = option(262144, integer(1024))
+    auth_timeout: float = option(30.0, number(0, inclusive=False))
+    max_outgoing_buffer: int = option(4194304, integer(65536))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    traffic: bool = option(False, boolean)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    source: str | None  # the file it was read from, None for the embedded default
+    server: ServerConfig = option({}, table(ServerConfig))
+    listeners: tuple[ListenerConfig, ...] = option([{}], array_of_tables(ListenerConfig))
+    tls: TLSConfig = option({}, table(TLSConfig))
+    auth: AuthConfig = option({}, table(AuthConfig))
+    storage: StorageConfig = option({}, table(StorageConfig))
+    limits: LimitsConfig = option({}, table(LimitsConfig))
+    log: LogConfig = option({}, table(LogConfig))
+
+    @property
+    def data_dir(self) -> str:
+        return self.server.data_dir
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.storage.sqlite.path or os.path.join(self.server.data_dir, "mim.sqlite3")
+
+
+_TOML_POSITION = re.compile(r"(.*) \(at line (\d+), column (\d+)\)$")
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read file ({error.strerror})") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML (not UTF-8 at byte {error.start})") from None
+    except tomllib.TOMLDecodeError as error:
+        # tomllib puts the position at the end of its message; editors want it first.
+        position = _TOML_POSITION.match(str(error))
+        if position is None:
+            raise ConfigError(f"{path}: invalid TOML ({error})") from None
+        message, line, column = position.groups()
+        raise ConfigError(
+            f"{path}: line {line}, column {column}: invalid TOML ({message})"
+        ) from None
+
+
+def load_config(path: str | None) -> Config:
+    """Read the TOML file at ``path`` into a checked Config; None gives the embedded default.
+
+    Relative paths are resolved against the file's directory (the current directory for the
+    default). Raises ConfigError, whose text is one line naming the file and the key.
+    """
+    if path is None:
+        return _make(Config, {}, _Where("", os.getcwd()), source=None)
+    document = _read(path)
+    try:
+        return _make(
+            Config, document, _Where("", os.path.dirname(os.path.abspath(path))), source=path
+        )
+    except _KeyedError as error:
+        raise ConfigError(f"{path}: {error}") from None

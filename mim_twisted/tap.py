@@ -1,0 +1,161 @@
+"""The service maker behind `twistd mim`: builds the server's MultiService from a Config.
+
+This is the one place where the parts are wired together. The database is opened (and, where
+allowed, migrated) before any listener accepts a connection.
+"""
+
+import os
+import sys
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from mim_twisted import storage
+from mim_twisted.config import Config, ConfigError, load_config
+from mim_twisted.im.router import Router
+from mim_twisted.im.sessions import SessionManager
+from mim_twisted.storage.interfaces import SchemaOutdated
+from mim_twisted.xmpp import tls
+from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
+
+log = Logger()
+
+# Start failures an operator can fix from the message alone: no traceback for these.
+EXPECTED_START_ERRORS = (SchemaOutdated, CannotListenError, OSError, ValueError)
+
+
+class Options(usage.Options):
+    synopsis = "[-c mim.toml] [--log-traffic]"
+    longdesc = (
+        "Runs the mim-twisted XMPP server. Without a config file it serves the domain "
+        "'localhost' on 127.0.0.1:5222 with a SQLite database and a self-signed certificate "
+        "under ./mim-data/."
+    )
+    optParameters = [["config", "c", None, "Path of the TOML config file (see mim.toml.example)."]]
+    optFlags = [["log-traffic", None, "Log every stanza sent and received."]]
+
+
+def open_storage(config: Config) -> defer.Deferred:
+    """Open the configured database, migrating it where the config allows."""
+    return storage.open_database(
+        config.storage.backend,
+        sqlite_path=config.sqlite_path,
+        postgresql_dsn=config.storage.postgresql.dsn,
+        pool_size=config.storage.postgresql.pool_size,
+        auto_migrate=config.storage.auto_migrate,
+    )
+
+
+class MimService(service.MultiService):
+    """The whole server: storage, the IM core and the C2S listeners on one reactor.
+
+    `ready` fires with the service once every listener accepts connections; `ports` holds the
+    listening ports (tests read the port number that port 0 was given).
+    """
+
+    def __init__(
+        self, config: Config, *, log_traffic: bool = False, reactor: object = None
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config
+        self.log_traffic = log_traffic or config.log.traffic
+        self.ports: list = []
+        self.database = None
+        self.sessions = SessionManager()
+        self.router = Router(frozenset(config.server.domains), self.sessions)
+        self.ready: defer.Deferred = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        starting = defer.ensureDeferred(self._start())
+        starting.addCallbacks(self.ready.callback, self._start_failed)
+
+    async def _start(self) -> "MimService":
+        config = self.config
+        os.makedirs(config.data_dir, exist_ok=True)
+        certificate, key, generated = tls.ensure_certificate(
+            config.tls.certificate,
+            config.tls.private_key,
+            config.data_dir,
+            list(config.server.domains),
+        )
+        if generated:
+            log.info("Generated a self-signed certificate in {path}", path=certificate)
+        tls_options = tls.server_tls_options(certificate, key)
+        self.database = await open_storage(config)
+        log.info(
+            "Storage: {backend} ({where})",
+            backend=config.storage.backend,
+            where=config.sqlite_path if config.storage.backend == "sqlite" else "PostgreSQL",
+        )
+        for listener in config.listeners:
+            factory = C2SFactory(
+                self._c2s_settings(listener, tls_options),
+                accounts=self.database.accounts,
+                sessions=self.sessions,
+                router=self.router,
+                clock=self.reactor,
+            )
+            port = self.reactor.listenTCP(listener.port, factory, interface=listener.address)
+            self.ports.append(port)
+            address = port.getHost()
+            log.info(
+                "Listening for XMPP clients on {host}:{port} (domains: {domains})",
+                host=address.host,
+                port=address.port,
+                domains=", ".join(config.server.domains),
+            )
+        return self
+
+    def _c2s_settings(self, listener: object, tls_options: object) -> C2SSettings:
+        config = self.config
+        return C2SSettings(
+            domains=frozenset(config.server.domains),
+            tls_options=tls_options,
+            starttls_required=listener.starttls == "required",
+            mechanisms=tuple(config.auth.mechanisms),
+            allow_plain_without_tls=config.auth.allow_plain_without_tls,
+            max_failures=config.auth.max_failures,
+            failure_delay=config.auth.failure_delay,
+            max_stanza_size=config.limits.max_stanza_size,
+            auth_timeout=config.limits.auth_timeout,
+            max_outgoing_buffer=config.limits.max_outgoing_buffer,
+            log_traffic=self.log_traffic,
+        )
+
+    def _start_failed(self, failure: Failure) -> None:
+        if failure.check(*EXPECTED_START_ERRORS):
+            log.error("mim-twisted could not start: {reason}", reason=failure.getErrorMessage())
+        else:
+            log.failure("mim-twisted could not start", failure)
+        self.ready.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        self.ports = []
+        if self.database is not None:
+            yield self.database.close()
+            self.database = None
+
+
+def makeService(options: Options) -> MimService:
+    try:
+        config = load_config(options["config"])
+    except ConfigError as e:
+        # One line naming the file, key and reason, never a traceback.
+        sys.exit(f"mim: {e}")
+    server = MimService(config, log_traffic=options["log-traffic"])
+    # twistd does not wait on `ready`; a start failure has been logged and stops the reactor.
+    server.ready.addErrback(lambda _: None)
+    return server

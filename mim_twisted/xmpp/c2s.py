@@ -1,0 +1,364 @@
+"""The client-to-server XML stream (RFC 6120): stream header, features, STARTTLS, SASL, binding.
+
+One `C2SStream` per TCP connection. Negotiation happens here; once a resource is bound, every
+stanza is stamped with the session's full JID and handed to the router, which is the IM core's
+business. A stream error closes only its own connection.
+"""
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet import interfaces, protocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.words.protocols.jabber import error
+from twisted.words.protocols.jabber.jid import JID
+from twisted.words.xish import domish
+from zope.interface import implementer
+
+from mim_twisted.im.sessions import SessionManager
+from mim_twisted.xmpp import bind, namespaces
+from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
+from mim_twisted.xmpp.sasl.negotiation import SaslNegotiation
+
+log = Logger()
+
+STANZA_NAMES = frozenset(("message", "presence", "iq"))
+
+
+@dataclass(frozen=True)
+class C2SSettings:
+    """What the stream layer needs to know; built from the Config by the service maker."""
+
+    domains: frozenset[str]
+    tls_options: object | None
+    starttls_required: bool
+    mechanisms: tuple[str, ...]
+    allow_plain_without_tls: bool
+    max_failures: int
+    failure_delay: float
+    max_stanza_size: int
+    auth_timeout: float
+    max_outgoing_buffer: int
+    log_traffic: bool = False
+
+
+class StanzaRouter(Protocol):
+    """Receives the stanzas of bound sessions; the IM core provides it."""
+
+    def route_from_client(self, session: "C2SStream", stanza: domish.Element) -> None: ...
+
+    def session_ended(self, session: "C2SStream") -> None: ...
+
+
+@implementer(interfaces.IPushProducer)
+class C2SStream(protocol.Protocol):
+    """One client connection."""
+
+    def __init__(self, factory: "C2SFactory") -> None:
+        self.factory = factory
+        self.settings = factory.settings
+        self.domain: str | None = None
+        self.stream_id = ""
+        self.secure = False
+        self.username: str | None = None
+        self.jid: JID | None = None
+        self.closed = False
+        self._parser: StreamParser | None = None
+        self._header_sent = False
+        self._auth_timer = None
+        self._write_blocked = False
+        self._bytes_while_blocked = 0
+        self.sasl = SaslNegotiation(self)
+
+    # -- connection and parsing ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer = self.transport.getPeer()
+        self.transport.registerProducer(self, True)
+        self._auth_timer = self.factory.clock.callLater(
+            self.settings.auth_timeout, self._auth_timed_out
+        )
+        self._new_parser()
+
+    def _new_parser(self) -> None:
+        parser = StreamParser(self.settings.max_stanza_size)
+        parser.DocumentStartEvent = self._on_stream_start
+        parser.ElementEvent = self._on_element
+        parser.DocumentEndEvent = self._on_stream_end
+        previous, self._parser = self._parser, parser
+        self._header_sent = False
+        if previous is not None:
+            # What the client sent after the element that restarted the stream is dropped
+            # (after <starttls/> it would be plaintext injected ahead of TLS).
+            previous.DocumentStartEvent = previous.ElementEvent = _ignore
+            previous.DocumentEndEvent = _ignore
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.settings.log_traffic:
+            log.info("RECV {peer}: {data!r}", peer=self._log_name(), data=data)
+        parser = self._parser
+        try:
+            parser.parse(data)
+        except (RestrictedXml, StanzaTooLarge, domish.ParserError) as e:
+            if parser is self._parser:
+                self._parse_error(e)
+
+    def _parse_error(self, e: Exception) -> None:
+        if isinstance(e, RestrictedXml):
+            self.stream_error("restricted-xml", str(e))
+        elif isinstance(e, StanzaTooLarge):
+            self.stream_error("policy-violation", str(e))
+        else:
+            self.stream_error("not-well-formed", str(e))
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed = True
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self.sasl.cancel()
+        if self.jid is not None:
+            self.factory.sessions.unbind(self)
+            self.factory.router.session_ended(self)
+        log.debug("{peer} disconnected", peer=self._log_name())
+
+    # -- output ----------------------------------------------------------------------------
+
+    def send(self, stanza: domish.Element | bytes | str) -> None:
+        """Write a stanza; elements are serialised in the stream's default namespace."""
+        if self.closed:
+            return
+        if isinstance(stanza, domish.Element):
+            stanza = stanza.toXml(defaultUri=namespaces.CLIENT)
+        if isinstance(stanza, str):
+            stanza = stanza.encode("utf-8")
+        if self.settings.log_traffic:
+            log.info("SEND {peer}: {data!r}", peer=self._log_name(), data=stanza)
+        if self._write_blocked:
+            self._bytes_while_blocked += len(stanza)
+            if self._bytes_while_blocked > self.settings.max_outgoing_buffer:
+                log.warn("{peer}: client reads too slowly, disconnecting", peer=self._log_name())
+                self.closed = True
+                self.transport.abortConnection()
+                return
+        self.transport.write(stanza)
+
+    # IPushProducer: the transport tells us when its write buffer is full or drained.
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        self._bytes_while_blocked = 0
+
+    def stopProducing(self) -> None:
+        self.closed = True
+
+    def stream_error(self, condition: str, text: str | None = None) -> None:
+        """Send a stream error (after our header if not yet sent) and close the connection."""
+        if self.closed:
+            return
+        log.info(
+            "{peer}: stream error {condition}: {text}",
+            peer=self._log_name(),
+            condition=condition,
+            text=text or "",
+        )
+        if not self._header_sent:
+            self._send_header(self.domain or sorted(self.settings.domains)[0])
+        self.send(
+            error.StreamError(condition, text).getElement().toXml(defaultUri=namespaces.STREAMS)
+        )
+        self.send(b"</stream:stream>")
+        self.closed = True
+        self.transport.loseConnection()
+
+    def replaced(self) -> None:
+        self.stream_error("conflict", "Replaced by a new connection")
+
+    def _send_header(self, domain: str) -> None:
+        self.stream_id = secrets.token_hex(8)
+        self.send(
+            "<?xml version='1.0'?>"
+            f"<stream:stream xmlns='{namespaces.CLIENT}' xmlns:stream='{namespaces.STREAMS}'"
+            f" id='{self.stream_id}' from='{domain}' version='1.0' xml:lang='en'>"
+        )
+        self._header_sent = True
+
+    # -- stream header and features --------------------------------------------------------
+
+    def _on_stream_start(self, root: domish.Element) -> None:
+        domain = (root.getAttribute("to") or "").lower()
+        if root.uri != namespaces.STREAMS or root.name != "stream":
+            self.stream_error("invalid-namespace", "The root element must be <stream:stream/>")
+        elif root.defaultUri != namespaces.CLIENT:
+            self.stream_error(
+                "invalid-namespace", f"The default namespace must be {namespaces.CLIENT}"
+            )
+        elif domain not in self.settings.domains or self.domain not in (None, domain):
+            self.stream_error("host-unknown", "This server does not serve that domain")
+        elif not _supported_version(root.getAttribute("version")):
+            self.stream_error("unsupported-version", "XMPP 1.0 streams only")
+        else:
+            self.domain = domain
+            self._send_header(domain)
+            self.send(self._features())
+
+    def _features(self) -> domish.Element:
+        features = domish.Element((namespaces.STREAMS, "features"))
+        if self.username is not None:
+            features.addElement((namespaces.BIND, "bind"))
+            features.addElement((namespaces.SESSION, "session")).addElement("optional")
+            for extra in self.factory.bound_features:
+                features.addChild(extra)
+            return features
+        tls_available = not self.secure and self.settings.tls_options is not None
+        if tls_available:
+            starttls = features.addElement((namespaces.TLS, "starttls"))
+            if self.settings.starttls_required:
+                starttls.addElement("required")
+                return features
+        mechanisms = self.sasl.offered()
+        if mechanisms:
+            element = features.addElement((namespaces.SASL, "mechanisms"))
+            for name in mechanisms:
+                element.addElement("mechanism", content=name)
+        return features
+
+    def _on_stream_end(self) -> None:
+        if not self.closed:
+            self.send(b"</stream:stream>")
+            self.closed = True
+            self.transport.loseConnection()
+
+    # -- elements --------------------------------------------------------------------------
+
+    def _on_element(self, element: domish.Element) -> None:
+        if self.closed:
+            return
+        if self.jid is not None and element.uri == namespaces.CLIENT:
+            self._on_stanza(element)
+        elif element.uri == namespaces.TLS and element.name == "starttls":
+            self._start_tls()
+        elif element.uri == namespaces.SASL:
+            if self.username is not None:
+                self.stream_error("policy-violation", "Already authenticated")
+            else:
+                self.sasl.handle(element)
+        elif element.uri == namespaces.CLIENT and element.name in STANZA_NAMES:
+            self._on_stanza_before_bind(element)
+        elif element.uri == namespaces.STREAMS and element.name == "error":
+            log.info("{peer} sent a stream error", peer=self._log_name())
+            self._on_stream_end()
+        else:
+            self.stream_error("unsupported-stanza-type", f"Unexpected <{element.name}/>")
+
+    def _start_tls(self) -> None:
+        if self.secure or self.settings.tls_options is None or self.username is not None:
+            self.send(domish.Element((namespaces.TLS, "failure")))
+            self.closed = True
+            self.transport.loseConnection()
+            return
+        self.send(domish.Element((namespaces.TLS, "proceed")))
+        self.transport.startTLS(self.settings.tls_options)
+        self.secure = True
+        self._new_parser()
+
+    def authenticated(self, username: str) -> None:
+        """SASL succeeded: the client restarts the stream (RFC 6120 §6.4.6)."""
+        self.username = username
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        log.info(
+            "{peer} authenticated as {user}@{domain}",
+            peer=self._log_name(),
+            user=username,
+            domain=self.domain,
+        )
+        self._new_parser()
+
+    def _on_stanza_before_bind(self, stanza: domish.Element) -> None:
+        if self.username is None:
+            self.stream_error("not-authorized", "Authenticate first")
+        elif stanza.name == "iq" and bind.is_bind_request(stanza):
+            bind.bind_resource(self, stanza)
+        else:
+            self.stream_error("not-authorized", "Bind a resource first")
+
+    def bound(self, jid: JID) -> None:
+        """Resource binding succeeded: the session is open for routing."""
+        self.jid = jid
+        self.factory.sessions.bind(self)
+        log.info("{peer} bound {jid}", peer=self._log_name(), jid=jid.full())
+
+    def _on_stanza(self, stanza: domish.Element) -> None:
+        if stanza.name not in STANZA_NAMES:
+            self.stream_error("unsupported-stanza-type", f"Unexpected <{stanza.name}/>")
+            return
+        stanza["from"] = self.jid.full()
+        if stanza.name == "iq" and bind.is_session_request(stanza):
+            self.send(bind.session_result(stanza))
+            return
+        try:
+            self.factory.router.route_from_client(self, stanza)
+        except Exception:
+            # A bug handling one stanza must not end the session or affect others.
+            log.failure("routing a stanza from {jid}", jid=self.jid.full())
+            if stanza.getAttribute("type") not in ("error", "result"):
+                self.send(error.StanzaError("internal-server-error").toResponse(stanza))
+
+    def _auth_timed_out(self) -> None:
+        self._auth_timer = None
+        if self.username is None:
+            self.stream_error("connection-timeout", "No authentication in time")
+
+    def _log_name(self) -> str:
+        if self.jid is not None:
+            return self.jid.full()
+        peer = getattr(self, "peer", None)
+        return f"{peer.host}:{peer.port}" if peer is not None else "?"
+
+
+def _ignore(*args: object) -> None:
+    pass
+
+
+def _supported_version(version: str | None) -> bool:
+    try:
+        major, _minor = (int(part) for part in (version or "").split("."))
+    except ValueError:
+        return False
+    return major == 1
+
+
+class C2SFactory(protocol.ServerFactory):
+    """Builds a C2SStream per connection; shared state lives here."""
+
+    def __init__(
+        self,
+        settings: C2SSettings,
+        *,
+        accounts: object,
+        sessions: SessionManager,
+        router: StanzaRouter,
+        clock: IReactorTime | None = None,
+        mechanism_factory: Callable | None = None,
+    ) -> None:
+        from twisted.internet import reactor
+
+        from mim_twisted.xmpp.sasl import mechanism_factory as default_mechanism_factory
+
+        self.settings = settings
+        self.accounts = accounts
+        self.sessions = sessions
+        self.router = router
+        self.clock = clock or reactor
+        self.mechanism_factory = mechanism_factory or default_mechanism_factory
+        self.bound_features: list[domish.Element] = []
+
+    def buildProtocol(self, addr: object) -> C2SStream:
+        return C2SStream(self)

@@ -1,0 +1,182 @@
+"""The SASL exchange on the stream (RFC 6120 §6): <auth/>, <challenge/>, <response/>, <abort/>.
+
+The mechanisms themselves are behind ISaslMechanism; this module only moves their data in and
+out of the stream, checks the authorisation identity, and throttles failures: each failed attempt
+is answered after a delay that doubles, and after `max_failures` the stream is closed with
+<policy-violation/> (RFC 6120 §6.4.5).
+"""
+
+import base64
+import binascii
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.words.xish import domish
+
+from mim_twisted.auth.errors import SaslError
+from mim_twisted.xmpp import namespaces
+from mim_twisted.xmpp.sasl.mechanism import Challenge, Success
+
+if TYPE_CHECKING:
+    from mim_twisted.xmpp.c2s import C2SStream
+
+log = Logger()
+
+# PLAIN sends the password itself: only over TLS unless the operator allows otherwise.
+CLEARTEXT_MECHANISMS = frozenset(("PLAIN",))
+
+
+def decode_sasl_data(element: domish.Element) -> bytes | None:
+    """The payload of <auth/> or <response/>: None when absent, b"" for "=" (RFC 6120 §6.4.2)."""
+    text = "".join(str(c) for c in element.children if isinstance(c, str)).strip()
+    if not text:
+        return None
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise SaslError("incorrect-encoding", "Invalid base64 data") from e
+
+
+def encode_sasl_data(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    return base64.b64encode(data).decode("ascii") if data else "="
+
+
+class SaslNegotiation:
+    """The SASL state of one stream."""
+
+    def __init__(self, stream: "C2SStream") -> None:
+        self.stream = stream
+        self.failures = 0
+        self._mechanism = None
+        self._pending: defer.Deferred | None = None
+        self._delayed_failure = None
+
+    def offered(self) -> list[str]:
+        settings = self.stream.settings
+        plain_allowed = self.stream.secure or settings.allow_plain_without_tls
+        return [
+            name
+            for name in settings.mechanisms
+            if plain_allowed or name not in CLEARTEXT_MECHANISMS
+        ]
+
+    def handle(self, element: domish.Element) -> None:
+        if self._pending is not None or self._delayed_failure is not None:
+            self.stream.stream_error("policy-violation", "SASL step sent before the last answer")
+            return
+        try:
+            if element.name == "auth":
+                self._start(element)
+            elif element.name == "response" and self._mechanism is not None:
+                self._step(self._mechanism.respond(decode_sasl_data(element) or b""))
+            elif element.name == "abort":
+                self._mechanism = None
+                self._send_failure("aborted", None)
+            else:
+                raise SaslError("malformed-request", f"Unexpected <{element.name}/>")
+        except SaslError as e:
+            self._failed(e)
+
+    def cancel(self) -> None:
+        """The connection is gone: stop pending work."""
+        self._mechanism = None
+        if self._delayed_failure is not None and self._delayed_failure.active():
+            self._delayed_failure.cancel()
+        self._delayed_failure = None
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def _start(self, element: domish.Element) -> None:
+        name = element.getAttribute("mechanism", "")
+        if name not in self.offered():
+            raise SaslError("invalid-mechanism", f"Mechanism {name!r} is not offered")
+        initial_response = decode_sasl_data(element)
+        self._mechanism = self.stream.factory.mechanism_factory(
+            name,
+            domain=self.stream.domain,
+            accounts=self.stream.factory.accounts,
+            secure=self.stream.secure,
+        )
+        self._step(self._mechanism.start(initial_response))
+
+    def _step(self, result: defer.Deferred) -> None:
+        # Nothing else is read from the client while a step is being worked on.
+        self.stream.transport.pauseProducing()
+        self._pending = result
+        result.addCallbacks(self._answered, self._errored)
+        result.addBoth(self._step_done)
+
+    def _step_done(self, _: object) -> None:
+        self._pending = None
+        if not self.stream.closed and self._delayed_failure is None:
+            self.stream.transport.resumeProducing()
+
+    def _answered(self, outcome: Challenge | Success) -> None:
+        if self.stream.closed:
+            return
+        if isinstance(outcome, Challenge):
+            self._send("challenge", outcome.data)
+            return
+        self._mechanism = None
+        bare_jid = f"{outcome.username}@{self.stream.domain}"
+        if outcome.authzid and outcome.authzid != bare_jid:
+            self._failed(SaslError("invalid-authzid", "You may only act as yourself"))
+            return
+        self._send("success", outcome.additional_data)
+        self.stream.authenticated(outcome.username)
+
+    def _errored(self, failure: Failure) -> None:
+        if failure.check(defer.CancelledError):
+            return
+        if failure.check(SaslError):
+            self._failed(failure.value)
+            return
+        log.failure("SASL mechanism failed", failure)
+        self._failed(SaslError("temporary-auth-failure", "Try again later"))
+
+    def _failed(self, error: SaslError) -> None:
+        self._mechanism = None
+        self.failures += 1
+        log.info(
+            "{peer}: SASL failure {condition} ({text}), attempt {n}",
+            peer=self.stream._log_name(),
+            condition=error.condition,
+            text=error.text,
+            n=self.failures,
+        )
+        delay = self.stream.settings.failure_delay * 2 ** (self.failures - 1)
+        if delay <= 0:
+            self._send_failure(error.condition, error.text)
+            return
+        self.stream.transport.pauseProducing()
+        self._delayed_failure = self.stream.factory.clock.callLater(
+            delay, self._send_delayed_failure, error
+        )
+
+    def _send_delayed_failure(self, error: SaslError) -> None:
+        self._delayed_failure = None
+        self._send_failure(error.condition, error.text)
+        if not self.stream.closed:
+            self.stream.transport.resumeProducing()
+
+    def _send_failure(self, condition: str, text: str | None) -> None:
+        failure = domish.Element((namespaces.SASL, "failure"))
+        failure.addElement(condition)
+        if text:
+            failure.addElement("text", content=text)
+        self.stream.send(failure)
+        if self.failures >= self.stream.settings.max_failures:
+            self.stream.stream_error("policy-violation", "Too many failed authentication attempts")
+
+    def _send(self, name: str, data: bytes | None) -> None:
+        element = domish.Element((namespaces.SASL, name))
+        encoded = encode_sasl_data(data)
+        if encoded is not None:
+            element.addContent(encoded)
+        self.stream.send(element)

@@ -1,0 +1,162 @@
+"""End-to-end harness: a real server on a free loopback port, driven by slixmpp clients.
+
+Tests run under trial's asyncio reactor (`trial --reactor=asyncio`), so the server (Twisted) and
+the clients (slixmpp, asyncio) share one event loop while talking over real sockets.
+"""
+
+import asyncio
+import os
+import socket
+import ssl
+from typing import Any
+
+import slixmpp
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from mim_twisted.auth.scram import derive_all
+from mim_twisted.config import load_config
+from mim_twisted.tap import MimService
+from mim_twisted.xmpp.tls import SELF_SIGNED_NAME
+
+TIMEOUT = 15.0
+
+
+def require_asyncio_reactor() -> None:
+    if not reactor.__class__.__name__.startswith("AsyncioSelectorReactor"):
+        raise unittest.SkipTest("end-to-end tests need `trial --reactor=asyncio`")
+
+
+async def wait_for(awaitable: Any, timeout: float = TIMEOUT) -> Any:
+    """Await an asyncio awaitable from a Twisted coroutine."""
+    return await defer.Deferred.fromFuture(
+        asyncio.ensure_future(asyncio.wait_for(awaitable, timeout))
+    )
+
+
+class ServerTestCase(unittest.TestCase):
+    """Starts a server per test; `extra_config` is TOML appended to the generated config."""
+
+    extra_config = ""
+    domain = "localhost"
+
+    async def start_server(self, extra_config: str | None = None) -> MimService:
+        require_asyncio_reactor()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "mim.toml")
+        with open(path, "w") as f:
+            f.write(self.server_config(directory) + (extra_config or self.extra_config))
+        self.server = MimService(load_config(path))
+        self.server.startService()
+        self.addCleanup(self.server.stopService)
+        await self.server.ready
+        self.port = self.server.ports[0].getHost().port
+        self.certificate = os.path.join(directory, "data", SELF_SIGNED_NAME)
+        return self.server
+
+    def server_config(self, directory: str) -> str:
+        return (
+            f'[server]\ndomains = ["{self.domain}"]\ndata_dir = "data"\n'
+            '[[listeners]]\naddress = "127.0.0.1"\nport = 0\n'
+            "[auth]\nfailure_delay = 0.0\n"
+        )
+
+    async def register(self, user: str, password: str) -> None:
+        await self.server.database.accounts.create_account(
+            self.domain, user, derive_all(password, 4096)
+        )
+
+    def client(self, jid: str, password: str, mechanism: str | None = None) -> "Client":
+        client = Client(jid, password, self.port, self.certificate, mechanism)
+        self.addCleanup(client.close)
+        return client
+
+    def raw(self) -> "RawClient":
+        raw = RawClient(self.port)
+        self.addCleanup(raw.close)
+        return raw
+
+
+class Client:
+    """A slixmpp client that trusts the test server's self-signed certificate."""
+
+    def __init__(
+        self, jid: str, password: str, port: int, cafile: str, mechanism: str | None
+    ) -> None:
+        plugin_config = {"feature_mechanisms": {"use_mech": mechanism}} if mechanism else {}
+        self.xmpp = slixmpp.ClientXMPP(jid, password, plugin_config=plugin_config)
+        self.xmpp.enable_direct_tls = False
+        self.xmpp.enable_plaintext = False
+        self.xmpp.ssl_context = ssl.create_default_context(cafile=cafile)
+        self.port = port
+        self.outcome: asyncio.Future = asyncio.get_event_loop().create_future()
+        self.xmpp.add_event_handler("session_start", self._settle("session_start"))
+        self.xmpp.add_event_handler("failed_all_auth", self._settle("failed_auth"))
+        self.xmpp.add_event_handler("disconnected", self._settle("disconnected"))
+
+    def _settle(self, outcome: str):
+        def handler(*args: object) -> None:
+            if not self.outcome.done():
+                self.outcome.set_result(outcome)
+
+        return handler
+
+    async def connect(self) -> str:
+        """Connect and log in; returns "session_start", "failed_auth" or "disconnected"."""
+        self.xmpp.connect("127.0.0.1", self.port)
+        return await wait_for(self.outcome)
+
+    @property
+    def bound_jid(self) -> str:
+        return self.xmpp.boundjid.full
+
+    async def close(self) -> None:
+        self.xmpp.cancel_connection_attempt()
+        if self.xmpp.transport is not None:
+            await wait_for(self.xmpp.disconnect(wait=0))
+
+
+class RawClient:
+    """A plain socket client for the cases no well-behaved library sends."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await wait_for(asyncio.open_connection("127.0.0.1", self.port))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await wait_for(self.writer.drain())
+
+    async def read_until_closed(self) -> bytes:
+        """Everything the server sends until it closes the connection."""
+        return await wait_for(self.reader.read(-1))
+
+    async def read_until(self, marker: bytes) -> bytes:
+        data = b""
+        while marker not in data:
+            chunk = await wait_for(self.reader.read(65536))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+STREAM_HEADER = (
+    b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+    b"xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>"
+)

@@ -1,0 +1,65 @@
+"""PostgreSQL for tests: a throwaway database per test, or a skip (a failure on CI) without one.
+
+The server is found through ``MIM_TEST_PG_DSN``, a libpq connection string whose role may create
+databases; the default suits a local server with trust authentication.
+"""
+
+import os
+import secrets
+from typing import NoReturn
+
+import psycopg2
+from psycopg2 import sql
+from psycopg2.extensions import make_dsn
+from twisted.trial.unittest import FailTest, SkipTest, TestCase
+
+DEFAULT_DSN = "host=127.0.0.1 port=5432 user=root dbname=postgres"
+
+
+def base_dsn() -> str:
+    return os.environ.get("MIM_TEST_PG_DSN", DEFAULT_DSN)
+
+
+def _connect_admin() -> psycopg2.extensions.connection:
+    """An autocommit connection to the base DSN (CREATE/DROP DATABASE refuse transactions)."""
+    try:
+        connection = psycopg2.connect(base_dsn(), connect_timeout=5)
+    except psycopg2.OperationalError as error:
+        postgresql_unavailable(f"cannot connect to PostgreSQL at {base_dsn()!r}: {error}")
+    connection.autocommit = True
+    return connection
+
+
+def postgresql_unavailable(reason: str) -> NoReturn:
+    """Skip the running test, or fail it when CI=true: a CI run must not pass by skipping."""
+    if os.environ.get("CI") == "true":
+        raise FailTest(f"{reason} (CI=true, so PostgreSQL tests must run; see MIM_TEST_PG_DSN)")
+    raise SkipTest(f"{reason} (set MIM_TEST_PG_DSN to run the PostgreSQL tests)")
+
+
+def create_temp_database(test: TestCase) -> str:
+    """Create an empty database that is dropped when ``test`` ends; its DSN."""
+    name = f"mim_test_{os.getpid()}_{secrets.token_hex(4)}"
+    connection = _connect_admin()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    finally:
+        connection.close()
+    test.addCleanup(drop_database, name)
+    return make_dsn(base_dsn(), dbname=name)
+
+
+def drop_database(name: str) -> None:
+    connection = _connect_admin()
+    try:
+        with connection.cursor() as cursor:
+            # A connection left open by a failed test would make DROP DATABASE refuse.
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+    finally:
+        connection.close()

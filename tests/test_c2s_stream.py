@@ -1,0 +1,338 @@
+"""The C2S stream at the protocol level: headers, features, stream errors, SASL, binding."""
+
+import base64
+
+from twisted.internet.testing import StringTransport
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from mim_twisted.auth.scram import derive_all
+from mim_twisted.im.router import Router
+from mim_twisted.im.sessions import SessionManager
+from mim_twisted.storage.memory import MemoryDatabase
+from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
+
+HEADER = (
+    b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+    b"xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>"
+)
+
+
+def plain_auth(user: str, password: str) -> bytes:
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return (
+        f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>"
+    ).encode()
+
+
+def bind_request(resource: str = "") -> bytes:
+    inner = f"<resource>{resource}</resource>" if resource else ""
+    return (
+        f"<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>{inner}</bind></iq>"
+    ).encode()
+
+
+class StreamTestCase(unittest.TestCase):
+    """A stream on a StringTransport; TLS is left out (the end-to-end tests cover STARTTLS)."""
+
+    settings = {}
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.database = MemoryDatabase()
+        self.successResultOf(
+            self.database.accounts.create_account("localhost", "alice", derive_all("secret"))
+        )
+        self.sessions = SessionManager()
+        values = {
+            "domains": frozenset({"localhost"}),
+            "tls_options": None,
+            "starttls_required": False,
+            "mechanisms": ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"),
+            "allow_plain_without_tls": True,
+            "max_failures": 3,
+            "failure_delay": 0.0,
+            "max_stanza_size": 4096,
+            "auth_timeout": 30.0,
+            "max_outgoing_buffer": 65536,
+        }
+        values.update(self.settings)
+        self.factory = C2SFactory(
+            C2SSettings(**values),
+            accounts=self.database.accounts,
+            sessions=self.sessions,
+            router=Router(frozenset({"localhost"}), self.sessions),
+            clock=self.clock,
+        )
+
+    def connect(self) -> tuple:
+        stream = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        stream.makeConnection(transport)
+        return stream, transport
+
+    def read(self, transport: StringTransport) -> bytes:
+        data = transport.value()
+        transport.clear()
+        return data
+
+    def assertStreamError(self, transport: StringTransport, condition: str) -> None:
+        data = transport.value()
+        self.assertIn(f"<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>".encode(), data)
+        self.assertTrue(data.endswith(b"</stream:stream>"), data)
+        self.assertTrue(transport.disconnecting)
+
+    def login(self, resource: str = "home") -> tuple:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + plain_auth("alice", "secret"))
+        self.assertIn(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'", transport.value())
+        stream.dataReceived(HEADER)
+        self.read(transport)
+        stream.dataReceived(bind_request(resource))
+        self.assertIn(b"<jid>alice@localhost/" + resource.encode(), self.read(transport))
+        return stream, transport
+
+
+class StreamHeaderTests(StreamTestCase):
+    def test_header_and_features(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        data = transport.value()
+        self.assertIn(b"from='localhost' version='1.0'", data)
+        self.assertIn(b"<mechanism>SCRAM-SHA-256</mechanism>", data)
+        self.assertIn(b"<mechanism>PLAIN</mechanism>", data)
+
+    def test_unknown_domain(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER.replace(b"to='localhost'", b"to='example.org'"))
+        self.assertStreamError(transport, "host-unknown")
+
+    def test_wrong_default_namespace(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER.replace(b"jabber:client", b"jabber:server"))
+        self.assertStreamError(transport, "invalid-namespace")
+
+    def test_wrong_stream_namespace(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER.replace(b"http://etherx.jabber.org/streams", b"urn:x"))
+        self.assertStreamError(transport, "invalid-namespace")
+
+    def test_old_version(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER.replace(b"to='localhost' version='1.0'", b"to='localhost'"))
+        self.assertStreamError(transport, "unsupported-version")
+
+    def test_not_well_formed(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"<message><body></message>")
+        self.assertStreamError(transport, "not-well-formed")
+
+    def test_unknown_top_level_element(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"<foo xmlns='urn:example'/>")
+        self.assertStreamError(transport, "unsupported-stanza-type")
+
+    def test_client_closes_the_stream(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"</stream:stream>")
+        self.assertTrue(transport.value().endswith(b"</stream:stream>"))
+        self.assertTrue(transport.disconnecting)
+
+
+class RestrictedXmlTests(StreamTestCase):
+    def check(self, document: bytes) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(document)
+        self.assertStreamError(transport, "restricted-xml")
+
+    def test_billion_laughs_is_rejected_before_expansion(self) -> None:
+        entities = b"".join(
+            b'<!ENTITY l%d "&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;">'
+            % ((i, *([i - 1] * 10)))
+            for i in range(1, 10)
+        )
+        self.check(b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY l0 "lol">' + entities + b"]>")
+
+    def test_comment(self) -> None:
+        self.check(HEADER + b"<!-- hello -->")
+
+    def test_processing_instruction(self) -> None:
+        self.check(HEADER + b"<?evil instruction?>")
+
+    def test_dtd_inside_the_stream(self) -> None:
+        self.check(b"<!DOCTYPE stream:stream>" + HEADER)
+
+
+class StanzaSizeTests(StreamTestCase):
+    def test_oversized_stanza_in_one_piece(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"<message><body>" + b"x" * 5000 + b"</body></message>")
+        self.assertStreamError(transport, "policy-violation")
+
+    def test_oversized_stanza_in_many_pieces(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"<message><body>")
+        for _ in range(50):
+            stream.dataReceived(b"y" * 100)
+        self.assertStreamError(transport, "policy-violation")
+
+    def test_many_small_stanzas_in_one_buffer_are_fine(self) -> None:
+        stream, transport = self.login()
+        stream.dataReceived(b"<presence/>" * 1000)
+        self.assertFalse(transport.disconnecting)
+
+
+class TimeoutTests(StreamTestCase):
+    def test_no_authentication_in_time(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        self.clock.advance(31)
+        self.assertStreamError(transport, "connection-timeout")
+
+    def test_authenticated_streams_are_not_timed_out(self) -> None:
+        stream, transport = self.login()
+        self.clock.advance(31)
+        self.assertFalse(transport.disconnecting)
+
+
+class SaslTests(StreamTestCase):
+    def test_plain_success_then_restart_offers_bind(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + plain_auth("alice", "secret"))
+        self.assertIn(b"<success", self.read(transport))
+        stream.dataReceived(HEADER)
+        features = self.read(transport)
+        self.assertIn(b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>", features)
+        self.assertIn(b"<optional/>", features)
+        self.assertNotIn(b"mechanisms", features)
+
+    def test_wrong_password_then_retry(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + plain_auth("alice", "wrong"))
+        self.assertIn(b"<not-authorized/>", self.read(transport))
+        self.assertFalse(transport.disconnecting)
+        stream.dataReceived(plain_auth("alice", "secret"))
+        self.assertIn(b"<success", self.read(transport))
+
+    def test_too_many_failures_close_the_stream(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        for _ in range(3):
+            stream.dataReceived(plain_auth("alice", "wrong"))
+        self.assertStreamError(transport, "policy-violation")
+
+    def test_mechanism_not_offered(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(
+            HEADER + b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'/>"
+        )
+        self.assertIn(b"<invalid-mechanism/>", transport.value())
+
+    def test_bad_base64(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(
+            HEADER + b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!</auth>"
+        )
+        self.assertIn(b"<incorrect-encoding/>", transport.value())
+
+    def test_authzid_of_someone_else(self) -> None:
+        stream, transport = self.connect()
+        token = base64.b64encode(b"bob@localhost\0alice\0secret")
+        stream.dataReceived(
+            HEADER
+            + b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+            + token
+            + b"</auth>"
+        )
+        self.assertIn(b"<invalid-authzid/>", transport.value())
+
+    def test_stanza_before_authentication(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"<message to='bob@localhost'><body>hi</body></message>")
+        self.assertStreamError(transport, "not-authorized")
+
+
+class DelayedFailureTests(StreamTestCase):
+    settings = {"failure_delay": 2.0}
+
+    def test_failures_are_answered_after_a_growing_delay(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        self.read(transport)
+        stream.dataReceived(plain_auth("alice", "wrong"))
+        self.assertNotIn(b"failure", transport.value())
+        self.clock.advance(2)
+        self.assertIn(b"<not-authorized/>", self.read(transport))
+        stream.dataReceived(plain_auth("alice", "wrong"))
+        self.clock.advance(2)
+        self.assertEqual(self.read(transport), b"")
+        self.clock.advance(2)
+        self.assertIn(b"<not-authorized/>", self.read(transport))
+
+
+class PlainOnlyOverTlsTests(StreamTestCase):
+    settings = {"allow_plain_without_tls": False}
+
+    def test_plain_is_not_offered_in_the_clear(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        self.assertNotIn(b"<mechanism>PLAIN</mechanism>", transport.value())
+        self.assertIn(b"<mechanism>SCRAM-SHA-1</mechanism>", transport.value())
+
+
+class BindTests(StreamTestCase):
+    def test_generated_resource(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + plain_auth("alice", "secret"))
+        stream.dataReceived(HEADER)
+        self.read(transport)
+        stream.dataReceived(bind_request())
+        self.assertIn(b"<jid>alice@localhost/", transport.value())
+        self.assertEqual(len(self.sessions), 1)
+
+    def test_invalid_resource(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + plain_auth("alice", "secret"))
+        stream.dataReceived(HEADER)
+        self.read(transport)
+        stream.dataReceived(bind_request("a" * 1100))
+        self.assertIn(b"<bad-request", transport.value())
+        self.assertEqual(len(self.sessions), 0)
+
+    def test_same_full_jid_replaces_the_old_session(self) -> None:
+        old, old_transport = self.login("desk")
+        new, new_transport = self.login("desk")
+        self.assertStreamError(old_transport, "conflict")
+        old.connectionLost()
+        self.assertIs(self.sessions.session(new.jid), new)
+
+    def test_stanza_after_auth_before_bind(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + plain_auth("alice", "secret"))
+        stream.dataReceived(HEADER)
+        stream.dataReceived(b"<message to='bob@localhost'><body>hi</body></message>")
+        self.assertStreamError(transport, "not-authorized")
+
+    def test_session_establishment_is_answered(self) -> None:
+        stream, transport = self.login()
+        stream.dataReceived(
+            b"<iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>"
+        )
+        self.assertIn(b"type='result'", transport.value())
+
+    def test_unhandled_iq_gets_service_unavailable(self) -> None:
+        stream, transport = self.login()
+        stream.dataReceived(b"<iq type='get' id='q1'><query xmlns='urn:example:unknown'/></iq>")
+        data = transport.value()
+        self.assertIn(b"type='error'", data)
+        self.assertIn(b"<service-unavailable", data)
+        self.assertFalse(transport.disconnecting)
+
+    def test_from_is_stamped_by_the_server(self) -> None:
+        alice, _ = self.login("one")
+        other, other_transport = self.login("two")
+        alice.dataReceived(
+            b"<message from='mallory@localhost' to='alice@localhost/two'><body>hi</body></message>"
+        )
+        self.assertIn(b"from='alice@localhost/one'", other_transport.value())
+        self.assertNotIn(b"mallory", other_transport.value())

@@ -1,0 +1,290 @@
+"""Tests for mim_twisted.config: defaults, the example file, and one-line errors."""
+
+import dataclasses
+import os
+
+from twisted.trial import unittest
+
+from mim_twisted.config import Config, ConfigError, load_config
+
+EXAMPLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mim.toml.example"
+)
+
+
+class DefaultTests(unittest.TestCase):
+    def test_no_file(self) -> None:
+        config = load_config(None)
+        data_dir = os.path.join(os.getcwd(), "mim-data")
+        self.assertIsNone(config.source)
+        self.assertEqual(config.server.domains, ("localhost",))
+        self.assertEqual(config.data_dir, data_dir)
+        self.assertEqual(len(config.listeners), 1)
+        listener = config.listeners[0]
+        self.assertEqual(
+            (listener.address, listener.port, listener.starttls), ("127.0.0.1", 5222, "required")
+        )
+        self.assertEqual((config.tls.certificate, config.tls.private_key), ("", ""))
+        self.assertEqual(config.auth.mechanisms, ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"))
+        self.assertFalse(config.auth.allow_plain_without_tls)
+        self.assertEqual(config.auth.scram_iterations, 4096)
+        self.assertEqual(config.auth.max_failures, 3)
+        self.assertEqual(config.auth.failure_delay, 1.0)
+        self.assertEqual(config.storage.backend, "sqlite")
+        self.assertTrue(config.storage.auto_migrate)
+        self.assertEqual(config.storage.sqlite.path, "")
+        self.assertEqual(config.sqlite_path, os.path.join(data_dir, "mim.sqlite3"))
+        self.assertEqual(config.storage.postgresql.dsn, "host=127.0.0.1 dbname=mim")
+        self.assertEqual(config.storage.postgresql.pool_size, 4)
+        self.assertEqual(config.limits.max_stanza_size, 262144)
+        self.assertEqual(config.limits.auth_timeout, 30.0)
+        self.assertEqual(config.limits.max_outgoing_buffer, 4194304)
+        self.assertFalse(config.log.traffic)
+
+    def test_example_documents_the_defaults(self) -> None:
+        example = load_config(EXAMPLE)
+        self.assertEqual(example.source, EXAMPLE)
+        self.assertEqual(example.data_dir, os.path.join(os.path.dirname(EXAMPLE), "mim-data"))
+        # Apart from where relative paths point, the example is the embedded default.
+        default = load_config(None)
+        server = dataclasses.replace(example.server, data_dir=default.data_dir)
+        self.assertEqual(dataclasses.replace(example, source=None, server=server), default)
+
+    def test_frozen(self) -> None:
+        config = load_config(None)
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            config.limits.max_stanza_size = 1  # type: ignore[misc]
+        changed = dataclasses.replace(
+            config, limits=dataclasses.replace(config.limits, max_stanza_size=2048)
+        )
+        self.assertEqual(changed.limits.max_stanza_size, 2048)
+
+
+def write(test: unittest.TestCase, content: str | bytes, name: str = "mim.toml") -> str:
+    """Write content to a new file under a fresh temporary directory; return its path."""
+    directory = test.mktemp()
+    os.makedirs(directory)
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+class ValueTests(unittest.TestCase):
+    def load(self, content: str) -> Config:
+        return load_config(write(self, content))
+
+    def test_domains_normalised(self) -> None:
+        config = self.load('[server]\ndomains = ["Example.COM", "example.org.", "MÜNCHEN.de"]\n')
+        self.assertEqual(config.server.domains, ("example.com", "example.org", "münchen.de"))
+
+    def test_listeners(self) -> None:
+        config = self.load(
+            '[[listeners]]\nport = 0\n\n[[listeners]]\naddress = "::0001"\nstarttls = "optional"\n'
+            '\n[[listeners]]\naddress = "localhost"\n'
+        )
+        self.assertEqual(
+            [(item.address, item.port, item.starttls) for item in config.listeners],
+            [
+                ("127.0.0.1", 0, "required"),
+                ("::1", 5222, "optional"),
+                ("localhost", 5222, "required"),
+            ],
+        )
+
+    def test_mechanism_order_kept(self) -> None:
+        config = self.load('[auth]\nmechanisms = ["PLAIN", "SCRAM-SHA-1"]\n')
+        self.assertEqual(config.auth.mechanisms, ("PLAIN", "SCRAM-SHA-1"))
+
+    def test_integer_accepted_for_seconds(self) -> None:
+        config = self.load("[limits]\nauth_timeout = 5\n[auth]\nfailure_delay = 0\n")
+        self.assertEqual(config.limits.auth_timeout, 5.0)
+        self.assertIsInstance(config.limits.auth_timeout, float)
+        self.assertEqual(config.auth.failure_delay, 0.0)
+
+    def test_auto_migrate_follows_backend(self) -> None:
+        self.assertFalse(self.load('[storage]\nbackend = "postgresql"\n').storage.auto_migrate)
+        config = self.load('[storage]\nbackend = "postgresql"\nauto_migrate = true\n')
+        self.assertTrue(config.storage.auto_migrate)
+        self.assertFalse(self.load("[storage]\nauto_migrate = false\n").storage.auto_migrate)
+
+
+class PathTests(unittest.TestCase):
+    def test_relative_to_config_file(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        # The key is given as an absolute path, which is kept as it is.
+        key = os.path.join(self.mktemp(), "key.pem")
+        os.makedirs(os.path.dirname(key))
+        for name in (os.path.join(directory, "cert.pem"), key):
+            with open(name, "w"):
+                pass
+        path = os.path.join(directory, "mim.toml")
+        with open(path, "w") as f:
+            f.write(
+                '[server]\ndata_dir = "data"\n[storage.sqlite]\npath = "db/mim.db"\n'
+                f'[tls]\ncertificate = "cert.pem"\nprivate_key = "{os.path.abspath(key)}"\n'
+            )
+        # Loaded through a relative path, from another directory than the file's.
+        config = load_config(os.path.relpath(path))
+        self.assertEqual(config.data_dir, os.path.join(directory, "data"))
+        self.assertEqual(config.sqlite_path, os.path.join(directory, "db", "mim.db"))
+        self.assertEqual(config.tls.certificate, os.path.join(directory, "cert.pem"))
+        self.assertEqual(config.tls.private_key, os.path.abspath(key))
+
+    def test_default_sqlite_path_in_data_dir(self) -> None:
+        path = write(self, '[server]\ndata_dir = "/srv/./mim"\n')
+        self.assertEqual(load_config(path).sqlite_path, "/srv/mim/mim.sqlite3")
+
+
+class ErrorTests(unittest.TestCase):
+    def assertError(self, content: str | bytes, expected: str) -> None:
+        """Loading content fails with exactly one line: the file name, then expected."""
+        path = write(self, content)
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertEqual(str(caught.exception), f"{path}: {expected}")
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_unknown_key_top_level(self) -> None:
+        self.assertError("bogus = 1\n", 'unknown key "bogus"')
+        self.assertError("[bogus]\n", 'unknown key "bogus"')
+
+    def test_unknown_key_nested(self) -> None:
+        self.assertError('[storage]\nbakend = "sqlite"\n', 'unknown key "storage.bakend"')
+        self.assertError('[storage.sqlite]\npaht = "x"\n', 'unknown key "storage.sqlite.paht"')
+        self.assertError(
+            "[[listeners]]\nport = 1\n[[listeners]]\nprot = 2\n", 'unknown key "listeners[1].prot"'
+        )
+
+    def test_wrong_type(self) -> None:
+        self.assertError(
+            '[limits]\nmax_stanza_size = "big"\n',
+            'limits.max_stanza_size: must be an integer >= 1024 (got "big")',
+        )
+        self.assertError(
+            "[limits]\nmax_stanza_size = true\n",
+            "limits.max_stanza_size: must be an integer >= 1024 (got true)",
+        )
+        self.assertError(
+            '[log]\ntraffic = "yes"\n', 'log.traffic: must be true or false (got "yes")'
+        )
+        self.assertError("storage = 5\n", "storage: must be a table (got 5)")
+        self.assertError(
+            "[listeners]\nport = 1\n",
+            "listeners: must be a non-empty array of tables, written [[listeners]] (got a table)",
+        )
+        self.assertError(
+            "[[listeners]]\naddress = 1\n",
+            'listeners[0].address: must be an IPv4 or IPv6 address, or "localhost" (got 1)',
+        )
+
+    def test_bad_enum(self) -> None:
+        self.assertError(
+            '[storage]\nbackend = "mysql"\n',
+            'storage.backend: must be one of "sqlite", "postgresql" (got "mysql")',
+        )
+        self.assertError(
+            '[auth]\nmechanisms = ["PLAIN", "DIGEST-MD5"]\n',
+            'auth.mechanisms: must be a non-empty list of distinct values from "SCRAM-SHA-256", '
+            '"SCRAM-SHA-1", "PLAIN" (got ["PLAIN", "DIGEST-MD5"])',
+        )
+        self.assertError(
+            '[auth]\nmechanisms = ["PLAIN", "PLAIN"]\n',
+            'auth.mechanisms: must be a non-empty list of distinct values from "SCRAM-SHA-256", '
+            '"SCRAM-SHA-1", "PLAIN" (got ["PLAIN", "PLAIN"])',
+        )
+
+    def test_out_of_range(self) -> None:
+        self.assertError(
+            "[[listeners]]\nport = 70000\n",
+            "listeners[0].port: must be an integer 0..65535 (got 70000)",
+        )
+        self.assertError(
+            "[auth]\nscram_iterations = 1000\n",
+            "auth.scram_iterations: must be an integer >= 4096 (got 1000)",
+        )
+        self.assertError(
+            "[limits]\nauth_timeout = 0\n", "limits.auth_timeout: must be a number > 0 (got 0)"
+        )
+        self.assertError(
+            "[auth]\nfailure_delay = -0.5\n",
+            "auth.failure_delay: must be a number >= 0 (got -0.5)",
+        )
+        self.assertError(
+            "[limits]\nauth_timeout = inf\n", "limits.auth_timeout: must be a number > 0 (got inf)"
+        )
+        self.assertError(
+            "[storage.postgresql]\npool_size = 101\n",
+            "storage.postgresql.pool_size: must be an integer 1..100 (got 101)",
+        )
+
+    def test_bad_domain(self) -> None:
+        self.assertError(
+            '[server]\ndomains = ["localhost", "a b"]\n',
+            'server.domains: "a b" is not a valid domain name (got ["localhost", "a b"])',
+        )
+        self.assertError(
+            '[server]\ndomains = ["a..b"]\n',
+            'server.domains: "a..b" is not a valid domain name (got ["a..b"])',
+        )
+        self.assertError(
+            "[server]\ndomains = []\n",
+            "server.domains: must be a non-empty list of domain names (got [])",
+        )
+
+    def test_duplicate_domain(self) -> None:
+        self.assertError(
+            '[server]\ndomains = ["example.com", "Example.COM."]\n',
+            'server.domains: "example.com" is listed twice (got ["example.com", "Example.COM."])',
+        )
+
+    def test_bad_address(self) -> None:
+        self.assertError(
+            '[[listeners]]\naddress = "example.com"\n',
+            'listeners[0].address: must be an IPv4 or IPv6 address, or "localhost" '
+            '(got "example.com")',
+        )
+
+    def test_bad_toml_syntax(self) -> None:
+        self.assertError(
+            '[server]\ndomains = ["localhost"]\ndata_dir = \n',
+            "line 3, column 12: invalid TOML (Invalid value)",
+        )
+        self.assertError(
+            "x = 1\nx = 2\n", "line 2, column 6: invalid TOML (Cannot overwrite a value)"
+        )
+        self.assertError('x = "open\n', "line 1, column 10: invalid TOML (Illegal character '\\n')")
+
+    def test_bad_toml_at_end(self) -> None:
+        self.assertError('x = "open', "invalid TOML (Unterminated string (at end of document))")
+
+    def test_not_utf8(self) -> None:
+        self.assertError(b'x = "\xff"\n', "invalid TOML (not UTF-8 at byte 5)")
+
+    def test_missing_file(self) -> None:
+        path = os.path.join(os.path.abspath(self.mktemp()), "mim.toml")
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertEqual(
+            str(caught.exception), f"{path}: cannot read file (No such file or directory)"
+        )
+
+    def test_certificate_without_key(self) -> None:
+        path = os.path.abspath(write(self, "", name="cert.pem"))
+        self.assertError(
+            f'[tls]\ncertificate = "{path}"\n',
+            "tls.private_key: must be set when tls.certificate is set",
+        )
+        self.assertError(
+            f'[tls]\nprivate_key = "{path}"\n',
+            "tls.certificate: must be set when tls.private_key is set",
+        )
+
+    def test_certificate_file_missing(self) -> None:
+        path = write(self, "", name="key.pem")
+        missing = os.path.join(os.path.dirname(os.path.abspath(path)), "cert.pem")
+        self.assertError(
+            f'[tls]\ncertificate = "{missing}"\nprivate_key = "{path}"\n',
+            f'tls.certificate: file not found: {missing} (got "{missing}")',
+        )
