@@ -25,7 +25,8 @@ def _connect_admin() -> psycopg2.extensions.connection:
     try:
         connection = psycopg2.connect(base_dsn(), connect_timeout=5)
     except psycopg2.OperationalError as error:
-        postgresql_unavailable(f"cannot connect to PostgreSQL at {base_dsn()!r}: {error}")
+        reason = str(error).strip()
+        postgresql_unavailable(f"cannot connect to PostgreSQL at {base_dsn()!r}: {reason}")
     connection.autocommit = True
     return connection
 

@@ -61,10 +61,12 @@ def write_schema_dir(path: str, upgrades: dict[int, str]) -> Path:
     return schema_dir
 
 
+# Upgrades beyond the packaged schema, so that these tests outlive its next version.
+CURRENT = newest_version()
 MOTD_UPGRADES = {
-    2: "CREATE TABLE motd (id INTEGER PRIMARY KEY, body TEXT NOT NULL);",
-    # Runs only after 2 has created the table.
-    3: "ALTER TABLE motd ADD COLUMN author TEXT;",
+    CURRENT + 1: "CREATE TABLE motd (id INTEGER PRIMARY KEY, body TEXT NOT NULL);",
+    # Runs only after the first has created the table.
+    CURRENT + 2: "ALTER TABLE motd ADD COLUMN author TEXT;",
 }
 
 
@@ -101,18 +103,11 @@ class PlanTests(SynchronousTestCase):
 
         self.assertEqual(script_names("sqlite"), script_names("postgresql"))
 
-    def test_packaged_full_schemas_create_the_version_and_users_tables(self) -> None:
-        for backend in BACKENDS:
-            (step,) = plan(0, backend)
-            self.assertEqual(step.version, newest_version())
-            created = [s.split("(")[0].split()[-1] for s in step.statements]
-            self.assertEqual(created, ["schema_version", "users"])
-
     def test_newest_version_is_the_highest_upgrade_script(self) -> None:
         schema_dir = write_schema_dir(self.mktemp(), MOTD_UPGRADES)
         (schema_dir / "upgrades" / "README.md").write_text("not a script")
         (schema_dir / "upgrades" / "sqlite" / "notes.txt").write_text("not a script")
-        self.assertEqual(newest_version(schema_dir), 3)
+        self.assertEqual(newest_version(schema_dir), CURRENT + 2)
 
     def test_newest_version_without_upgrades_is_1(self) -> None:
         self.assertEqual(newest_version(Path(self.mktemp())), 1)
@@ -120,55 +115,70 @@ class PlanTests(SynchronousTestCase):
     def test_empty_database_gets_the_full_schema(self) -> None:
         schema_dir = write_schema_dir(self.mktemp(), MOTD_UPGRADES)
         (step,) = plan(0, "sqlite", schema_dir)
-        self.assertEqual(step.version, 3)
-        self.assertIn(split_statements(MOTD_UPGRADES[3])[0], step.statements)
+        self.assertEqual(step.version, CURRENT + 2)
+        self.assertIn(split_statements(MOTD_UPGRADES[CURRENT + 2])[0], step.statements)
 
     def test_outdated_database_gets_the_upgrades_in_order(self) -> None:
         schema_dir = write_schema_dir(self.mktemp(), MOTD_UPGRADES)
         self.assertEqual(
-            plan(1, "postgresql", schema_dir),
+            plan(CURRENT, "postgresql", schema_dir),
             [
-                Step(2, split_statements(MOTD_UPGRADES[2])),
-                Step(3, split_statements(MOTD_UPGRADES[3])),
+                Step(CURRENT + 1, split_statements(MOTD_UPGRADES[CURRENT + 1])),
+                Step(CURRENT + 2, split_statements(MOTD_UPGRADES[CURRENT + 2])),
             ],
         )
-        self.assertEqual(plan(2, "postgresql", schema_dir), [Step(3, ["ALTER TABLE motd ADD COLUMN author TEXT"])])
-        self.assertEqual(plan(3, "postgresql", schema_dir), [])
+        self.assertEqual(
+            plan(CURRENT + 1, "postgresql", schema_dir),
+            [Step(CURRENT + 2, ["ALTER TABLE motd ADD COLUMN author TEXT"])],
+        )
+        self.assertEqual(plan(CURRENT + 2, "postgresql", schema_dir), [])
 
     def test_database_newer_than_code_is_refused(self) -> None:
         schema_dir = write_schema_dir(self.mktemp(), MOTD_UPGRADES)
-        error = self.assertRaises(SchemaTooNew, plan, 4, "sqlite", schema_dir)
-        self.assertIn("version 4", str(error))
+        error = self.assertRaises(SchemaTooNew, plan, CURRENT + 3, "sqlite", schema_dir)
+        self.assertIn(f"version {CURRENT + 3}", str(error))
 
     def test_missing_upgrade_script_is_an_error(self) -> None:
         schema_dir = write_schema_dir(self.mktemp(), MOTD_UPGRADES)
-        (schema_dir / "upgrades" / "sqlite" / "002.sql").unlink()
-        self.assertRaises(FileNotFoundError, plan, 1, "sqlite", schema_dir)
+        (schema_dir / "upgrades" / "sqlite" / f"{CURRENT + 1:03d}.sql").unlink()
+        self.assertRaises(FileNotFoundError, plan, CURRENT, "sqlite", schema_dir)
 
 
 class SQLMigrationTests:
-    """Migrations run on a real database; mixed into a TestCase per SQL backend, which provides:
+    """Migrations run on a real database; mixed into a TestCase per SQL backend, whose setUp
+    makes the test's one database (empty) and which provides:
 
-    ``backend``, the name open_database knows it by; ``open_at(schema_dir)``, the test's one
-    database (empty at first) opened with schema files from ``schema_dir`` and closed by cleanups;
-    ``open_with_factory(auto_migrate)``, the same through open_database; ``columns(table)``, the
-    column names of ``table`` read with a connection of the test's own, [] if there is none.
+    ``backend``, the name open_database knows it by, and ``location``, the keyword arguments of
+    open_database that lead to the database; ``driver_error``, the driver's base exception;
+    ``open_at(schema_dir)``, the database opened with schema files from ``schema_dir`` and closed
+    by cleanups; ``query(sql, parameters)``, rows read with a connection of the test's own;
+    ``columns(table)``, the column names of ``table``, [] if there is no such table.
     """
 
     backend: str
+    location: dict[str, str]
+    driver_error: type[Exception]
 
     def open_at(self, schema_dir: Traversable) -> Deferred[IDatabase]:
         raise NotImplementedError
 
-    def open_with_factory(self, auto_migrate: bool) -> Deferred[IDatabase]:
+    def query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
         raise NotImplementedError
 
     def columns(self, table: str) -> list[str]:
         raise NotImplementedError
 
-    async def open_migrated_at_version_1(self) -> IDatabase:
+    def open_with_factory(self, auto_migrate: bool) -> Deferred[IDatabase]:
+        def close_at_cleanup(database: IDatabase) -> IDatabase:
+            self.addCleanup(database.close)
+            return database
+
+        d = open_database(self.backend, auto_migrate=auto_migrate, **self.location)
+        return d.addCallback(close_at_cleanup)
+
+    async def open_migrated_to_current(self) -> IDatabase:
         database = await self.open_at(SCHEMA_DIR)
-        self.assertEqual(await database.migrate(), 1)
+        self.assertEqual(await database.migrate(), CURRENT)
         await database.accounts.create_account("example.org", "alice", credentials("a"))
         return database
 
@@ -178,41 +188,42 @@ class SQLMigrationTests:
 
     async def test_migrate_creates_the_full_schema(self) -> None:
         database = await self.open_at(SCHEMA_DIR)
-        self.assertEqual(await database.migrate(), newest_version())
+        self.assertEqual(await database.migrate(), CURRENT)
         self.assertEqual(
             self.columns("users"),
             ["server", "username", "scram_sha1", "scram_sha256", "created_at"],
         )
 
     async def test_upgrade_scripts_run_in_order_and_keep_data(self) -> None:
-        await self.open_migrated_at_version_1()
+        await self.open_migrated_to_current()
         upgraded = await self.open_at(write_schema_dir(self.mktemp(), MOTD_UPGRADES))
-        self.assertEqual(await upgraded.schema_version(), 1)
-        self.assertEqual(await upgraded.migrate(), 3)
-        self.assertEqual(await upgraded.schema_version(), 3)
+        self.assertEqual(await upgraded.schema_version(), CURRENT)
+        self.assertEqual(await upgraded.migrate(), CURRENT + 2)
+        self.assertEqual(await upgraded.schema_version(), CURRENT + 2)
         self.assertEqual(self.columns("motd"), ["id", "body", "author"])
         self.assertTrue(await upgraded.accounts.account_exists("example.org", "alice"))
 
     async def test_failing_upgrade_leaves_the_database_as_it_was(self) -> None:
-        await self.open_migrated_at_version_1()
-        broken = {2: MOTD_UPGRADES[2] + "\nSELECT * FROM no_such_table;"}
+        await self.open_migrated_to_current()
+        broken = {CURRENT + 1: MOTD_UPGRADES[CURRENT + 1] + "\nSELECT * FROM no_such_table;"}
         upgraded = await self.open_at(write_schema_dir(self.mktemp(), broken))
-        await self.assertFailure(upgraded.migrate(), Exception)
-        self.assertEqual(await upgraded.schema_version(), 1)
+        await self.assertFailure(upgraded.migrate(), self.driver_error)
+        self.assertEqual(await upgraded.schema_version(), CURRENT)
         self.assertEqual(self.columns("motd"), [])
 
     async def test_database_newer_than_code_is_refused(self) -> None:
         newer = await self.open_at(write_schema_dir(self.mktemp(), MOTD_UPGRADES))
-        self.assertEqual(await newer.migrate(), 3)
+        self.assertEqual(await newer.migrate(), CURRENT + 2)
         current = await self.open_at(SCHEMA_DIR)
         await self.assertFailure(current.migrate(), SchemaTooNew)
         await self.assertFailure(self.open_with_factory(auto_migrate=True), SchemaTooNew)
-        self.assertEqual(await current.schema_version(), 3)
+        self.assertEqual(await current.schema_version(), CURRENT + 2)
 
     async def test_foreign_keys_cascade_from_users(self) -> None:
-        database = await self.open_migrated_at_version_1()
+        database = await self.open_migrated_to_current()
         notes = {
-            2: "CREATE TABLE notes (server TEXT NOT NULL, username TEXT NOT NULL, body TEXT,"
+            CURRENT
+            + 1: "CREATE TABLE notes (server TEXT NOT NULL, username TEXT NOT NULL, body TEXT,"
             " FOREIGN KEY (server, username) REFERENCES users (server, username)"
             " ON DELETE CASCADE);"
             " INSERT INTO notes (server, username, body) SELECT server, username, 'hi' FROM users;"
@@ -220,7 +231,7 @@ class SQLMigrationTests:
         upgraded = await self.open_at(write_schema_dir(self.mktemp(), notes))
         await upgraded.migrate()
         await database.accounts.remove_account("example.org", "alice")
-        self.assertEqual(self.count_rows("notes"), 0)
+        self.assertEqual(self.query("SELECT count(*) FROM notes"), [(0,)])
 
     async def test_open_database_refuses_outdated_schema_without_auto_migrate(self) -> None:
         error = await self.assertFailure(self.open_with_factory(auto_migrate=False), SchemaOutdated)
@@ -229,6 +240,86 @@ class SQLMigrationTests:
 
     async def test_open_database_migrates_with_auto_migrate(self) -> None:
         database = await self.open_with_factory(auto_migrate=True)
-        self.assertEqual(await database.schema_version(), newest_version())
+        self.assertEqual(await database.schema_version(), CURRENT)
         reopened = await self.open_with_factory(auto_migrate=False)
-        self.assertEqual(await reopened.schema_version(), newest_version())
+        self.assertEqual(await reopened.schema_version(), CURRENT)
+
+
+class SQLiteMigrationTests(SQLMigrationTests, TestCase):
+    backend = "sqlite"
+    driver_error = sqlite3.Error
+
+    def setUp(self) -> None:
+        self.path = os.path.join(self.mktemp(), "mim.sqlite3")
+        self.location = {"sqlite_path": self.path}
+
+    def open_at(self, schema_dir: Traversable) -> Deferred[IDatabase]:
+        database = SQLiteDatabase(self.path, schema_dir=schema_dir)
+        self.addCleanup(database.close)
+        return succeed(database)
+
+    def query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        connection = sqlite3.connect(self.path)
+        try:
+            return connection.execute(sql, parameters).fetchall()
+        finally:
+            connection.close()
+
+    def columns(self, table: str) -> list[str]:
+        return [name for (name,) in self.query("SELECT name FROM pragma_table_info(?)", (table,))]
+
+    async def test_file_is_in_wal_mode(self) -> None:
+        await self.open_with_factory(auto_migrate=True)
+        self.assertEqual(self.query("PRAGMA journal_mode"), [("wal",)])
+
+
+class PostgresMigrationTests(SQLMigrationTests, TestCase):
+    backend = "postgresql"
+    driver_error = psycopg2.Error
+
+    def setUp(self) -> None:
+        self.dsn = pgsupport.create_temp_database(self)
+        self.location = {"postgresql_dsn": self.dsn}
+
+    def open_at(self, schema_dir: Traversable) -> Deferred[IDatabase]:
+        database = PostgresDatabase(self.dsn, pool_size=1, schema_dir=schema_dir)
+        self.addCleanup(database.close)
+        return database.start()
+
+    def query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        connection = psycopg2.connect(self.dsn)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, parameters)
+                return cursor.fetchall()
+        finally:
+            connection.close()
+
+    def columns(self, table: str) -> list[str]:
+        rows = self.query(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = %s ORDER BY ordinal_position",
+            (table,),
+        )
+        return [name for (name,) in rows]
+
+
+class OpenDatabaseTests(TestCase):
+    async def test_memory_database_is_born_current(self) -> None:
+        database = await open_database("memory", auto_migrate=False)
+        self.assertIsInstance(database, MemoryDatabase)
+        self.assertEqual(await database.schema_version(), CURRENT)
+
+    async def test_unknown_backend(self) -> None:
+        error = await self.assertFailure(open_database("mysql", auto_migrate=True), ValueError)
+        self.assertIn("'mysql'", str(error))
+
+    async def test_backend_without_its_location(self) -> None:
+        await self.assertFailure(open_database("sqlite", auto_migrate=True), ValueError)
+        await self.assertFailure(open_database("postgresql", auto_migrate=True), ValueError)
+
+    async def test_unreachable_postgresql_fails_without_leaking_connections(self) -> None:
+        # Port 1 refuses at once; trial reports a connection left in the reactor as an error.
+        dsn = "host=127.0.0.1 port=1 user=root dbname=postgres connect_timeout=2"
+        opening = open_database("postgresql", postgresql_dsn=dsn, pool_size=2, auto_migrate=True)
+        await self.assertFailure(opening, psycopg2.OperationalError)

@@ -1,5 +1,8 @@
 """The storage interfaces: every store returns Deferreds and is reached only through these."""
 
+# zope.interface declares methods without ``self``.
+# ruff: noqa: N805
+
 from zope.interface import Attribute, Interface
 
 # The keys of an account's credentials mapping (see IAccountStore), all of them required.

@@ -4,7 +4,7 @@ from collections.abc import Mapping
 from importlib.resources.abc import Traversable
 
 from psycopg2.errors import UniqueViolation
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, FirstError, inlineCallbacks, succeed
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 from zope.interface import implementer
@@ -61,7 +61,9 @@ class PostgresAccountStore:
             "SELECT scram_sha1, scram_sha256 FROM users WHERE server = %s AND username = %s",
             (domain, username),
         )
-        return d.addCallback(lambda rows: dict(zip(CREDENTIAL_MECHANISMS, rows[0])) if rows else None)
+        return d.addCallback(
+            lambda rows: dict(zip(CREDENTIAL_MECHANISMS, rows[0], strict=True)) if rows else None
+        )
 
     def set_credentials(
         self, domain: str, username: str, credentials: Mapping[str, str]
@@ -111,7 +113,8 @@ class PostgresDatabase:
 
         def close_opened(failure: Failure) -> Failure:
             self._close_connections()
-            return failure
+            # The pool wraps the first connection's failure, which is what the caller wants.
+            return failure.value.subFailure if failure.check(FirstError) else failure
 
         return self._pool.start().addCallbacks(lambda _: self, close_opened)
 
@@ -132,7 +135,9 @@ class PostgresDatabase:
             for statement in step.statements:
                 yield cursor.execute(statement)
             yield cursor.execute("DELETE FROM schema_version")
-            yield cursor.execute("INSERT INTO schema_version (version) VALUES (%s)", (step.version,))
+            yield cursor.execute(
+                "INSERT INTO schema_version (version) VALUES (%s)", (step.version,)
+            )
         return (yield _read_version(cursor))
 
     def close(self) -> Deferred[None]:

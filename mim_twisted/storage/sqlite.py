@@ -80,7 +80,9 @@ class SQLiteAccountStore:
             "SELECT scram_sha1, scram_sha256 FROM users WHERE server = ? AND username = ?",
             (domain, username),
         )
-        return d.addCallback(lambda rows: dict(zip(CREDENTIAL_MECHANISMS, rows[0])) if rows else None)
+        return d.addCallback(
+            lambda rows: dict(zip(CREDENTIAL_MECHANISMS, rows[0], strict=True)) if rows else None
+        )
 
     def set_credentials(
         self, domain: str, username: str, credentials: Mapping[str, str]

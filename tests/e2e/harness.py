@@ -113,6 +113,9 @@ class Client:
 
     async def close(self) -> None:
         self.xmpp.cancel_connection_attempt()
+        # slixmpp leaves its outgoing filter task running after a disconnect.
+        if self.xmpp._run_out_filters is not None:
+            self.xmpp._run_out_filters.cancel()
         if self.xmpp.transport is not None:
             await wait_for(self.xmpp.disconnect(wait=0))
 
