@@ -100,7 +100,7 @@ class C2SStream(protocol.Protocol):
         if self.closed:
             return
         if self.settings.log_traffic:
-            log.info("RECV {peer}: {data!r}", peer=self._log_name(), data=data)
+            log.info("RECV {peer}: {data!r}", peer=self.log_name(), data=data)
         parser = self._parser
         try:
             parser.parse(data)
@@ -124,7 +124,7 @@ class C2SStream(protocol.Protocol):
         if self.jid is not None:
             self.factory.sessions.unbind(self)
             self.factory.router.session_ended(self)
-        log.debug("{peer} disconnected", peer=self._log_name())
+        log.debug("{peer} disconnected", peer=self.log_name())
 
     # -- output ----------------------------------------------------------------------------
 
@@ -137,11 +137,11 @@ class C2SStream(protocol.Protocol):
         if isinstance(stanza, str):
             stanza = stanza.encode("utf-8")
         if self.settings.log_traffic:
-            log.info("SEND {peer}: {data!r}", peer=self._log_name(), data=stanza)
+            log.info("SEND {peer}: {data!r}", peer=self.log_name(), data=stanza)
         if self._write_blocked:
             self._bytes_while_blocked += len(stanza)
             if self._bytes_while_blocked > self.settings.max_outgoing_buffer:
-                log.warn("{peer}: client reads too slowly, disconnecting", peer=self._log_name())
+                log.warn("{peer}: client reads too slowly, disconnecting", peer=self.log_name())
                 self.closed = True
                 self.transport.abortConnection()
                 return
@@ -164,7 +164,7 @@ class C2SStream(protocol.Protocol):
             return
         log.info(
             "{peer}: stream error {condition}: {text}",
-            peer=self._log_name(),
+            peer=self.log_name(),
             condition=condition,
             text=text or "",
         )
@@ -252,7 +252,7 @@ class C2SStream(protocol.Protocol):
         elif element.uri == namespaces.CLIENT and element.name in STANZA_NAMES:
             self._on_stanza_before_bind(element)
         elif element.uri == namespaces.STREAMS and element.name == "error":
-            log.info("{peer} sent a stream error", peer=self._log_name())
+            log.info("{peer} sent a stream error", peer=self.log_name())
             self._on_stream_end()
         else:
             self.stream_error("unsupported-stanza-type", f"Unexpected <{element.name}/>")
@@ -275,7 +275,7 @@ class C2SStream(protocol.Protocol):
             self._auth_timer.cancel()
         log.info(
             "{peer} authenticated as {user}@{domain}",
-            peer=self._log_name(),
+            peer=self.log_name(),
             user=username,
             domain=self.domain,
         )
@@ -293,7 +293,7 @@ class C2SStream(protocol.Protocol):
         """Resource binding succeeded: the session is open for routing."""
         self.jid = jid
         self.factory.sessions.bind(self)
-        log.info("{peer} bound {jid}", peer=self._log_name(), jid=jid.full())
+        log.info("{peer} bound {jid}", peer=self.log_name(), jid=jid.full())
 
     def _on_stanza(self, stanza: domish.Element) -> None:
         if stanza.name not in STANZA_NAMES:
@@ -316,7 +316,7 @@ class C2SStream(protocol.Protocol):
         if self.username is None:
             self.stream_error("connection-timeout", "No authentication in time")
 
-    def _log_name(self) -> str:
+    def log_name(self) -> str:
         if self.jid is not None:
             return self.jid.full()
         peer = getattr(self, "peer", None)

@@ -145,7 +145,7 @@ class SaslNegotiation:
         self.failures += 1
         log.info(
             "{peer}: SASL failure {condition} ({text}), attempt {n}",
-            peer=self.stream._log_name(),
+            peer=self.stream.log_name(),
             condition=error.condition,
             text=error.text,
             n=self.failures,

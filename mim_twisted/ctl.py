@@ -1,0 +1,286 @@
+"""mimctl, the admin console: accounts, a config check and schema migration.
+
+``main`` parses the command line, loads the config (the file ``twistd mim -c`` reads) and runs
+the command on the reactor; ``run`` is the command itself, which tests await under trial.
+Exit status: 0 done, 1 an operational error (one line on stderr, after "mimctl: "), 2 a usage
+error (from argparse).
+"""
+
+import argparse
+import getpass
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TextIO
+
+import psycopg2
+from psycopg2.extensions import parse_dsn
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.words.protocols.jabber import jid
+
+from mim_twisted import storage
+from mim_twisted.auth.scram import derive_all
+from mim_twisted.config import Config, ConfigError, load_config
+from mim_twisted.storage.interfaces import (
+    AccountExists,
+    AccountNotFound,
+    IDatabase,
+    SchemaOutdated,
+    SchemaTooNew,
+)
+from mim_twisted.tap import open_storage
+
+# Failures an admin can act on from their message alone: one line, no traceback.
+DATABASE_ERRORS = (sqlite3.Error, psycopg2.Error)
+EXPECTED_ERRORS = (SchemaOutdated, SchemaTooNew, OSError, *DATABASE_ERRORS)
+
+
+class CommandError(Exception):
+    """A command that cannot be done; str() is the line to print after "mimctl: "."""
+
+
+def _one_line(error: Exception) -> str:
+    # psycopg2 messages span lines ("... failed: Connection refused\n\tIs the server running").
+    return " ".join(str(error).split())
+
+
+# Argument types: argparse turns their ArgumentTypeError into a usage error (exit status 2).
+
+
+def _bare_jid(text: str) -> jid.JID:
+    try:
+        address = jid.JID(text)
+    except (jid.InvalidFormat, ValueError, IndexError):  # IndexError: empty label, as in "a..b"
+        address = None
+    if address is None or address.user is None or address.resource is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bare JID (user@domain)")
+    return address
+
+
+def _domain(text: str) -> str:
+    try:
+        address = jid.JID(text)
+    except (jid.InvalidFormat, ValueError, IndexError):
+        address = None
+    if address is None or address.user is not None or address.resource is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a domain name")
+    return address.host
+
+
+def _served(config: Config, domain: str) -> str:
+    if domain not in config.server.domains:
+        served = ", ".join(config.server.domains)
+        raise CommandError(f"{domain} is not a domain of this server (it serves {served})")
+    return domain
+
+
+def _credentials(config: Config, args: argparse.Namespace, stdin: TextIO) -> dict[str, str]:
+    """The credentials of the password given on stdin or, twice, at the terminal."""
+    try:
+        if args.password_stdin:
+            password = stdin.readline().rstrip("\r\n")
+        else:
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Password (again): ") != password:
+                raise CommandError("the passwords do not match")
+    except EOFError:
+        raise CommandError("no password given") from None
+    try:
+        return derive_all(password, config.auth.scram_iterations)
+    except ValueError as error:  # empty, or refused by SASLprep
+        raise CommandError(f"unusable password: {error}") from None
+
+
+@asynccontextmanager
+async def _opened(opening: Awaitable[IDatabase]) -> AsyncIterator[IDatabase]:
+    database = await opening
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+# The commands.
+
+
+async def register(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
+    domain = _served(config, args.jid.host)
+    credentials = _credentials(config, args, stdin)
+    async with _opened(open_storage(config)) as database:
+        try:
+            await database.accounts.create_account(domain, args.jid.user, credentials)
+        except AccountExists:
+            raise CommandError(f"{args.jid.userhost()} is already registered") from None
+    print(f"registered {args.jid.userhost()}", file=out)
+
+
+async def unregister(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
+    domain = _served(config, args.jid.host)
+    async with _opened(open_storage(config)) as database:
+        try:
+            await database.accounts.remove_account(domain, args.jid.user)
+        except AccountNotFound:
+            raise CommandError(f"{args.jid.userhost()} is not registered") from None
+    print(f"unregistered {args.jid.userhost()}", file=out)
+
+
+async def passwd(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
+    domain = _served(config, args.jid.host)
+    credentials = _credentials(config, args, stdin)
+    async with _opened(open_storage(config)) as database:
+        try:
+            await database.accounts.set_credentials(domain, args.jid.user, credentials)
+        except AccountNotFound:
+            raise CommandError(f"{args.jid.userhost()} is not registered") from None
+    print(f"changed the password of {args.jid.userhost()}", file=out)
+
+
+async def list_users(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
+    domain = _served(config, args.domain)
+    async with _opened(open_storage(config)) as database:
+        usernames = await database.accounts.list_accounts(domain)
+    for username in usernames:
+        print(f"{username}@{domain}", file=out)
+
+
+def _listener(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _storage_location(config: Config) -> str:
+    if config.storage.backend == "sqlite":
+        return config.sqlite_path
+    try:
+        parameters = parse_dsn(config.storage.postgresql.dsn)
+    except psycopg2.ProgrammingError as error:
+        raise CommandError(
+            f"{config.source or 'embedded default'}: storage.postgresql.dsn: {_one_line(error)}"
+        ) from None
+    # The summary may end up in a ticket or a chat: never show the password.
+    parameters.pop("password", None)
+    return " ".join(f"{key}={value}" for key, value in parameters.items())
+
+
+async def check_config(
+    config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO
+) -> None:
+    location = _storage_location(config)
+    listeners = ", ".join(
+        f"{_listener(listener.address, listener.port)} (STARTTLS {listener.starttls})"
+        for listener in config.listeners
+    )
+    print(f"mimctl: {config.source or 'embedded default'}: OK", file=out)
+    print(f"  domains: {', '.join(config.server.domains)}", file=out)
+    print(f"  listeners: {listeners}", file=out)
+    print(f"  storage: {config.storage.backend}, {location}", file=out)
+
+
+async def migrate(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
+    # Opened without the schema check of open_storage: migrating an outdated schema is the point.
+    connecting = storage._connect(
+        config.storage.backend,
+        config.sqlite_path,
+        config.storage.postgresql.dsn,
+        config.storage.postgresql.pool_size,
+    )
+    async with _opened(connecting) as database:
+        installed = await database.schema_version()
+        migrated = await database.migrate()
+    if migrated == installed:
+        print(f"schema is up to date (version {migrated})", file=out)
+    else:
+        print(f"schema version {installed} -> {migrated}", file=out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mimctl", description="Manage the accounts and the database of mim-twisted."
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        help="the TOML config file of the server (default: the embedded default)",
+    )
+    commands = parser.add_subparsers(title="commands", dest="command", required=True)
+
+    def command(
+        name: str, handler: Callable[..., Awaitable[None]], summary: str
+    ) -> argparse.ArgumentParser:
+        subparser = commands.add_parser(name, help=summary, description=summary)
+        subparser.set_defaults(handler=handler)
+        return subparser
+
+    def password_stdin(subparser: argparse.ArgumentParser) -> None:
+        subparser.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from the first line of stdin instead of the terminal",
+        )
+
+    subparser = command("register", register, "create an account")
+    subparser.add_argument("jid", metavar="JID", type=_bare_jid, help="user@domain")
+    password_stdin(subparser)
+    subparser = command("unregister", unregister, "delete an account and its data")
+    subparser.add_argument("jid", metavar="JID", type=_bare_jid, help="user@domain")
+    subparser = command("passwd", passwd, "change the password of an account")
+    subparser.add_argument("jid", metavar="JID", type=_bare_jid, help="user@domain")
+    password_stdin(subparser)
+    subparser = command("list-users", list_users, "list the accounts of a domain")
+    subparser.add_argument("domain", metavar="DOMAIN", type=_domain)
+    command("check-config", check_config, "check the config file and summarise it")
+    command("migrate", migrate, "bring the database schema to the newest version")
+    return parser
+
+
+async def run(
+    config: Config, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO
+) -> int:
+    """Run the command parsed into ``args``; the exit status."""
+    try:
+        await args.handler(config, args, stdin, stdout)
+    except (CommandError, *EXPECTED_ERRORS) as error:
+        message = _one_line(error)
+        if isinstance(error, DATABASE_ERRORS):  # the driver's message does not say which
+            message = f"{config.storage.backend} database: {message}"
+        print(f"mimctl: {message}", file=stderr)
+        return 1
+    return 0
+
+
+def _run_on_reactor(command: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run ``command`` on the global reactor, which this process runs for it alone.
+
+    Unlike ``task.react`` this returns the result, and it leaves SIGINT to Python, so that
+    Ctrl-C at the password prompt (a blocking getpass) stops mimctl at once.
+    """
+    from twisted.internet import reactor
+
+    outcome: list[int | Failure] = []
+
+    def start() -> None:
+        done = Deferred.fromCoroutine(command())
+        done.addBoth(outcome.append)
+        done.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    [result] = outcome
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"mimctl: {error}", file=sys.stderr)
+        return 1
+    try:
+        return _run_on_reactor(lambda: run(config, args, sys.stdin, sys.stdout, sys.stderr))
+    except KeyboardInterrupt:
+        return 130
