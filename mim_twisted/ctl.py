@@ -49,21 +49,22 @@ def _one_line(error: Exception) -> str:
 # Argument types: argparse turns their ArgumentTypeError into a usage error (exit status 2).
 
 
-def _bare_jid(text: str) -> jid.JID:
+def _parse_jid(text: str) -> jid.JID | None:
     try:
-        address = jid.JID(text)
+        return jid.JID(text)  # nodeprep and nameprep
     except (jid.InvalidFormat, ValueError, IndexError):  # IndexError: empty label, as in "a..b"
-        address = None
+        return None
+
+
+def _bare_jid(text: str) -> jid.JID:
+    address = _parse_jid(text)
     if address is None or address.user is None or address.resource is not None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a bare JID (user@domain)")
     return address
 
 
 def _domain(text: str) -> str:
-    try:
-        address = jid.JID(text)
-    except (jid.InvalidFormat, ValueError, IndexError):
-        address = None
+    address = _parse_jid(text)
     if address is None or address.user is not None or address.resource is not None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a domain name")
     return address.host
@@ -95,6 +96,7 @@ def _credentials(config: Config, args: argparse.Namespace, stdin: TextIO) -> dic
 
 @asynccontextmanager
 async def _opened(opening: Awaitable[IDatabase]) -> AsyncIterator[IDatabase]:
+    """The database ``opening`` fires with, closed when the block is left."""
     database = await opening
     try:
         yield database

@@ -69,7 +69,7 @@ class MimService(service.MultiService):
         self.ports: list = []
         self.database = None
         self.sessions = SessionManager()
-        self.router = Router(frozenset(config.server.domains), self.sessions)
+        self.router = Router(frozenset(config.server.domains), self.sessions, self.reactor)
         self.ready: defer.Deferred = defer.Deferred()
 
     def startService(self) -> None:

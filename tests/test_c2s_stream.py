@@ -62,7 +62,7 @@ class StreamTestCase(unittest.TestCase):
             C2SSettings(**values),
             accounts=self.database.accounts,
             sessions=self.sessions,
-            router=Router(frozenset({"localhost"}), self.sessions),
+            router=Router(frozenset({"localhost"}), self.sessions, self.clock),
             clock=self.clock,
         )
 

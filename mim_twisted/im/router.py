@@ -1,17 +1,26 @@
-"""Routing of stanzas from bound sessions: to the server's own IQ handlers or to other sessions.
+"""Routing of stanzas from bound sessions: to the server's IQ handlers or to other sessions.
 
-IQ handlers are looked up by the (namespace, name) of the request's payload. A handler returns
-the result element, a Deferred firing with it, or raises a StanzaError; an IQ get/set nobody
-handles is answered with <service-unavailable/>, so nothing is silently dropped.
+IQ requests are answered by handlers looked up by the (namespace, name) of their payload, in one
+of two tables (RFC 6120 §10.3): `server_iq` for requests to a served domain, `account_iq` for
+requests to a local account's bare JID — including requests with no 'to', which the server
+answers on behalf of the sender's own account. A handler is called as
+`handler(session, iq, target)` with the target JID, and returns the result <iq/>, None for an
+empty result, or a Deferred of either; it raises StanzaError for an error reply. A request no
+handler claims is answered with <service-unavailable/>, so nothing is silently dropped.
+
+Responses that clients send to the server's own requests (e.g. the disco#info query of entity
+caps) complete the Deferred returned by `query`.
 """
 
+import secrets
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.words.protocols.jabber import error
+from twisted.words.protocols.jabber import error, xmlstream
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat, internJID
 from twisted.words.xish import domish
 
@@ -19,11 +28,7 @@ from mim_twisted.im.sessions import SessionManager
 
 log = Logger()
 
-IqHandler = Callable[[Any, domish.Element], "domish.Element | defer.Deferred | None"]
-
-
-def iq_payload(iq: domish.Element) -> domish.Element | None:
-    return next(iq.elements(), None)
+IqHandler = Callable[[Any, domish.Element, JID], "domish.Element | defer.Deferred | None"]
 
 
 def reply_error(
@@ -35,32 +40,34 @@ def reply_error(
     session.send(error.StanzaError(condition, text=text).toResponse(stanza))
 
 
+class IqTimeout(Exception):
+    """The client did not answer the server's IQ request in time."""
+
+
 class Router:
     """Routes the stanzas of local sessions."""
 
-    def __init__(self, domains: frozenset[str], sessions: SessionManager) -> None:
+    def __init__(
+        self, domains: frozenset[str], sessions: SessionManager, clock: IReactorTime
+    ) -> None:
         self.domains = domains
         self.sessions = sessions
-        self.iq_handlers: dict[tuple[str, str], IqHandler] = {}
+        self.clock = clock
+        self.server_iq: dict[tuple[str, str], IqHandler] = {}
+        self.account_iq: dict[tuple[str, str], IqHandler] = {}
+        self._queries: dict[str, tuple[str, defer.Deferred]] = {}
 
-    def add_iq_handler(self, namespace: str, name: str, handler: IqHandler) -> None:
-        self.iq_handlers[(namespace, name)] = handler
+    # -- IQ -------------------------------------------------------------------------------
 
     def route_from_client(self, session: Any, stanza: domish.Element) -> None:
         to = stanza.getAttribute("to")
         try:
-            recipient = internJID(to) if to else None
+            recipient = internJID(to) if to else session.jid.userhostJID()
         except (InvalidFormat, UnicodeError):
             reply_error(session, stanza, "jid-malformed")
             return
-        if stanza.name == "iq" and (
-            recipient is None
-            or (recipient.user is None and recipient.resource is None)
-            or recipient == session.jid.userhostJID()
-        ):
-            self._handle_iq(session, stanza)
-        elif recipient is None:
-            return
+        if stanza.name == "iq" and recipient.resource is None:
+            self._handle_iq(session, stanza, recipient)
         elif recipient.host not in self.domains:
             reply_error(session, stanza, "remote-server-not-found")
         else:
@@ -73,43 +80,82 @@ class Router:
         elif stanza.name != "presence":
             reply_error(sender, stanza, "service-unavailable")
 
-    def _handle_iq(self, session: Any, iq: domish.Element) -> None:
+    def _handle_iq(self, session: Any, iq: domish.Element, target: JID) -> None:
         kind = iq.getAttribute("type")
-        if kind not in ("get", "set"):
-            if kind not in ("result", "error"):
-                reply_error(session, iq, "bad-request", "Unknown IQ type")
+        if kind in ("result", "error"):
+            self._answer_query(session, iq, target)
             return
-        payload = iq_payload(iq)
-        if payload is None or not iq.getAttribute("id"):
-            reply_error(session, iq, "bad-request", "An IQ request has an id and one payload")
+        if kind not in ("get", "set") or not iq.getAttribute("id"):
+            reply_error(session, iq, "bad-request", "An IQ request has an id and a type")
             return
-        handler = self.iq_handlers.get((payload.uri, payload.name))
+        payloads = list(iq.elements())
+        if len(payloads) != 1:
+            reply_error(session, iq, "bad-request", "An IQ request has exactly one payload")
+            return
+        if target.user is None and target.host in self.domains:
+            table = self.server_iq
+        elif target.user is not None and target.host in self.domains:
+            table = self.account_iq
+        else:
+            reply_error(session, iq, "remote-server-not-found")
+            return
+        handler = table.get((payloads[0].uri, payloads[0].name))
         if handler is None:
             reply_error(session, iq, "service-unavailable")
             return
-        result = defer.maybeDeferred(handler, session, iq)
+        result = defer.maybeDeferred(handler, session, iq, target)
         result.addCallbacks(
-            self._send_iq_result, self._send_iq_error, (session, iq), None, (session, iq)
+            self._send_iq_result,
+            self._send_iq_error,
+            callbackArgs=(session, iq),
+            errbackArgs=(session, iq),
         )
 
     @staticmethod
     def _send_iq_result(result: domish.Element | None, session: Any, iq: domish.Element) -> None:
-        if result is None:
-            result = domish.Element((None, "iq"))
-            result["type"] = "result"
-            result["id"] = iq["id"]
-        result["to"] = iq["from"]
-        if iq.hasAttribute("to"):
-            result["from"] = iq["to"]
-        session.send(result)
+        session.send(result if result is not None else xmlstream.toResponse(iq, "result"))
 
     @staticmethod
     def _send_iq_error(failure: Failure, session: Any, iq: domish.Element) -> None:
         if failure.check(error.StanzaError):
             session.send(failure.value.toResponse(iq))
             return
-        log.failure("handling IQ from {jid}", failure, jid=iq["from"])
+        log.failure("handling IQ from {jid}", failure, jid=iq.getAttribute("from"))
         reply_error(session, iq, "internal-server-error")
 
+    # -- the server's own requests to clients -----------------------------------------------
+
+    def query(self, session: Any, iq: domish.Element, timeout: float = 30.0) -> defer.Deferred:
+        """Send an IQ get/set from the server to a session; fires with the result <iq/>.
+
+        Fails with StanzaError (built from an error reply) or IqTimeout.
+        """
+        query_id = "mim-" + secrets.token_hex(6)
+        iq["id"] = query_id
+        iq["to"] = session.jid.full()
+        iq["from"] = session.jid.host
+        pending: defer.Deferred = defer.Deferred(lambda _: self._queries.pop(query_id, None))
+        self._queries[query_id] = (iq["to"], pending)
+        timer = self.clock.callLater(timeout, self._query_timed_out, query_id)
+        pending.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        session.send(iq)
+        return pending
+
+    def _answer_query(self, session: Any, iq: domish.Element, target: JID) -> None:
+        asked, pending = self._queries.get(iq.getAttribute("id", ""), (None, None))
+        # Only the session that was asked can answer, and only to the server itself.
+        if asked != iq["from"] or target.user is not None or target.host != session.jid.host:
+            return
+        del self._queries[iq["id"]]
+        if iq["type"] == "result":
+            pending.callback(iq)
+        else:
+            pending.errback(error.exceptionFromStanza(iq))
+
+    def _query_timed_out(self, query_id: str) -> None:
+        _, pending = self._queries.pop(query_id, (None, None))
+        if pending is not None:
+            pending.errback(IqTimeout(query_id))
+
     def session_ended(self, session: Any) -> None:
-        """Issue-3 territory (unavailable presence); nothing to do yet."""
+        """Presence handling (the IM core) hooks in here; routing keeps no per-session state."""

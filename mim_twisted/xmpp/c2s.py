@@ -222,6 +222,9 @@ class C2SStream(protocol.Protocol):
             if self.settings.starttls_required:
                 starttls.addElement("required")
                 return features
+        if self.secure:
+            for extra in self.factory.secure_preauth_features:
+                features.addChild(extra)
         mechanisms = self.sasl.offered()
         if mechanisms:
             element = features.addElement((namespaces.SASL, "mechanisms"))
@@ -283,11 +286,22 @@ class C2SStream(protocol.Protocol):
 
     def _on_stanza_before_bind(self, stanza: domish.Element) -> None:
         if self.username is None:
-            self.stream_error("not-authorized", "Authenticate first")
+            handler = self._preauth_handler(stanza)
+            if handler is None:
+                self.stream_error("not-authorized", "Authenticate first")
+            else:
+                handler(self, stanza)
         elif stanza.name == "iq" and bind.is_bind_request(stanza):
             bind.bind_resource(self, stanza)
         else:
             self.stream_error("not-authorized", "Bind a resource first")
+
+    def _preauth_handler(self, stanza: domish.Element) -> Callable | None:
+        """The handler of an IQ allowed before authentication (in-band registration)."""
+        payload = next(stanza.elements(), None) if stanza.name == "iq" else None
+        if payload is None:
+            return None
+        return self.factory.preauth_iq.get((payload.uri, payload.name))
 
     def bound(self, jid: JID) -> None:
         """Resource binding succeeded: the session is open for routing."""
@@ -338,6 +352,8 @@ def _supported_version(version: str | None) -> bool:
 class C2SFactory(protocol.ServerFactory):
     """Builds a C2SStream per connection; shared state lives here."""
 
+    noisy = False
+
     def __init__(
         self,
         settings: C2SSettings,
@@ -358,7 +374,12 @@ class C2SFactory(protocol.ServerFactory):
         self.router = router
         self.clock = clock or reactor
         self.mechanism_factory = mechanism_factory or default_mechanism_factory
+        # Extension points: features offered after authentication, features offered before it
+        # on an encrypted stream, and IQ handlers `handler(stream, iq)` for requests allowed
+        # before authentication (keyed by payload namespace and name).
         self.bound_features: list[domish.Element] = []
+        self.secure_preauth_features: list[domish.Element] = []
+        self.preauth_iq: dict[tuple[str, str], Callable] = {}
 
     def buildProtocol(self, addr: object) -> C2SStream:
         return C2SStream(self)
