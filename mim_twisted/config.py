@@ -289,6 +289,11 @@ class AuthConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class RegistrationConfig:
+    enabled: bool = option(False, boolean)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SQLiteConfig:
     path: str = option("", local_path(optional=True))
 
@@ -318,6 +323,7 @@ class LimitsConfig:
     max_stanza_size: int = option(262144, integer(1024))
     auth_timeout: float = option(30.0, number(0, inclusive=False))
     max_outgoing_buffer: int = option(4194304, integer(65536))
+    max_offline_messages: int = option(100, integer(0))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -332,6 +338,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = option([{}], array_of_tables(ListenerConfig))
     tls: TLSConfig = option({}, table(TLSConfig))
     auth: AuthConfig = option({}, table(AuthConfig))
+    registration: RegistrationConfig = option({}, table(RegistrationConfig))
     storage: StorageConfig = option({}, table(StorageConfig))
     limits: LimitsConfig = option({}, table(LimitsConfig))
     log: LogConfig = option({}, table(LogConfig))

@@ -6,6 +6,7 @@ allowed, migrated) before any listener accepts a connection.
 
 import os
 import sys
+from dataclasses import dataclass
 
 from twisted.application import service
 from twisted.internet import defer
@@ -14,15 +15,26 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from mim_twisted import storage
+from mim_twisted import hooks, storage
 from mim_twisted.config import Config, ConfigError, load_config
+from mim_twisted.im import caps, ping, roster, version
+from mim_twisted.im.caps import CapsService
+from mim_twisted.im.disco import DiscoService
+from mim_twisted.im.messages import MessageRouter
+from mim_twisted.im.offline import OfflineDelivery
+from mim_twisted.im.presence import PresenceService
+from mim_twisted.im.register import RegistrationService
+from mim_twisted.im.roster import RosterService
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import SessionManager
-from mim_twisted.storage.interfaces import SchemaOutdated
+from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated
 from mim_twisted.xmpp import tls
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
 
 log = Logger()
+
+# Seconds that clients get to read the shutdown stream error before their connections are cut.
+SHUTDOWN_GRACE = 2.0
 
 # Start failures an operator can fix from the message alone: no traceback for these.
 EXPECTED_START_ERRORS = (SchemaOutdated, CannotListenError, OSError, ValueError)
@@ -50,6 +62,59 @@ def open_storage(config: Config) -> defer.Deferred:
     )
 
 
+@dataclass
+class ImCore:
+    """The IM core of one server: what every C2S listener hands its bound sessions to."""
+
+    sessions: SessionManager
+    hooks: hooks.Hooks
+    router: Router
+    roster: RosterService
+    presence: PresenceService
+    disco: DiscoService
+    caps: CapsService
+    registration: RegistrationService
+
+    def install(self, factory: C2SFactory) -> None:
+        """Offer the core's stream features and pre-authentication requests on a listener."""
+        factory.bound_features.extend(roster.stream_features())
+        factory.bound_features.append(caps.server_caps_element(self.disco.server_info()))
+        self.registration.install_stream(factory)
+
+
+def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
+    domains = frozenset(config.server.domains)
+    sessions = SessionManager()
+    hook_table = hooks.Hooks()
+    offline = OfflineDelivery(database.offline, config.limits.max_offline_messages)
+    roster_service = RosterService(database.rosters, sessions)
+    presence = PresenceService(
+        domains, sessions, database.accounts, database.rosters, roster_service, offline, hook_table
+    )
+    roster_service.on_remove = presence.roster_item_removed
+    messages = MessageRouter(sessions, database.accounts, offline, hook_table)
+    router = Router(domains, sessions, clock, presence, messages, hook_table)
+    router.account_iq[roster.NS_ROSTER, "query"] = roster_service.handle_iq
+    disco = DiscoService(database.accounts, database.rosters)
+    disco.install(router)
+    ping.install(router, disco)
+    version.install(router, disco)
+    registration = RegistrationService(
+        database.accounts,
+        sessions,
+        clock,
+        enabled=config.registration.enabled,
+        iterations=config.auth.scram_iterations,
+    )
+    registration.install(router, disco)
+    caps_service = CapsService(router)
+    presence.caps_listeners.append(caps_service.presence_received)
+    hook_table.add(hooks.SESSION_ENDED, caps_service.session_ended)
+    return ImCore(
+        sessions, hook_table, router, roster_service, presence, disco, caps_service, registration
+    )
+
+
 class MimService(service.MultiService):
     """The whole server: storage, the IM core and the C2S listeners on one reactor.
 
@@ -67,9 +132,9 @@ class MimService(service.MultiService):
         self.config = config
         self.log_traffic = log_traffic or config.log.traffic
         self.ports: list = []
+        self.factories: list[C2SFactory] = []
         self.database = None
-        self.sessions = SessionManager()
-        self.router = Router(frozenset(config.server.domains), self.sessions, self.reactor)
+        self.core: ImCore | None = None
         self.ready: defer.Deferred = defer.Deferred()
 
     def startService(self) -> None:
@@ -95,14 +160,17 @@ class MimService(service.MultiService):
             backend=config.storage.backend,
             where=config.sqlite_path if config.storage.backend == "sqlite" else "PostgreSQL",
         )
+        self.core = build_im_core(config, self.database, self.reactor)
         for listener in config.listeners:
             factory = C2SFactory(
                 self._c2s_settings(listener, tls_options),
                 accounts=self.database.accounts,
-                sessions=self.sessions,
-                router=self.router,
+                sessions=self.core.sessions,
+                router=self.core.router,
                 clock=self.reactor,
             )
+            self.core.install(factory)
+            self.factories.append(factory)
             port = self.reactor.listenTCP(listener.port, factory, interface=listener.address)
             self.ports.append(port)
             address = port.getHost()
@@ -144,6 +212,12 @@ class MimService(service.MultiService):
         yield super().stopService()
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
+        # Close every client connection and let the work it leaves (unavailable presence,
+        # stored state) finish before the database goes away.
+        yield defer.gatherResults([f.disconnect_all(SHUTDOWN_GRACE) for f in self.factories])
+        self.factories = []
+        if self.core is not None:
+            yield self.core.presence.idle()
         if self.database is not None:
             yield self.database.close()
             self.database = None

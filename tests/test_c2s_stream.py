@@ -7,9 +7,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from mim_twisted.auth.scram import derive_all
-from mim_twisted.im.router import Router
-from mim_twisted.im.sessions import SessionManager
+from mim_twisted.config import load_config
 from mim_twisted.storage.memory import MemoryDatabase
+from mim_twisted.tap import build_im_core
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
 from tests.xml_samples import BILLION_LAUGHS
 
@@ -44,7 +44,8 @@ class StreamTestCase(unittest.TestCase):
         self.successResultOf(
             self.database.accounts.create_account("localhost", "alice", derive_all("secret"))
         )
-        self.sessions = SessionManager()
+        core = build_im_core(load_config(None), self.database, self.clock)
+        self.sessions = core.sessions
         values = {
             "domains": frozenset({"localhost"}),
             "tls_options": None,
@@ -62,7 +63,7 @@ class StreamTestCase(unittest.TestCase):
             C2SSettings(**values),
             accounts=self.database.accounts,
             sessions=self.sessions,
-            router=Router(frozenset({"localhost"}), self.sessions, self.clock),
+            router=core.router,
             clock=self.clock,
         )
 

@@ -30,6 +30,7 @@ class DefaultTests(unittest.TestCase):
         self.assertEqual(config.auth.scram_iterations, 4096)
         self.assertEqual(config.auth.max_failures, 3)
         self.assertEqual(config.auth.failure_delay, 1.0)
+        self.assertFalse(config.registration.enabled)
         self.assertEqual(config.storage.backend, "sqlite")
         self.assertTrue(config.storage.auto_migrate)
         self.assertEqual(config.storage.sqlite.path, "")

@@ -6,11 +6,13 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import psycopg2
+from psycopg2.errors import LockNotAvailable
+from psycopg2.extensions import make_dsn
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mim_twisted.storage import open_database
-from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated, SchemaTooNew
+from mim_twisted.storage.interfaces import IDatabase, RosterItem, SchemaOutdated, SchemaTooNew
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.storage.migrations import (
     SCHEMA_DIR,
@@ -22,17 +24,24 @@ from mim_twisted.storage.migrations import (
 from mim_twisted.storage.postgres import PostgresDatabase
 from mim_twisted.storage.sqlite import SQLiteDatabase
 from tests import pgsupport
-from tests.storage_contract import AccountStoreContract, credentials
+from tests.storage_contract import (
+    ALICE,
+    AccountStoreContract,
+    OfflineStoreContract,
+    RosterStoreContract,
+    credentials,
+    message,
+)
 
 BACKENDS = ("sqlite", "postgresql")
 
 
-class MemoryStorageTests(AccountStoreContract, TestCase):
+class MemoryStorageTests(AccountStoreContract, RosterStoreContract, OfflineStoreContract, TestCase):
     def open_empty_database(self) -> Deferred[IDatabase]:
         return succeed(MemoryDatabase())
 
 
-class SQLiteStorageTests(AccountStoreContract, TestCase):
+class SQLiteStorageTests(AccountStoreContract, RosterStoreContract, OfflineStoreContract, TestCase):
     def open_empty_database(self) -> Deferred[IDatabase]:
         # In a directory that does not exist yet: the database creates it.
         database = SQLiteDatabase(os.path.join(self.mktemp(), "data", "mim.sqlite3"))
@@ -40,11 +49,37 @@ class SQLiteStorageTests(AccountStoreContract, TestCase):
         return succeed(database)
 
 
-class PostgresStorageTests(AccountStoreContract, TestCase):
+class PostgresStorageTests(
+    AccountStoreContract, RosterStoreContract, OfflineStoreContract, TestCase
+):
     def open_empty_database(self) -> Deferred[IDatabase]:
-        database = PostgresDatabase(pgsupport.create_temp_database(self), pool_size=2)
+        self.dsn = pgsupport.create_temp_database(self)
+        database = PostgresDatabase(self.dsn, pool_size=2)
         self.addCleanup(database.close)
         return database.start()
+
+    async def test_changes_to_an_account_data_wait_for_its_row(self) -> None:
+        # What keeps concurrent changes from racing (the offline limit, the roster version): each
+        # takes the account's row lock, so while another transaction holds it, they wait, here
+        # until their lock_timeout.
+        await self.register(ALICE)
+        holder = psycopg2.connect(self.dsn)
+        self.addCleanup(holder.close)
+        with holder.cursor() as cursor:
+            cursor.execute(
+                "SELECT 1 FROM users WHERE server = %s AND username = %s FOR UPDATE", ALICE
+            )
+        impatient = PostgresDatabase(make_dsn(self.dsn, options="-c lock_timeout=100"), 1)
+        self.addCleanup(impatient.close)
+        await impatient.start()
+        changes = [
+            lambda: impatient.offline.store(*ALICE, message(1), 10),
+            lambda: impatient.offline.pop_all(*ALICE),
+            lambda: impatient.rosters.put_item(*ALICE, RosterItem(jid="bob@example.com")),
+            lambda: impatient.rosters.remove_item(*ALICE, "bob@example.com"),
+        ]
+        for change in changes:
+            await self.assertFailure(change(), LockNotAvailable)
 
 
 def write_schema_dir(path: str, upgrades: dict[int, str]) -> Path:
@@ -191,7 +226,27 @@ class SQLMigrationTests:
         self.assertEqual(await database.migrate(), CURRENT)
         self.assertEqual(
             self.columns("users"),
-            ["server", "username", "scram_sha1", "scram_sha256", "created_at"],
+            ["server", "username", "scram_sha1", "scram_sha256", "roster_version", "created_at"],
+        )
+        self.assertEqual(
+            self.columns("roster_items"),
+            [
+                "server",
+                "username",
+                "jid",
+                "name",
+                "subscription",
+                "ask",
+                "pending_in",
+                "pending_in_stanza",
+                "approved",
+                "in_roster",
+            ],
+        )
+        self.assertEqual(self.columns("roster_groups"), ["server", "username", "jid", "grp"])
+        self.assertEqual(
+            self.columns("offline_messages"),
+            ["id", "server", "username", "sender", "stanza", "stored_at"],
         )
 
     async def test_upgrade_scripts_run_in_order_and_keep_data(self) -> None:
@@ -267,6 +322,12 @@ class SQLiteMigrationTests(SQLMigrationTests, TestCase):
 
     def columns(self, table: str) -> list[str]:
         return [name for (name,) in self.query("SELECT name FROM pragma_table_info(?)", (table,))]
+
+    def test_sqlite_without_returning_is_refused(self) -> None:
+        self.patch(sqlite3, "sqlite_version_info", (3, 34, 1))
+        self.patch(sqlite3, "sqlite_version", "3.34.1")
+        error = self.assertRaises(RuntimeError, SQLiteDatabase, self.path)
+        self.assertIn("SQLite 3.34.1 is too old", str(error))
 
     async def test_file_is_in_wal_mode(self) -> None:
         await self.open_with_factory(auto_migrate=True)

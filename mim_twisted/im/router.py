@@ -24,20 +24,15 @@ from twisted.words.protocols.jabber import error, xmlstream
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat, internJID
 from twisted.words.xish import domish
 
+from mim_twisted import hooks
+from mim_twisted.im.messages import MessageRouter
+from mim_twisted.im.presence import PresenceService
 from mim_twisted.im.sessions import SessionManager
+from mim_twisted.im.stanzas import reply_error
 
 log = Logger()
 
 IqHandler = Callable[[Any, domish.Element, JID], "domish.Element | defer.Deferred | None"]
-
-
-def reply_error(
-    session: Any, stanza: domish.Element, condition: str, text: str | None = None
-) -> None:
-    """Answer a stanza with an error unless it is an error or IQ result (RFC 6120 §8.3.1)."""
-    if stanza.getAttribute("type") in ("error", "result"):
-        return
-    session.send(error.StanzaError(condition, text=text).toResponse(stanza))
 
 
 class IqTimeout(Exception):
@@ -48,11 +43,20 @@ class Router:
     """Routes the stanzas of local sessions."""
 
     def __init__(
-        self, domains: frozenset[str], sessions: SessionManager, clock: IReactorTime
+        self,
+        domains: frozenset[str],
+        sessions: SessionManager,
+        clock: IReactorTime,
+        presence: PresenceService,
+        messages: MessageRouter,
+        hooks_table: hooks.Hooks,
     ) -> None:
         self.domains = domains
         self.sessions = sessions
         self.clock = clock
+        self.presence = presence
+        self.messages = messages
+        self.hooks = hooks_table
         self.server_iq: dict[tuple[str, str], IqHandler] = {}
         self.account_iq: dict[tuple[str, str], IqHandler] = {}
         self._queries: dict[str, tuple[str, defer.Deferred]] = {}
@@ -60,6 +64,9 @@ class Router:
     # -- IQ -------------------------------------------------------------------------------
 
     def route_from_client(self, session: Any, stanza: domish.Element) -> None:
+        if stanza.name == "presence":
+            self.presence.handle(session, stanza)
+            return
         to = stanza.getAttribute("to")
         try:
             recipient = internJID(to) if to else session.jid.userhostJID()
@@ -70,15 +77,20 @@ class Router:
             self._handle_iq(session, stanza, recipient)
         elif recipient.host not in self.domains:
             reply_error(session, stanza, "remote-server-not-found")
+        elif stanza.name == "message":
+            routing = defer.ensureDeferred(self.messages.route(session, stanza, recipient))
+            routing.addErrback(self._routing_failed, session, stanza)
         else:
-            self._deliver_local(session, recipient, stanza)
+            target = self.sessions.session(recipient)
+            if target is not None:
+                target.send(stanza)
+            else:
+                reply_error(session, stanza, "service-unavailable")
 
-    def _deliver_local(self, sender: Any, recipient: JID, stanza: domish.Element) -> None:
-        target = self.sessions.session(recipient) if recipient.resource else None
-        if target is not None:
-            target.send(stanza)
-        elif stanza.name != "presence":
-            reply_error(sender, stanza, "service-unavailable")
+    @staticmethod
+    def _routing_failed(failure: Failure, session: Any, stanza: domish.Element) -> None:
+        log.failure("routing a message from {jid}", failure, jid=session.jid.full())
+        reply_error(session, stanza, "internal-server-error")
 
     def _handle_iq(self, session: Any, iq: domish.Element, target: JID) -> None:
         kind = iq.getAttribute("type")
@@ -158,4 +170,5 @@ class Router:
             pending.errback(IqTimeout(query_id))
 
     def session_ended(self, session: Any) -> None:
-        """Presence handling (the IM core) hooks in here; routing keeps no per-session state."""
+        self.presence.session_ended(session)
+        self.hooks.run(hooks.SESSION_ENDED, session)

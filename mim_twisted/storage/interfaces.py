@@ -4,7 +4,7 @@
 # ruff: noqa: N805
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from zope.interface import Attribute, Interface
 
@@ -82,7 +82,8 @@ class RosterItem:
     ("subscribe" shown to clients as ask='subscribe'); ``pending_in`` an inbound request not yet
     answered, with ``pending_in_stanza`` the serialised <presence type='subscribe'/> to deliver
     again later; ``approved`` a pre-approval (§3.4). An item with ``in_roster=False`` exists only
-    to hold pending-in state and is not shown in roster results or pushes.
+    to hold pending-in state: the IM core leaves it out of roster results and pushes, while the
+    stores keep and return it like any other item.
     """
 
     jid: str
@@ -98,45 +99,66 @@ class RosterItem:
 
 @dataclass(frozen=True)
 class OfflineMessage:
-    """A message stored for a user with no available resource (XEP-0160)."""
+    """A message stored for a user with no available resource (XEP-0160).
+
+    ``stored_at`` is timezone-aware; the stores give it back in UTC.
+    """
 
     sender: str  # full JID, as stamped by the server
     stanza: str  # the serialised <message/>
-    stored_at: datetime = field(default_factory=datetime.now)  # timezone-aware UTC
+    stored_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 class IRosterStore(Interface):
     """Rosters keyed by the owner's (domain, username); item JIDs are normalised bare JIDs.
 
-    Every change increments the roster's version (an integer, 0 for a roster never changed),
-    which serves XEP-0237 roster versioning.
+    Every change increments the roster's version (an integer, 0 for a roster never changed), in
+    the same transaction as the change, which serves XEP-0237 roster versioning. A roster goes
+    with its account: removing the account removes it, and a new account starts at version 0.
     """
 
     def get_roster(domain, username):
-        """Deferred firing with (version, list of RosterItem), items sorted by jid."""
+        """Deferred firing with (version, list of RosterItem), items sorted by jid (code point).
+
+        Items with ``in_roster=False`` are included. An unknown account has (0, []).
+        """
 
     def get_item(domain, username, jid):
         """Deferred firing with the RosterItem for jid, or None."""
 
     def put_item(domain, username, item):
-        """Insert or replace the item with item.jid; Deferred firing with the new version."""
+        """Insert or replace the item with item.jid; Deferred firing with the new version.
+
+        The groups are stored as a set: they come back sorted, without duplicates. Fails with
+        AccountNotFound for an unknown account.
+        """
 
     def remove_item(domain, username, jid):
-        """Delete the item (no error if absent); Deferred firing with the new version."""
+        """Delete the item; Deferred firing with the roster's version afterwards.
+
+        Removing an absent item is no error and, as the roster did not change, leaves the version
+        as it was. Fails with AccountNotFound for an unknown account.
+        """
 
 
 class IOfflineStore(Interface):
-    """Messages kept for (domain, username) until their next available presence, oldest first."""
+    """Messages kept for (domain, username) until their next available presence, oldest first.
+
+    Removing the account removes its messages.
+    """
 
     def store(domain, username, message, limit):
         """Add an OfflineMessage unless the user already has ``limit`` stored.
 
         Deferred firing with True if stored, False if the limit was reached (checked and
-        inserted atomically).
+        inserted atomically); fails with AccountNotFound for an unknown account.
         """
 
     def pop_all(domain, username):
-        """Deferred firing with the stored messages, oldest first, removing them."""
+        """Deferred firing with the stored messages, oldest first, removing them.
+
+        Each comes back with ``stored_at`` in UTC. An unknown account has none.
+        """
 
     def count(domain, username):
         """Deferred firing with the number of stored messages."""

@@ -1,30 +1,21 @@
 """Storage in PostgreSQL through a txpostgres pool of asynchronous psycopg2 connections."""
 
-from collections.abc import Mapping
+import functools
 from importlib.resources.abc import Traversable
+from typing import TypeVar
 
-from psycopg2.errors import UniqueViolation
 from twisted.internet.defer import Deferred, FirstError, inlineCallbacks, succeed
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 from zope.interface import implementer
 
-from mim_twisted.storage import migrations
-from mim_twisted.storage.interfaces import (
-    CREDENTIAL_MECHANISMS,
-    AccountExists,
-    AccountNotFound,
-    IAccountStore,
-    IDatabase,
-)
+from mim_twisted.storage import migrations, sql
+from mim_twisted.storage.interfaces import IDatabase
+
+T = TypeVar("T")
 
 # The key of the advisory lock that serialises migrations: the ASCII of "mim_sch".
 _MIGRATION_LOCK = 0x6D696D5F736368
-
-
-def _require_row(rows: list[tuple], domain: str, username: str) -> None:
-    if not rows:
-        raise AccountNotFound(f"{username}@{domain}")
 
 
 @inlineCallbacks
@@ -36,61 +27,25 @@ def _read_version(cursor: txpostgres.Cursor):
     return cursor.fetchone()[0]
 
 
-@implementer(IAccountStore)
-class PostgresAccountStore:
-    def __init__(self, pool: txpostgres.ConnectionPool) -> None:
-        self._pool = pool
+@functools.cache
+def _postgres_statement(statement: str) -> str:
+    """The statement with psycopg2's placeholders; each is translated once, then cached."""
+    # psycopg2 would read a literal "%" as the start of a placeholder.
+    return statement.replace("%", "%%").replace("?", "%s")
 
-    def create_account(
-        self, domain: str, username: str, credentials: Mapping[str, str]
-    ) -> Deferred[None]:
-        d = self._pool.runOperation(
-            "INSERT INTO users (server, username, scram_sha1, scram_sha256)"
-            " VALUES (%s, %s, %s, %s)",
-            (domain, username, *(credentials[m] for m in CREDENTIAL_MECHANISMS)),
-        )
 
-        def account_exists(failure: Failure) -> None:
-            failure.trap(UniqueViolation)
-            raise AccountExists(f"{username}@{domain}")
-
-        return d.addErrback(account_exists)
-
-    def get_credentials(self, domain: str, username: str) -> Deferred[dict[str, str] | None]:
-        d = self._pool.runQuery(
-            "SELECT scram_sha1, scram_sha256 FROM users WHERE server = %s AND username = %s",
-            (domain, username),
-        )
-        return d.addCallback(
-            lambda rows: dict(zip(CREDENTIAL_MECHANISMS, rows[0], strict=True)) if rows else None
-        )
-
-    def set_credentials(
-        self, domain: str, username: str, credentials: Mapping[str, str]
-    ) -> Deferred[None]:
-        d = self._pool.runQuery(
-            "UPDATE users SET scram_sha1 = %s, scram_sha256 = %s"
-            " WHERE server = %s AND username = %s RETURNING 1",
-            (*(credentials[m] for m in CREDENTIAL_MECHANISMS), domain, username),
-        )
-        return d.addCallback(_require_row, domain, username)
-
-    def remove_account(self, domain: str, username: str) -> Deferred[None]:
-        d = self._pool.runQuery(
-            "DELETE FROM users WHERE server = %s AND username = %s RETURNING 1", (domain, username)
-        )
-        return d.addCallback(_require_row, domain, username)
-
-    def account_exists(self, domain: str, username: str) -> Deferred[bool]:
-        d = self._pool.runQuery(
-            "SELECT 1 FROM users WHERE server = %s AND username = %s", (domain, username)
-        )
-        return d.addCallback(bool)
-
-    def list_accounts(self, domain: str) -> Deferred[list[str]]:
-        # Sorted here, not by ORDER BY, whose order depends on the database's collation.
-        d = self._pool.runQuery("SELECT username FROM users WHERE server = %s", (domain,))
-        return d.addCallback(lambda rows: sorted(username for (username,) in rows))
+@inlineCallbacks
+def _execute(cursor: txpostgres.Cursor, transaction: sql.Transaction[T]):
+    """Run ``transaction`` (see sql.py) in the transaction that runInteraction opened."""
+    rows = None
+    while True:
+        try:
+            statement, parameters = transaction.send(rows)
+        except StopIteration as done:
+            return done.value
+        yield cursor.execute(_postgres_statement(statement), parameters)
+        # psycopg2's fetchall raises for a statement that returns no rows.
+        rows = [] if cursor.description is None else cursor.fetchall()
 
 
 @implementer(IDatabase)
@@ -106,7 +61,12 @@ class PostgresDatabase:
     ) -> None:
         self._schema_dir = schema_dir
         self._pool = txpostgres.ConnectionPool(None, dsn, min=pool_size)
-        self.accounts = PostgresAccountStore(self._pool)
+        self.accounts = sql.SQLAccountStore(self._run)
+        self.rosters = sql.SQLRosterStore(self._run)
+        self.offline = sql.SQLOfflineStore(self._run)
+
+    def _run(self, transaction: sql.Transaction[T]) -> Deferred[T]:
+        return self._pool.runInteraction(_execute, transaction)
 
     def start(self) -> Deferred["PostgresDatabase"]:
         """Open the connections; Deferred firing with this database."""

@@ -2,21 +2,17 @@
 
 import os
 import sqlite3
-from collections.abc import Mapping
 from importlib.resources.abc import Traversable
+from typing import TypeVar
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from mim_twisted.storage import migrations
-from mim_twisted.storage.interfaces import (
-    CREDENTIAL_MECHANISMS,
-    AccountExists,
-    AccountNotFound,
-    IAccountStore,
-    IDatabase,
-)
+from mim_twisted.storage import migrations, sql
+from mim_twisted.storage.interfaces import IDatabase
+
+T = TypeVar("T")
 
 
 def _configure_connection(connection: sqlite3.Connection) -> None:
@@ -28,33 +24,16 @@ def _configure_connection(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA synchronous=NORMAL")
 
 
-def _insert_account(
-    cursor: adbapi.Transaction, domain: str, username: str, credentials: Mapping[str, str]
-) -> None:
-    try:
-        cursor.execute(
-            "INSERT INTO users (server, username, scram_sha1, scram_sha256) VALUES (?, ?, ?, ?)",
-            (domain, username, *(credentials[m] for m in CREDENTIAL_MECHANISMS)),
-        )
-    except sqlite3.IntegrityError as error:
-        raise AccountExists(f"{username}@{domain}") from error
-
-
-def _update_credentials(
-    cursor: adbapi.Transaction, domain: str, username: str, credentials: Mapping[str, str]
-) -> None:
-    cursor.execute(
-        "UPDATE users SET scram_sha1 = ?, scram_sha256 = ? WHERE server = ? AND username = ?",
-        (*(credentials[m] for m in CREDENTIAL_MECHANISMS), domain, username),
-    )
-    if cursor.rowcount == 0:
-        raise AccountNotFound(f"{username}@{domain}")
-
-
-def _delete_account(cursor: adbapi.Transaction, domain: str, username: str) -> None:
-    cursor.execute("DELETE FROM users WHERE server = ? AND username = ?", (domain, username))
-    if cursor.rowcount == 0:
-        raise AccountNotFound(f"{username}@{domain}")
+def _execute(cursor: adbapi.Transaction, transaction: sql.Transaction[T]) -> T:
+    """Run ``transaction`` (see sql.py) on adbapi's thread, which commits it or rolls it back."""
+    rows = None
+    while True:
+        try:
+            statement, parameters = transaction.send(rows)
+        except StopIteration as done:
+            return done.value
+        cursor.execute(statement.removesuffix(sql.FOR_UPDATE), parameters)
+        rows = cursor.fetchall()
 
 
 def _read_version(cursor: adbapi.Transaction) -> int:
@@ -65,45 +44,6 @@ def _read_version(cursor: adbapi.Transaction) -> int:
     return cursor.fetchone()[0]
 
 
-@implementer(IAccountStore)
-class SQLiteAccountStore:
-    def __init__(self, pool: adbapi.ConnectionPool) -> None:
-        self._pool = pool
-
-    def create_account(
-        self, domain: str, username: str, credentials: Mapping[str, str]
-    ) -> Deferred[None]:
-        return self._pool.runInteraction(_insert_account, domain, username, credentials)
-
-    def get_credentials(self, domain: str, username: str) -> Deferred[dict[str, str] | None]:
-        d = self._pool.runQuery(
-            "SELECT scram_sha1, scram_sha256 FROM users WHERE server = ? AND username = ?",
-            (domain, username),
-        )
-        return d.addCallback(
-            lambda rows: dict(zip(CREDENTIAL_MECHANISMS, rows[0], strict=True)) if rows else None
-        )
-
-    def set_credentials(
-        self, domain: str, username: str, credentials: Mapping[str, str]
-    ) -> Deferred[None]:
-        return self._pool.runInteraction(_update_credentials, domain, username, credentials)
-
-    def remove_account(self, domain: str, username: str) -> Deferred[None]:
-        return self._pool.runInteraction(_delete_account, domain, username)
-
-    def account_exists(self, domain: str, username: str) -> Deferred[bool]:
-        d = self._pool.runQuery(
-            "SELECT 1 FROM users WHERE server = ? AND username = ?", (domain, username)
-        )
-        return d.addCallback(bool)
-
-    def list_accounts(self, domain: str) -> Deferred[list[str]]:
-        # Sorted here, not by ORDER BY, so that every backend sorts by code point alike.
-        d = self._pool.runQuery("SELECT username FROM users WHERE server = ?", (domain,))
-        return d.addCallback(lambda rows: sorted(username for (username,) in rows))
-
-
 @implementer(IDatabase)
 class SQLiteDatabase:
     """The database in the file ``path``, whose directory is created if missing.
@@ -112,6 +52,11 @@ class SQLiteDatabase:
     """
 
     def __init__(self, path: str, *, schema_dir: Traversable = migrations.SCHEMA_DIR):
+        if sqlite3.sqlite_version_info < (3, 35):
+            # Said now rather than as a syntax error at the first statement with RETURNING.
+            raise RuntimeError(
+                f"SQLite {sqlite3.sqlite_version} is too old: mim-twisted needs 3.35 or later"
+            )
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._schema_dir = schema_dir
         # One connection: SQLite has one writer at a time anyway, and a single connection keeps
@@ -124,7 +69,12 @@ class SQLiteDatabase:
             cp_max=1,
             cp_openfun=_configure_connection,
         )
-        self.accounts = SQLiteAccountStore(self._pool)
+        self.accounts = sql.SQLAccountStore(self._run)
+        self.rosters = sql.SQLRosterStore(self._run)
+        self.offline = sql.SQLOfflineStore(self._run)
+
+    def _run(self, transaction: sql.Transaction[T]) -> Deferred[T]:
+        return self._pool.runInteraction(_execute, transaction)
 
     def schema_version(self) -> Deferred[int]:
         return self._pool.runInteraction(_read_version)

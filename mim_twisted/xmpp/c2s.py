@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from twisted.internet import interfaces, protocol
+from twisted.internet import defer, interfaces, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.words.protocols.jabber import error
@@ -65,6 +65,11 @@ class C2SStream(protocol.Protocol):
         self.secure = False
         self.username: str | None = None
         self.jid: JID | None = None
+        # IM state of a bound session, kept here and managed by the IM core (mim_twisted.im).
+        self.presence: domish.Element | None = None  # the last available broadcast presence
+        self.priority = 0
+        self.directed_to: set[str] = set()  # JIDs sent directed available presence
+        self.roster_requested = False
         self.closed = False
         self._parser: StreamParser | None = None
         self._header_sent = False
@@ -72,10 +77,12 @@ class C2SStream(protocol.Protocol):
         self._write_blocked = False
         self._bytes_while_blocked = 0
         self.sasl = SaslNegotiation(self)
+        self.lost: defer.Deferred = defer.Deferred()  # fires when the connection is gone
 
     # -- connection and parsing ------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.factory.streams.add(self)
         self.peer = self.transport.getPeer()
         self.transport.registerProducer(self, True)
         self._auth_timer = self.factory.clock.callLater(
@@ -118,6 +125,8 @@ class C2SStream(protocol.Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self.closed = True
+        self.factory.streams.discard(self)
+        self.lost.callback(None)
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self.sasl.cancel()
@@ -379,7 +388,23 @@ class C2SFactory(protocol.ServerFactory):
         # before authentication (keyed by payload namespace and name).
         self.bound_features: list[domish.Element] = []
         self.secure_preauth_features: list[domish.Element] = []
+        self.streams: set[C2SStream] = set()
         self.preauth_iq: dict[tuple[str, str], Callable] = {}
 
     def buildProtocol(self, addr: object) -> C2SStream:
         return C2SStream(self)
+
+    def disconnect_all(self, grace: float) -> defer.Deferred:
+        """Close every connection with <system-shutdown/>; cut those still open after `grace`."""
+        streams = list(self.streams)
+        for stream in streams:
+            stream.stream_error("system-shutdown", "The server is shutting down")
+        lost = defer.DeferredList([stream.lost for stream in streams])
+        timer = self.clock.callLater(grace, self._abort, streams)
+        return lost.addBoth(lambda _: timer.active() and timer.cancel())
+
+    @staticmethod
+    def _abort(streams: list[C2SStream]) -> None:
+        for stream in streams:
+            if stream.transport is not None and not stream.lost.called:
+                stream.transport.abortConnection()

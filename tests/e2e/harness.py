@@ -5,6 +5,7 @@ the clients (slixmpp, asyncio) share one event loop while talking over real sock
 """
 
 import asyncio
+import json
 import os
 import socket
 import ssl
@@ -18,6 +19,7 @@ from mim_twisted.auth.scram import derive_all
 from mim_twisted.config import load_config
 from mim_twisted.tap import MimService
 from mim_twisted.xmpp.tls import SELF_SIGNED_NAME
+from tests.pgsupport import create_temp_database
 
 TIMEOUT = 15.0
 
@@ -35,10 +37,14 @@ async def wait_for(awaitable: Any, timeout: float = TIMEOUT) -> Any:
 
 
 class ServerTestCase(unittest.TestCase):
-    """Starts a server per test; `extra_config` is TOML appended to the generated config."""
+    """Starts a server per test; `extra_config` is TOML appended to the generated config.
+
+    `storage` picks the backend: "sqlite", or "postgresql" in a database made for the test.
+    """
 
     extra_config = ""
     domain = "localhost"
+    storage = "sqlite"
 
     async def start_server(self, extra_config: str | None = None) -> MimService:
         require_asyncio_reactor()
@@ -56,11 +62,18 @@ class ServerTestCase(unittest.TestCase):
         return self.server
 
     def server_config(self, directory: str) -> str:
-        return (
+        config = (
             f'[server]\ndomains = ["{self.domain}"]\ndata_dir = "data"\n'
             '[[listeners]]\naddress = "127.0.0.1"\nport = 0\n'
             "[auth]\nfailure_delay = 0.0\n"
         )
+        if self.storage == "postgresql":
+            dsn = create_temp_database(self)
+            config += (
+                '[storage]\nbackend = "postgresql"\nauto_migrate = true\n'
+                f"[storage.postgresql]\ndsn = {json.dumps(dsn)}\npool_size = 2\n"
+            )
+        return config
 
     async def register(self, user: str, password: str) -> None:
         await self.server.database.accounts.create_account(
@@ -86,6 +99,7 @@ class Client:
     ) -> None:
         plugin_config = {"feature_mechanisms": {"use_mech": mechanism}} if mechanism else {}
         self.xmpp = slixmpp.ClientXMPP(jid, password, plugin_config=plugin_config)
+        self.xmpp.register_plugin("xep_0203")  # delayed delivery stamps
         self.xmpp.enable_direct_tls = False
         self.xmpp.enable_plaintext = False
         self.xmpp.ssl_context = ssl.create_default_context(cafile=cafile)
@@ -106,6 +120,18 @@ class Client:
         """Connect and log in; returns "session_start", "failed_auth" or "disconnected"."""
         self.xmpp.connect("127.0.0.1", self.port)
         return await wait_for(self.outcome)
+
+    def next_event(self, name: str, matches: Any = lambda _: True) -> asyncio.Future:
+        """A future for the next `name` event whose argument satisfies `matches`."""
+        future = asyncio.get_event_loop().create_future()
+
+        def handler(argument: Any) -> None:
+            if not future.done() and matches(argument):
+                future.set_result(argument)
+
+        self.xmpp.add_event_handler(name, handler)
+        future.add_done_callback(lambda _: self.xmpp.del_event_handler(name, handler))
+        return future
 
     @property
     def bound_jid(self) -> str:
@@ -151,6 +177,16 @@ class RawClient:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+async def eventually(condition: Any, timeout: float = TIMEOUT) -> None:
+    """Wait until condition() is true, checking every 20 ms."""
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await wait_for(asyncio.sleep(0.02))
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ class BadClientTests(ServerTestCase):
             await wait_for(ping.send(timeout=10))
         except Exception as e:  # slixmpp raises IqError for the expected error reply
             self.assertEqual(e.iq["error"]["condition"], "service-unavailable")
-        self.assertEqual(len(self.server.sessions), 1)
+        self.assertEqual(len(self.server.core.sessions), 1)
 
     async def bad_stream(self, data: bytes, condition: str) -> None:
         raw = self.raw()

@@ -12,7 +12,7 @@ class LoginTests(ServerTestCase):
         client = self.client("alice@localhost/laptop", "wonderland", "SCRAM-SHA-256")
         self.assertEqual(await client.connect(), "session_start")
         self.assertEqual(client.bound_jid, "alice@localhost/laptop")
-        self.assertEqual(len(self.server.sessions), 1)
+        self.assertEqual(len(self.server.core.sessions), 1)
 
     async def test_scram_sha_1(self) -> None:
         client = self.client("alice@localhost/phone", "wonderland", "SCRAM-SHA-1")
@@ -26,7 +26,7 @@ class LoginTests(ServerTestCase):
         for mechanism in ("SCRAM-SHA-256", "PLAIN"):
             client = self.client("alice@localhost", "queen of hearts", mechanism)
             self.assertEqual(await client.connect(), "failed_auth")
-        self.assertEqual(len(self.server.sessions), 0)
+        self.assertEqual(len(self.server.core.sessions), 0)
 
     async def test_unknown_user_is_refused(self) -> None:
         client = self.client("nobody@localhost", "wonderland", "SCRAM-SHA-256")
@@ -46,4 +46,4 @@ class LoginTests(ServerTestCase):
         second = self.client("alice@localhost/desk", "wonderland")
         self.assertEqual(await second.connect(), "session_start")
         await wait_for(first_lost)
-        self.assertEqual(len(self.server.sessions), 1)
+        self.assertEqual(len(self.server.core.sessions), 1)

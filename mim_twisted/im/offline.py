@@ -1,0 +1,44 @@
+"""Offline messages (XEP-0160): kept while a user has no available resource, with an XEP-0203
+delay stamp, and delivered at the user's next initial presence with a non-negative priority."""
+
+import datetime
+from typing import Any
+
+from twisted.internet import defer
+from twisted.words.protocols.jabber.jid import JID
+from twisted.words.xish import domish
+
+from mim_twisted.storage.interfaces import IOfflineStore, OfflineMessage
+
+NS_DELAY = "urn:xmpp:delay"
+
+
+def delay_stamp(moment: datetime.datetime) -> str:
+    """XEP-0082 DateTime in UTC, as XEP-0203 wants it."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class OfflineDelivery:
+    """Stores messages for offline users and hands them over when they come online."""
+
+    def __init__(self, store: IOfflineStore, max_messages: int) -> None:
+        self.store = store
+        self.max_messages = max_messages
+
+    def keep(self, recipient: JID, message: domish.Element) -> defer.Deferred:
+        """Store a message for the bare JID; fires with False when the user's store is full."""
+        now = datetime.datetime.now(datetime.UTC)
+        delay = message.addElement((NS_DELAY, "delay"))
+        delay["from"] = recipient.host
+        delay["stamp"] = delay_stamp(now)
+        record = OfflineMessage(
+            sender=message.getAttribute("from", ""),
+            stanza=message.toXml(defaultUri="jabber:client"),
+            stored_at=now,
+        )
+        return self.store.store(recipient.host, recipient.user, record, self.max_messages)
+
+    async def deliver(self, session: Any) -> None:
+        """Send every stored message to the session (oldest first) and forget them."""
+        for message in await self.store.pop_all(session.jid.host, session.jid.user):
+            session.send(message.stanza)

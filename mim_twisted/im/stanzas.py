@@ -1,0 +1,15 @@
+"""Small helpers for answering stanzas, shared by the IM core's modules."""
+
+from typing import Any
+
+from twisted.words.protocols.jabber import error
+from twisted.words.xish import domish
+
+
+def reply_error(
+    session: Any, stanza: domish.Element, condition: str, text: str | None = None
+) -> None:
+    """Answer a stanza with an error unless it is an error or IQ result (RFC 6120 §8.3.1)."""
+    if stanza.getAttribute("type") in ("error", "result"):
+        return
+    session.send(error.StanzaError(condition, text=text).toResponse(stanza))
