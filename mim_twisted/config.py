@@ -327,6 +327,16 @@ class LimitsConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PubSubConfig:
+    enabled: bool = option(True, boolean)
+    workers: int = option(4, integer(1, 256))
+    max_queue_length: int = option(1000, integer(1))
+    sync_broadcast: bool = option(False, boolean)
+    max_items_limit: int = option(1000, integer(1))
+    max_payload_size: int = option(60000, integer(1))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LogConfig:
     traffic: bool = option(False, boolean)
 
@@ -341,6 +351,7 @@ class Config:
     registration: RegistrationConfig = option({}, table(RegistrationConfig))
     storage: StorageConfig = option({}, table(StorageConfig))
     limits: LimitsConfig = option({}, table(LimitsConfig))
+    pubsub: PubSubConfig = option({}, table(PubSubConfig))
     log: LogConfig = option({}, table(LogConfig))
 
     @property

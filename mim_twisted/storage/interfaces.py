@@ -34,6 +34,7 @@ class IDatabase(Interface):
     accounts = Attribute("The IAccountStore of this database.")
     rosters = Attribute("The IRosterStore of this database.")
     offline = Attribute("The IOfflineStore of this database.")
+    pubsub = Attribute("The IPubSubStore of this database.")
 
     def schema_version():
         """Deferred firing with the installed schema version, 0 for an empty database."""
@@ -162,3 +163,110 @@ class IOfflineStore(Interface):
 
     def count(domain, username):
         """Deferred firing with the number of stored messages."""
+
+
+class NodeExists(Exception):
+    """``create_node`` for a (service, name) that already exists."""
+
+
+class NodeNotFound(Exception):
+    """A node operation on a (service, name) that does not exist."""
+
+
+@dataclass(frozen=True)
+class PubSubNode:
+    """A leaf node. ``service`` is the service key: the PubSub host (``pubsub.localhost``) for
+    XEP-0060 nodes, the owner's bare JID for PEP nodes. ``config`` maps XEP-0060 field names
+    (``pubsub#max_items`` ...) to JSON-compatible values (str, int, bool, list of str)."""
+
+    service: str
+    name: str
+    config: dict = field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PubSubItem:
+    """A published item: ``payload`` is the item's child element serialised as XML text (may be
+    empty for notification-only items); ``publisher`` the full JID of the last publisher."""
+
+    item_id: str
+    payload: str
+    publisher: str
+    created_at: datetime | None = None  # first publication (UTC)
+    modified_at: datetime | None = None  # last publication (UTC); items sort by it
+
+
+@dataclass(frozen=True)
+class PubSubSubscription:
+    """``jid`` is the subscriber, a bare or full JID exactly as subscribed; ``state`` is
+    "subscribed", "pending" or "unconfigured"; ``options`` maps subscription option field names
+    to JSON-compatible values."""
+
+    jid: str
+    subid: str
+    state: str = "subscribed"
+    options: dict = field(default_factory=dict)
+
+
+class IPubSubStore(Interface):
+    """Nodes, items, affiliations and subscriptions of PubSub services and PEP.
+
+    Nodes are unique by (service, name). Deleting a node deletes its items, affiliations and
+    subscriptions. Affiliation JIDs are bare JIDs; "none" is stored as no row.
+    """
+
+    def create_node(service, name, config, owner):
+        """Create the node with ``owner`` (bare JID) affiliated as "owner"; fails NodeExists."""
+
+    def get_node(service, name):
+        """Deferred firing with the PubSubNode or None."""
+
+    def list_nodes(service):
+        """Deferred firing with the service's nodes sorted by name."""
+
+    def set_node_config(service, name, config):
+        """Replace the node's config; fails NodeNotFound."""
+
+    def delete_node(service, name):
+        """Delete the node and everything on it; fails NodeNotFound."""
+
+    def get_affiliations(service, name):
+        """Deferred firing with {bare JID: affiliation} of the node (no "none" entries)."""
+
+    def set_affiliation(service, name, jid, affiliation):
+        """Set or (for "none") remove one affiliation; fails NodeNotFound."""
+
+    def affiliations_of(service, jid):
+        """Deferred firing with {node name: affiliation} of a bare JID on the service."""
+
+    def get_subscriptions(service, name):
+        """Deferred firing with the node's PubSubSubscriptions, in subscription order."""
+
+    def subscriptions_of(service, jid):
+        """Deferred firing with [(node name, PubSubSubscription)] of a JID on the service: for a
+        bare JID, its own and those of all its full JIDs; for a full JID, its own only."""
+
+    def add_subscription(service, name, subscription):
+        """Add a subscription (fails NodeNotFound)."""
+
+    def update_subscription(service, name, subscription):
+        """Replace state and options of the subscription with that jid and subid."""
+
+    def remove_subscription(service, name, jid, subid):
+        """Remove one subscription; Deferred firing with True if it existed."""
+
+    def publish_item(service, name, item, max_items):
+        """Insert or replace the item by id (keeping created_at, updating modified_at) and, in
+        the same transaction, delete all but the newest ``max_items`` items (None = no limit);
+        fails NodeNotFound."""
+
+    def get_items(service, name, max_items=None, item_ids=None):
+        """Deferred firing with items newest first (by modified_at), at most ``max_items``,
+        only those in ``item_ids`` when given."""
+
+    def retract_item(service, name, item_id):
+        """Delete one item; Deferred firing with True if it existed."""
+
+    def purge_items(service, name):
+        """Delete all items of the node."""
