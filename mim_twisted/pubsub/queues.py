@@ -1,0 +1,74 @@
+"""The PubSub request worker pool: bounded DeferredQueues, one worker each.
+
+A request goes to the queue chosen by a stable hash of its (service, node), so the requests for
+one node run one after another in arrival order and never race in the database, while other
+nodes' requests run concurrently on the other workers. A queue that is full refuses the request
+at once (`QueueFull`), which the protocol layer answers with <wait/><resource-constraint/>:
+overload turns into back pressure instead of unbounded memory.
+"""
+
+import zlib
+from collections.abc import Awaitable, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger()
+
+Job = Callable[[], Awaitable[object]]
+
+
+class QueueFull(Exception):
+    """The request's queue holds `max_queue_length` requests already."""
+
+
+class WorkerPool:
+    def __init__(self, workers: int, max_queue_length: int) -> None:
+        self.queues = [
+            defer.DeferredQueue(size=max_queue_length, backlog=1) for _ in range(workers)
+        ]
+        self._workers: list[defer.Deferred] = []
+        self._stopping = object()
+
+    def queue_index(self, service: str, node: str) -> int:
+        """Stable across processes (unlike hash()), so a node keeps its queue."""
+        return zlib.crc32(f"{service}\0{node}".encode()) % len(self.queues)
+
+    def submit(self, service: str, node: str, job: Job) -> defer.Deferred:
+        """Queue `job` for the node; fires with its result once a worker has run it.
+
+        Raises QueueFull synchronously when the node's queue is full.
+        """
+        done: defer.Deferred = defer.Deferred()
+        try:
+            self.queues[self.queue_index(service, node)].put((job, done))
+        except defer.QueueOverflow:
+            raise QueueFull(f"queue for {service} {node!r} is full") from None
+        return done
+
+    def pending(self) -> list[int]:
+        """How many requests wait in each queue (for metrics and tests)."""
+        return [len(q.pending) for q in self.queues]
+
+    def start(self) -> None:
+        self._workers = [defer.ensureDeferred(self._work(q)) for q in self.queues]
+
+    def stop(self) -> defer.Deferred:
+        """Let the workers finish what is queued, then end them."""
+        for queue in self.queues:
+            queue.size = None  # the stop marker must fit even in a full queue
+            queue.put(self._stopping)
+        return defer.DeferredList(self._workers)
+
+    async def _work(self, queue: defer.DeferredQueue) -> None:
+        while True:
+            entry = await queue.get()
+            if entry is self._stopping:
+                return
+            job, done = entry
+            try:
+                result = await job()
+            except Exception:
+                done.errback()
+            else:
+                done.callback(result)

@@ -1,0 +1,100 @@
+"""The PubSub worker pool: per-node order, concurrency across nodes, bounded queues."""
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from mim_twisted.pubsub.queues import QueueFull, WorkerPool
+
+
+def node_on_queue(pool: WorkerPool, index: int, avoid: set[str] = frozenset()) -> str:
+    """A node name whose requests land on queue `index`."""
+    for n in range(10_000):
+        name = f"node{n}"
+        if name not in avoid and pool.queue_index("pubsub.localhost", name) == index:
+            return name
+    raise AssertionError("no such node name")
+
+
+class WorkerPoolTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.pool = WorkerPool(workers=2, max_queue_length=3)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.addCleanup(self.release_all)
+        self.started: list[str] = []
+        self.gates: dict[str, defer.Deferred] = {}
+
+    def release_all(self) -> None:
+        """Let every held job finish (each release may start the next queued job)."""
+        while held := [g for g in self.gates.values() if not g.called]:
+            for gate in held:
+                gate.callback(None)
+
+    def job(self, name: str):
+        async def run() -> str:
+            self.started.append(name)
+            gate = self.gates[name] = defer.Deferred()
+            await gate
+            return name
+
+        return run
+
+    def test_queue_choice_is_stable(self) -> None:
+        other = WorkerPool(workers=2, max_queue_length=3)
+        for node in ("a", "b", "urn:xmpp:omemo:2:devices"):
+            self.assertEqual(
+                self.pool.queue_index("pubsub.localhost", node),
+                other.queue_index("pubsub.localhost", node),
+            )
+
+    def test_one_nodes_requests_run_in_order(self) -> None:
+        node = node_on_queue(self.pool, 0)
+        first = self.pool.submit("pubsub.localhost", node, self.job("first"))
+        second = self.pool.submit("pubsub.localhost", node, self.job("second"))
+        self.assertEqual(self.started, ["first"])
+        self.gates["first"].callback(None)
+        self.assertEqual(self.successResultOf(first), "first")
+        self.assertEqual(self.started, ["first", "second"])
+        self.gates["second"].callback(None)
+        self.assertEqual(self.successResultOf(second), "second")
+
+    def test_other_queues_are_not_held_up(self) -> None:
+        slow = node_on_queue(self.pool, 0)
+        fast = node_on_queue(self.pool, 1)
+        self.pool.submit("pubsub.localhost", slow, self.job("slow"))
+        done = self.pool.submit("pubsub.localhost", fast, self.job("fast"))
+        self.assertEqual(self.started, ["slow", "fast"])
+        self.gates["fast"].callback(None)
+        self.assertEqual(self.successResultOf(done), "fast")
+
+    def test_full_queue_refuses_at_once(self) -> None:
+        node = node_on_queue(self.pool, 0)
+        self.pool.submit("pubsub.localhost", node, self.job("running"))
+        for n in range(3):
+            self.pool.submit("pubsub.localhost", node, self.job(f"waiting{n}"))
+        self.assertEqual(self.pool.pending()[0], 3)
+        self.assertRaises(QueueFull, self.pool.submit, "pubsub.localhost", node, self.job("x"))
+        # The other queue still takes work.
+        self.pool.submit("pubsub.localhost", node_on_queue(self.pool, 1), self.job("other"))
+        self.assertIn("other", self.started)
+
+    def test_a_failing_job_fails_its_request_only(self) -> None:
+        node = node_on_queue(self.pool, 0)
+
+        async def broken() -> None:
+            raise ValueError("boom")
+
+        failed = self.pool.submit("pubsub.localhost", node, broken)
+        after = self.pool.submit("pubsub.localhost", node, self.job("after"))
+        self.failureResultOf(failed, ValueError)
+        self.gates["after"].callback(None)
+        self.assertEqual(self.successResultOf(after), "after")
+
+    def test_stop_finishes_queued_work(self) -> None:
+        node = node_on_queue(self.pool, 0)
+        done = self.pool.submit("pubsub.localhost", node, self.job("queued"))
+        stopped = self.pool.stop()
+        self.assertNoResult(stopped)
+        self.gates["queued"].callback(None)
+        self.successResultOf(done)
+        self.successResultOf(stopped)
