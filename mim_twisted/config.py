@@ -17,7 +17,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from cryptography import x509
 from twisted.words.protocols.jabber import jid
+
+from mim_twisted.auth import certs
 
 SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")
 
@@ -191,6 +194,28 @@ def local_path(*, optional: bool = False, existing_file: bool = False) -> _Check
     return check
 
 
+def certificate_files(value: Any, where: _Where) -> tuple[str, ...]:
+    """A list of PEM files holding at least one certificate each, returned absolute."""
+    if not isinstance(value, list):
+        raise _CheckError("must be a list of PEM certificate files")
+    paths = []
+    for item in value:
+        path = local_path(existing_file=True)(item, where)
+        try:
+            with open(path, "rb") as f:
+                x509.load_pem_x509_certificates(f.read())
+        except (OSError, ValueError):
+            raise _CheckError(f"no PEM certificate in {path}") from None
+        paths.append(path)
+    return tuple(paths)
+
+
+def verification_methods(value: Any, where: _Where) -> tuple[str, ...]:
+    """SASL EXTERNAL verification methods: built-in ones and those plugins registered."""
+    known = tuple(certs.VERIFICATION_METHODS)
+    return subset_of(*known)(value, where)
+
+
 def _domain(value: Any) -> str:
     # RFC 7622 3.2: a final dot is not part of the domain; nameprep also folds case.
     if not isinstance(value, str):
@@ -270,6 +295,10 @@ class ListenerConfig:
 class TLSConfig:
     certificate: str = option("", local_path(optional=True, existing_file=True))
     private_key: str = option("", local_path(optional=True, existing_file=True))
+    verify_peer: bool = option(False, boolean)
+    client_ca: tuple[str, ...] = option([], certificate_files)
+    allow_self_signed_client: bool = option(False, boolean)
+    client_cert_failure: str = option("no_external", one_of("no_external", "disconnect"))
 
     def __post_init__(self) -> None:
         # Both empty means a generated self-signed pair; half a pair is always a mistake.
@@ -277,6 +306,18 @@ class TLSConfig:
             raise _CheckError("must be set when tls.certificate is set", key="private_key")
         if self.private_key and not self.certificate:
             raise _CheckError("must be set when tls.private_key is set", key="certificate")
+        if self.verify_peer and not (self.client_ca or self.allow_self_signed_client):
+            raise _CheckError(
+                "must name a CA file when tls.verify_peer is true"
+                " (unless tls.allow_self_signed_client is true)",
+                key="client_ca",
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommonNameConfig:
+    prefix: str = option("", text)
+    suffix: str = option("", text)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -286,6 +327,9 @@ class AuthConfig:
     scram_iterations: int = option(4096, integer(4096))
     max_failures: int = option(3, integer(1))
     failure_delay: float = option(1.0, number(0, inclusive=True))
+    sasl_external: tuple[str, ...] = option(["standard"], verification_methods)
+    cert_accounts: str = option("existing", one_of("existing", "auto"))
+    sasl_external_common_name: CommonNameConfig = option({}, table(CommonNameConfig))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -39,7 +39,8 @@ class Hooks:
         handlers.sort(key=lambda entry: entry[:2])
 
     def remove(self, name: str, handler: Handler) -> None:
-        self._handlers[name] = [e for e in self._handlers.get(name, []) if e[2] is not handler]
+        # Compared, not identified: `obj.method` is a new bound method object at each access.
+        self._handlers[name] = [e for e in self._handlers.get(name, []) if e[2] != handler]
 
     def has_handlers(self, name: str) -> bool:
         return bool(self._handlers.get(name))

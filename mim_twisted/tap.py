@@ -14,8 +14,10 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.words.protocols.jabber.jid import internJID
 
 from mim_twisted import hooks, storage
+from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.config import Config, ConfigError, load_config
 from mim_twisted.im import caps, ping, roster, version
 from mim_twisted.im.caps import CapsService
@@ -27,6 +29,11 @@ from mim_twisted.im.register import RegistrationService
 from mim_twisted.im.roster import RosterService
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import SessionManager
+from mim_twisted.pubsub.broadcast import Broadcaster
+from mim_twisted.pubsub.config import GENERIC_NODE_DEFAULTS, ServiceLimits
+from mim_twisted.pubsub.core import PubSubService, Relation
+from mim_twisted.pubsub.protocol import PubSubComponent
+from mim_twisted.pubsub.queues import WorkerPool
 from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated
 from mim_twisted.xmpp import tls
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
@@ -115,6 +122,50 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
     )
 
 
+@dataclass
+class PubSub:
+    """The XEP-0060 services (`pubsub.<domain>`), their worker pool and their broadcaster."""
+
+    pool: WorkerPool
+    broadcaster: Broadcaster
+    services: dict[str, PubSubService]
+
+
+def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: object) -> PubSub:
+    settings = config.pubsub
+    pool = WorkerPool(settings.workers, settings.max_queue_length)
+    broadcaster = Broadcaster(
+        core.sessions, core.presence.offline, clock, sync=settings.sync_broadcast
+    )
+    limits = ServiceLimits(settings.max_items_limit, settings.max_payload_size)
+    rosters = database.rosters
+
+    async def relation(owner: str, requester: str) -> Relation:
+        """What the owner's roster says about the requester (presence and roster models)."""
+        owner_jid = internJID(owner)
+        if owner_jid.user is None or owner_jid.host not in config.server.domains:
+            return Relation()
+        item = await rosters.get_item(owner_jid.host, owner_jid.user, requester)
+        if item is None:
+            return Relation()
+        return Relation(item.subscription in ("from", "both"), frozenset(item.groups))
+
+    services = {}
+    for domain in config.server.domains:
+        host = f"pubsub.{domain}"
+        services[host] = PubSubService(
+            database.pubsub,
+            service_key=host,
+            defaults=GENERIC_NODE_DEFAULTS,
+            limits=limits,
+            broadcaster=broadcaster,
+            relation=relation,
+        )
+        core.router.components[host] = PubSubComponent(host, services[host], pool)
+        core.disco.add_server_item(domain, host, "Publish-Subscribe")
+    return PubSub(pool, broadcaster, services)
+
+
 class MimService(service.MultiService):
     """The whole server: storage, the IM core and the C2S listeners on one reactor.
 
@@ -135,10 +186,14 @@ class MimService(service.MultiService):
         self.factories: list[C2SFactory] = []
         self.database = None
         self.core: ImCore | None = None
+        self.pubsub: PubSub | None = None
         self.ready: defer.Deferred = defer.Deferred()
+        # Under twistd nobody waits on `ready`: a failed start ends the process instead.
+        self.stop_reactor_on_failure = False
 
     def startService(self) -> None:
         super().startService()
+        self.ready = defer.Deferred()
         starting = defer.ensureDeferred(self._start())
         starting.addCallbacks(self.ready.callback, self._start_failed)
 
@@ -153,7 +208,13 @@ class MimService(service.MultiService):
         )
         if generated:
             log.info("Generated a self-signed certificate in {path}", path=certificate)
-        tls_options = tls.server_tls_options(certificate, key)
+        client_ca = config.tls.client_ca if config.tls.verify_peer else ()
+        if config.tls.verify_peer and config.tls.allow_self_signed_client:
+            log.warn(
+                "tls.allow_self_signed_client: anyone can make a self-signed certificate for"
+                " any JID; SASL EXTERNAL trusts them"
+            )
+        tls_options = tls.server_tls_options(certificate, key, client_ca)
         self.database = await open_storage(config)
         log.info(
             "Storage: {backend} ({where})",
@@ -161,6 +222,9 @@ class MimService(service.MultiService):
             where=config.sqlite_path if config.storage.backend == "sqlite" else "PostgreSQL",
         )
         self.core = build_im_core(config, self.database, self.reactor)
+        if config.pubsub.enabled:
+            self.pubsub = build_pubsub(config, self.database, self.core, self.reactor)
+            self.pubsub.pool.start()
         for listener in config.listeners:
             factory = C2SFactory(
                 self._c2s_settings(listener, tls_options),
@@ -184,11 +248,22 @@ class MimService(service.MultiService):
 
     def _c2s_settings(self, listener: object, tls_options: object) -> C2SSettings:
         config = self.config
+        mechanisms = tuple(config.auth.mechanisms)
+        client_certificates = None
+        if config.tls.verify_peer:
+            # EXTERNAL first: a client that presented a certificate should prefer it (XEP-0178).
+            # A stream is offered it only with a verified certificate.
+            mechanisms = ("EXTERNAL", *mechanisms)
+            client_certificates = tls.ClientCertificatePolicy(
+                allow_self_signed=config.tls.allow_self_signed_client,
+                disconnect_on_failure=config.tls.client_cert_failure == "disconnect",
+            )
+        common_name = config.auth.sasl_external_common_name
         return C2SSettings(
             domains=frozenset(config.server.domains),
             tls_options=tls_options,
             starttls_required=listener.starttls == "required",
-            mechanisms=tuple(config.auth.mechanisms),
+            mechanisms=mechanisms,
             allow_plain_without_tls=config.auth.allow_plain_without_tls,
             max_failures=config.auth.max_failures,
             failure_delay=config.auth.failure_delay,
@@ -196,6 +271,13 @@ class MimService(service.MultiService):
             auth_timeout=config.limits.auth_timeout,
             max_outgoing_buffer=config.limits.max_outgoing_buffer,
             log_traffic=self.log_traffic,
+            client_certificates=client_certificates,
+            sasl_external=ExternalSettings(
+                methods=config.auth.sasl_external,
+                common_name_prefix=common_name.prefix,
+                common_name_suffix=common_name.suffix,
+                require_account=config.auth.cert_accounts == "existing",
+            ),
         )
 
     def _start_failed(self, failure: Failure) -> None:
@@ -203,9 +285,10 @@ class MimService(service.MultiService):
             log.error("mim-twisted could not start: {reason}", reason=failure.getErrorMessage())
         else:
             log.failure("mim-twisted could not start", failure)
-        self.ready.errback(failure)
-        if self.reactor.running:
+        if self.stop_reactor_on_failure:
             self.reactor.stop()
+        else:
+            self.ready.errback(failure)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -216,6 +299,9 @@ class MimService(service.MultiService):
         # stored state) finish before the database goes away.
         yield defer.gatherResults([f.disconnect_all(SHUTDOWN_GRACE) for f in self.factories])
         self.factories = []
+        if self.pubsub is not None:
+            yield self.pubsub.pool.stop()
+            self.pubsub = None
         if self.core is not None:
             yield self.core.presence.idle()
         if self.database is not None:
@@ -230,6 +316,5 @@ def makeService(options: Options) -> MimService:
         # One line naming the file, key and reason, never a traceback.
         sys.exit(f"mim: {e}")
     server = MimService(config, log_traffic=options["log-traffic"])
-    # twistd does not wait on `ready`; a start failure has been logged and stops the reactor.
-    server.ready.addErrback(lambda _: None)
+    server.stop_reactor_on_failure = True
     return server

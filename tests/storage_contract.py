@@ -4,7 +4,7 @@ backend."""
 import dataclasses
 from datetime import UTC, datetime, timedelta, timezone
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from zope.interface.verify import verifyObject
 
 from mim_twisted.storage import migrations
@@ -14,8 +14,13 @@ from mim_twisted.storage.interfaces import (
     IAccountStore,
     IDatabase,
     IOfflineStore,
+    IPubSubStore,
     IRosterStore,
+    NodeExists,
+    NodeNotFound,
     OfflineMessage,
+    PubSubItem,
+    PubSubSubscription,
     RosterItem,
 )
 
@@ -42,6 +47,7 @@ class StorageContract:
         self.accounts = self.database.accounts
         self.rosters = self.database.rosters
         self.offline = self.database.offline
+        self.pubsub = self.database.pubsub
 
     async def register(self, *accounts: tuple[str, str]) -> None:
         for domain, username in accounts:
@@ -441,3 +447,473 @@ class OfflineStoreContract(StorageContract):
         )
         self.assertEqual(sorted(results), [False] * 6 + [True] * 4)
         self.assertEqual(await self.offline.count(*ALICE), 4)
+
+
+# A PubSub service and a PEP service (the owner's bare JID), which may both have a node "news".
+SERVICE = "pubsub.example.org"
+PEP = "alice@example.org"
+OWNER = "owner@example.org"
+CONFIG = {
+    "pubsub#title": "Jürgen's 🎉 100% ? %s",
+    "pubsub#max_items": 10,
+    "pubsub#persist_items": True,
+    "pubsub#deliver_payloads": False,
+    "pubsub#roster_groups_allowed": ["Friends", "家族"],
+    "pubsub#children": [],
+}
+
+
+def item(n: int, publisher: str = "alice@example.org/desk") -> PubSubItem:
+    return PubSubItem(
+        item_id=f"item{n}", payload=f"<entry xmlns='urn:example'>{n}</entry>", publisher=publisher
+    )
+
+
+def subscription(jid: str, subid: str, state: str = "subscribed", **options) -> PubSubSubscription:
+    return PubSubSubscription(jid=jid, subid=subid, state=state, options=options)
+
+
+class PubSubStoreContract(StorageContract):
+    def test_pubsub_store_provides_interface(self) -> None:
+        self.assertTrue(verifyObject(IPubSubStore, self.pubsub))
+
+    async def ids(self, service: str = SERVICE, name: str = "news", **query) -> list[str]:
+        """The item ids of get_items(service, name, **query), newest first."""
+        return [i.item_id for i in await self.pubsub.get_items(service, name, **query)]
+
+    async def publish(self, *numbers: int, max_items: int | None = None) -> None:
+        for n in numbers:
+            await self.pubsub.publish_item(SERVICE, "news", item(n), max_items)
+
+    # Nodes
+
+    async def test_create_and_get_node(self) -> None:
+        before = datetime.now(UTC)
+        await self.pubsub.create_node(SERVICE, "news", CONFIG, OWNER)
+        node = await self.pubsub.get_node(SERVICE, "news")
+        self.assertEqual((node.service, node.name, node.config), (SERVICE, "news", CONFIG))
+        self.assertEqual(node.created_at.tzinfo, UTC)
+        self.assertTrue(before <= node.created_at <= datetime.now(UTC))
+        self.assertEqual(await self.pubsub.get_affiliations(SERVICE, "news"), {OWNER: "owner"})
+
+    async def test_get_unknown_node(self) -> None:
+        self.assertIsNone(await self.pubsub.get_node(SERVICE, "news"))
+
+    async def test_config_is_copied_in_and_out(self) -> None:
+        config = {"pubsub#roster_groups_allowed": ["A"]}
+        await self.pubsub.create_node(SERVICE, "news", config, OWNER)
+        config["pubsub#roster_groups_allowed"].append("B")
+        node = await self.pubsub.get_node(SERVICE, "news")
+        node.config["pubsub#roster_groups_allowed"].append("C")
+        node = await self.pubsub.get_node(SERVICE, "news")
+        self.assertEqual(node.config, {"pubsub#roster_groups_allowed": ["A"]})
+
+    async def test_list_nodes_sorted_by_code_point_per_service(self) -> None:
+        # Chosen so that a locale collation (which ignores "-" and sorts "é" near "e") disagrees.
+        for name in ["zoë", "émile", "ab", "a-c"]:
+            await self.pubsub.create_node(SERVICE, name, {"n": name}, OWNER)
+        await self.pubsub.create_node(PEP, "elsewhere", {}, PEP)
+        nodes = await self.pubsub.list_nodes(SERVICE)
+        self.assertEqual([node.name for node in nodes], ["a-c", "ab", "zoë", "émile"])
+        self.assertEqual([node.config for node in nodes], [{"n": n.name} for n in nodes])
+        self.assertEqual({node.service for node in nodes}, {SERVICE})
+        self.assertEqual(await self.pubsub.list_nodes("pubsub.example.com"), [])
+
+    async def test_set_node_config_replaces_it(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", CONFIG, OWNER)
+        created_at = (await self.pubsub.get_node(SERVICE, "news")).created_at
+        await self.pubsub.set_node_config(SERVICE, "news", {"pubsub#max_items": 1})
+        node = await self.pubsub.get_node(SERVICE, "news")
+        self.assertEqual((node.config, node.created_at), ({"pubsub#max_items": 1}, created_at))
+
+    async def test_create_existing_node_fails_and_keeps_the_first(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", CONFIG, OWNER)
+        await self.assertFailure(
+            self.pubsub.create_node(SERVICE, "news", {}, "other@example.org"), NodeExists
+        )
+        self.assertEqual((await self.pubsub.get_node(SERVICE, "news")).config, CONFIG)
+        self.assertEqual(await self.pubsub.get_affiliations(SERVICE, "news"), {OWNER: "owner"})
+
+    async def test_concurrent_creations_of_a_node_one_wins(self) -> None:
+        owners = [f"owner{n}@example.org" for n in range(5)]
+        results = await DeferredList(
+            [self.pubsub.create_node(SERVICE, "news", {}, owner) for owner in owners],
+            consumeErrors=True,
+        )
+        self.assertEqual(sum(1 for succeeded, _ in results if succeeded), 1)
+        for succeeded, result in results:
+            if not succeeded:
+                result.trap(NodeExists)
+        (winner,) = (await self.pubsub.get_affiliations(SERVICE, "news")).keys()
+        self.assertIn(winner, owners)
+
+    async def test_delete_node_deletes_everything_on_it(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", CONFIG, OWNER)
+        await self.pubsub.create_node(SERVICE, "other", {}, OWNER)
+        for name in ("news", "other"):
+            await self.pubsub.set_affiliation(SERVICE, name, "bob@example.org", "publisher")
+            await self.pubsub.add_subscription(SERVICE, name, subscription("bob@example.org", "1"))
+            await self.pubsub.publish_item(SERVICE, name, item(1), None)
+        await self.pubsub.delete_node(SERVICE, "news")
+        self.assertIsNone(await self.pubsub.get_node(SERVICE, "news"))
+        self.assertEqual(await self.pubsub.affiliations_of(SERVICE, OWNER), {"other": "owner"})
+        self.assertEqual(
+            [name for name, _ in await self.pubsub.subscriptions_of(SERVICE, "bob@example.org")],
+            ["other"],
+        )
+        # A node created again under the name starts with nothing of the old one.
+        await self.pubsub.create_node(SERVICE, "news", {}, "new@example.org")
+        self.assertEqual(
+            await self.pubsub.get_affiliations(SERVICE, "news"), {"new@example.org": "owner"}
+        )
+        self.assertEqual(await self.pubsub.get_subscriptions(SERVICE, "news"), [])
+        self.assertEqual(await self.ids(), [])
+        self.assertEqual(await self.ids(name="other"), ["item1"])
+
+    async def test_writes_to_an_unknown_node_fail(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.pubsub.create_node(PEP, "other", {}, PEP)
+        writes = [
+            lambda: self.pubsub.set_node_config(SERVICE, "other", {}),
+            lambda: self.pubsub.delete_node(SERVICE, "other"),
+            lambda: self.pubsub.set_affiliation(SERVICE, "other", "bob@example.org", "member"),
+            lambda: self.pubsub.set_affiliation(SERVICE, "other", "bob@example.org", "none"),
+            lambda: self.pubsub.add_subscription(SERVICE, "other", subscription("b@x", "1")),
+            lambda: self.pubsub.update_subscription(SERVICE, "other", subscription("b@x", "1")),
+            lambda: self.pubsub.publish_item(SERVICE, "other", item(1), 10),
+            lambda: self.pubsub.purge_items(SERVICE, "other"),
+        ]
+        for write in writes:
+            await self.assertFailure(write(), NodeNotFound)
+        self.assertEqual([n.name for n in await self.pubsub.list_nodes(SERVICE)], ["news"])
+
+    async def test_reads_of_an_unknown_node_find_nothing(self) -> None:
+        self.assertEqual(await self.pubsub.get_affiliations(SERVICE, "news"), {})
+        self.assertEqual(await self.pubsub.get_subscriptions(SERVICE, "news"), [])
+        self.assertEqual(await self.pubsub.get_items(SERVICE, "news"), [])
+        self.assertEqual(await self.pubsub.get_items(SERVICE, "news", 1, ["item1"]), [])
+        self.assertFalse(await self.pubsub.retract_item(SERVICE, "news", "item1"))
+        self.assertFalse(await self.pubsub.remove_subscription(SERVICE, "news", "b@x", "1"))
+
+    # Affiliations
+
+    async def test_set_replace_and_remove_affiliations(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.pubsub.set_affiliation(SERVICE, "news", "bob@example.org", "publisher")
+        await self.pubsub.set_affiliation(SERVICE, "news", "eve@example.org", "outcast")
+        await self.pubsub.set_affiliation(SERVICE, "news", "bob@example.org", "member")
+        self.assertEqual(
+            await self.pubsub.get_affiliations(SERVICE, "news"),
+            {OWNER: "owner", "bob@example.org": "member", "eve@example.org": "outcast"},
+        )
+        await self.pubsub.set_affiliation(SERVICE, "news", "bob@example.org", "none")
+        # "none" for a JID without an affiliation is no error.
+        await self.pubsub.set_affiliation(SERVICE, "news", "carol@example.org", "none")
+        self.assertEqual(
+            await self.pubsub.get_affiliations(SERVICE, "news"),
+            {OWNER: "owner", "eve@example.org": "outcast"},
+        )
+
+    async def test_every_affiliation_round_trips(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        affiliations = {
+            f"{a}@example.org": a for a in ("owner", "publisher", "publish-only", "member")
+        } | {"outcast@example.org": "outcast"}
+        for jid, affiliation in affiliations.items():
+            await self.pubsub.set_affiliation(SERVICE, "news", jid, affiliation)
+        self.assertEqual(
+            await self.pubsub.get_affiliations(SERVICE, "news"),
+            affiliations | {OWNER: "owner"},
+        )
+
+    async def test_unknown_affiliation_is_refused(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.assertFailure(
+            self.pubsub.set_affiliation(SERVICE, "news", "bob@example.org", "admin"), ValueError
+        )
+        self.assertEqual(await self.pubsub.get_affiliations(SERVICE, "news"), {OWNER: "owner"})
+
+    async def test_affiliations_of_a_jid_across_nodes(self) -> None:
+        bob = "bob@example.org"
+        for name in ("a", "b", "c"):
+            await self.pubsub.create_node(SERVICE, name, {}, OWNER)
+        await self.pubsub.create_node(PEP, "a", {}, PEP)
+        await self.pubsub.set_affiliation(SERVICE, "a", bob, "publisher")
+        await self.pubsub.set_affiliation(SERVICE, "c", bob, "outcast")
+        await self.pubsub.set_affiliation(PEP, "a", bob, "member")
+        self.assertEqual(
+            await self.pubsub.affiliations_of(SERVICE, bob), {"a": "publisher", "c": "outcast"}
+        )
+        self.assertEqual(await self.pubsub.affiliations_of(PEP, bob), {"a": "member"})
+        self.assertEqual(
+            await self.pubsub.affiliations_of(SERVICE, OWNER), {n: "owner" for n in "abc"}
+        )
+        self.assertEqual(await self.pubsub.affiliations_of(SERVICE, "carol@example.org"), {})
+
+    # Subscriptions
+
+    async def test_subscriptions_in_subscription_order(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        subscriptions = [
+            subscription("zed@example.org", "s1"),
+            subscription("bob@example.org/phone", "s2", "pending"),
+            subscription("amy@example.org", "s3", "unconfigured", **{"pubsub#digest": True}),
+            subscription("bob@example.org/phone", "s0"),  # a second one of the same JID
+        ]
+        for added in subscriptions:
+            await self.pubsub.add_subscription(SERVICE, "news", added)
+        self.assertEqual(await self.pubsub.get_subscriptions(SERVICE, "news"), subscriptions)
+        # Removed and added again, it is the newest.
+        self.assertTrue(
+            await self.pubsub.remove_subscription(SERVICE, "news", "zed@example.org", "s1")
+        )
+        await self.pubsub.add_subscription(SERVICE, "news", subscriptions[0])
+        self.assertEqual(
+            await self.pubsub.get_subscriptions(SERVICE, "news"),
+            subscriptions[1:] + subscriptions[:1],
+        )
+
+    async def test_options_round_trip(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+
+        def options() -> dict:
+            return {
+                "pubsub#deliver": False,
+                "pubsub#digest_frequency": 86400000,
+                "pubsub#show-values": ["away", "chat"],
+                "pubsub#subscription_type": "items",
+                "x": "ünïcode 🎉 100% ?",
+            }
+
+        added = PubSubSubscription("bob@example.org", "s1", "subscribed", options())
+        await self.pubsub.add_subscription(SERVICE, "news", added)
+        # What the store keeps is a copy.
+        added.options["pubsub#show-values"].append("dnd")
+        (stored,) = await self.pubsub.get_subscriptions(SERVICE, "news")
+        self.assertEqual(stored.options, options())
+
+    async def test_update_subscription_keeps_its_place(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        first = subscription("bob@example.org", "s1", "pending")
+        second = subscription("bob@example.org", "s2")
+        await self.pubsub.add_subscription(SERVICE, "news", first)
+        await self.pubsub.add_subscription(SERVICE, "news", second)
+        updated = subscription("bob@example.org", "s1", "subscribed", **{"pubsub#deliver": True})
+        self.assertTrue(await self.pubsub.update_subscription(SERVICE, "news", updated))
+        self.assertEqual(await self.pubsub.get_subscriptions(SERVICE, "news"), [updated, second])
+        # An update of no subscription changes nothing.
+        missing = subscription("bob@example.org", "s3")
+        self.assertFalse(await self.pubsub.update_subscription(SERVICE, "news", missing))
+        self.assertEqual(await self.pubsub.get_subscriptions(SERVICE, "news"), [updated, second])
+
+    async def test_adding_an_existing_subscription_replaces_it_in_place(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.pubsub.add_subscription(SERVICE, "news", subscription("a@example.org", "1"))
+        await self.pubsub.add_subscription(SERVICE, "news", subscription("b@example.org", "1"))
+        again = subscription("a@example.org", "1", "pending", x=1)
+        await self.pubsub.add_subscription(SERVICE, "news", again)
+        self.assertEqual(
+            await self.pubsub.get_subscriptions(SERVICE, "news"),
+            [again, subscription("b@example.org", "1")],
+        )
+
+    async def test_remove_subscription(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        kept = subscription("bob@example.org", "s2")
+        await self.pubsub.add_subscription(SERVICE, "news", subscription("bob@example.org", "s1"))
+        await self.pubsub.add_subscription(SERVICE, "news", kept)
+        self.assertTrue(
+            await self.pubsub.remove_subscription(SERVICE, "news", "bob@example.org", "s1")
+        )
+        self.assertFalse(
+            await self.pubsub.remove_subscription(SERVICE, "news", "bob@example.org", "s1")
+        )
+        self.assertFalse(
+            await self.pubsub.remove_subscription(SERVICE, "news", "bob@example.org/x", "s2")
+        )
+        self.assertEqual(await self.pubsub.get_subscriptions(SERVICE, "news"), [kept])
+
+    async def test_unknown_subscription_state_is_refused(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.assertFailure(
+            self.pubsub.add_subscription(SERVICE, "news", subscription("b@x", "1", "none")),
+            ValueError,
+        )
+        self.assertEqual(await self.pubsub.get_subscriptions(SERVICE, "news"), [])
+
+    async def test_subscriptions_of_bare_and_full_jids(self) -> None:
+        for name in ("b", "a"):
+            await self.pubsub.create_node(SERVICE, name, {}, OWNER)
+        await self.pubsub.create_node(PEP, "a", {}, PEP)
+        added = {
+            ("a", "bob@example.org/phone"): subscription("bob@example.org/phone", "1"),
+            ("a", "bob@example.org"): subscription("bob@example.org", "2", "pending"),
+            ("b", "bob@example.org/desk/home"): subscription("bob@example.org/desk/home", "3"),
+            ("b", "bob@example.org/phone"): subscription("bob@example.org/phone", "4"),
+            # Not bob's: a JID that bob's is a prefix of, and one that LIKE 'b_b%' would match.
+            ("a", "bob@example.org.evil/x"): subscription("bob@example.org.evil/x", "5"),
+            ("a", "bib@example.org/phone"): subscription("bib@example.org/phone", "6"),
+        }
+        for (name, _), added_subscription in added.items():
+            await self.pubsub.add_subscription(SERVICE, name, added_subscription)
+        await self.pubsub.add_subscription(PEP, "a", subscription("bob@example.org", "7"))
+
+        def expected(*keys: tuple[str, str]) -> list[tuple[str, PubSubSubscription]]:
+            return [(name, added[name, jid]) for name, jid in keys]
+
+        self.assertEqual(
+            await self.pubsub.subscriptions_of(SERVICE, "bob@example.org"),
+            expected(
+                ("a", "bob@example.org/phone"),
+                ("a", "bob@example.org"),
+                ("b", "bob@example.org/desk/home"),
+                ("b", "bob@example.org/phone"),
+            ),
+        )
+        self.assertEqual(
+            await self.pubsub.subscriptions_of(SERVICE, "bob@example.org/phone"),
+            expected(("a", "bob@example.org/phone"), ("b", "bob@example.org/phone")),
+        )
+        self.assertEqual(await self.pubsub.subscriptions_of(SERVICE, "bob@example.org/desk"), [])
+        self.assertEqual(await self.pubsub.subscriptions_of(PEP, "bob@example.org/phone"), [])
+        self.assertEqual(
+            await self.pubsub.subscriptions_of(PEP, "bob@example.org"),
+            [("a", subscription("bob@example.org", "7"))],
+        )
+
+    # Items
+
+    async def test_publish_new_item(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        before = datetime.now(UTC)
+        await self.publish(1)
+        after = datetime.now(UTC)
+        (stored,) = await self.pubsub.get_items(SERVICE, "news")
+        self.assertEqual(dataclasses.replace(stored, created_at=None, modified_at=None), item(1))
+        self.assertEqual(stored.created_at, stored.modified_at)
+        self.assertEqual(stored.modified_at.tzinfo, UTC)
+        self.assertTrue(before <= stored.modified_at <= after)
+
+    async def test_publish_ignores_the_given_times(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        long_ago = datetime(2001, 1, 1, tzinfo=UTC)
+        given = dataclasses.replace(item(1), created_at=long_ago, modified_at=long_ago)
+        await self.pubsub.publish_item(SERVICE, "news", given, None)
+        (stored,) = await self.pubsub.get_items(SERVICE, "news")
+        self.assertGreater(stored.created_at, long_ago)
+
+    async def test_publish_replaces_an_item_by_id(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.publish(1, 2)
+        (old,) = await self.pubsub.get_items(SERVICE, "news", item_ids=["item1"])
+        replacement = PubSubItem("item1", "<entry xmlns='urn:example'>new</entry>", "bob@x/r")
+        await self.pubsub.publish_item(SERVICE, "news", replacement, None)
+        new, second = await self.pubsub.get_items(SERVICE, "news")
+        self.assertEqual((new.item_id, second.item_id), ("item1", "item2"))
+        self.assertEqual((new.payload, new.publisher), (replacement.payload, "bob@x/r"))
+        self.assertEqual(new.created_at, old.created_at)
+        self.assertGreater(new.modified_at, old.modified_at)
+        self.assertGreater(new.modified_at, second.modified_at)
+
+    async def test_each_publication_is_newer_than_the_last(self) -> None:
+        # Published faster than a clock may tick: the times still give one order.
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.publish(*range(20), 3, 7)
+        items = await self.pubsub.get_items(SERVICE, "news")
+        self.assertEqual([i.item_id for i in items[:3]], ["item7", "item3", "item19"])
+        times = [i.modified_at for i in items]
+        self.assertEqual(times, sorted(set(times), reverse=True))
+
+    async def test_publish_trims_to_max_items(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.publish(1, 2, 3, max_items=3)
+        await self.publish(4, max_items=3)
+        self.assertEqual(await self.ids(), ["item4", "item3", "item2"])
+        # A replaced item is the newest: the oldest goes.
+        await self.publish(2, 5, max_items=3)
+        self.assertEqual(await self.ids(), ["item5", "item2", "item4"])
+        # A lower limit trims more than one.
+        await self.publish(6, max_items=1)
+        self.assertEqual(await self.ids(), ["item6"])
+
+    async def test_publish_without_max_items_keeps_every_item(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.publish(*range(15))
+        self.assertEqual(await self.ids(), [f"item{n}" for n in reversed(range(15))])
+
+    async def test_get_items_limit_and_ids(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.publish(*range(6))
+        self.assertEqual(await self.ids(max_items=2), ["item5", "item4"])
+        self.assertEqual(await self.ids(max_items=0), [])
+        self.assertEqual(await self.ids(max_items=100), [f"item{n}" for n in range(5, -1, -1)])
+        self.assertEqual(
+            await self.ids(item_ids=["item1", "missing", "item4", "item1"]), ["item4", "item1"]
+        )
+        self.assertEqual(
+            await self.ids(item_ids=["item1", "item3", "item5"], max_items=2), ["item5", "item3"]
+        )
+        self.assertEqual(await self.ids(item_ids=["missing"]), [])
+        self.assertEqual(await self.ids(item_ids=[]), [])
+        many = [f"item{n}" for n in range(100)]
+        self.assertEqual(await self.ids(item_ids=many), [f"item{n}" for n in range(5, -1, -1)])
+
+    async def test_retract_item(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.publish(1, 2)
+        self.assertTrue(await self.pubsub.retract_item(SERVICE, "news", "item1"))
+        self.assertFalse(await self.pubsub.retract_item(SERVICE, "news", "item1"))
+        self.assertFalse(await self.pubsub.retract_item(SERVICE, "news", "missing"))
+        self.assertEqual(await self.ids(), ["item2"])
+
+    async def test_purge_items(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.pubsub.create_node(SERVICE, "other", {}, OWNER)
+        await self.publish(1, 2)
+        await self.pubsub.publish_item(SERVICE, "other", item(3), None)
+        await self.pubsub.purge_items(SERVICE, "news")
+        await self.pubsub.purge_items(SERVICE, "news")
+        self.assertEqual(await self.ids(), [])
+        self.assertEqual(await self.ids(name="other"), ["item3"])
+        self.assertIsNotNone(await self.pubsub.get_node(SERVICE, "news"))
+
+    async def test_unicode_and_large_payloads(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        payload = (
+            "<entry xmlns='urn:example'>It's \"100% ?\" %s\n&lt;日本語&gt; 🎉"
+            + "x" * 60000
+            + "</entry>"
+        )
+        published = PubSubItem("ïtem 🎉 %s ?", payload, "jürgen@bücher.example/🎉")
+        await self.pubsub.publish_item(SERVICE, "news", published, 1)
+        (stored,) = await self.pubsub.get_items(SERVICE, "news", 1, ["ïtem 🎉 %s ?"])
+        self.assertEqual(dataclasses.replace(stored, created_at=None, modified_at=None), published)
+        self.assertEqual(await self.pubsub.get_items(SERVICE, "news", 1, ["ïtem 🎉 %s"]), [])
+
+    async def test_unicode_services_and_node_names(self) -> None:
+        await self.pubsub.create_node(
+            "jürgen@bücher.example", "urn:日本語:🎉 %s ?", {}, "jürgen@bücher.example"
+        )
+        node = await self.pubsub.get_node("jürgen@bücher.example", "urn:日本語:🎉 %s ?")
+        self.assertEqual(node.name, "urn:日本語:🎉 %s ?")
+
+    async def test_services_with_the_same_node_name_are_apart(self) -> None:
+        # The PubSub host and a PEP user each have a node "news".
+        await self.pubsub.create_node(SERVICE, "news", {"on": "service"}, OWNER)
+        await self.pubsub.create_node(PEP, "news", {"on": "pep"}, PEP)
+        await self.pubsub.publish_item(SERVICE, "news", item(1), None)
+        await self.pubsub.publish_item(PEP, "news", item(2), None)
+        await self.pubsub.set_affiliation(PEP, "news", "bob@example.org", "member")
+        await self.pubsub.add_subscription(PEP, "news", subscription("bob@example.org", "s"))
+        self.assertEqual((await self.pubsub.get_node(PEP, "news")).config, {"on": "pep"})
+        self.assertEqual(await self.ids(SERVICE), ["item1"])
+        self.assertEqual(await self.ids(PEP), ["item2"])
+        self.assertEqual(await self.pubsub.get_affiliations(SERVICE, "news"), {OWNER: "owner"})
+        self.assertEqual(await self.pubsub.get_subscriptions(SERVICE, "news"), [])
+        self.assertFalse(await self.pubsub.retract_item(SERVICE, "news", "item2"))
+        await self.pubsub.purge_items(SERVICE, "news")
+        self.assertEqual(await self.ids(PEP), ["item2"])
+        await self.pubsub.delete_node(PEP, "news")
+        self.assertEqual((await self.pubsub.get_node(SERVICE, "news")).config, {"on": "service"})
+        await self.pubsub.publish_item(SERVICE, "news", item(3), None)
+        self.assertEqual(await self.ids(SERVICE), ["item3"])

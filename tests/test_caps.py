@@ -11,7 +11,7 @@ from mim_twisted.im.caps import CapsService, Identity, IllFormed
 from mim_twisted.im.disco import NS_DISCO_INFO, DiscoService
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.storage.memory import MemoryDatabase
-from tests.test_disco import FakeSession, make_router, parse, send
+from tests.imsupport import FakeSession, make_router, parse, send
 
 DISCO = "http://jabber.org/protocol/disco#"
 MUC = "http://jabber.org/protocol/muc"

@@ -3,9 +3,14 @@
 import dataclasses
 import os
 
+from cryptography.hazmat.primitives import serialization
 from twisted.trial import unittest
 
 from mim_twisted.config import Config, ConfigError, load_config
+from tests.certfactory import Authority
+
+# A CA certificate for tls.client_ca (any PEM certificate will do).
+CA_PEM = Authority().certificate.public_bytes(serialization.Encoding.PEM)
 
 EXAMPLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mim.toml.example"
@@ -25,11 +30,19 @@ class DefaultTests(unittest.TestCase):
             (listener.address, listener.port, listener.starttls), ("127.0.0.1", 5222, "required")
         )
         self.assertEqual((config.tls.certificate, config.tls.private_key), ("", ""))
+        self.assertFalse(config.tls.verify_peer)
+        self.assertEqual(config.tls.client_ca, ())
+        self.assertFalse(config.tls.allow_self_signed_client)
+        self.assertEqual(config.tls.client_cert_failure, "no_external")
         self.assertEqual(config.auth.mechanisms, ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"))
         self.assertFalse(config.auth.allow_plain_without_tls)
         self.assertEqual(config.auth.scram_iterations, 4096)
         self.assertEqual(config.auth.max_failures, 3)
         self.assertEqual(config.auth.failure_delay, 1.0)
+        self.assertEqual(config.auth.sasl_external, ("standard",))
+        self.assertEqual(config.auth.cert_accounts, "existing")
+        common_name = config.auth.sasl_external_common_name
+        self.assertEqual((common_name.prefix, common_name.suffix), ("", ""))
         self.assertFalse(config.registration.enabled)
         self.assertEqual(config.storage.backend, "sqlite")
         self.assertTrue(config.storage.auto_migrate)
@@ -102,6 +115,23 @@ class ValueTests(unittest.TestCase):
         self.assertEqual(config.limits.auth_timeout, 5.0)
         self.assertIsInstance(config.limits.auth_timeout, float)
         self.assertEqual(config.auth.failure_delay, 0.0)
+
+    def test_client_certificates(self) -> None:
+        ca = os.path.abspath(write(self, CA_PEM, name="ca.pem"))
+        config = self.load(
+            f'[tls]\nverify_peer = true\nclient_ca = ["{ca}"]\nclient_cert_failure = "disconnect"\n'
+            '[auth]\nsasl_external = ["common_name", "standard"]\ncert_accounts = "auto"\n'
+            '[auth.sasl_external_common_name]\nprefix = "cert-"\n'
+        )
+        self.assertEqual(config.tls.client_ca, (ca,))
+        self.assertEqual(config.tls.client_cert_failure, "disconnect")
+        self.assertEqual(config.auth.sasl_external, ("common_name", "standard"))
+        self.assertEqual(config.auth.cert_accounts, "auto")
+        self.assertEqual(config.auth.sasl_external_common_name.prefix, "cert-")
+
+    def test_self_signed_clients_need_no_ca(self) -> None:
+        config = self.load("[tls]\nverify_peer = true\nallow_self_signed_client = true\n")
+        self.assertEqual(config.tls.client_ca, ())
 
     def test_auto_migrate_follows_backend(self) -> None:
         self.assertFalse(self.load('[storage]\nbackend = "postgresql"\n').storage.auto_migrate)
@@ -280,6 +310,43 @@ class ErrorTests(unittest.TestCase):
         self.assertError(
             f'[tls]\nprivate_key = "{path}"\n',
             "tls.certificate: must be set when tls.private_key is set",
+        )
+
+    def test_client_ca_required_with_verify_peer(self) -> None:
+        self.assertError(
+            "[tls]\nverify_peer = true\n",
+            "tls.client_ca: must name a CA file when tls.verify_peer is true"
+            " (unless tls.allow_self_signed_client is true)",
+        )
+
+    def test_client_ca_not_a_certificate(self) -> None:
+        path = os.path.abspath(write(self, "not a certificate", name="ca.pem"))
+        self.assertError(
+            f'[tls]\nclient_ca = ["{path}"]\n',
+            f'tls.client_ca: no PEM certificate in {path} (got ["{path}"])',
+        )
+        self.assertError(
+            f'[tls]\nclient_ca = "{path}"\n',
+            f'tls.client_ca: must be a list of PEM certificate files (got "{path}")',
+        )
+
+    def test_client_cert_failure(self) -> None:
+        self.assertError(
+            '[tls]\nclient_cert_failure = "ignore"\n',
+            'tls.client_cert_failure: must be one of "no_external", "disconnect" (got "ignore")',
+        )
+
+    def test_unknown_verification_method(self) -> None:
+        self.assertError(
+            '[auth]\nsasl_external = ["standard", "use_common_name"]\n',
+            "auth.sasl_external: must be a non-empty list of distinct values from "
+            '"standard", "common_name", "auth_id" (got ["standard", "use_common_name"])',
+        )
+
+    def test_cert_accounts(self) -> None:
+        self.assertError(
+            '[auth]\ncert_accounts = "pki"\n',
+            'auth.cert_accounts: must be one of "existing", "auto" (got "pki")',
         )
 
     def test_certificate_file_missing(self) -> None:

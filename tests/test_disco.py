@@ -1,7 +1,4 @@
-"""XEP-0030 service discovery at the stanza level, through a real Router.
-
-Also home of the fake session and stanza helpers that the other IM-service tests share.
-"""
+"""XEP-0030 service discovery at the stanza level, through a real Router."""
 
 from dataclasses import dataclass
 
@@ -12,74 +9,11 @@ from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
 from mim_twisted.auth.scram import derive_all
-from mim_twisted.hooks import Hooks
 from mim_twisted.im import caps, ping
 from mim_twisted.im.disco import NS_DISCO_INFO, NS_DISCO_ITEMS, DiscoItem, DiscoService
-from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.storage.memory import MemoryDatabase
-from mim_twisted.xmpp.namespaces import STANZAS
-
-DOMAINS = frozenset({"localhost", "example.org"})
-
-
-class FakeSession:
-    """A bound client session that keeps what the server sends it."""
-
-    def __init__(self, jid: str, *, secure: bool = True) -> None:
-        self.jid = JID(jid)
-        self.domain = self.jid.host
-        self.secure = secure
-        self.sent: list[domish.Element] = []
-        self.stream_errors: list[str] = []
-
-    def send(self, stanza: domish.Element) -> None:
-        self.sent.append(stanza)
-
-    def replaced(self) -> None:
-        self.stream_errors.append("conflict")
-
-    def stream_error(self, condition: str, text: str | None = None) -> None:
-        self.stream_errors.append(condition)
-
-    def last(self) -> domish.Element:
-        return self.sent[-1]
-
-
-def parse(xml: str) -> domish.Element:
-    """One stanza, parsed in the jabber:client namespace as the C2S stream would."""
-    parsed: list[domish.Element] = []
-    stream = domish.elementStream()
-    stream.DocumentStartEvent = lambda root: None
-    stream.ElementEvent = parsed.append
-    stream.DocumentEndEvent = lambda: None
-    stream.parse(f"<stream xmlns='jabber:client'>{xml}</stream>".encode())
-    return parsed[0]
-
-
-def make_router(sessions: SessionManager, clock: Clock) -> Router:
-    """A real router; presence and messages are not routed by these tests."""
-    return Router(DOMAINS, sessions, clock, presence=None, messages=None, hooks_table=Hooks())
-
-
-def send(router: Router, session: FakeSession, xml: str) -> domish.Element | None:
-    """Route a stanza from the session (stamped with its full JID) and return its answer."""
-    before = len(session.sent)
-    stanza = parse(xml)
-    stanza["from"] = session.jid.full()
-    router.route_from_client(session, stanza)
-    return session.sent[-1] if len(session.sent) > before else None
-
-
-def error_condition(stanza: domish.Element) -> str | None:
-    """The defined condition of an error stanza, None if it is not one."""
-    if stanza.getAttribute("type") != "error":
-        return None
-    element = next(child for child in stanza.elements() if child.name == "error")
-    for child in element.elements():
-        if child.uri == STANZAS and child.name != "text":
-            return child.name
-    return None
+from tests.imsupport import FakeSession, error_condition, make_router, send
 
 
 def query_of(stanza: domish.Element, namespace: str) -> domish.Element:

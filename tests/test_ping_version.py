@@ -8,7 +8,7 @@ from mim_twisted.im import ping, version
 from mim_twisted.im.disco import DiscoService
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.storage.memory import MemoryDatabase
-from tests.test_disco import FakeSession, error_condition, make_router, send
+from tests.imsupport import FakeSession, error_condition, make_router, send
 
 PING = f"<ping xmlns='{ping.NS_PING}'/>"
 

@@ -11,7 +11,7 @@ from mim_twisted.im.register import NS_FEATURE, NS_REGISTER, RegistrationService
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
-from tests.test_disco import FakeSession, error_condition, make_router, parse, send
+from tests.imsupport import FakeSession, error_condition, make_router, parse, send
 
 HEADER = (
     b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "

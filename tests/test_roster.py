@@ -11,35 +11,9 @@ from mim_twisted.im.roster import NS_ROSTER, RosterService
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.storage.interfaces import RosterItem
 from mim_twisted.storage.memory import MemoryDatabase
+from tests.imsupport import FakeSession, error_condition, parse
 
 ALICE = JID("alice@localhost")
-
-
-class FakeSession:
-    """A bound session: what the roster service uses of a C2SStream."""
-
-    roster_requested = False
-
-    def __init__(self, jid: str) -> None:
-        self.jid = JID(jid)
-        self.sent: list[domish.Element] = []
-
-    def send(self, stanza: domish.Element) -> None:
-        self.sent.append(stanza)
-
-    def replaced(self) -> None:
-        raise AssertionError("not expected")
-
-
-def parse(xml: str) -> domish.Element:
-    """A stanza as the stream parser hands it over, namespaces included."""
-    elements: list[domish.Element] = []
-    stream = domish.elementStream()
-    stream.DocumentStartEvent = lambda root: None
-    stream.ElementEvent = elements.append
-    stream.DocumentEndEvent = lambda: None
-    stream.parse(f"<stream xmlns='jabber:client'>{xml}</stream>".encode())
-    return elements[0]
 
 
 def items_of(query: domish.Element) -> list[tuple[dict, list[str]]]:
@@ -48,13 +22,6 @@ def items_of(query: domish.Element) -> list[tuple[dict, list[str]]]:
         (dict(item.attributes), [str(group) for group in item.elements(NS_ROSTER, "group")])
         for item in query.elements(NS_ROSTER, "item")
     ]
-
-
-def condition(response: domish.Element) -> str | None:
-    """The stanza error condition of a response, None for a result."""
-    if response["type"] != "error":
-        return None
-    return error.exceptionFromStanza(response).condition
 
 
 class RosterTestCase(unittest.TestCase):
@@ -172,7 +139,7 @@ class GetTests(RosterTestCase):
         response = await self.request(
             self.phone, "<query xmlns='jabber:iq:roster'><item jid='bob@localhost'/></query>"
         )
-        self.assertEqual(condition(response), "bad-request")
+        self.assertEqual(error_condition(response), "bad-request")
 
     async def test_another_users_roster_is_forbidden(self) -> None:
         for kind, payload in [
@@ -180,7 +147,7 @@ class GetTests(RosterTestCase):
             ("set", "<query xmlns='jabber:iq:roster'><item jid='carol@localhost'/></query>"),
         ]:
             response = await self.request(self.phone, payload, type=kind, to="bob@localhost")
-            self.assertEqual(condition(response), "forbidden", kind)
+            self.assertEqual(error_condition(response), "forbidden", kind)
         self.assertFalse(self.phone.sent)
 
 
@@ -217,7 +184,7 @@ class SetTests(RosterTestCase):
             "<item jid='bob@localhost' subscription='both' ask='subscribe'><group>New</group>"
             "</item>",
         )
-        self.assertIsNone(condition(response))
+        self.assertIsNone(error_condition(response))
         self.assertEqual(
             await self.stored("bob@localhost"),
             RosterItem("bob@localhost", None, ("New",), "from", ask=True),
@@ -251,7 +218,7 @@ class SetTests(RosterTestCase):
         ]
         for item, expected in cases:
             response = await self.roster_set(self.phone, item)
-            self.assertEqual(condition(response), expected, item)
+            self.assertEqual(error_condition(response), expected, item)
         self.assertEqual(await self.database.rosters.get_roster("localhost", "alice"), (0, []))
         self.assertEqual(self.laptop.sent, [])
 
@@ -261,7 +228,7 @@ class SetTests(RosterTestCase):
             self.phone,
             f"<item jid='bob@localhost' name='{longest}'><group>{longest}</group></item>",
         )
-        self.assertIsNone(condition(response))
+        self.assertIsNone(error_condition(response))
 
 
 class RemoveTests(RosterTestCase):
@@ -284,7 +251,7 @@ class RemoveTests(RosterTestCase):
             response = await self.roster_set(
                 self.phone, "<item jid='bob@localhost' subscription='remove'/>"
             )
-            self.assertIsNone(condition(response), item)
+            self.assertIsNone(error_condition(response), item)
             self.assertIsNone(await self.stored("bob@localhost"), item)
             self.assertEqual(self.removed, [(ALICE, item)] if notified else [], item)
             for session in (self.phone, self.laptop):
@@ -302,7 +269,7 @@ class RemoveTests(RosterTestCase):
             response = await self.roster_set(
                 self.phone, f"<item jid='{jid}' subscription='remove'/>"
             )
-            self.assertEqual(condition(response), "item-not-found", jid)
+            self.assertEqual(error_condition(response), "item-not-found", jid)
         self.assertIsNotNone(await self.stored("carol@localhost"))
         self.assertEqual(self.removed, [])
         self.assertEqual(self.laptop.sent, [])
@@ -314,7 +281,7 @@ class RemoveTests(RosterTestCase):
         reply = self.roster_set(self.phone, "<item jid='bob@localhost' subscription='remove'/>")
         self.assertNoResult(reply)
         notified.callback(None)
-        self.assertIsNone(condition(self.successResultOf(reply)))
+        self.assertIsNone(error_condition(self.successResultOf(reply)))
 
 
 class PresenceLayerApiTests(RosterTestCase):

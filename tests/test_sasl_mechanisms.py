@@ -10,7 +10,7 @@ from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.xmpp import sasl
 from mim_twisted.xmpp.sasl import mechanism as mechanism_module
 from mim_twisted.xmpp.sasl import mechanism_factory
-from mim_twisted.xmpp.sasl.mechanism import Challenge, ISaslMechanism, Success
+from mim_twisted.xmpp.sasl.mechanism import Challenge, ISaslMechanism, SaslContext, Success
 from mim_twisted.xmpp.sasl.plain import PlainMechanism
 from tests.test_scram import client_final
 
@@ -23,7 +23,7 @@ class MechanismTestMixin:
         self.successResultOf(self.accounts.create_account(DOMAIN, "alice", derive_all("secret")))
 
     def mechanism(self, name: str):
-        return mechanism_factory(name, domain=DOMAIN, accounts=self.accounts, secure=True)
+        return mechanism_factory(name, SaslContext(DOMAIN, self.accounts, secure=True))
 
     def assertFails(self, deferred, condition: str) -> SaslError:
         error = self.failureResultOf(deferred, SaslError).value
@@ -33,7 +33,9 @@ class MechanismTestMixin:
 
 class FactoryTests(MechanismTestMixin, unittest.TestCase):
     def test_registered_mechanisms(self) -> None:
-        self.assertEqual(set(sasl.MECHANISMS), {"SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"})
+        self.assertEqual(
+            set(sasl.MECHANISMS), {"EXTERNAL", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"}
+        )
         for name in sasl.MECHANISMS:
             mechanism = self.mechanism(name)
             self.assertTrue(verifyObject(ISaslMechanism, mechanism))

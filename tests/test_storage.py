@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg2
 from psycopg2.errors import LockNotAvailable
 from psycopg2.extensions import make_dsn
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mim_twisted.storage import open_database
@@ -26,22 +26,30 @@ from mim_twisted.storage.sqlite import SQLiteDatabase
 from tests import pgsupport
 from tests.storage_contract import (
     ALICE,
+    OWNER,
+    SERVICE,
     AccountStoreContract,
     OfflineStoreContract,
+    PubSubStoreContract,
     RosterStoreContract,
     credentials,
+    item,
     message,
 )
 
 BACKENDS = ("sqlite", "postgresql")
 
 
-class MemoryStorageTests(AccountStoreContract, RosterStoreContract, OfflineStoreContract, TestCase):
+class MemoryStorageTests(
+    AccountStoreContract, RosterStoreContract, OfflineStoreContract, PubSubStoreContract, TestCase
+):
     def open_empty_database(self) -> Deferred[IDatabase]:
         return succeed(MemoryDatabase())
 
 
-class SQLiteStorageTests(AccountStoreContract, RosterStoreContract, OfflineStoreContract, TestCase):
+class SQLiteStorageTests(
+    AccountStoreContract, RosterStoreContract, OfflineStoreContract, PubSubStoreContract, TestCase
+):
     def open_empty_database(self) -> Deferred[IDatabase]:
         # In a directory that does not exist yet: the database creates it.
         database = SQLiteDatabase(os.path.join(self.mktemp(), "data", "mim.sqlite3"))
@@ -50,7 +58,7 @@ class SQLiteStorageTests(AccountStoreContract, RosterStoreContract, OfflineStore
 
 
 class PostgresStorageTests(
-    AccountStoreContract, RosterStoreContract, OfflineStoreContract, TestCase
+    AccountStoreContract, RosterStoreContract, OfflineStoreContract, PubSubStoreContract, TestCase
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
         self.dsn = pgsupport.create_temp_database(self)
@@ -80,6 +88,44 @@ class PostgresStorageTests(
         ]
         for change in changes:
             await self.assertFailure(change(), LockNotAvailable)
+
+    async def test_concurrent_publishes_keep_max_items(self) -> None:
+        # Over several connections, so that the transactions overlap: without the node's row
+        # lock, each would trim by what it saw before the others committed.
+        database = PostgresDatabase(self.dsn, pool_size=4)
+        self.addCleanup(database.close)
+        await database.start()
+        await database.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        for _ in range(5):
+            await gatherResults(
+                [database.pubsub.publish_item(SERVICE, "news", item(n), 2) for n in range(12)]
+            )
+            items = await database.pubsub.get_items(SERVICE, "news")
+            self.assertEqual(len(items), 2)
+            self.assertGreater(items[0].modified_at, items[1].modified_at)
+
+    async def test_writes_to_a_node_wait_for_its_row(self) -> None:
+        # What keeps concurrent writes to a node from racing (trimming, the order of
+        # modified_at): each takes the node's row lock, so while another transaction holds it,
+        # they wait, here until their lock_timeout.
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        holder = psycopg2.connect(self.dsn)
+        self.addCleanup(holder.close)
+        with holder.cursor() as cursor:
+            cursor.execute(
+                "SELECT 1 FROM pubsub_nodes WHERE service = %s AND name = %s FOR UPDATE",
+                (SERVICE, "news"),
+            )
+        impatient = PostgresDatabase(make_dsn(self.dsn, options="-c lock_timeout=100"), 1)
+        self.addCleanup(impatient.close)
+        await impatient.start()
+        writes = [
+            lambda: impatient.pubsub.publish_item(SERVICE, "news", item(1), 10),
+            lambda: impatient.pubsub.purge_items(SERVICE, "news"),
+            lambda: impatient.pubsub.set_affiliation(SERVICE, "news", "bob@example.org", "member"),
+        ]
+        for write in writes:
+            await self.assertFailure(write(), LockNotAvailable)
 
 
 def write_schema_dir(path: str, upgrades: dict[int, str]) -> Path:
@@ -247,6 +293,18 @@ class SQLMigrationTests:
         self.assertEqual(
             self.columns("offline_messages"),
             ["id", "server", "username", "sender", "stanza", "stored_at"],
+        )
+        self.assertEqual(
+            self.columns("pubsub_nodes"), ["id", "service", "name", "config", "created_at"]
+        )
+        self.assertEqual(
+            self.columns("pubsub_items"),
+            ["node_id", "item_id", "payload", "publisher", "created_at", "modified_at"],
+        )
+        self.assertEqual(self.columns("pubsub_affiliations"), ["node_id", "jid", "affiliation"])
+        self.assertEqual(
+            self.columns("pubsub_subscriptions"),
+            ["seq", "node_id", "jid", "jid_bare", "subid", "state", "options"],
         )
 
     async def test_upgrade_scripts_run_in_order_and_keep_data(self) -> None:

@@ -1,9 +1,11 @@
 """Message routing between local users (RFC 6121 §8.5), with offline storage (XEP-0160).
 
-To a full JID: that session, or — when the resource is gone — as if to the bare JID for
-normal/chat/headline. To a bare JID: chat and normal go to the available resources with the
-highest non-negative priority, or are stored offline; headline goes to all non-negative
-resources or is dropped; groupchat and unknown accounts get <service-unavailable/>.
+To a full JID: that session (§8.5.3.1), or — when the resource is gone (§8.5.3.2.1) — as if to
+the bare JID for chat, <service-unavailable/> for normal and groupchat, nothing for headline. To
+a bare JID: chat and normal go to the available resources with the highest non-negative
+priority, or are stored offline; headline goes to all non-negative resources or is dropped;
+groupchat gets <service-unavailable/> (§8.5.2). So does any message to an account that does not
+exist (§8.5.1). Errors are never answered, and go nowhere but to an exact full JID.
 """
 
 from typing import Any
@@ -20,7 +22,8 @@ from mim_twisted.storage.interfaces import IAccountStore
 
 log = Logger()
 
-STORED_TYPES = frozenset(("normal", "chat"))
+# RFC 6121 §5.2.2: a message with no 'type', or one that is not understood, is "normal".
+TYPES = frozenset(("normal", "chat", "headline", "groupchat", "error"))
 
 
 class MessageRouter:
@@ -41,36 +44,32 @@ class MessageRouter:
         if self.hooks.has_handlers(hooks.MESSAGE_SENT):
             self.hooks.run(hooks.MESSAGE_SENT, sender, message)
         kind = message.getAttribute("type", "normal")
-        if recipient.resource is not None:
+        if kind not in TYPES:
+            kind = "normal"
+        full = recipient.resource is not None
+        if full:
             session = self.sessions.session(recipient)
             if session is not None:
                 self._deliver([session], message)
                 return
-            if kind in ("groupchat", "error"):
-                if kind == "groupchat":
-                    reply_error(sender, message, "service-unavailable")
-                return
-        await self._to_bare(sender, message, recipient.userhostJID(), kind)
-
-    async def _to_bare(self, sender: Any, message: domish.Element, bare: JID, kind: str) -> None:
-        available = [
-            s for s in self.sessions.sessions_of(bare) if s.presence is not None and s.priority >= 0
-        ]
-        if kind == "headline":
-            self._deliver(available, message)
-            return
         if kind == "error":
             return
-        if kind == "groupchat":
+        bare = recipient.userhostJID()
+        sessions = self.sessions.sessions_of(bare)
+        if not sessions and not await self.accounts.account_exists(bare.host, bare.user):
             reply_error(sender, message, "service-unavailable")
             return
-        if available:
+        if kind == "groupchat" or (full and kind == "normal"):
+            reply_error(sender, message, "service-unavailable")
+            return
+        available = [s for s in sessions if s.presence is not None and s.priority >= 0]
+        if kind == "headline":
+            if not full:
+                self._deliver(available, message)
+        elif available:
             top = max(s.priority for s in available)
             self._deliver([s for s in available if s.priority == top], message)
-            return
-        if not await self.accounts.account_exists(bare.host, bare.user):
-            reply_error(sender, message, "service-unavailable")
-        elif kind in STORED_TYPES and not await self.offline.keep(bare, message):
+        elif not await self.offline.keep(bare, message):
             reply_error(sender, message, "resource-constraint", "Offline storage is full")
 
     def _deliver(self, sessions: list, message: domish.Element) -> None:

@@ -26,14 +26,25 @@ class OfflineDelivery:
         self.max_messages = max_messages
 
     def keep(self, recipient: JID, message: domish.Element) -> defer.Deferred:
-        """Store a message for the bare JID; fires with False when the user's store is full."""
+        """Store a message for the bare JID; fires with False when the user's store is full.
+
+        The delay stamp goes on a copy: the message, which a bounce may still echo, is left as
+        it is.
+        """
         now = datetime.datetime.now(datetime.UTC)
-        delay = message.addElement((NS_DELAY, "delay"))
+        delay = domish.Element((NS_DELAY, "delay"))
         delay["from"] = recipient.host
         delay["stamp"] = delay_stamp(now)
+        stamped = domish.Element(
+            (message.uri, message.name),
+            message.defaultUri,
+            dict(message.attributes),
+            dict(message.localPrefixes),
+        )
+        stamped.children = [*message.children, delay]
         record = OfflineMessage(
             sender=message.getAttribute("from", ""),
-            stanza=message.toXml(defaultUri="jabber:client"),
+            stanza=stamped.toXml(defaultUri="jabber:client"),
             stored_at=now,
         )
         return self.store.store(recipient.host, recipient.user, record, self.max_messages)

@@ -11,6 +11,7 @@ are handled one at a time, in order, because handling one may wait for the datab
 """
 
 import dataclasses
+import re
 from typing import Any
 
 from twisted.internet import defer
@@ -30,6 +31,7 @@ log = Logger()
 
 SUBSCRIPTION_TYPES = frozenset(("subscribe", "subscribed", "unsubscribe", "unsubscribed"))
 BROADCAST_TYPES = (None, "unavailable")
+PRIORITY = re.compile(r"[+-]?[0-9]+")  # an xs:byte lexically; Python's int() also takes "1_0"
 
 
 def parse_priority(presence: domish.Element) -> int | None:
@@ -37,10 +39,10 @@ def parse_priority(presence: domish.Element) -> int | None:
     element = next(presence.elements(presence.uri, "priority"), None)
     if element is None:
         return 0
-    try:
-        value = int(str(element).strip())
-    except ValueError:
+    text = str(element).strip()
+    if not PRIORITY.fullmatch(text):
         return None
+    value = int(text)
     return value if -128 <= value <= 127 else None
 
 
@@ -74,9 +76,11 @@ class PresenceService:
         self._serialise(session, self._handle, session, presence)
 
     def session_ended(self, session: Any) -> None:
-        """The connection is gone: an available session goes unavailable for everyone."""
-        if session.presence is not None or session.directed_to:
-            self._serialise(session, self._unavailable, session, None)
+        """The connection is gone and the session unbound: it goes unavailable for everyone.
+
+        Queued after the session's presence work, which, finding the session gone, is skipped.
+        """
+        self._serialise(session, self._ended, session)
 
     def idle(self) -> defer.Deferred:
         """Fires when the presence work under way now has finished."""
@@ -110,7 +114,13 @@ class PresenceService:
     def _log_failure(failure: Any, session: Any) -> None:
         log.failure("presence handling for {jid}", failure, jid=session.jid.full())
 
+    def _gone(self, session: Any) -> bool:
+        """The session was unbound or replaced: what it sent is no longer to be acted on."""
+        return self.sessions.session(session.jid) is not session
+
     async def _handle(self, session: Any, presence: domish.Element) -> None:
+        if self._gone(session):
+            return  # it ended while this stanza waited for its turn
         kind = presence.getAttribute("type")
         to = presence.getAttribute("to")
         if to is None:
@@ -139,36 +149,48 @@ class PresenceService:
         if priority is None:
             reply_error(session, presence, "bad-request", "Priority must be -128..127")
             return
-        initial = session.presence is None
-        session.presence = presence
-        session.priority = priority
         owner = session.jid.userhostJID()
         _, items = await self.rosters.get_roster(owner.host, owner.user)
+        if self._gone(session):
+            return  # it ended while the roster was read: nothing was announced
+        initial = session.presence is None
+        was_negative = session.priority < 0
+        session.presence = presence
+        session.priority = priority
         self._broadcast(session, presence, items)
         for listener in self.caps_listeners:
             listener(session, presence)
-        if not initial:
-            return
-        self._send_contacts_presence(session, items)
-        for item in items:
-            if item.pending_in and item.pending_in_stanza:
-                session.send(item.pending_in_stanza)
-        if priority >= 0:
+        if initial:
+            self._send_contacts_presence(session, items)
+            for item in items:
+                if item.pending_in and item.pending_in_stanza:
+                    session.send(item.pending_in_stanza)
+        # XEP-0160: offline messages go to the first non-negative available presence.
+        if priority >= 0 and (initial or was_negative):
             await self.offline.deliver(session)
-        await self.hooks.run(hooks.USER_AVAILABLE, session)
+        if initial:
+            await self.hooks.run(hooks.USER_AVAILABLE, session)
+
+    async def _ended(self, session: Any) -> None:
+        if session.presence is not None or session.directed_to:
+            await self._unavailable(session, None)
 
     async def _unavailable(self, session: Any, presence: domish.Element | None) -> None:
+        """Broadcast unavailable presence: the client's, or (None) one for a lost connection."""
         was_available = session.presence is not None
         session.presence = None
-        if presence is None:
-            presence = domish.Element((None, "presence"))
-            presence["type"] = "unavailable"
-            presence["from"] = session.jid.full()
-        owner = session.jid.userhostJID()
-        _, items = await self.rosters.get_roster(owner.host, owner.user)
-        self._broadcast(session, presence, items)
+        sent = presence
+        if sent is None:
+            sent = domish.Element((None, "presence"))
+            sent["type"] = "unavailable"
+            sent["from"] = session.jid.full()
+        if was_available:
+            # Contacts and other resources never told of this one's availability hear no end.
+            owner = session.jid.userhostJID()
+            _, items = await self.rosters.get_roster(owner.host, owner.user)
+            self._broadcast(session, sent, items)
         for jid in sorted(session.directed_to):
-            self._deliver(presence, internJID(jid))
+            self._deliver(sent, internJID(jid))
         session.directed_to.clear()
         if was_available:
             await self.hooks.run(hooks.USER_UNAVAILABLE, session, presence)
@@ -226,17 +248,20 @@ class PresenceService:
         outcome = subscription.outbound(subscription.state_of(item), kind)
         if outcome.changed:
             await self._store(user, subscription.apply(item, outcome.state))
-        if outcome.send_presence is not None:
-            self._send_presence_of(user, contact, outcome.send_presence)
-        if not outcome.route:
-            return
-        if contact.host not in self.domains:
-            reply_error(session, presence, "remote-server-not-found")
-            return
-        # Subscription stanzas travel between bare JIDs (RFC 6121 §3.1.2).
-        presence["from"] = user.full()
-        presence["to"] = contact.full()
-        await self._inbound_subscription(contact, user, kind, presence)
+        if outcome.send_presence == "unavailable":
+            # §3.2.2: the contact sees the presence end while still subscribed to it.
+            self._send_presence_of(user, contact, "unavailable")
+        if outcome.route:
+            if contact.host not in self.domains:
+                reply_error(session, presence, "remote-server-not-found")
+                return
+            # Subscription stanzas travel between bare JIDs (RFC 6121 §3.1.2).
+            presence["from"] = user.full()
+            presence["to"] = contact.full()
+            await self._inbound_subscription(contact, user, kind, presence)
+        if outcome.send_presence == "available":
+            # §3.1.5: the approval first, then the presence it lets the contact see.
+            self._send_presence_of(user, contact, "available")
 
     async def _inbound_subscription(
         self, owner: JID, sender: JID, kind: str, presence: domish.Element
@@ -270,9 +295,9 @@ class PresenceService:
         reply["type"] = kind
         reply["from"] = owner.full()
         reply["to"] = sender.full()
-        if kind == "subscribed":
-            self._send_presence_of(owner, sender, "available")
         await self._inbound_subscription(sender, owner, kind, reply)
+        if kind == "subscribed":
+            self._send_presence_of(owner, sender, "available")  # after it, as in §3.1.5
 
     async def _store(self, owner: JID, item: RosterItem) -> None:
         if not item.in_roster and subscription.state_of(item) == subscription.State():

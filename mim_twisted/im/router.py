@@ -59,21 +59,26 @@ class Router:
         self.hooks = hooks_table
         self.server_iq: dict[tuple[str, str], IqHandler] = {}
         self.account_iq: dict[tuple[str, str], IqHandler] = {}
+        # Services on their own domain (pubsub.<domain>): every stanza addressed to that domain
+        # goes to `handler(session, stanza, recipient)`.
+        self.components: dict[str, Callable[[Any, domish.Element, JID], None]] = {}
         self._queries: dict[str, tuple[str, defer.Deferred]] = {}
 
     # -- IQ -------------------------------------------------------------------------------
 
     def route_from_client(self, session: Any, stanza: domish.Element) -> None:
-        if stanza.name == "presence":
-            self.presence.handle(session, stanza)
-            return
         to = stanza.getAttribute("to")
         try:
             recipient = internJID(to) if to else session.jid.userhostJID()
         except (InvalidFormat, UnicodeError):
             reply_error(session, stanza, "jid-malformed")
             return
-        if stanza.name == "iq" and recipient.resource is None:
+        component = self.components.get(recipient.host)
+        if component is not None:
+            component(session, stanza, recipient)
+        elif stanza.name == "presence":
+            self.presence.handle(session, stanza)
+        elif stanza.name == "iq" and recipient.resource is None:
             self._handle_iq(session, stanza, recipient)
         elif recipient.host not in self.domains:
             reply_error(session, stanza, "remote-server-not-found")

@@ -4,7 +4,7 @@
 # ruff: noqa: N805
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from zope.interface import Attribute, Interface
 
@@ -165,6 +165,35 @@ class IOfflineStore(Interface):
         """Deferred firing with the number of stored messages."""
 
 
+# A node's affiliations (XEP-0060 §4.1); "none" is stored as no row.
+AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
+SUBSCRIPTION_STATES = ("subscribed", "pending", "unconfigured")
+
+
+def check_affiliation(affiliation: str) -> None:
+    """Raise ValueError unless ``affiliation`` is one of AFFILIATIONS.
+
+    The stores check before writing, so that every backend fails alike, not with its own
+    constraint error."""
+    if affiliation not in AFFILIATIONS:
+        raise ValueError(f"unknown affiliation {affiliation!r}")
+
+
+def check_subscription_state(state: str) -> None:
+    """Raise ValueError unless ``state`` is one of SUBSCRIPTION_STATES (see check_affiliation)."""
+    if state not in SUBSCRIPTION_STATES:
+        raise ValueError(f"unknown subscription state {state!r}")
+
+
+def next_modified_at(now: datetime, newest: datetime | None) -> datetime:
+    """The ``modified_at`` of an item published ``now`` on a node whose newest item has
+    ``newest``: later than it even when the clock has not moved on (or went back), so that
+    "newest first" is one order on every backend."""
+    if newest is None or now > newest:
+        return now
+    return newest + timedelta(microseconds=1)
+
+
 class NodeExists(Exception):
     """``create_node`` for a (service, name) that already exists."""
 
@@ -213,17 +242,27 @@ class IPubSubStore(Interface):
     """Nodes, items, affiliations and subscriptions of PubSub services and PEP.
 
     Nodes are unique by (service, name). Deleting a node deletes its items, affiliations and
-    subscriptions. Affiliation JIDs are bare JIDs; "none" is stored as no row.
+    subscriptions. Affiliation JIDs are bare JIDs; "none" is stored as no row. Configs and
+    subscription options are stored as JSON: they come back equal to what was given (str, int,
+    bool, list of str values), as new objects. Times are set by the store and come back as
+    timezone-aware UTC datetimes.
+
+    Writes to a node that does not exist fail NodeNotFound; reads of one find nothing (None, {},
+    []) and removals of one thing on one (``retract_item``, ``remove_subscription``) fire False.
+    An affiliation not in AFFILIATIONS or a subscription state not in SUBSCRIPTION_STATES fails
+    ValueError.
     """
 
     def create_node(service, name, config, owner):
-        """Create the node with ``owner`` (bare JID) affiliated as "owner"; fails NodeExists."""
+        """Create the node with ``owner`` (bare JID) affiliated as "owner"; fails NodeExists.
+
+        Atomic: of concurrent creations of one node, one succeeds and the others fail."""
 
     def get_node(service, name):
-        """Deferred firing with the PubSubNode or None."""
+        """Deferred firing with the PubSubNode (its ``created_at`` set) or None."""
 
     def list_nodes(service):
-        """Deferred firing with the service's nodes sorted by name."""
+        """Deferred firing with the service's nodes sorted by name (code point)."""
 
     def set_node_config(service, name, config):
         """Replace the node's config; fails NodeNotFound."""
@@ -245,13 +284,16 @@ class IPubSubStore(Interface):
 
     def subscriptions_of(service, jid):
         """Deferred firing with [(node name, PubSubSubscription)] of a JID on the service: for a
-        bare JID, its own and those of all its full JIDs; for a full JID, its own only."""
+        bare JID, its own and those of all its full JIDs; for a full JID, its own only. Sorted by
+        node name (code point), then subscription order."""
 
     def add_subscription(service, name, subscription):
-        """Add a subscription (fails NodeNotFound)."""
+        """Add a subscription, last in subscription order; fails NodeNotFound. One with the
+        jid and subid of an existing one replaces its state and options, keeping its place."""
 
     def update_subscription(service, name, subscription):
-        """Replace state and options of the subscription with that jid and subid."""
+        """Replace state and options of the subscription with that jid and subid; Deferred
+        firing with True if it existed (False: nothing changed); fails NodeNotFound."""
 
     def remove_subscription(service, name, jid, subid):
         """Remove one subscription; Deferred firing with True if it existed."""
@@ -259,14 +301,17 @@ class IPubSubStore(Interface):
     def publish_item(service, name, item, max_items):
         """Insert or replace the item by id (keeping created_at, updating modified_at) and, in
         the same transaction, delete all but the newest ``max_items`` items (None = no limit);
-        fails NodeNotFound."""
+        fails NodeNotFound.
+
+        The item's own times are ignored. ``modified_at`` is now, or a microsecond after the
+        node's newest item if that is not earlier, so that the newest item is always one."""
 
     def get_items(service, name, max_items=None, item_ids=None):
         """Deferred firing with items newest first (by modified_at), at most ``max_items``,
-        only those in ``item_ids`` when given."""
+        only those in ``item_ids`` when given (ids not on the node are left out)."""
 
     def retract_item(service, name, item_id):
         """Delete one item; Deferred firing with True if it existed."""
 
     def purge_items(service, name):
-        """Delete all items of the node."""
+        """Delete all items of the node; fails NodeNotFound."""

@@ -1,8 +1,9 @@
 """Storage in dictionaries, for tests: the behaviour of the SQL backends without a database."""
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -15,9 +16,18 @@ from mim_twisted.storage.interfaces import (
     IAccountStore,
     IDatabase,
     IOfflineStore,
+    IPubSubStore,
     IRosterStore,
+    NodeExists,
+    NodeNotFound,
     OfflineMessage,
+    PubSubItem,
+    PubSubNode,
+    PubSubSubscription,
     RosterItem,
+    check_affiliation,
+    check_subscription_state,
+    next_modified_at,
 )
 
 
@@ -135,6 +145,199 @@ class MemoryOfflineStore:
         return succeed(len(self._messages.get((domain, username), [])))
 
 
+def _json_copy(value: dict) -> dict:
+    # Through JSON, as the SQL backends store it: a caller mutating the mapping cannot change what
+    # is stored, and a value that is not JSON fails here as it would there.
+    return json.loads(json.dumps(value))
+
+
+@dataclass
+class _Node:
+    config: dict
+    created_at: datetime
+    affiliations: dict[str, str] = field(default_factory=dict)
+    # By (jid, subid), in insertion order, which is the subscription order.
+    subscriptions: dict[tuple[str, str], PubSubSubscription] = field(default_factory=dict)
+    items: dict[str, PubSubItem] = field(default_factory=dict)
+
+    def newest_first(self) -> list[PubSubItem]:
+        return sorted(self.items.values(), key=lambda item: item.modified_at, reverse=True)
+
+
+@implementer(IPubSubStore)
+class MemoryPubSubStore:
+    def __init__(self) -> None:
+        self._nodes: dict[tuple[str, str], _Node] = {}
+
+    def _node(self, service: str, name: str) -> _Node:
+        try:
+            return self._nodes[service, name]
+        except KeyError:
+            raise NodeNotFound(f"{service} {name}") from None
+
+    def create_node(
+        self, service: str, name: str, config: Mapping[str, Any], owner: str
+    ) -> Deferred[None]:
+        if (service, name) in self._nodes:
+            return fail(NodeExists(f"{service} {name}"))
+        node = _Node(config=_json_copy(dict(config)), created_at=datetime.now(UTC))
+        node.affiliations[owner] = "owner"
+        self._nodes[service, name] = node
+        return succeed(None)
+
+    def get_node(self, service: str, name: str) -> Deferred[PubSubNode | None]:
+        node = self._nodes.get((service, name))
+        if node is None:
+            return succeed(None)
+        return succeed(PubSubNode(service, name, _json_copy(node.config), node.created_at))
+
+    def list_nodes(self, service: str) -> Deferred[list[PubSubNode]]:
+        return succeed(
+            [
+                PubSubNode(service, name, _json_copy(node.config), node.created_at)
+                for (key, name), node in sorted(self._nodes.items())
+                if key == service
+            ]
+        )
+
+    def set_node_config(self, service: str, name: str, config: Mapping[str, Any]) -> Deferred[None]:
+        try:
+            self._node(service, name).config = _json_copy(dict(config))
+        except NodeNotFound:
+            return fail()
+        return succeed(None)
+
+    def delete_node(self, service: str, name: str) -> Deferred[None]:
+        if self._nodes.pop((service, name), None) is None:
+            return fail(NodeNotFound(f"{service} {name}"))
+        return succeed(None)
+
+    def get_affiliations(self, service: str, name: str) -> Deferred[dict[str, str]]:
+        node = self._nodes.get((service, name))
+        return succeed({} if node is None else dict(node.affiliations))
+
+    def set_affiliation(
+        self, service: str, name: str, jid: str, affiliation: str
+    ) -> Deferred[None]:
+        try:
+            check_affiliation(affiliation)
+            node = self._node(service, name)
+        except (ValueError, NodeNotFound):
+            return fail()
+        if affiliation == "none":
+            node.affiliations.pop(jid, None)
+        else:
+            node.affiliations[jid] = affiliation
+        return succeed(None)
+
+    def affiliations_of(self, service: str, jid: str) -> Deferred[dict[str, str]]:
+        return succeed(
+            {
+                name: node.affiliations[jid]
+                for (key, name), node in sorted(self._nodes.items())
+                if key == service and jid in node.affiliations
+            }
+        )
+
+    def get_subscriptions(self, service: str, name: str) -> Deferred[list[PubSubSubscription]]:
+        node = self._nodes.get((service, name))
+        return succeed([] if node is None else [_copy(s) for s in node.subscriptions.values()])
+
+    def subscriptions_of(
+        self, service: str, jid: str
+    ) -> Deferred[list[tuple[str, PubSubSubscription]]]:
+        def matches(subscriber: str) -> bool:
+            return subscriber == jid or ("/" not in jid and subscriber.startswith(jid + "/"))
+
+        return succeed(
+            [
+                (name, _copy(subscription))
+                for (key, name), node in sorted(self._nodes.items())
+                if key == service
+                for subscription in node.subscriptions.values()
+                if matches(subscription.jid)
+            ]
+        )
+
+    def add_subscription(
+        self, service: str, name: str, subscription: PubSubSubscription
+    ) -> Deferred[None]:
+        try:
+            check_subscription_state(subscription.state)
+            node = self._node(service, name)
+        except (ValueError, NodeNotFound):
+            return fail()
+        # An existing (jid, subid) is replaced in its place, as the SQL upsert keeps its order.
+        node.subscriptions[subscription.jid, subscription.subid] = _copy(subscription)
+        return succeed(None)
+
+    def update_subscription(
+        self, service: str, name: str, subscription: PubSubSubscription
+    ) -> Deferred[bool]:
+        try:
+            check_subscription_state(subscription.state)
+            node = self._node(service, name)
+        except (ValueError, NodeNotFound):
+            return fail()
+        key = subscription.jid, subscription.subid
+        if key not in node.subscriptions:
+            return succeed(False)
+        node.subscriptions[key] = _copy(subscription)
+        return succeed(True)
+
+    def remove_subscription(self, service: str, name: str, jid: str, subid: str) -> Deferred[bool]:
+        node = self._nodes.get((service, name))
+        return succeed(node is not None and node.subscriptions.pop((jid, subid), None) is not None)
+
+    def publish_item(
+        self, service: str, name: str, item: PubSubItem, max_items: int | None
+    ) -> Deferred[None]:
+        try:
+            node = self._node(service, name)
+        except NodeNotFound:
+            return fail()
+        newest = max((i.modified_at for i in node.items.values()), default=None)
+        modified_at = next_modified_at(datetime.now(UTC), newest)
+        previous = node.items.get(item.item_id)
+        created_at = modified_at if previous is None else previous.created_at
+        node.items[item.item_id] = replace(item, created_at=created_at, modified_at=modified_at)
+        if max_items is not None:
+            for old in node.newest_first()[max_items:]:
+                del node.items[old.item_id]
+        return succeed(None)
+
+    def get_items(
+        self,
+        service: str,
+        name: str,
+        max_items: int | None = None,
+        item_ids: Iterable[str] | None = None,
+    ) -> Deferred[list[PubSubItem]]:
+        node = self._nodes.get((service, name))
+        if node is None:
+            return succeed([])
+        items = node.newest_first()
+        if item_ids is not None:
+            wanted = set(item_ids)
+            items = [item for item in items if item.item_id in wanted]
+        return succeed(items if max_items is None else items[:max_items])
+
+    def retract_item(self, service: str, name: str, item_id: str) -> Deferred[bool]:
+        node = self._nodes.get((service, name))
+        return succeed(node is not None and node.items.pop(item_id, None) is not None)
+
+    def purge_items(self, service: str, name: str) -> Deferred[None]:
+        try:
+            self._node(service, name).items.clear()
+        except NodeNotFound:
+            return fail()
+        return succeed(None)
+
+
+def _copy(subscription: PubSubSubscription) -> PubSubSubscription:
+    return replace(subscription, options=_json_copy(subscription.options))
+
+
 @implementer(IDatabase)
 class MemoryDatabase:
     """A database that is born at the newest schema version, so migrating it changes nothing."""
@@ -143,6 +346,7 @@ class MemoryDatabase:
         self.accounts = MemoryAccountStore()
         self.rosters = MemoryRosterStore(self.accounts)
         self.offline = MemoryOfflineStore(self.accounts)
+        self.pubsub = MemoryPubSubStore()
 
     def schema_version(self) -> Deferred[int]:
         return succeed(migrations.newest_version())

@@ -64,6 +64,7 @@ class PostgresDatabase:
         self.accounts = sql.SQLAccountStore(self._run)
         self.rosters = sql.SQLRosterStore(self._run)
         self.offline = sql.SQLOfflineStore(self._run)
+        self.pubsub = sql.SQLPubSubStore(self._run)
 
     def _run(self, transaction: sql.Transaction[T]) -> Deferred[T]:
         return self._pool.runInteraction(_execute, transaction)

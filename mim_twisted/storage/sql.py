@@ -13,8 +13,9 @@ blocking calls on adbapi's thread and PostgreSQL on the reactor.
 """
 
 import functools
+import json
 from collections import defaultdict
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -27,9 +28,18 @@ from mim_twisted.storage.interfaces import (
     AccountNotFound,
     IAccountStore,
     IOfflineStore,
+    IPubSubStore,
     IRosterStore,
+    NodeExists,
+    NodeNotFound,
     OfflineMessage,
+    PubSubItem,
+    PubSubNode,
+    PubSubSubscription,
     RosterItem,
+    check_affiliation,
+    check_subscription_state,
+    next_modified_at,
 )
 
 T = TypeVar("T")
@@ -91,6 +101,82 @@ DELETE_OFFLINE_MESSAGES = (
     "DELETE FROM offline_messages WHERE server = ? AND username = ?"
     " RETURNING id, sender, stanza, stored_at"
 )
+
+INSERT_NODE = (
+    "INSERT INTO pubsub_nodes (service, name, config, created_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT DO NOTHING RETURNING id"
+)
+SELECT_NODE = "SELECT config, created_at FROM pubsub_nodes WHERE service = ? AND name = ?"
+SELECT_NODES = "SELECT name, config, created_at FROM pubsub_nodes WHERE service = ?"
+LOCK_NODE = "SELECT id FROM pubsub_nodes WHERE service = ? AND name = ?" + FOR_UPDATE
+NODE_ID = "(SELECT id FROM pubsub_nodes WHERE service = ? AND name = ?)"
+UPDATE_NODE_CONFIG = "UPDATE pubsub_nodes SET config = ? WHERE service = ? AND name = ? RETURNING 1"
+DELETE_NODE = "DELETE FROM pubsub_nodes WHERE service = ? AND name = ? RETURNING 1"
+
+SELECT_AFFILIATIONS = (
+    "SELECT a.jid, a.affiliation FROM pubsub_affiliations AS a"
+    " JOIN pubsub_nodes AS n ON n.id = a.node_id WHERE n.service = ? AND n.name = ?"
+)
+SELECT_AFFILIATIONS_OF = (
+    "SELECT n.name, a.affiliation FROM pubsub_affiliations AS a"
+    " JOIN pubsub_nodes AS n ON n.id = a.node_id WHERE a.jid = ? AND n.service = ?"
+)
+UPSERT_AFFILIATION = (
+    "INSERT INTO pubsub_affiliations (node_id, jid, affiliation) VALUES (?, ?, ?)"
+    " ON CONFLICT (node_id, jid) DO UPDATE SET affiliation = excluded.affiliation"
+)
+DELETE_AFFILIATION = "DELETE FROM pubsub_affiliations WHERE node_id = ? AND jid = ?"
+
+SELECT_SUBSCRIPTIONS = (
+    "SELECT s.jid, s.subid, s.state, s.options FROM pubsub_subscriptions AS s"
+    " JOIN pubsub_nodes AS n ON n.id = s.node_id WHERE n.service = ? AND n.name = ?"
+    " ORDER BY s.seq"
+)
+# Both by the (jid_bare, jid) index: a bare JID's own subscriptions and its full JIDs', or one
+# full JID's.
+SELECT_SUBSCRIPTIONS_OF_BARE = (
+    "SELECT n.name, s.jid, s.subid, s.state, s.options FROM pubsub_subscriptions AS s"
+    " JOIN pubsub_nodes AS n ON n.id = s.node_id WHERE s.jid_bare = ? AND n.service = ?"
+    " ORDER BY s.seq"
+)
+SELECT_SUBSCRIPTIONS_OF_FULL = (
+    "SELECT n.name, s.jid, s.subid, s.state, s.options FROM pubsub_subscriptions AS s"
+    " JOIN pubsub_nodes AS n ON n.id = s.node_id"
+    " WHERE s.jid_bare = ? AND s.jid = ? AND n.service = ? ORDER BY s.seq"
+)
+UPSERT_SUBSCRIPTION = (
+    "INSERT INTO pubsub_subscriptions (node_id, jid, jid_bare, subid, state, options)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, jid, subid)"
+    " DO UPDATE SET state = excluded.state, options = excluded.options"
+)
+UPDATE_SUBSCRIPTION = (
+    "UPDATE pubsub_subscriptions SET state = ?, options = ?"
+    " WHERE node_id = ? AND jid = ? AND subid = ? RETURNING 1"
+)
+DELETE_SUBSCRIPTION = (
+    f"DELETE FROM pubsub_subscriptions WHERE node_id = {NODE_ID} AND jid = ? AND subid = ?"
+    " RETURNING 1"
+)
+
+NEWEST_MODIFIED_AT = "SELECT max(modified_at) FROM pubsub_items WHERE node_id = ?"
+UPSERT_ITEM = (
+    "INSERT INTO pubsub_items (node_id, item_id, payload, publisher, created_at, modified_at)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, item_id) DO UPDATE SET"
+    " payload = excluded.payload, publisher = excluded.publisher,"
+    " modified_at = excluded.modified_at"
+)
+TRIM_ITEMS = (
+    "DELETE FROM pubsub_items WHERE node_id = ? AND item_id NOT IN"
+    " (SELECT item_id FROM pubsub_items WHERE node_id = ? ORDER BY modified_at DESC LIMIT ?)"
+)
+SELECT_ITEMS = (
+    "SELECT i.item_id, i.payload, i.publisher, i.created_at, i.modified_at"
+    " FROM pubsub_items AS i JOIN pubsub_nodes AS n ON n.id = i.node_id"
+    " WHERE n.service = ? AND n.name = ?"
+)
+NEWEST_FIRST = " ORDER BY i.modified_at DESC"
+DELETE_ITEM = f"DELETE FROM pubsub_items WHERE node_id = {NODE_ID} AND item_id = ? RETURNING 1"
+DELETE_ITEMS = "DELETE FROM pubsub_items WHERE node_id = ?"
 
 
 class _SQLStore:
@@ -288,3 +374,204 @@ class SQLOfflineStore(_SQLStore):
     def count(self, domain: str, username: str) -> Transaction[int]:
         rows = yield COUNT_OFFLINE_MESSAGES, (domain, username)
         return rows[0][0]
+
+
+def _bare(jid: str) -> str:
+    # A domainpart or localpart never contains "/": the first one starts the resource.
+    return jid.partition("/")[0]
+
+
+def _placeholders(count: int) -> str:
+    """``count`` placeholders for an IN list, rounded up to a power of two (the caller repeats
+    a value to fill them): a few statement texts serve every count, which keeps the drivers'
+    statement caches and postgres.py's translation cache small."""
+    return ", ".join("?" * (1 << (count - 1).bit_length()))
+
+
+def _subscription(jid: str, subid: str, state: str, options: str) -> PubSubSubscription:
+    return PubSubSubscription(jid=jid, subid=subid, state=state, options=json.loads(options))
+
+
+def _lock_node(service: str, name: str) -> Transaction[int]:
+    """The node's id, its row locked; NodeNotFound if there is no such node."""
+    rows = yield LOCK_NODE, (service, name)
+    if not rows:
+        raise NodeNotFound(f"{service} {name}")
+    return rows[0][0]
+
+
+@implementer(IPubSubStore)
+class SQLPubSubStore(_SQLStore):
+    """Writes to a node first lock its row (LOCK_NODE): in PostgreSQL concurrent writes to one
+    node then run one after the other, so that trimming and the growth of modified_at see every
+    earlier publication, and a write that follows a delete_node finds the node gone
+    (NodeNotFound) rather than violating a foreign key."""
+
+    @transaction
+    def create_node(
+        self, service: str, name: str, config: Mapping[str, Any], owner: str
+    ) -> Transaction[None]:
+        # ON CONFLICT, not a check first: of concurrent creations exactly one inserts.
+        now = _utc_text(datetime.now(UTC))
+        rows = yield INSERT_NODE, (service, name, json.dumps(config), now)
+        if not rows:
+            raise NodeExists(f"{service} {name}")
+        yield UPSERT_AFFILIATION, (rows[0][0], owner, "owner")
+
+    @transaction
+    def get_node(self, service: str, name: str) -> Transaction[PubSubNode | None]:
+        rows = yield SELECT_NODE, (service, name)
+        if not rows:
+            return None
+        ((config, created_at),) = rows
+        return PubSubNode(service, name, json.loads(config), _utc_datetime(created_at))
+
+    @transaction
+    def list_nodes(self, service: str) -> Transaction[list[PubSubNode]]:
+        rows = yield SELECT_NODES, (service,)
+        # Sorted here, not by ORDER BY, whose order depends on the database's collation.
+        return [
+            PubSubNode(service, name, json.loads(config), _utc_datetime(created_at))
+            for name, config, created_at in sorted(rows)
+        ]
+
+    @transaction
+    def set_node_config(
+        self, service: str, name: str, config: Mapping[str, Any]
+    ) -> Transaction[None]:
+        if not (yield UPDATE_NODE_CONFIG, (json.dumps(config), service, name)):
+            raise NodeNotFound(f"{service} {name}")
+
+    @transaction
+    def delete_node(self, service: str, name: str) -> Transaction[None]:
+        # Items, affiliations and subscriptions go with it: ON DELETE CASCADE.
+        if not (yield DELETE_NODE, (service, name)):
+            raise NodeNotFound(f"{service} {name}")
+
+    @transaction
+    def get_affiliations(self, service: str, name: str) -> Transaction[dict[str, str]]:
+        return dict((yield SELECT_AFFILIATIONS, (service, name)))
+
+    @transaction
+    def set_affiliation(
+        self, service: str, name: str, jid: str, affiliation: str
+    ) -> Transaction[None]:
+        check_affiliation(affiliation)
+        node_id = yield from _lock_node(service, name)
+        if affiliation == "none":
+            yield DELETE_AFFILIATION, (node_id, jid)
+        else:
+            yield UPSERT_AFFILIATION, (node_id, jid, affiliation)
+
+    @transaction
+    def affiliations_of(self, service: str, jid: str) -> Transaction[dict[str, str]]:
+        return dict(sorted((yield SELECT_AFFILIATIONS_OF, (jid, service))))
+
+    @transaction
+    def get_subscriptions(self, service: str, name: str) -> Transaction[list[PubSubSubscription]]:
+        rows = yield SELECT_SUBSCRIPTIONS, (service, name)
+        return [_subscription(*row) for row in rows]
+
+    @transaction
+    def subscriptions_of(
+        self, service: str, jid: str
+    ) -> Transaction[list[tuple[str, PubSubSubscription]]]:
+        if "/" in jid:
+            rows = yield SELECT_SUBSCRIPTIONS_OF_FULL, (_bare(jid), jid, service)
+        else:
+            rows = yield SELECT_SUBSCRIPTIONS_OF_BARE, (jid, service)
+        # By node name here (a stable sort keeps each node's seq order), not by ORDER BY, whose
+        # order depends on the database's collation.
+        return sorted(
+            ((name, _subscription(*subscription)) for name, *subscription in rows),
+            key=lambda pair: pair[0],
+        )
+
+    @transaction
+    def add_subscription(
+        self, service: str, name: str, subscription: PubSubSubscription
+    ) -> Transaction[None]:
+        check_subscription_state(subscription.state)
+        node_id = yield from _lock_node(service, name)
+        row = (
+            node_id,
+            subscription.jid,
+            _bare(subscription.jid),
+            subscription.subid,
+            subscription.state,
+            json.dumps(subscription.options),
+        )
+        yield UPSERT_SUBSCRIPTION, row
+
+    @transaction
+    def update_subscription(
+        self, service: str, name: str, subscription: PubSubSubscription
+    ) -> Transaction[bool]:
+        check_subscription_state(subscription.state)
+        node_id = yield from _lock_node(service, name)
+        options = json.dumps(subscription.options)
+        row = (subscription.state, options, node_id, subscription.jid, subscription.subid)
+        return bool((yield UPDATE_SUBSCRIPTION, row))
+
+    @transaction
+    def remove_subscription(
+        self, service: str, name: str, jid: str, subid: str
+    ) -> Transaction[bool]:
+        return bool((yield DELETE_SUBSCRIPTION, (service, name, jid, subid)))
+
+    @transaction
+    def publish_item(
+        self, service: str, name: str, item: PubSubItem, max_items: int | None
+    ) -> Transaction[None]:
+        node_id = yield from _lock_node(service, name)
+        ((newest,),) = yield NEWEST_MODIFIED_AT, (node_id,)
+        modified_at = next_modified_at(
+            datetime.now(UTC), None if newest is None else _utc_datetime(newest)
+        )
+        # created_at is written only by the insert: a replaced item keeps its own.
+        now = _utc_text(modified_at)
+        yield UPSERT_ITEM, (node_id, item.item_id, item.payload, item.publisher, now, now)
+        if max_items is not None:
+            yield TRIM_ITEMS, (node_id, node_id, max_items)
+
+    @transaction
+    def get_items(
+        self,
+        service: str,
+        name: str,
+        max_items: int | None = None,
+        item_ids: Iterable[str] | None = None,
+    ) -> Transaction[list[PubSubItem]]:
+        statement, parameters = SELECT_ITEMS, (service, name)
+        if item_ids is not None:
+            ids = list(item_ids)
+            if not ids:
+                return []
+            placeholders = _placeholders(len(ids))
+            ids += ids[-1:] * (placeholders.count("?") - len(ids))
+            statement += f" AND i.item_id IN ({placeholders})"
+            parameters += tuple(ids)
+        statement += NEWEST_FIRST
+        if max_items is not None:
+            statement += " LIMIT ?"
+            parameters += (max_items,)
+        rows = yield statement, parameters
+        return [
+            PubSubItem(
+                item_id=item_id,
+                payload=payload,
+                publisher=publisher,
+                created_at=_utc_datetime(created_at),
+                modified_at=_utc_datetime(modified_at),
+            )
+            for item_id, payload, publisher, created_at, modified_at in rows
+        ]
+
+    @transaction
+    def retract_item(self, service: str, name: str, item_id: str) -> Transaction[bool]:
+        return bool((yield DELETE_ITEM, (service, name, item_id)))
+
+    @transaction
+    def purge_items(self, service: str, name: str) -> Transaction[None]:
+        node_id = yield from _lock_node(service, name)
+        yield DELETE_ITEMS, (node_id,)

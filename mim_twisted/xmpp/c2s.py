@@ -1,6 +1,8 @@
 """The client-to-server XML stream (RFC 6120): stream header, features, STARTTLS, SASL, binding.
 
-One `C2SStream` per TCP connection. Negotiation happens here; once a resource is bound, every
+One `C2SStream` per TCP connection. When the listener requests client certificates, the
+identities of a verified one are read once the TLS handshake is done and make SASL EXTERNAL
+available on the stream (XEP-0178). Negotiation happens here; once a resource is bound, every
 stanza is stamped with the session's full JID and handed to the router, which is the IM core's
 business. A stream error closes only its own connection.
 """
@@ -18,10 +20,12 @@ from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 from zope.interface import implementer
 
+from mim_twisted.auth.certs import CertificateIdentities, ExternalSettings, certificate_identities
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.xmpp import bind, namespaces
 from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
 from mim_twisted.xmpp.sasl.negotiation import SaslNegotiation
+from mim_twisted.xmpp.tls import ClientCertificateCheck, ClientCertificatePolicy
 
 log = Logger()
 
@@ -43,6 +47,9 @@ class C2SSettings:
     auth_timeout: float
     max_outgoing_buffer: int
     log_traffic: bool = False
+    # Request client certificates on STARTTLS (None: don't), and how EXTERNAL judges them.
+    client_certificates: ClientCertificatePolicy | None = None
+    sasl_external: ExternalSettings = ExternalSettings()
 
 
 class StanzaRouter(Protocol):
@@ -53,7 +60,7 @@ class StanzaRouter(Protocol):
     def session_ended(self, session: "C2SStream") -> None: ...
 
 
-@implementer(interfaces.IPushProducer)
+@implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
 class C2SStream(protocol.Protocol):
     """One client connection."""
 
@@ -63,6 +70,9 @@ class C2SStream(protocol.Protocol):
         self.domain: str | None = None
         self.stream_id = ""
         self.secure = False
+        # What a verified client certificate says, once the TLS handshake is done.
+        self.client_identities: CertificateIdentities | None = None
+        self._certificate_check: ClientCertificateCheck | None = None
         self.username: str | None = None
         self.jid: JID | None = None
         # IM state of a bound session, kept here and managed by the IM core (mim_twisted.im).
@@ -130,6 +140,13 @@ class C2SStream(protocol.Protocol):
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self.sasl.cancel()
+        check = self._certificate_check
+        if check is not None and check.rejected:
+            log.info(
+                "{peer}: TLS handshake refused, client certificate: {problem}",
+                peer=self.log_name(),
+                problem=check.problem,
+            )
         if self.jid is not None:
             self.factory.sessions.unbind(self)
             self.factory.router.session_ended(self)
@@ -276,9 +293,36 @@ class C2SStream(protocol.Protocol):
             self.transport.loseConnection()
             return
         self.send(domish.Element((namespaces.TLS, "proceed")))
-        self.transport.startTLS(self.settings.tls_options)
+        options = self.settings.tls_options
+        if self.settings.client_certificates is not None:
+            options = self._certificate_check = ClientCertificateCheck(
+                options, self.settings.client_certificates
+            )
+        self.transport.startTLS(options)
         self.secure = True
         self._new_parser()
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (before the client's next stream header is read): keep what a verified
+        client certificate says, for SASL EXTERNAL."""
+        check = self._certificate_check
+        if check is None:
+            return
+        certificate = check.verified_certificate
+        if certificate is None:
+            log.info(
+                "{peer}: no verified client certificate ({problem}), EXTERNAL not offered",
+                peer=self.log_name(),
+                problem=check.problem,
+            )
+            return
+        self.client_identities = certificate_identities(certificate)
+        log.info(
+            "{peer}: verified client certificate, xmppAddrs {xmpp_addrs}, CN {common_name!r}",
+            peer=self.log_name(),
+            xmpp_addrs=list(self.client_identities.xmpp_addrs),
+            common_name=self.client_identities.common_name,
+        )
 
     def authenticated(self, username: str) -> None:
         """SASL succeeded: the client restarts the stream (RFC 6120 §6.4.6)."""

@@ -80,8 +80,22 @@ class ServerTestCase(unittest.TestCase):
             self.domain, user, derive_all(password, 4096)
         )
 
-    def client(self, jid: str, password: str, mechanism: str | None = None) -> "Client":
+    def client(
+        self,
+        jid: str,
+        password: str,
+        mechanism: str | None = None,
+        *,
+        client_certificate: tuple[str, str] | None = None,
+        authzid: str | None = None,
+    ) -> "Client":
+        """A slixmpp client; ``client_certificate`` is a (certificate, key) pair of PEM files it
+        presents on STARTTLS, ``authzid`` the authorisation identity it sends with EXTERNAL."""
         client = Client(jid, password, self.port, self.certificate, mechanism)
+        if client_certificate is not None:
+            client.xmpp.ssl_context.load_cert_chain(*client_certificate)
+        if authzid is not None:
+            client.xmpp.credentials["authzid"] = authzid
         self.addCleanup(client.close)
         return client
 
@@ -160,6 +174,10 @@ class RawClient:
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
         await wait_for(self.writer.drain())
+
+    async def starttls(self, context: ssl.SSLContext) -> None:
+        """Upgrade the connection (after <proceed/>) with ``context``, for host "localhost"."""
+        await wait_for(self.writer.start_tls(context, server_hostname="localhost"))
 
     async def read_until_closed(self) -> bytes:
         """Everything the server sends until it closes the connection."""

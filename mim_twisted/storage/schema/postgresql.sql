@@ -52,3 +52,54 @@ CREATE TABLE offline_messages (
 );
 
 CREATE INDEX offline_messages_by_user ON offline_messages (server, username, id);
+
+-- PubSub (XEP-0060) and PEP (XEP-0163), after MongooseIM's RDBMS tables. The service is the
+-- PubSub host for its nodes and the owner's bare JID for PEP nodes. Configs and subscription
+-- options are JSON objects kept as text: they come back exactly as written.
+CREATE TABLE pubsub_nodes (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    service TEXT NOT NULL,
+    name TEXT NOT NULL,
+    config TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    UNIQUE (service, name)
+);
+
+-- modified_at grows with every publication to a node (sql.py), so it orders the items.
+CREATE TABLE pubsub_items (
+    node_id BIGINT NOT NULL REFERENCES pubsub_nodes (id) ON DELETE CASCADE,
+    item_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    publisher TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    modified_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (node_id, item_id)
+);
+
+CREATE INDEX pubsub_items_by_age ON pubsub_items (node_id, modified_at);
+
+-- The affiliation "none" is no row.
+CREATE TABLE pubsub_affiliations (
+    node_id BIGINT NOT NULL REFERENCES pubsub_nodes (id) ON DELETE CASCADE,
+    jid TEXT NOT NULL,
+    affiliation TEXT NOT NULL
+        CHECK (affiliation IN ('owner', 'publisher', 'publish-only', 'member', 'outcast')),
+    PRIMARY KEY (node_id, jid)
+);
+
+CREATE INDEX pubsub_affiliations_by_jid ON pubsub_affiliations (jid);
+
+-- jid_bare is jid without its resource: a bare JID's subscriptions and those of its full JIDs
+-- are one indexed lookup. seq is the subscription order.
+CREATE TABLE pubsub_subscriptions (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY,
+    node_id BIGINT NOT NULL REFERENCES pubsub_nodes (id) ON DELETE CASCADE,
+    jid TEXT NOT NULL,
+    jid_bare TEXT NOT NULL,
+    subid TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('subscribed', 'pending', 'unconfigured')),
+    options TEXT NOT NULL,
+    PRIMARY KEY (node_id, jid, subid)
+);
+
+CREATE INDEX pubsub_subscriptions_by_jid ON pubsub_subscriptions (jid_bare, jid);

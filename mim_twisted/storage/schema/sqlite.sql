@@ -56,3 +56,57 @@ CREATE TABLE offline_messages (
 );
 
 CREATE INDEX offline_messages_by_user ON offline_messages (server, username, id);
+
+-- PubSub (XEP-0060) and PEP (XEP-0163), after MongooseIM's RDBMS tables. The service is the
+-- PubSub host for its nodes and the owner's bare JID for PEP nodes. Configs and subscription
+-- options are JSON objects kept as text: they come back exactly as written.
+CREATE TABLE pubsub_nodes (
+    id INTEGER PRIMARY KEY,
+    service TEXT NOT NULL,
+    name TEXT NOT NULL,
+    config TEXT NOT NULL,
+    created_at TEXT NOT NULL,  -- UTC, 'YYYY-MM-DD HH:MM:SS.ffffff+00:00'
+    UNIQUE (service, name)
+);
+
+-- modified_at grows with every publication to a node (sql.py), so it orders the items; the
+-- fixed-width text sorts as the instants do.
+CREATE TABLE pubsub_items (
+    node_id INTEGER NOT NULL REFERENCES pubsub_nodes (id) ON DELETE CASCADE,
+    item_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    publisher TEXT NOT NULL,
+    created_at TEXT NOT NULL,  -- UTC, 'YYYY-MM-DD HH:MM:SS.ffffff+00:00'
+    modified_at TEXT NOT NULL,  -- the same
+    PRIMARY KEY (node_id, item_id)
+);
+
+CREATE INDEX pubsub_items_by_age ON pubsub_items (node_id, modified_at);
+
+-- The affiliation "none" is no row.
+CREATE TABLE pubsub_affiliations (
+    node_id INTEGER NOT NULL REFERENCES pubsub_nodes (id) ON DELETE CASCADE,
+    jid TEXT NOT NULL,
+    affiliation TEXT NOT NULL
+        CHECK (affiliation IN ('owner', 'publisher', 'publish-only', 'member', 'outcast')),
+    PRIMARY KEY (node_id, jid)
+);
+
+CREATE INDEX pubsub_affiliations_by_jid ON pubsub_affiliations (jid);
+
+-- jid_bare is jid without its resource: a bare JID's subscriptions and those of its full JIDs
+-- are one indexed lookup. seq is the subscription order: the rowid, which SQLite gives a new row
+-- above every one in the table. Only an INTEGER PRIMARY KEY column can name the rowid, so the
+-- key of PostgreSQL's table is UNIQUE here, which in SQLite is the same index.
+CREATE TABLE pubsub_subscriptions (
+    seq INTEGER PRIMARY KEY,
+    node_id INTEGER NOT NULL REFERENCES pubsub_nodes (id) ON DELETE CASCADE,
+    jid TEXT NOT NULL,
+    jid_bare TEXT NOT NULL,
+    subid TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('subscribed', 'pending', 'unconfigured')),
+    options TEXT NOT NULL,
+    UNIQUE (node_id, jid, subid)
+);
+
+CREATE INDEX pubsub_subscriptions_by_jid ON pubsub_subscriptions (jid_bare, jid);

@@ -1,7 +1,8 @@
 """What the SASL negotiation drives: one ISaslMechanism per authentication attempt.
 
-Also the pieces every password mechanism shares: turning the name a client sent into an account
-name and reading that account's stored credentials.
+Also what every mechanism is given (a SaslContext describing the stream), and the pieces every
+password mechanism shares: turning the name a client sent into an account name and reading that
+account's stored credentials.
 """
 
 from dataclasses import dataclass
@@ -10,11 +11,35 @@ from twisted.logger import Logger
 from twisted.words.protocols.jabber.xmpp_stringprep import nodeprep
 from zope.interface import Attribute, Interface
 
+from mim_twisted.auth.certs import CertificateIdentities, ExternalSettings
 from mim_twisted.auth.errors import SaslError
 from mim_twisted.auth.scram import ScramCredentials
 from mim_twisted.storage.interfaces import IAccountStore
 
 log = Logger()
+
+
+@dataclass(frozen=True)
+class SaslContext:
+    """The stream one attempt runs on, as a mechanism sees it.
+
+    ``domain`` is the stream's domain and ``domains`` all served domains (just ``domain`` when
+    left empty); ``secure`` tells whether TLS is up; ``client_identities`` holds what a verified
+    client certificate says (None without one); ``external`` the EXTERNAL settings; ``peer``
+    names the connection in logs.
+    """
+
+    domain: str
+    accounts: IAccountStore
+    secure: bool = False
+    domains: frozenset[str] = frozenset()
+    client_identities: CertificateIdentities | None = None
+    external: ExternalSettings = ExternalSettings()
+    peer: str = "?"
+
+    def __post_init__(self) -> None:
+        if not self.domains:
+            object.__setattr__(self, "domains", frozenset({self.domain}))
 
 
 @dataclass(frozen=True)
@@ -29,7 +54,8 @@ class Success:
     """The client is ``username`` (nodeprepped) on the stream's domain.
 
     ``authzid`` is the authorisation identity exactly as the client sent it, None if it sent
-    none; the negotiation checks it. ``additional_data`` goes into ``<success/>``.
+    none; the negotiation checks it (a mechanism that checked it itself, like EXTERNAL, gives
+    None). ``additional_data`` goes into ``<success/>``.
     """
 
     username: str
@@ -38,7 +64,10 @@ class Success:
 
 
 class ISaslMechanism(Interface):
-    """The server side of one attempt with one mechanism, created for that attempt."""
+    """The server side of one attempt with one mechanism, created for that attempt.
+
+    Implementations are classes called with the attempt's SaslContext.
+    """
 
     name = Attribute("The mechanism name as offered, e.g. 'SCRAM-SHA-256'.")
 

@@ -1,9 +1,9 @@
 """The SASL exchange on the stream (RFC 6120 §6): <auth/>, <challenge/>, <response/>, <abort/>.
 
 The mechanisms themselves are behind ISaslMechanism; this module only moves their data in and
-out of the stream, checks the authorisation identity, and throttles failures: each failed attempt
-is answered after a delay that doubles, and after `max_failures` the stream is closed with
-<policy-violation/> (RFC 6120 §6.4.5).
+out of the stream, decides which of them a stream is offered, checks the authorisation identity,
+and throttles failures: each failed attempt is answered after a delay that doubles, and after
+`max_failures` the stream is closed with <policy-violation/> (RFC 6120 §6.4.5).
 """
 
 import base64
@@ -17,7 +17,7 @@ from twisted.words.xish import domish
 
 from mim_twisted.auth.errors import SaslError
 from mim_twisted.xmpp import namespaces
-from mim_twisted.xmpp.sasl.mechanism import Challenge, Success
+from mim_twisted.xmpp.sasl.mechanism import Challenge, SaslContext, Success
 
 if TYPE_CHECKING:
     from mim_twisted.xmpp.c2s import C2SStream
@@ -26,6 +26,8 @@ log = Logger()
 
 # PLAIN sends the password itself: only over TLS unless the operator allows otherwise.
 CLEARTEXT_MECHANISMS = frozenset(("PLAIN",))
+# These authenticate with the client certificate: only on a stream that has a verified one.
+CERTIFICATE_MECHANISMS = frozenset(("EXTERNAL",))
 
 
 def decode_sasl_data(element: domish.Element) -> bytes | None:
@@ -58,12 +60,14 @@ class SaslNegotiation:
         self._delayed_failure = None
 
     def offered(self) -> list[str]:
-        settings = self.stream.settings
-        plain_allowed = self.stream.secure or settings.allow_plain_without_tls
+        stream = self.stream
+        plain_allowed = stream.secure or stream.settings.allow_plain_without_tls
+        certificate = stream.secure and stream.client_identities is not None
         return [
             name
-            for name in settings.mechanisms
-            if plain_allowed or name not in CLEARTEXT_MECHANISMS
+            for name in stream.settings.mechanisms
+            if (plain_allowed or name not in CLEARTEXT_MECHANISMS)
+            and (certificate or name not in CERTIFICATE_MECHANISMS)
         ]
 
     def handle(self, element: domish.Element) -> None:
@@ -95,14 +99,21 @@ class SaslNegotiation:
     def _start(self, element: domish.Element) -> None:
         name = element.getAttribute("mechanism", "")
         if name not in self.offered():
+            if name in CERTIFICATE_MECHANISMS:
+                raise SaslError("invalid-mechanism", f"{name} needs a verified client certificate")
             raise SaslError("invalid-mechanism", f"Mechanism {name!r} is not offered")
         initial_response = decode_sasl_data(element)
-        self._mechanism = self.stream.factory.mechanism_factory(
-            name,
-            domain=self.stream.domain,
-            accounts=self.stream.factory.accounts,
-            secure=self.stream.secure,
+        stream = self.stream
+        context = SaslContext(
+            domain=stream.domain,
+            accounts=stream.factory.accounts,
+            secure=stream.secure,
+            domains=stream.settings.domains,
+            client_identities=stream.client_identities,
+            external=stream.settings.sasl_external,
+            peer=stream.log_name(),
         )
+        self._mechanism = stream.factory.mechanism_factory(name, context)
         self._step(self._mechanism.start(initial_response))
 
     def _step(self, result: defer.Deferred) -> None:

@@ -6,10 +6,10 @@ from zope.interface import implementer
 from mim_twisted.auth.errors import SaslError
 from mim_twisted.auth.saslprep import saslprep
 from mim_twisted.auth.scram import decoy_credentials, verify_password
-from mim_twisted.storage.interfaces import IAccountStore
 from mim_twisted.xmpp.sasl.mechanism import (
     Challenge,
     ISaslMechanism,
+    SaslContext,
     Success,
     account_name,
     stored_credentials,
@@ -23,10 +23,11 @@ _CREDENTIALS = ("SCRAM-SHA-256", "SCRAM-SHA-1")
 class PlainMechanism:
     name = "PLAIN"
 
-    def __init__(self, *, domain: str, accounts: IAccountStore, secure: bool) -> None:
-        # ``secure`` is unused: whether PLAIN is offered without TLS is the negotiation's policy.
-        self._domain = domain
-        self._accounts = accounts
+    def __init__(self, context: SaslContext) -> None:
+        # ``context.secure`` is unused: whether PLAIN is offered without TLS is the
+        # negotiation's policy.
+        self._domain = context.domain
+        self._accounts = context.accounts
 
     def start(self, initial_response: bytes | None) -> Deferred:
         if not initial_response:

@@ -4,10 +4,10 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from mim_twisted.auth.scram import ClientFirst, ScramServer
-from mim_twisted.storage.interfaces import IAccountStore
 from mim_twisted.xmpp.sasl.mechanism import (
     Challenge,
     ISaslMechanism,
+    SaslContext,
     Success,
     account_name,
     stored_credentials,
@@ -20,10 +20,10 @@ class ScramMechanism:
 
     name: str
 
-    def __init__(self, *, domain: str, accounts: IAccountStore, secure: bool) -> None:
-        # ``secure`` is unused: without a -PLUS variant the TLS layer plays no part in SCRAM.
-        self._domain = domain
-        self._accounts = accounts
+    def __init__(self, context: SaslContext) -> None:
+        # ``context.secure`` is unused: without a -PLUS variant the TLS layer plays no part.
+        self._domain = context.domain
+        self._accounts = context.accounts
         self._server = ScramServer(self.name)
         # Set once the server-first-message is sent; the next response is the client-final.
         self._client_first: ClientFirst | None = None

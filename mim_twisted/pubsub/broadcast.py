@@ -1,0 +1,263 @@
+"""Notification fan-out (XEP-0060 §7.1.2, §12): from core events to <message/>s to subscribers.
+
+The core hands over an event while the worker is still on the request; unless `sync` is set
+(MongooseIM's behaviour), the fan-out is only scheduled then and runs after the request's reply,
+outside the worker, so a large audience never holds up the node's next request. A big fan-out
+is cut into slices handed to Twisted's cooperator, so other connections keep being served.
+
+Each notification is serialised once: the bytes before and after the `to` attribute are kept
+and only the escaped recipient JID is put between them for each subscriber.
+"""
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.words.protocols.jabber.jid import InvalidFormat, internJID
+from twisted.words.xish import domish
+
+from mim_twisted.im.offline import OfflineDelivery
+from mim_twisted.im.sessions import SessionManager
+from mim_twisted.pubsub import core
+from mim_twisted.pubsub.forms import node_config_form, subscription_authorization_form
+from mim_twisted.storage.interfaces import PubSubSubscription
+
+log = Logger()
+
+NS_EVENT = "http://jabber.org/protocol/pubsub#event"
+NS_SHIM = "http://jabber.org/protocol/shim"
+SLICE = 200  # recipients written per cooperator step
+
+
+class Notification:
+    """A message serialised once, addressed per recipient."""
+
+    def __init__(self, message: domish.Element) -> None:
+        marker = "mim-to-" + secrets.token_hex(8)
+        message["to"] = marker
+        head, tail = message.toXml(defaultUri="jabber:client").split(marker)
+        self.element = message
+        self._head = head.encode("utf-8")
+        self._tail = tail.encode("utf-8")
+
+    def to(self, recipient: str) -> bytes:
+        return self._head + domish.escapeToXml(recipient, isattrib=1).encode("utf-8") + self._tail
+
+
+def _show(session: Any) -> str:
+    presence = session.presence
+    show = next(presence.elements(presence.uri, "show"), None) if presence is not None else None
+    return str(show).strip() if show is not None else "online"
+
+
+@dataclass(frozen=True)
+class Recipient:
+    jid: str  # as subscribed: a bare JID reaches every available resource, a full JID one
+    subids: tuple[str, ...] = ()  # set when the JID has several subscriptions (SHIM headers)
+    show_values: frozenset[str] | None = None  # pubsub#show-values; None: any presence
+
+
+@dataclass(frozen=True)
+class Fanout:
+    notification: Notification
+    recipients: list[Recipient]
+    store_offline: bool = False  # keep it for bare JIDs with no available resource
+
+
+class Broadcaster:
+    """Delivers the events of the PubSub services of one server to local sessions."""
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        offline: OfflineDelivery,
+        clock: IReactorTime,
+        *,
+        sync: bool = False,
+    ) -> None:
+        self.sessions = sessions
+        self.offline = offline
+        self.clock = clock
+        self.sync = sync
+        self.cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work))
+
+    def __call__(self, event: core.PubSubEvent) -> None:
+        if self.sync:
+            self._fan_out(event)
+        else:
+            self.clock.callLater(0, self._fan_out, event)
+
+    def _fan_out(self, event: core.PubSubEvent) -> None:
+        try:
+            fanout = fanout_of(event)
+        except Exception:
+            log.failure("building the notification of {event!r}", event=event)
+            return
+        if fanout is None:
+            return
+        if self.sync:
+            for _ in self._write(fanout):
+                pass
+        else:
+            self.cooperator.cooperate(self._write(fanout))
+
+    def _write(self, fanout: Fanout) -> Iterator[None]:
+        recipients = fanout.recipients
+        for start in range(0, len(recipients), SLICE):
+            for recipient in recipients[start : start + SLICE]:
+                self._deliver(fanout, recipient)
+            yield None
+
+    def _deliver(self, fanout: Fanout, recipient: Recipient) -> None:
+        try:
+            jid = internJID(recipient.jid)
+        except (InvalidFormat, UnicodeError):
+            return
+        notification = fanout.notification
+        if recipient.subids:
+            notification = _with_subids(notification, recipient.subids)
+        if jid.resource is not None:
+            session = self.sessions.session(jid)
+            sessions = [session] if session is not None else []
+        else:
+            sessions = [
+                s
+                for s in self.sessions.sessions_of(jid)
+                if s.presence is not None and s.priority >= 0
+            ]
+        if recipient.show_values is not None:
+            sessions = [s for s in sessions if _show(s) in recipient.show_values]
+        for session in sessions:
+            session.send(notification.to(recipient.jid))
+        if not sessions and fanout.store_offline and jid.resource is None:
+            message = notification.element
+            message["to"] = jid.full()
+            self.offline.keep(jid, message)
+
+
+def fanout_of(event: core.PubSubEvent) -> Fanout | None:
+    """What an event sends to whom; None when nobody is to be told."""
+    if isinstance(event, core.SubscriptionPending):
+        message = _message(event.service, "normal")
+        message.addChild(
+            subscription_authorization_form(event.node, event.subscription).toElement()
+        )
+        return Fanout(Notification(message), [Recipient(owner) for owner in event.owners])
+    if isinstance(event, core.SubscriptionChanged):
+        if not event.notify:
+            return None
+        message = _message(event.service, "normal")
+        _subscription_element(
+            message.addElement((NS_EVENT, "event")), event.node, event.subscription
+        )
+        return Fanout(Notification(message), [Recipient(event.subscription.jid)])
+    if not isinstance(event, core.NodeEvent) or not event.notify:
+        return None
+    config = event.config
+    if isinstance(event, core.ItemPublished) and not config.get(
+        "pubsub#deliver_notifications", True
+    ):
+        return None
+    kind = config.get("pubsub#notification_type", "headline")
+    message = _message(event.service, kind)
+    message.addElement((NS_EVENT, "event")).addChild(_event_payload(event))
+    return Fanout(
+        Notification(message),
+        _subscribers(event),
+        store_offline=kind == "normal" and not config.get("pubsub#presence_based_delivery", False),
+    )
+
+
+def _subscribers(event: core.NodeEvent) -> list[Recipient]:
+    """One recipient per subscribed JID (a node deletion also tells pending subscribers)."""
+    states = ("subscribed", "pending") if isinstance(event, core.NodeDeleted) else ("subscribed",)
+    by_jid: dict[str, list[PubSubSubscription]] = {}
+    for subscription in event.subscriptions:
+        if subscription.state in states and subscription.options.get("pubsub#deliver", True):
+            by_jid.setdefault(subscription.jid, []).append(subscription)
+    return [
+        Recipient(
+            jid,
+            tuple(s.subid for s in subscriptions) if len(subscriptions) > 1 else (),
+            _show_values(subscriptions),
+        )
+        for jid, subscriptions in by_jid.items()
+    ]
+
+
+def _show_values(subscriptions: list[PubSubSubscription]) -> frozenset[str] | None:
+    """The presence shows any of the subscriptions asked for (pubsub#show-values)."""
+    values: set[str] = set()
+    for subscription in subscriptions:
+        wanted = subscription.options.get("pubsub#show-values")
+        if not wanted:
+            return None
+        values.update(wanted)
+    return frozenset(values)
+
+
+def _message(service: str, kind: str) -> domish.Element:
+    message = domish.Element((None, "message"))
+    message["from"] = service
+    message["type"] = kind
+    message["id"] = secrets.token_hex(6)
+    return message
+
+
+def _with_subids(notification: Notification, subids: tuple[str, ...]) -> Notification:
+    message = notification.element
+    copy = domish.Element((None, "message"), attribs=dict(message.attributes))
+    for child in message.elements():
+        copy.addChild(child)
+    headers = copy.addElement((NS_SHIM, "headers"))
+    for subid in subids:
+        headers.addElement("header", content=subid)["name"] = "SubId"
+    return Notification(copy)
+
+
+def _subscription_element(parent: domish.Element, node: str, sub: PubSubSubscription) -> None:
+    element = parent.addElement("subscription")
+    element["node"] = node
+    element["jid"] = sub.jid
+    element["subscription"] = sub.state
+    if sub.state != "none":
+        element["subid"] = sub.subid
+
+
+def _event_payload(event: core.NodeEvent) -> domish.Element:
+    if isinstance(event, core.ItemPublished):
+        items = domish.Element((NS_EVENT, "items"))
+        items["node"] = event.node
+        if event.item_id is not None:
+            item = items.addElement("item")
+            item["id"] = event.item_id
+            if event.config.get("pubsub#itemreply") == "publisher":
+                item["publisher"] = event.publisher
+            if event.payload and event.config.get("pubsub#deliver_payloads", True):
+                item.addRawXml(event.payload)
+        return items
+    if isinstance(event, core.ItemsRetracted):
+        items = domish.Element((NS_EVENT, "items"))
+        items["node"] = event.node
+        for item_id in event.item_ids:
+            items.addElement("retract")["id"] = item_id
+        return items
+    if isinstance(event, core.NodePurged):
+        purge = domish.Element((NS_EVENT, "purge"))
+        purge["node"] = event.node
+        return purge
+    if isinstance(event, core.NodeDeleted):
+        delete = domish.Element((NS_EVENT, "delete"))
+        delete["node"] = event.node
+        if event.redirect:
+            delete.addElement("redirect")["uri"] = event.redirect
+        return delete
+    configuration = domish.Element((NS_EVENT, "configuration"))
+    configuration["node"] = event.node
+    if event.config.get("pubsub#deliver_payloads", True):
+        configuration.addChild(node_config_form(event.config, "result").toElement())
+    return configuration

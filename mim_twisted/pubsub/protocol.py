@@ -1,0 +1,475 @@
+"""XEP-0060 on the wire: the `pubsub.<domain>` component translating stanzas to core calls.
+
+wokkel's PubSubRequest parses the requests; each goes through the worker pool under its
+(service, node) key and its result or PubSubError becomes the IQ reply. Disco queries on the
+service are answered here too (XEP-0060 §5), and owners' answers to subscription approval forms
+(XEP-0060 §8.6, sent as messages) are applied.
+"""
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.words.protocols.jabber import error, xmlstream
+from twisted.words.protocols.jabber.jid import JID
+from twisted.words.xish import domish
+from wokkel import disco
+from wokkel.pubsub import NS_PUBSUB, NS_PUBSUB_ERRORS, NS_PUBSUB_OWNER, PubSubRequest
+
+from mim_twisted.im.stanzas import reply_error
+from mim_twisted.pubsub import forms
+from mim_twisted.pubsub.core import PubSubService, SubscriptionChange
+from mim_twisted.pubsub.errors import PubSubError
+from mim_twisted.pubsub.queues import QueueFull, WorkerPool
+from mim_twisted.storage.interfaces import PubSubItem, PubSubSubscription
+
+log = Logger()
+
+# What the service implements, advertised in its disco#info (XEP-0060 §10).
+FEATURES = (
+    "access-authorize",
+    "access-open",
+    "access-presence",
+    "access-roster",
+    "access-whitelist",
+    "config-node",
+    "create-and-configure",
+    "create-nodes",
+    "delete-items",
+    "delete-nodes",
+    "get-pending",
+    "instant-nodes",
+    "item-ids",
+    "manage-subscriptions",
+    "member-affiliation",
+    "meta-data",
+    "modify-affiliations",
+    "multi-subscribe",
+    "outcast-affiliation",
+    "persistent-items",
+    "publish",
+    "publish-only-affiliation",
+    "publish-options",
+    "publisher-affiliation",
+    "purge-nodes",
+    "retract-items",
+    "retrieve-affiliations",
+    "retrieve-default",
+    "retrieve-items",
+    "retrieve-subscriptions",
+    "subscribe",
+    "subscription-options",
+)
+
+
+def stanza_error(e: PubSubError) -> error.StanzaError:
+    """The one place a core refusal becomes an XMPP error."""
+    app_condition = None
+    if e.pubsub_condition is not None:
+        app_condition = domish.Element((NS_PUBSUB_ERRORS, e.pubsub_condition))
+        if e.feature is not None:
+            app_condition["feature"] = e.feature
+    return error.StanzaError(e.condition, e.type, e.text, appCondition=app_condition)
+
+
+def _node_key(iq: domish.Element) -> str:
+    """The node a request is about, for choosing its queue ("" for service-level requests)."""
+    for child in iq.elements():
+        for verb in child.elements():
+            if verb.getAttribute("node"):
+                return verb["node"]
+        if child.getAttribute("node"):
+            return child["node"]
+    return ""
+
+
+def _pubsub(namespace: str = NS_PUBSUB) -> domish.Element:
+    return domish.Element((namespace, "pubsub"))
+
+
+def _item_element(parent: domish.Element, item: PubSubItem) -> None:
+    element = parent.addElement("item")
+    element["id"] = item.item_id
+    if item.payload:
+        element.addRawXml(item.payload)
+
+
+def _subscription_element(
+    parent: domish.Element, node: str | None, subscription: PubSubSubscription
+) -> domish.Element:
+    element = parent.addElement("subscription")
+    if node is not None:
+        element["node"] = node
+    element["jid"] = subscription.jid
+    element["subscription"] = subscription.state
+    if subscription.state != "none":
+        element["subid"] = subscription.subid
+    return element
+
+
+class PubSubComponent:
+    """The stanza handler of one PubSub host, registered in the router's `components`."""
+
+    def __init__(self, host: str, service: PubSubService, pool: WorkerPool) -> None:
+        self.host = host
+        self.service = service
+        self.pool = pool
+        self._verbs: dict[str, Callable[[str, PubSubRequest, domish.Element], Awaitable]] = {
+            "publish": self._publish,
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "optionsGet": self._options_get,
+            "optionsSet": self._options_set,
+            "subscriptions": self._own_subscriptions,
+            "affiliations": self._own_affiliations,
+            "create": self._create,
+            "default": self._default,
+            "configureGet": self._configure_get,
+            "configureSet": self._configure_set,
+            "items": self._items,
+            "retract": self._retract,
+            "purge": self._purge,
+            "delete": self._delete,
+            "affiliationsGet": self._affiliations_get,
+            "affiliationsSet": self._affiliations_set,
+            "subscriptionsGet": self._subscriptions_get,
+            "subscriptionsSet": self._subscriptions_set,
+        }
+
+    def __call__(self, session: Any, stanza: domish.Element, recipient: JID) -> None:
+        if recipient.user is not None or recipient.resource is not None:
+            reply_error(session, stanza, "service-unavailable")
+        elif stanza.name == "iq" and stanza.getAttribute("type") in ("get", "set"):
+            self._request(session, stanza)
+        elif stanza.name == "message":
+            self._message(session, stanza)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _request(self, session: Any, iq: domish.Element) -> None:
+        payload = next(iq.elements(), None)
+        if payload is None or not iq.getAttribute("id"):
+            reply_error(session, iq, "bad-request")
+            return
+        if payload.uri in (disco.NS_DISCO_INFO, disco.NS_DISCO_ITEMS):
+            work = self._disco
+        elif payload.uri in (NS_PUBSUB, NS_PUBSUB_OWNER):
+            work = self._pubsub
+        else:
+            reply_error(session, iq, "service-unavailable")
+            return
+        try:
+            done = self.pool.submit(self.host, _node_key(iq), lambda: work(iq))
+        except QueueFull:
+            reply_error(session, iq, "resource-constraint", "Too many requests, try again later")
+            return
+        done.addCallbacks(
+            self._send_result,
+            self._send_error,
+            callbackArgs=(session, iq),
+            errbackArgs=(session, iq),
+        )
+
+    @staticmethod
+    def _send_result(payload: domish.Element | None, session: Any, iq: domish.Element) -> None:
+        result = xmlstream.toResponse(iq, "result")
+        if payload is not None:
+            result.addChild(payload)
+        session.send(result)
+
+    @staticmethod
+    def _send_error(failure: Failure, session: Any, iq: domish.Element) -> None:
+        if failure.check(PubSubError):
+            session.send(stanza_error(failure.value).toResponse(iq))
+        elif failure.check(error.StanzaError):
+            session.send(failure.value.toResponse(iq))
+        else:
+            log.failure("PubSub request from {jid}", failure, jid=iq.getAttribute("from"))
+            reply_error(session, iq, "internal-server-error")
+
+    async def _pubsub(self, iq: domish.Element) -> domish.Element | None:
+        request = PubSubRequest.fromElement(iq)
+        handler = self._verbs.get(request.verb)
+        if handler is None:
+            raise error.StanzaError("feature-not-implemented")
+        return await handler(iq["from"], request, iq)
+
+    # -- subscriber and publisher use cases (XEP-0060 §6, §7) ---------------------------------
+
+    async def _publish(self, actor: str, request: PubSubRequest, iq: domish.Element) -> Any:
+        items = request.items or []
+        if len(items) > 1:
+            raise PubSubError("bad-request", "invalid-payload", text="One item per publish")
+        item = items[0] if items else None
+        payload = None
+        if item is not None:
+            children = list(item.elements())
+            if len(children) > 1:
+                raise PubSubError("bad-request", "invalid-payload", text="One payload per item")
+            payload = children[0].toXml() if children else None
+        pubsub = next(iq.elements(NS_PUBSUB, "pubsub"))
+        options = forms.submitted_values(
+            forms.find_form(next(pubsub.elements(NS_PUBSUB, "publish-options"), None)),
+            forms.NS_PUBLISH_OPTIONS,
+        )
+        item_id = await self.service.publish(
+            actor,
+            request.nodeIdentifier,
+            item.getAttribute("id") if item is not None else None,
+            payload,
+            options,
+            has_item=item is not None,
+        )
+        result = _pubsub()
+        publish = result.addElement("publish")
+        publish["node"] = request.nodeIdentifier
+        if item_id is not None:
+            publish.addElement("item")["id"] = item_id
+        return result
+
+    async def _subscribe(self, actor: str, request: PubSubRequest, iq: domish.Element) -> Any:
+        options = request.options.getValues() if request.options is not None else None
+        subscription = await self.service.subscribe(
+            actor, request.nodeIdentifier, request.subscriber.full(), options
+        )
+        result = _pubsub()
+        _subscription_element(result, request.nodeIdentifier, subscription)
+        return result
+
+    async def _unsubscribe(self, actor: str, request: PubSubRequest, iq: domish.Element) -> None:
+        await self.service.unsubscribe(
+            actor,
+            request.nodeIdentifier,
+            request.subscriber.full(),
+            request.subscriptionIdentifier,
+        )
+
+    async def _options_get(self, actor: str, request: PubSubRequest, iq: domish.Element) -> Any:
+        jid = request.subscriber.full()
+        options = await self.service.get_subscription_options(
+            actor, request.nodeIdentifier, jid, request.subscriptionIdentifier
+        )
+        result = _pubsub()
+        element = result.addElement("options")
+        element["node"] = request.nodeIdentifier
+        element["jid"] = jid
+        if request.subscriptionIdentifier:
+            element["subid"] = request.subscriptionIdentifier
+        element.addChild(forms.subscription_options_form(options).toElement())
+        return result
+
+    async def _options_set(self, actor: str, request: PubSubRequest, iq: domish.Element) -> None:
+        await self.service.set_subscription_options(
+            actor,
+            request.nodeIdentifier,
+            request.subscriber.full(),
+            request.options.getValues(),
+            request.subscriptionIdentifier,
+        )
+
+    async def _own_subscriptions(self, actor: str, request: Any, iq: domish.Element) -> Any:
+        query = next(next(iq.elements()).elements(NS_PUBSUB, "subscriptions"))
+        node = query.getAttribute("node") or None
+        result = _pubsub()
+        listing = result.addElement("subscriptions")
+        for node_name, subscription in await self.service.subscriptions_of(actor, node):
+            _subscription_element(listing, node_name, subscription)
+        return result
+
+    async def _own_affiliations(self, actor: str, request: Any, iq: domish.Element) -> Any:
+        result = _pubsub()
+        listing = result.addElement("affiliations")
+        for node, affiliation in sorted((await self.service.affiliations_of(actor)).items()):
+            element = listing.addElement("affiliation")
+            element["node"] = node
+            element["affiliation"] = affiliation
+        return result
+
+    async def _items(self, actor: str, request: PubSubRequest, iq: domish.Element) -> Any:
+        items = await self.service.items(
+            actor,
+            request.nodeIdentifier,
+            request.maxItems,
+            sorted(request.itemIdentifiers) if request.itemIdentifiers else None,
+        )
+        result = _pubsub()
+        listing = result.addElement("items")
+        listing["node"] = request.nodeIdentifier
+        for item in reversed(items):  # the store gives newest first; XEP-0060 lists oldest first
+            _item_element(listing, item)
+        return result
+
+    async def _retract(self, actor: str, request: PubSubRequest, iq: domish.Element) -> None:
+        retract = next(next(iq.elements()).elements(NS_PUBSUB, "retract"))
+        notify = retract.getAttribute("notify", "false") in ("1", "true")
+        identifiers = sorted(request.itemIdentifiers or ())
+        if len(identifiers) != 1:
+            raise PubSubError("bad-request", "item-required", text="Retract one item")
+        await self.service.retract(actor, request.nodeIdentifier, identifiers[0], notify)
+
+    # -- owner use cases (XEP-0060 §8) --------------------------------------------------------
+
+    async def _create(self, actor: str, request: PubSubRequest, iq: domish.Element) -> Any:
+        config = request.options.getValues() if request.options is not None else None
+        node = await self.service.create(actor, request.nodeIdentifier, config)
+        result = _pubsub()
+        result.addElement("create")["node"] = node
+        return result
+
+    async def _default(self, actor: str, request: PubSubRequest, iq: domish.Element) -> Any:
+        result = _pubsub(NS_PUBSUB_OWNER)
+        default = result.addElement("default")
+        default.addChild(forms.node_config_form(self.service.default_configuration()).toElement())
+        return result
+
+    async def _configure_get(self, actor: str, request: PubSubRequest, iq: domish.Element) -> Any:
+        config = await self.service.get_configuration(actor, request.nodeIdentifier)
+        result = _pubsub(NS_PUBSUB_OWNER)
+        configure = result.addElement("configure")
+        configure["node"] = request.nodeIdentifier
+        configure.addChild(forms.node_config_form(config).toElement())
+        return result
+
+    async def _configure_set(self, actor: str, request: PubSubRequest, iq: domish.Element) -> None:
+        if request.options is None:  # a cancelled form changes nothing
+            return
+        await self.service.configure(actor, request.nodeIdentifier, request.options.getValues())
+
+    async def _purge(self, actor: str, request: PubSubRequest, iq: domish.Element) -> None:
+        await self.service.purge(actor, request.nodeIdentifier)
+
+    async def _delete(self, actor: str, request: PubSubRequest, iq: domish.Element) -> None:
+        delete = next(next(iq.elements()).elements(NS_PUBSUB_OWNER, "delete"))
+        redirect = next(delete.elements(NS_PUBSUB_OWNER, "redirect"), None)
+        uri = redirect.getAttribute("uri") if redirect is not None else None
+        await self.service.delete(actor, request.nodeIdentifier, uri)
+
+    async def _affiliations_get(
+        self, actor: str, request: PubSubRequest, iq: domish.Element
+    ) -> Any:
+        affiliations = await self.service.get_affiliations(actor, request.nodeIdentifier)
+        result = _pubsub(NS_PUBSUB_OWNER)
+        listing = result.addElement("affiliations")
+        listing["node"] = request.nodeIdentifier
+        for jid, affiliation in sorted(affiliations.items()):
+            element = listing.addElement("affiliation")
+            element["jid"] = jid
+            element["affiliation"] = affiliation
+        return result
+
+    async def _affiliations_set(
+        self, actor: str, request: PubSubRequest, iq: domish.Element
+    ) -> None:
+        changes = {jid.userhost(): affiliation for jid, affiliation in request.affiliations.items()}
+        await self.service.set_affiliations(actor, request.nodeIdentifier, changes)
+
+    async def _subscriptions_get(
+        self, actor: str, request: PubSubRequest, iq: domish.Element
+    ) -> Any:
+        subscriptions = await self.service.get_subscriptions(actor, request.nodeIdentifier)
+        result = _pubsub(NS_PUBSUB_OWNER)
+        listing = result.addElement("subscriptions")
+        listing["node"] = request.nodeIdentifier
+        for subscription in subscriptions:
+            _subscription_element(listing, None, subscription)
+        return result
+
+    async def _subscriptions_set(self, actor: str, request: Any, iq: domish.Element) -> None:
+        query = next(next(iq.elements()).elements(NS_PUBSUB_OWNER, "subscriptions"))
+        node = query.getAttribute("node")
+        changes = []
+        for element in query.elements(NS_PUBSUB_OWNER, "subscription"):
+            if not element.getAttribute("jid") or not element.getAttribute("subscription"):
+                raise PubSubError("bad-request", text="Each subscription needs jid and state")
+            changes.append(
+                SubscriptionChange(
+                    element["jid"], element["subscription"], element.getAttribute("subid")
+                )
+            )
+        await self.service.set_subscriptions(actor, node, changes)
+
+    # -- service discovery (XEP-0060 §5) ------------------------------------------------------
+
+    async def _disco(self, iq: domish.Element) -> domish.Element:
+        query = next(iq.elements())
+        if iq["type"] != "get":
+            raise error.StanzaError("not-allowed")
+        node = query.getAttribute("node") or None
+        if query.uri == disco.NS_DISCO_INFO:
+            info = await self._disco_info(iq["from"], node)
+            response = info.toElement()
+        else:
+            items = disco.DiscoItems()
+            for item in await self._disco_items(iq["from"], node):
+                items.append(item)
+            response = items.toElement()
+        if node is not None:
+            response["node"] = node
+        return response
+
+    async def _disco_info(self, actor: str, node: str | None) -> disco.DiscoInfo:
+        info = disco.DiscoInfo()
+        if node is None:
+            info.append(disco.DiscoIdentity("pubsub", "service", "Publish-Subscribe"))
+            for feature in (disco.NS_DISCO_INFO, disco.NS_DISCO_ITEMS, NS_PUBSUB):
+                info.append(disco.DiscoFeature(feature))
+            for feature in FEATURES:
+                info.append(disco.DiscoFeature(f"{NS_PUBSUB}#{feature}"))
+            return info
+        stored = await self.service.get_node(node)
+        owners = [
+            jid
+            for jid, affiliation in (
+                await self.service.store.get_affiliations(self.host, node)
+            ).items()
+            if affiliation == "owner"
+        ]
+        info.append(disco.DiscoIdentity("pubsub", "leaf"))
+        info.append(disco.DiscoFeature(disco.NS_DISCO_INFO))
+        info.append(disco.DiscoFeature(NS_PUBSUB))
+        info.append(forms.meta_data_form(stored, sorted(owners)))
+        return info
+
+    async def _disco_items(self, actor: str, node: str | None) -> list:
+        if node is None:
+            return [
+                disco.DiscoItem(JID(self.host), n.name, n.config.get("pubsub#title") or None)
+                for n in await self.service.list_nodes(actor)
+            ]
+        items = await self.service.items(actor, node)
+        return [disco.DiscoItem(JID(self.host), name=item.item_id) for item in items]
+
+    # -- subscription approval forms (XEP-0060 §8.6) -------------------------------------------
+
+    def _message(self, session: Any, message: domish.Element) -> None:
+        values = forms.submitted_values(forms.find_form(message), forms.NS_SUBSCRIBE_AUTHORIZATION)
+        if values is None or "pubsub#node" not in values:
+            reply_error(session, message, "bad-request", "Not a subscription approval form")
+            return
+        node = str(values["pubsub#node"])
+        try:
+            done = self.pool.submit(
+                self.host,
+                node,
+                lambda: self.service.authorize_subscription(
+                    message["from"],
+                    node,
+                    str(values.get("pubsub#subscriber_jid", "")),
+                    values.get("pubsub#allow") in (True, "1", "true"),
+                    values.get("pubsub#subid"),
+                ),
+            )
+        except QueueFull:
+            reply_error(session, message, "resource-constraint")
+            return
+        done.addErrback(self._approval_failed, session, message)
+
+    @staticmethod
+    def _approval_failed(failure: Failure, session: Any, message: domish.Element) -> None:
+        if failure.check(PubSubError):
+            session.send(stanza_error(failure.value).toResponse(message))
+        else:
+            log.failure(
+                "subscription approval from {jid}", failure, jid=message.getAttribute("from")
+            )

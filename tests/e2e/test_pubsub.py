@@ -1,0 +1,246 @@
+"""slixmpp's XEP-0060 plugin against pubsub.localhost: owner, publisher and subscriber use cases.
+
+Every test runs on SQLite and again on PostgreSQL (the subclass at the end).
+"""
+
+import asyncio
+
+from slixmpp.exceptions import IqError
+from slixmpp.plugins.xep_0004 import Form
+from slixmpp.xmlstream import ET
+
+from tests.e2e.harness import Client, ServerTestCase, wait_for
+
+SERVICE = "pubsub.localhost"
+PASSWORD = "publish or perish"
+
+
+def payload(text: str) -> ET.Element:
+    entry = ET.Element("{urn:example:news}entry")
+    entry.text = text
+    return entry
+
+
+def config_form(**fields: object) -> Form:
+    form = Form()
+    form["type"] = "submit"
+    form.add_field(
+        var="FORM_TYPE", ftype="hidden", value="http://jabber.org/protocol/pubsub#node_config"
+    )
+    for name, value in fields.items():
+        form.add_field(var=f"pubsub#{name}", value=value)
+    return form
+
+
+class PubSubTests(ServerTestCase):
+    async def setUp(self) -> None:
+        await self.start_server()
+        for user in ("owner", "reader", "other"):
+            await self.register(user, PASSWORD)
+        self.owner = await self.online("owner@localhost/desk")
+        self.reader = await self.online("reader@localhost/phone")
+
+    async def online(self, jid: str) -> Client:
+        client = self.client(jid, PASSWORD)
+        client.xmpp.register_plugin("xep_0060")
+        self.assertEqual(await client.connect(), "session_start")
+        client.xmpp.send_presence()
+        return client
+
+    def pubsub(self, client: Client):
+        return client.xmpp.plugin["xep_0060"]
+
+    async def expect_error(self, awaitable, condition: str, app_condition: str | None = None):
+        with self.assertRaises(IqError) as raised:
+            await wait_for(awaitable)
+        self.assertEqual(raised.exception.condition, condition)
+        if app_condition is not None:
+            self.assertIn(app_condition, str(raised.exception.iq))
+        return raised.exception
+
+    async def test_publish_notifies_subscribers_with_the_payload(self) -> None:
+        other = await self.online("other@localhost/tablet")
+        await wait_for(self.pubsub(self.owner).create_node(SERVICE, "news"))
+        await wait_for(self.pubsub(self.reader).subscribe(SERVICE, "news"))  # bare JID
+        await wait_for(self.pubsub(other).subscribe(SERVICE, "news", bare=False))  # full JID
+        to_reader = self.reader.next_event("pubsub_publish")
+        to_other = other.next_event("pubsub_publish")
+        await wait_for(
+            self.pubsub(self.owner).publish(SERVICE, "news", id="first", payload=payload("hello"))
+        )
+        for message in (await wait_for(to_reader), await wait_for(to_other)):
+            item = message["pubsub_event"]["items"]["item"]
+            self.assertEqual(item["id"], "first")
+            self.assertIn("hello", str(message))
+
+    async def test_items_retrieval_and_restart_survival(self) -> None:
+        await wait_for(self.pubsub(self.owner).create_node(SERVICE, "log"))
+        for n in range(3):
+            await wait_for(
+                self.pubsub(self.owner).publish(SERVICE, "log", id=f"i{n}", payload=payload(f"{n}"))
+            )
+        result = await wait_for(self.pubsub(self.reader).get_items(SERVICE, "log"))
+        self.assertEqual([i["id"] for i in result["pubsub"]["items"]], ["i0", "i1", "i2"])
+        latest = await wait_for(self.pubsub(self.reader).get_items(SERVICE, "log", max_items=1))
+        self.assertEqual([i["id"] for i in latest["pubsub"]["items"]], ["i2"])
+        one = await wait_for(self.pubsub(self.reader).get_item(SERVICE, "log", "i1"))
+        self.assertEqual([i["id"] for i in one["pubsub"]["items"]], ["i1"])
+
+        # Items live in the database: a restarted server still has them.
+        await self.owner.close()
+        await self.reader.close()
+        await self.server.stopService()
+        self.server.startService()
+        await self.server.ready
+        self.port = self.server.ports[0].getHost().port
+        reader = await self.online("reader@localhost/again")
+        result = await wait_for(self.pubsub(reader).get_items(SERVICE, "log"))
+        self.assertEqual([i["id"] for i in result["pubsub"]["items"]], ["i0", "i1", "i2"])
+
+    async def test_retract_with_notify_and_purge(self) -> None:
+        await wait_for(self.pubsub(self.owner).create_node(SERVICE, "feed"))
+        await wait_for(self.pubsub(self.reader).subscribe(SERVICE, "feed"))
+        await wait_for(
+            self.pubsub(self.owner).publish(SERVICE, "feed", id="a", payload=payload("a"))
+        )
+        retracted = self.reader.next_event("pubsub_retract")
+        await wait_for(self.pubsub(self.owner).retract(SERVICE, "feed", "a", notify=True))
+        self.assertIn("a", str(await wait_for(retracted)))
+        await wait_for(
+            self.pubsub(self.owner).publish(SERVICE, "feed", id="b", payload=payload("b"))
+        )
+        await wait_for(
+            self.pubsub(self.owner).set_node_config(
+                SERVICE, "feed", config_form(notify_retract="1")
+            )
+        )
+        purged = self.reader.next_event("pubsub_purge")
+        await wait_for(self.pubsub(self.owner).purge(SERVICE, "feed"))
+        await wait_for(purged)
+        result = await wait_for(self.pubsub(self.reader).get_items(SERVICE, "feed"))
+        self.assertEqual(list(result["pubsub"]["items"]), [])
+
+    async def test_configure_and_delete_notify_subscribers(self) -> None:
+        await wait_for(
+            self.pubsub(self.owner).create_node(
+                SERVICE, "conf", config=config_form(notify_config="1", notify_delete="1")
+            )
+        )
+        await wait_for(self.pubsub(self.reader).subscribe(SERVICE, "conf"))
+        configured = self.reader.next_event("pubsub_config")
+        await wait_for(
+            self.pubsub(self.owner).set_node_config(SERVICE, "conf", config_form(title="Renamed"))
+        )
+        await wait_for(configured)
+        stored = await wait_for(self.pubsub(self.owner).get_node_config(SERVICE, "conf"))
+        self.assertIn("Renamed", str(stored))
+        deleted = self.reader.next_event("pubsub_delete")
+        await wait_for(self.pubsub(self.owner).delete_node(SERVICE, "conf"))
+        await wait_for(deleted)
+        await self.expect_error(
+            self.pubsub(self.reader).get_items(SERVICE, "conf"), "item-not-found"
+        )
+
+    async def test_unsubscribe_stops_notifications(self) -> None:
+        await wait_for(self.pubsub(self.owner).create_node(SERVICE, "quiet"))
+        await wait_for(self.pubsub(self.reader).subscribe(SERVICE, "quiet"))
+        await wait_for(self.pubsub(self.reader).unsubscribe(SERVICE, "quiet"))
+        got = self.reader.next_event("pubsub_publish")
+        await wait_for(self.pubsub(self.owner).publish(SERVICE, "quiet", payload=payload("x")))
+        await wait_for(asyncio.sleep(0.3))
+        self.assertFalse(got.done())
+        got.cancel()
+
+    async def test_affiliations_and_publishers(self) -> None:
+        await wait_for(self.pubsub(self.owner).create_node(SERVICE, "team"))
+        await self.expect_error(
+            self.pubsub(self.reader).publish(SERVICE, "team", payload=payload("no")), "forbidden"
+        )
+        await wait_for(
+            self.pubsub(self.owner).modify_affiliations(
+                SERVICE, "team", [("reader@localhost", "publisher")]
+            )
+        )
+        await wait_for(self.pubsub(self.reader).publish(SERVICE, "team", payload=payload("yes")))
+        listed = await wait_for(self.pubsub(self.owner).get_node_affiliations(SERVICE, "team"))
+        self.assertIn("publisher", str(listed))
+        own = await wait_for(self.pubsub(self.reader).get_affiliations(SERVICE))
+        self.assertIn("team", str(own))
+        # The last owner cannot leave.
+        await self.expect_error(
+            self.pubsub(self.owner).modify_affiliations(
+                SERVICE, "team", [("owner@localhost", "none")]
+            ),
+            "not-acceptable",
+        )
+
+    async def test_whitelist_node(self) -> None:
+        await wait_for(
+            self.pubsub(self.owner).create_node(
+                SERVICE, "club", config=config_form(access_model="whitelist")
+            )
+        )
+        await self.expect_error(
+            self.pubsub(self.reader).subscribe(SERVICE, "club"), "not-allowed", "closed-node"
+        )
+        await wait_for(
+            self.pubsub(self.owner).modify_affiliations(
+                SERVICE, "club", [("reader@localhost", "member")]
+            )
+        )
+        await wait_for(self.pubsub(self.reader).subscribe(SERVICE, "club"))
+
+    async def test_authorize_node(self) -> None:
+        await wait_for(
+            self.pubsub(self.owner).create_node(
+                SERVICE, "vip", config=config_form(access_model="authorize")
+            )
+        )
+        approval = self.owner.next_event("message_xform")
+        result = await wait_for(self.pubsub(self.reader).subscribe(SERVICE, "vip"))
+        self.assertEqual(result["pubsub"]["subscription"]["subscription"], "pending")
+        request = await wait_for(approval)
+        form = request["form"]
+        answer = self.owner.xmpp.make_message(mto=SERVICE)
+        form["type"] = "submit"
+        form.field["pubsub#allow"]["value"] = True
+        answer.append(form)
+        approved = self.reader.next_event("pubsub_subscription")
+        answer.send()
+        event = await wait_for(approved)
+        self.assertIn("subscribed", str(event))
+
+    async def test_main_error_conditions(self) -> None:
+        await wait_for(self.pubsub(self.owner).create_node(SERVICE, "errs"))
+        await self.expect_error(self.pubsub(self.owner).create_node(SERVICE, "errs"), "conflict")
+        await self.expect_error(
+            self.pubsub(self.reader).get_items(SERVICE, "missing"), "item-not-found"
+        )
+        await self.expect_error(self.pubsub(self.reader).delete_node(SERVICE, "errs"), "forbidden")
+        await self.expect_error(
+            self.pubsub(self.owner).set_node_config(SERVICE, "errs", config_form(max_items="x")),
+            "not-acceptable",
+        )
+        big = payload("x" * 70_000)
+        await self.expect_error(
+            self.pubsub(self.owner).publish(SERVICE, "errs", payload=big),
+            "not-acceptable",
+            "payload-too-big",
+        )
+
+    async def test_disco_of_the_service(self) -> None:
+        self.owner.xmpp.register_plugin("xep_0030")
+        await wait_for(self.pubsub(self.owner).create_node(SERVICE, "listed"))
+        disco = self.owner.xmpp.plugin["xep_0030"]
+        info = await wait_for(disco.get_info(jid=SERVICE))
+        self.assertIn(
+            ("pubsub", "service", None, "Publish-Subscribe"), info["disco_info"]["identities"]
+        )
+        items = await wait_for(disco.get_items(jid=SERVICE))
+        self.assertIn("listed", [node for _, node, _ in items["disco_items"]["items"]])
+        server_items = await wait_for(disco.get_items(jid="localhost"))
+        self.assertIn(SERVICE, [jid for jid, _, _ in server_items["disco_items"]["items"]])
+
+
+class PubSubOnPostgreSQLTests(PubSubTests):
+    storage = "postgresql"

@@ -1,0 +1,396 @@
+"""Message routing between local users (RFC 6121 §8.5), offline storage (XEP-0160, XEP-0203) and
+the hook table, at the stanza level through the IM core as tap.py wires it."""
+
+import dataclasses
+import datetime
+
+from twisted.internet import defer
+from twisted.trial import unittest
+from twisted.words.xish import domish
+
+from mim_twisted import hooks
+from mim_twisted.im.offline import NS_DELAY
+from tests.imsupport import FakeSession, ImCoreTestCase, error_condition, parse, summary
+
+TYPES = ("chat", "normal", "headline", "groupchat", "error")
+
+
+def message_xml(to: str, type: str | None = None, body: str = "Hello", id: str = "m1") -> str:
+    kind = f" type='{type}'" if type is not None else ""
+    return f"<message to='{to}' id='{id}'{kind}><body>{body}</body></message>"
+
+
+def bodies(stanzas: list[domish.Element]) -> list[str]:
+    return [str(stanza.body) for stanza in stanzas if stanza.name == "message"]
+
+
+class MessageTestCase(ImCoreTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.alice = self.online("alice@localhost/desk")
+
+    def message(self, to: str, type: str | None = None, body: str = "Hello") -> list:
+        """Alice sends a message; what she got back."""
+        self.send(self.alice, message_xml(to, type, body))
+        return self.alice.take()
+
+    def stored_count(self, user: str = "bob") -> int:
+        return self.successResultOf(self.database.offline.count("localhost", user))
+
+    def stored(self, user: str = "bob") -> list[domish.Element]:
+        """The messages stored for the user, taken out of the store."""
+        messages = self.successResultOf(self.database.offline.pop_all("localhost", user))
+        return [parse(message.stanza) for message in messages]
+
+
+class FullJidTests(MessageTestCase):
+    """RFC 6121 §8.5.3: to <localpart@domainpart/resourcepart>."""
+
+    def test_delivered_to_that_resource_whatever_the_type(self) -> None:
+        phone = self.online("bob@localhost/phone", 5)
+        laptop = self.online("bob@localhost/laptop", 0)
+        for kind in TYPES:
+            self.assertEqual(self.message("bob@localhost/laptop", kind), [], kind)
+            [received] = laptop.take()
+            self.assertEqual(
+                summary(received),
+                ("message", kind, "alice@localhost/desk", "bob@localhost/laptop"),
+            )
+        self.assertEqual(phone.sent, [])
+
+    def test_delivered_to_a_connected_resource_of_any_priority(self) -> None:
+        # "an available or connected resource that exactly matches" (§8.5.3.1)
+        connected = self.connect("bob@localhost/connected")
+        negative = self.online("bob@localhost/negative", -5)
+        for session in (connected, negative):
+            self.message(session.jid.full(), "chat")
+            self.assertEqual(bodies(session.take()), ["Hello"])
+        self.assertEqual(self.stored_count(), 0)
+
+    def test_chat_to_a_gone_resource_is_handled_as_to_the_bare_jid(self) -> None:
+        phone = self.online("bob@localhost/phone", 1)
+        laptop = self.online("bob@localhost/laptop", 3)
+        self.assertEqual(self.message("bob@localhost/gone", "chat"), [])
+        [received] = laptop.take()
+        self.assertEqual(
+            summary(received), ("message", "chat", "alice@localhost/desk", "bob@localhost/gone")
+        )
+        self.assertEqual(phone.sent, [])
+
+    def test_chat_to_a_gone_resource_is_stored_when_no_resource_is_available(self) -> None:
+        self.assertEqual(self.message("bob@localhost/gone", "chat"), [])
+        self.assertEqual(bodies(self.stored()), ["Hello"])
+
+    def test_other_types_to_a_gone_resource(self) -> None:
+        # §8.5.3.2.1: normal, groupchat and headline are ignored or answered with an error, never
+        # handled as to the bare JID; errors are ignored.
+        phone = self.online("bob@localhost/phone", 1)
+        expected = {
+            "normal": "service-unavailable",
+            "groupchat": "service-unavailable",
+            "headline": None,
+            "error": None,
+        }
+        for kind, condition in expected.items():
+            replies = self.message("bob@localhost/gone", kind)
+            self.assertEqual(
+                [error_condition(reply) for reply in replies], [condition] * bool(condition), kind
+            )
+        self.assertEqual(phone.sent, [])
+        self.assertEqual(self.stored_count(), 0)
+
+
+class BareJidTests(MessageTestCase):
+    """RFC 6121 §8.5.2: to <localpart@domainpart>."""
+
+    def test_chat_and_normal_go_to_the_highest_non_negative_priority(self) -> None:
+        phone = self.online("bob@localhost/phone", 1)
+        laptop = self.online("bob@localhost/laptop", 3)
+        tablet = self.online("bob@localhost/tablet", -1)
+        for kind in ("chat", "normal", None):
+            self.assertEqual(self.message("bob@localhost", kind), [])
+            [received] = laptop.take()
+            self.assertEqual(
+                summary(received), ("message", kind, "alice@localhost/desk", "bob@localhost")
+            )
+        self.assertEqual((phone.sent, tablet.sent), ([], []))
+
+    def test_all_resources_of_the_highest_priority(self) -> None:
+        phone = self.online("bob@localhost/phone", 2)
+        laptop = self.online("bob@localhost/laptop", 2)
+        tablet = self.online("bob@localhost/tablet", 1)
+        self.message("bob@localhost", "chat")
+        self.assertEqual(bodies(phone.take()), ["Hello"])
+        self.assertEqual(bodies(laptop.take()), ["Hello"])
+        self.assertEqual(tablet.sent, [])
+
+    def test_negative_and_unavailable_resources_are_left_out(self) -> None:
+        negative = self.online("bob@localhost/negative", -1)
+        connected = self.connect("bob@localhost/connected")
+        for kind in ("chat", "normal"):
+            self.assertEqual(self.message("bob@localhost", kind, kind), [])
+        self.assertEqual((negative.sent, connected.sent), ([], []))
+        self.assertEqual(bodies(self.stored()), ["chat", "normal"])
+
+    def test_headline_goes_to_every_non_negative_resource(self) -> None:
+        phone = self.online("bob@localhost/phone", 1)
+        laptop = self.online("bob@localhost/laptop", 3)
+        tablet = self.online("bob@localhost/tablet", -1)
+        self.assertEqual(self.message("bob@localhost", "headline"), [])
+        self.assertEqual(bodies(phone.take()), ["Hello"])
+        self.assertEqual(bodies(laptop.take()), ["Hello"])
+        self.assertEqual(tablet.sent, [])
+
+    def test_headline_without_a_non_negative_resource_is_dropped(self) -> None:
+        tablet = self.online("bob@localhost/tablet", -1)
+        self.assertEqual(self.message("bob@localhost", "headline"), [])
+        self.assertEqual(tablet.sent, [])
+        self.assertEqual(self.stored_count(), 0)
+
+    def test_groupchat_is_service_unavailable(self) -> None:
+        [reply] = self.message("bob@localhost", "groupchat")
+        self.assertEqual(error_condition(reply), "service-unavailable")
+        phone = self.online("bob@localhost/phone", 1)
+        [reply] = self.message("bob@localhost", "groupchat")
+        self.assertEqual(error_condition(reply), "service-unavailable")
+        self.assertEqual(phone.sent, [])
+        self.assertEqual(self.stored_count(), 0)
+
+    def test_error_is_dropped(self) -> None:
+        self.assertEqual(self.message("bob@localhost", "error"), [])
+        phone = self.online("bob@localhost/phone", 1)
+        self.assertEqual(self.message("bob@localhost", "error"), [])
+        self.assertEqual(phone.sent, [])
+        self.assertEqual(self.stored_count(), 0)
+
+    def test_an_unknown_type_is_normal(self) -> None:
+        # RFC 6121 §5.2.2: a 'type' that is not understood is "normal".
+        self.assertEqual(self.message("bob@localhost", "memo"), [])
+        self.assertEqual(bodies(self.stored()), ["Hello"])
+
+
+class OfflineStorageTests(MessageTestCase):
+    def test_stored_with_a_delay_stamp(self) -> None:
+        before = datetime.datetime.now(datetime.UTC)
+        self.assertEqual(self.message("bob@localhost", "chat"), [])
+        [stored] = self.stored()
+        self.assertEqual(
+            summary(stored), ("message", "chat", "alice@localhost/desk", "bob@localhost")
+        )
+        self.assertEqual(str(stored.body), "Hello")
+        [delay] = stored.elements(NS_DELAY, "delay")
+        self.assertEqual(delay["from"], "localhost")
+        stamp = datetime.datetime.strptime(delay["stamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        stamp = stamp.replace(tzinfo=datetime.UTC)
+        self.assertTrue(before <= stamp <= datetime.datetime.now(datetime.UTC), stamp)
+
+    def test_full_store_is_resource_constraint(self) -> None:
+        limits = dataclasses.replace(self.config.limits, max_offline_messages=2)
+        self.config = dataclasses.replace(self.config, limits=limits)
+        self.build()
+        self.alice = self.online("alice@localhost/desk")
+        self.assertEqual(self.message("bob@localhost", "chat", "1"), [])
+        self.assertEqual(self.message("bob@localhost", "normal", "2"), [])
+        [reply] = self.message("bob@localhost", "chat", "3")
+        self.assertEqual(error_condition(reply), "resource-constraint")
+        self.assertEqual(reply.error["type"], "wait")
+        self.assertEqual(
+            summary(reply), ("message", "error", "bob@localhost", "alice@localhost/desk")
+        )
+        # The bounce is the message as it was sent: no stamp of a storage that did not happen.
+        self.assertEqual(list(reply.elements(NS_DELAY, "delay")), [])
+        self.assertEqual(bodies(self.stored()), ["1", "2"])
+
+    def test_delivered_at_initial_presence_oldest_first_and_once(self) -> None:
+        for body in ("1", "2", "3"):
+            self.message("bob@localhost", "chat", body)
+        phone = self.connect("bob@localhost/phone")
+        self.send(phone, "<presence/>")
+        received = phone.take()
+        self.assertEqual(summary(received[0])[:3], ("presence", None, "bob@localhost/phone"))
+        self.assertEqual(bodies(received), ["1", "2", "3"])
+        for stanza in received[1:]:
+            self.assertEqual(len(list(stanza.elements(NS_DELAY, "delay"))), 1)
+        self.assertEqual(self.stored_count(), 0)
+        self.send(phone, "<presence><show>away</show></presence>")
+        laptop = self.online("bob@localhost/laptop")
+        self.assertEqual(bodies(phone.sent + laptop.sent), [])
+
+    def test_not_delivered_to_a_negative_priority(self) -> None:
+        self.message("bob@localhost", "chat")
+        phone = self.connect("bob@localhost/phone")
+        self.send(phone, "<presence><priority>-1</priority></presence>")
+        self.assertEqual(bodies(phone.take()), [])
+        self.assertEqual(self.stored_count(), 1)
+        # XEP-0160: delivered when the user "next sends non-negative available presence".
+        self.send(phone, "<presence><priority>0</priority></presence>")
+        self.assertEqual(bodies(phone.take()), ["Hello"])
+        self.assertEqual(self.stored_count(), 0)
+
+
+class UnknownRecipientTests(MessageTestCase):
+    def test_unknown_local_user_is_service_unavailable(self) -> None:
+        # RFC 6121 §8.5.1; no error answers an error (RFC 6120 §8.3.1).
+        for to in ("nobody@localhost", "nobody@localhost/phone"):
+            for kind in TYPES:
+                replies = self.message(to, kind)
+                expected = [] if kind == "error" else ["service-unavailable"]
+                self.assertEqual([error_condition(r) for r in replies], expected, (to, kind))
+                for reply in replies:
+                    self.assertEqual(
+                        summary(reply), ("message", "error", to, "alice@localhost/desk")
+                    )
+
+    def test_other_domain_is_remote_server_not_found(self) -> None:
+        for to in ("bob@example.net", "bob@example.net/phone"):
+            [reply] = self.message(to, "chat")
+            self.assertEqual(error_condition(reply), "remote-server-not-found")
+            self.assertEqual(self.message(to, "error"), [])
+
+
+class StampingTests(MessageTestCase):
+    def test_delivered_as_sent_with_the_senders_full_jid(self) -> None:
+        phone = self.online("bob@localhost/phone")
+        self.send(
+            self.alice,
+            "<message to='bob@localhost' type='chat' id='x7' from='mallory@localhost'>"
+            "<body>Hi</body><thread>t1</thread><active xmlns='http://jabber.org/protocol/chatstates'/>"
+            "</message>",
+        )
+        [received] = phone.take()
+        self.assertEqual(received["from"], "alice@localhost/desk")
+        self.assertEqual(received["id"], "x7")
+        self.assertEqual(
+            [(child.uri, child.name) for child in received.elements()],
+            [
+                ("jabber:client", "body"),
+                ("jabber:client", "thread"),
+                ("http://jabber.org/protocol/chatstates", "active"),
+            ],
+        )
+
+    def test_errors_come_from_the_address_and_go_to_the_sender(self) -> None:
+        self.send(self.alice, message_xml("bob@localhost", "groupchat", id="g1"))
+        [reply] = self.alice.take()
+        self.assertEqual(
+            summary(reply), ("message", "error", "bob@localhost", "alice@localhost/desk")
+        )
+        self.assertEqual(reply["id"], "g1")
+        self.assertEqual(str(reply.body), "Hello")
+
+
+class MessageHookTests(MessageTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.calls: list[tuple] = []
+        for name in (hooks.MESSAGE_SENT, hooks.MESSAGE_DELIVERED):
+            self.core.hooks.add(
+                name, lambda session, message, name=name: self.record(name, session, message)
+            )
+
+    def record(self, name: str, session: FakeSession, message: domish.Element) -> None:
+        self.calls.append((name, session.jid.full(), message.getAttribute("to"), str(message.body)))
+
+    def test_sent_and_delivered(self) -> None:
+        self.online("bob@localhost/phone", 1)
+        self.online("bob@localhost/laptop", 1)
+        self.message("bob@localhost", "chat", "tie")
+        self.message("bob@localhost/phone", "chat", "full")
+        self.assertEqual(
+            self.calls,
+            [
+                ("message_sent", "alice@localhost/desk", "bob@localhost", "tie"),
+                ("message_delivered", "bob@localhost/phone", "bob@localhost", "tie"),
+                ("message_delivered", "bob@localhost/laptop", "bob@localhost", "tie"),
+                ("message_sent", "alice@localhost/desk", "bob@localhost/phone", "full"),
+                ("message_delivered", "bob@localhost/phone", "bob@localhost/phone", "full"),
+            ],
+        )
+
+    def test_sent_but_not_delivered(self) -> None:
+        self.message("carol@localhost", "chat", "stored")
+        self.message("nobody@localhost", "chat", "bounced")
+        self.assertEqual(
+            self.calls,
+            [
+                ("message_sent", "alice@localhost/desk", "carol@localhost", "stored"),
+                ("message_sent", "alice@localhost/desk", "nobody@localhost", "bounced"),
+            ],
+        )
+
+    def test_a_failing_handler_does_not_stop_delivery(self) -> None:
+        def broken(session: FakeSession, message: domish.Element) -> None:
+            raise RuntimeError("broken handler")
+
+        self.core.hooks.add(hooks.MESSAGE_SENT, broken, priority=10)
+        self.core.hooks.add(hooks.MESSAGE_DELIVERED, broken, priority=10)
+        phone = self.online("bob@localhost/phone")
+        self.assertEqual(self.message("bob@localhost", "chat"), [])
+        self.assertEqual(bodies(phone.take()), ["Hello"])
+        self.assertEqual(len(self.calls), 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+
+class HookTableTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.hooks = hooks.Hooks()
+        self.calls: list[str] = []
+
+    def handler(self, label: str):
+        return lambda *args: self.calls.append((label, *args))
+
+    def test_priority_then_registration_order(self) -> None:
+        self.hooks.add("h", self.handler("late"), priority=90)
+        self.hooks.add("h", self.handler("first"))
+        self.hooks.add("h", self.handler("early"), priority=10)
+        self.hooks.add("h", self.handler("second"))
+        self.assertIsNone(self.successResultOf(self.hooks.run("h", 1, 2)))
+        self.assertEqual(
+            self.calls,
+            [("early", 1, 2), ("first", 1, 2), ("second", 1, 2), ("late", 1, 2)],
+        )
+
+    def test_waits_for_handlers(self) -> None:
+        waiting: defer.Deferred = defer.Deferred()
+
+        async def slow(value: int) -> None:
+            await waiting
+            self.calls.append(("slow", value))
+
+        self.hooks.add("h", slow)
+        self.hooks.add("h", self.handler("after"))
+        running = self.hooks.run("h", 7)
+        self.assertNoResult(running)
+        self.assertEqual(self.calls, [])
+        waiting.callback(None)
+        self.successResultOf(running)
+        self.assertEqual(self.calls, [("slow", 7), ("after", 7)])
+
+    def test_a_failing_handler_is_logged_and_the_next_runs(self) -> None:
+        def broken(value: int) -> None:
+            raise ValueError(value)
+
+        self.hooks.add("h", broken)
+        self.hooks.add("h", lambda value: defer.fail(KeyError(value)))
+        self.hooks.add("h", self.handler("ok"))
+        self.assertIsNone(self.successResultOf(self.hooks.run("h", 3)))
+        self.assertEqual(self.calls, [("ok", 3)])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError, KeyError)), 2)
+
+    def test_no_handlers(self) -> None:
+        self.assertFalse(self.hooks.has_handlers("h"))
+        self.assertIsNone(self.successResultOf(self.hooks.run("h")))
+
+    def test_remove(self) -> None:
+        function = self.handler("function")
+        self.hooks.add("h", function)
+        self.hooks.add("h", self.record)
+        self.assertTrue(self.hooks.has_handlers("h"))
+        self.hooks.remove("h", function)
+        # A bound method is a new object at each access: removal compares, not identifies.
+        self.hooks.remove("h", self.record)
+        self.assertFalse(self.hooks.has_handlers("h"))
+        self.hooks.remove("other", function)
+
+    def record(self, *args: object) -> None:
+        self.calls.append(("method", *args))
