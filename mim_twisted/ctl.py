@@ -181,7 +181,7 @@ async def check_config(
 
 async def migrate(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
     # Opened without the schema check of open_storage: migrating an outdated schema is the point.
-    connecting = storage._connect(
+    connecting = storage.connect_database(
         config.storage.backend,
         config.sqlite_path,
         config.storage.postgresql.dsn,

@@ -34,7 +34,7 @@ async def _open_database(
     pool_size: int,
     auto_migrate: bool,
 ) -> IDatabase:
-    database = await _connect(backend, sqlite_path, postgresql_dsn, pool_size)
+    database = await connect_database(backend, sqlite_path, postgresql_dsn, pool_size)
     try:
         installed = await database.schema_version()
         newest = migrations.newest_version()
@@ -51,9 +51,10 @@ async def _open_database(
     return database
 
 
-async def _connect(
+async def connect_database(
     backend: str, sqlite_path: str | None, postgresql_dsn: str | None, pool_size: int
 ) -> IDatabase:
+    """The database of ``backend``, connected but with its schema unchecked (for migrating)."""
     # Backends are imported on use: the PostgreSQL driver need not load for SQLite, and back.
     if backend == "memory":
         from mim_twisted.storage.memory import MemoryDatabase
