@@ -18,10 +18,15 @@ from tests.e2e.harness import Client, free_port, require_asyncio_reactor
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
-class _Process(protocol.ProcessProtocol):
+class ProcessOutput(protocol.ProcessProtocol):
+    """Collects a child process's output; `ended` fires with how it ended."""
+
     def __init__(self) -> None:
         self.output = b""
         self.ended: defer.Deferred = defer.Deferred()
+
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
@@ -32,11 +37,11 @@ class _Process(protocol.ProcessProtocol):
         self.ended.callback(reason.value)
 
 
-async def _wait_until_listening(port: int, process: _Process, seconds: float = 20.0) -> None:
+async def _wait_until_listening(port: int, process: ProcessOutput, seconds: float = 20.0) -> None:
     endpoint_factory = protocol.Factory.forProtocol(protocol.Protocol)
     for _ in range(int(seconds * 10)):
         if process.ended.called:
-            raise AssertionError(f"twistd exited early:\n{process.output.decode()}")
+            raise AssertionError(f"twistd exited early:\n{process.text()}")
         try:
             connection = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
                 endpoint_factory
@@ -45,7 +50,7 @@ async def _wait_until_listening(port: int, process: _Process, seconds: float = 2
             return
         except error.ConnectError:
             await _sleep(0.1)
-    raise AssertionError(f"twistd did not listen on {port}:\n{process.output.decode()}")
+    raise AssertionError(f"twistd did not listen on {port}:\n{process.text()}")
 
 
 def _sleep(seconds: float) -> defer.Deferred:
@@ -88,7 +93,7 @@ class TwistdTests(unittest.TestCase):
         await database.accounts.create_account("localhost", "alice", derive_all("wonderland"))
         await database.close()
 
-        process = _Process()
+        process = ProcessOutput()
         transport = reactor.spawnProcess(
             process,
             TWISTD,
@@ -110,7 +115,7 @@ class TwistdTests(unittest.TestCase):
         self.assertEqual(await client.connect(), "session_start")
         self.assertIn(f"Listening for XMPP clients on 127.0.0.1:{port}".encode(), process.output)
 
-    async def _stop(self, transport: object, process: _Process) -> None:
+    async def _stop(self, transport: object, process: ProcessOutput) -> None:
         if not process.ended.called:
             transport.signalProcess(signal.SIGTERM)
         ended = await process.ended
