@@ -271,6 +271,7 @@ class MimService(service.MultiService):
             auth_timeout=config.limits.auth_timeout,
             max_outgoing_buffer=config.limits.max_outgoing_buffer,
             log_traffic=self.log_traffic,
+            scram_iterations=config.auth.scram_iterations,
             client_certificates=client_certificates,
             sasl_external=ExternalSettings(
                 methods=config.auth.sasl_external,

@@ -107,6 +107,12 @@ class ScramMechanismTestMixin(MechanismTestMixin):
             salt_and_iterations(b"n,,n=bob,r=abc"), salt_and_iterations(b"n,,n=BOB,r=xyz")
         )
 
+    def test_unknown_user_gets_the_configured_iteration_count(self) -> None:
+        context = SaslContext(DOMAIN, self.accounts, secure=True, scram_iterations=10000)
+        mechanism = mechanism_factory(self.name, context)
+        server_first = self.client_first(mechanism, b"n,,n=bob,r=abc")
+        self.assertTrue(server_first.endswith(b",i=10000"), server_first)
+
     def test_username_failing_nodeprep(self) -> None:
         mechanism = self.mechanism(self.name)
         self.assertFails(mechanism.start(b"n,,n=alice@example.org,r=abc"), "not-authorized")

@@ -113,18 +113,19 @@ def verify_password(credentials: ScramCredentials, password: str) -> bool:
     return hmac.compare_digest(stored_key, credentials.stored_key)
 
 
-def decoy_credentials(mechanism: str, name: str) -> ScramCredentials:
+def decoy_credentials(
+    mechanism: str, name: str, iterations: int = DEFAULT_ITERATIONS
+) -> ScramCredentials:
     """Plausible credentials for an account that does not exist, which no password matches.
 
-    Same salt length and iteration count as ``derive_credentials`` by default, with a salt derived
-    from ``name``, so an unknown account looks like a known one for as long as the process lives.
+    Same salt length as ``derive_credentials`` and the iteration count new accounts get (pass
+    the configured one), with a salt derived from ``name``, so an unknown account looks like a
+    known one for as long as the process lives.
     """
     size = hashlib.new(_hash_name(mechanism)).digest_size
     seed = hmac.digest(_DECOY_SECRET, f"{mechanism}\0{name}".encode(), "sha256")
     # All-zero keys: a matching proof would need a preimage of the zero hash.
-    return ScramCredentials(
-        mechanism, seed[:SALT_LENGTH], DEFAULT_ITERATIONS, bytes(size), bytes(size)
-    )
+    return ScramCredentials(mechanism, seed[:SALT_LENGTH], iterations, bytes(size), bytes(size))
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,11 @@ class ScramServer:
         return self._client_first
 
     def server_first(
-        self, credentials: ScramCredentials | None, *, decoy_name: str | None = None
+        self,
+        credentials: ScramCredentials | None,
+        *,
+        decoy_name: str | None = None,
+        decoy_iterations: int = DEFAULT_ITERATIONS,
     ) -> bytes:
         """The server-first-message; ``credentials`` None means the user is unknown.
 
@@ -207,7 +212,7 @@ class ScramServer:
         self._begin("server-first")
         if credentials is None:
             name = self._client_first.username if decoy_name is None else decoy_name
-            credentials = decoy_credentials(self.mechanism, name)
+            credentials = decoy_credentials(self.mechanism, name, decoy_iterations)
         elif credentials.mechanism != self.mechanism:
             raise ValueError(f"{credentials.mechanism} credentials for {self.mechanism}")
         else:

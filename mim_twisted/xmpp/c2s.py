@@ -21,6 +21,7 @@ from twisted.words.xish import domish
 from zope.interface import implementer
 
 from mim_twisted.auth.certs import CertificateIdentities, ExternalSettings, certificate_identities
+from mim_twisted.auth.scram import DEFAULT_ITERATIONS
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.xmpp import bind, namespaces
 from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
@@ -47,6 +48,7 @@ class C2SSettings:
     auth_timeout: float
     max_outgoing_buffer: int
     log_traffic: bool = False
+    scram_iterations: int = DEFAULT_ITERATIONS
     # Request client certificates on STARTTLS (None: don't), and how EXTERNAL judges them.
     client_certificates: ClientCertificatePolicy | None = None
     sasl_external: ExternalSettings = ExternalSettings()

@@ -13,7 +13,7 @@ from zope.interface import Attribute, Interface
 
 from mim_twisted.auth.certs import CertificateIdentities, ExternalSettings
 from mim_twisted.auth.errors import SaslError
-from mim_twisted.auth.scram import ScramCredentials
+from mim_twisted.auth.scram import DEFAULT_ITERATIONS, ScramCredentials
 from mim_twisted.storage.interfaces import IAccountStore
 
 log = Logger()
@@ -36,6 +36,8 @@ class SaslContext:
     client_identities: CertificateIdentities | None = None
     external: ExternalSettings = ExternalSettings()
     peer: str = "?"
+    # The iteration count of new accounts: unknown accounts are given decoys that look alike.
+    scram_iterations: int = DEFAULT_ITERATIONS
 
     def __post_init__(self) -> None:
         if not self.domains:

@@ -112,6 +112,7 @@ class SaslNegotiation:
             client_identities=stream.client_identities,
             external=stream.settings.sasl_external,
             peer=stream.log_name(),
+            scram_iterations=stream.settings.scram_iterations,
         )
         self._mechanism = stream.factory.mechanism_factory(name, context)
         self._step(self._mechanism.start(initial_response))

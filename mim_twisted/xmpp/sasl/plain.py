@@ -28,6 +28,7 @@ class PlainMechanism:
         # negotiation's policy.
         self._domain = context.domain
         self._accounts = context.accounts
+        self._decoy_iterations = context.scram_iterations
 
     def start(self, initial_response: bytes | None) -> Deferred:
         if not initial_response:
@@ -48,7 +49,9 @@ class PlainMechanism:
         known = credentials is not None
         if credentials is None:
             # Hash the password anyway, so the time taken does not tell unknown accounts apart.
-            credentials = decoy_credentials(_CREDENTIALS[0], f"{username}@{self._domain}")
+            credentials = decoy_credentials(
+                _CREDENTIALS[0], f"{username}@{self._domain}", self._decoy_iterations
+            )
         if not (verify_password(credentials, password) and known):
             raise SaslError("not-authorized")
         return Success(username, authzid or None)

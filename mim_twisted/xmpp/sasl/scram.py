@@ -24,6 +24,7 @@ class ScramMechanism:
         # ``context.secure`` is unused: without a -PLUS variant the TLS layer plays no part.
         self._domain = context.domain
         self._accounts = context.accounts
+        self._decoy_iterations = context.scram_iterations
         self._server = ScramServer(self.name)
         # Set once the server-first-message is sent; the next response is the client-final.
         self._client_first: ClientFirst | None = None
@@ -50,7 +51,9 @@ class ScramMechanism:
         credentials = await stored_credentials(self._accounts, self._domain, username, (self.name,))
         # An unknown account gets a decoy keyed by its normalised JID, as stable as a real salt.
         server_first = self._server.server_first(
-            credentials, decoy_name=f"{username}@{self._domain}"
+            credentials,
+            decoy_name=f"{username}@{self._domain}",
+            decoy_iterations=self._decoy_iterations,
         )
         self._client_first, self._username = first, username
         return Challenge(server_first)
