@@ -368,6 +368,7 @@ class LimitsConfig:
     auth_timeout: float = option(30.0, number(0, inclusive=False))
     max_outgoing_buffer: int = option(4194304, integer(65536))
     max_offline_messages: int = option(100, integer(0))
+    max_read_rate: int = option(1048576, integer(0))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

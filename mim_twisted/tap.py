@@ -272,6 +272,7 @@ class MimService(service.MultiService):
             max_outgoing_buffer=config.limits.max_outgoing_buffer,
             log_traffic=self.log_traffic,
             scram_iterations=config.auth.scram_iterations,
+            max_read_rate=config.limits.max_read_rate,
             client_certificates=client_certificates,
             sasl_external=ExternalSettings(
                 methods=config.auth.sasl_external,

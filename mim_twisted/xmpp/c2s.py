@@ -26,6 +26,7 @@ from mim_twisted.im.sessions import SessionManager
 from mim_twisted.xmpp import bind, namespaces
 from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
 from mim_twisted.xmpp.sasl.negotiation import SaslNegotiation
+from mim_twisted.xmpp.shaper import ReadShaper
 from mim_twisted.xmpp.tls import ClientCertificateCheck, ClientCertificatePolicy
 
 log = Logger()
@@ -47,6 +48,7 @@ class C2SSettings:
     max_stanza_size: int
     auth_timeout: float
     max_outgoing_buffer: int
+    max_read_rate: int = 0  # bytes per second a client may send; 0: no limit
     log_traffic: bool = False
     scram_iterations: int = DEFAULT_ITERATIONS
     # Request client certificates on STARTTLS (None: don't), and how EXTERNAL judges them.
@@ -87,6 +89,8 @@ class C2SStream(protocol.Protocol):
         self._header_sent = False
         self._auth_timer = None
         self._write_blocked = False
+        self._read_pauses: set[str] = set()
+        self._shaper: ReadShaper | None = None
         self._bytes_while_blocked = 0
         self.sasl = SaslNegotiation(self)
         self.lost: defer.Deferred = defer.Deferred()  # fires when the connection is gone
@@ -97,6 +101,9 @@ class C2SStream(protocol.Protocol):
         self.factory.streams.add(self)
         self.peer = self.transport.getPeer()
         self.transport.registerProducer(self, True)
+        if self.settings.max_read_rate:
+            rate = self.settings.max_read_rate
+            self._shaper = ReadShaper(rate, rate, self.factory.clock.seconds())
         self._auth_timer = self.factory.clock.callLater(
             self.settings.auth_timeout, self._auth_timed_out
         )
@@ -126,6 +133,22 @@ class C2SStream(protocol.Protocol):
         except (RestrictedXml, StanzaTooLarge, domish.ParserError) as e:
             if parser is self._parser:
                 self._parse_error(e)
+        if self._shaper is not None and not self.closed:
+            pause = self._shaper.consume(len(data), self.factory.clock.seconds())
+            if pause:
+                self.pause_reading("shaper")
+                self.factory.clock.callLater(pause, self.resume_reading, "shaper")
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the client until every reason given has been resumed."""
+        if not self._read_pauses:
+            self.transport.pauseProducing()
+        self._read_pauses.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        self._read_pauses.discard(reason)
+        if not self._read_pauses and not self.closed:
+            self.transport.resumeProducing()
 
     def _parse_error(self, e: Exception) -> None:
         if isinstance(e, RestrictedXml):
@@ -181,6 +204,8 @@ class C2SStream(protocol.Protocol):
 
     def resumeProducing(self) -> None:
         self._write_blocked = False
+        self._read_pauses: set[str] = set()
+        self._shaper: ReadShaper | None = None
         self._bytes_while_blocked = 0
 
     def stopProducing(self) -> None:

@@ -119,15 +119,15 @@ class SaslNegotiation:
 
     def _step(self, result: defer.Deferred) -> None:
         # Nothing else is read from the client while a step is being worked on.
-        self.stream.transport.pauseProducing()
+        self.stream.pause_reading("sasl")
         self._pending = result
         result.addCallbacks(self._answered, self._errored)
         result.addBoth(self._step_done)
 
     def _step_done(self, _: object) -> None:
         self._pending = None
-        if not self.stream.closed and self._delayed_failure is None:
-            self.stream.transport.resumeProducing()
+        if self._delayed_failure is None:
+            self.stream.resume_reading("sasl")
 
     def _answered(self, outcome: Challenge | Success) -> None:
         if self.stream.closed:
@@ -166,7 +166,7 @@ class SaslNegotiation:
         if delay <= 0:
             self._send_failure(error.condition, error.text)
             return
-        self.stream.transport.pauseProducing()
+        self.stream.pause_reading("sasl")
         self._delayed_failure = self.stream.factory.clock.callLater(
             delay, self._send_delayed_failure, error
         )
@@ -174,8 +174,7 @@ class SaslNegotiation:
     def _send_delayed_failure(self, error: SaslError) -> None:
         self._delayed_failure = None
         self._send_failure(error.condition, error.text)
-        if not self.stream.closed:
-            self.stream.transport.resumeProducing()
+        self.stream.resume_reading("sasl")
 
     def _send_failure(self, condition: str, text: str | None) -> None:
         failure = domish.Element((namespaces.SASL, "failure"))

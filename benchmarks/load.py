@@ -1,0 +1,964 @@
+#!/usr/bin/env python3
+"""A light XMPP load generator: asyncio, raw sockets, ssl, expat. No XMPP library.
+
+    python benchmarks/load.py SCENARIO --host 127.0.0.1 --port 5222 [--clients N]
+                              [--duration S] [--runs R] ...
+
+Scenarios (see benchmarks/README.md):
+
+login
+    N clients log in concurrently (at most --concurrency at a time): TCP connect, stream
+    header, STARTTLS, SASL (SCRAM-SHA-256 by default), resource binding, initial presence.
+    Figures: logins/s and the latency from TCP connect to the bind result.
+messages
+    N/2 pairs of logged-in clients send chat messages to each other; each sender keeps at most
+    --window messages that its partner has not yet received. Figures: messages delivered/s and
+    the latency from the send to the partner's receipt.
+pubsub-fanout
+    One publisher creates a node on pubsub.<domain>, N subscribers subscribe, then --items
+    items are published with at most --window items not yet delivered to every subscriber.
+    Figures: notifications delivered/s and the latency from publish to the last (and first)
+    subscriber's notification, per item.
+
+Accounts are <prefix><i>@<domain> for i = --first-user .. with one --password; create them
+before (benchmarks/bench.py does). Every run prints one JSON line; with --runs R the runs are
+repeated and a last JSON line gives the median, min and max of every figure. Every phase has a
+deadline, so a run always ends by itself. Only loopback addresses are accepted as --host unless
+--allow-remote is given.
+"""
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import json
+import math
+import os
+import resource
+import secrets
+import socket
+import ssl
+import statistics
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Awaitable, Callable
+from xml.sax.saxutils import escape, quoteattr
+
+NS_CLIENT = "jabber:client"
+NS_STREAMS = "http://etherx.jabber.org/streams"
+NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+NS_BIND = "urn:ietf:params:xml:ns:xmpp-bind"
+NS_PUBSUB = "http://jabber.org/protocol/pubsub"
+NS_PUBSUB_OWNER = "http://jabber.org/protocol/pubsub#owner"
+NS_EVENT = "http://jabber.org/protocol/pubsub#event"
+
+TAG_FEATURES = f"{{{NS_STREAMS}}}features"
+TAG_STREAM_ERROR = f"{{{NS_STREAMS}}}error"
+TAG_MESSAGE = f"{{{NS_CLIENT}}}message"
+TAG_IQ = f"{{{NS_CLIENT}}}iq"
+PATH_EVENT_ITEM = f"{{{NS_EVENT}}}event/{{{NS_EVENT}}}items/{{{NS_EVENT}}}item"
+
+now = time.perf_counter
+
+
+class XmppError(Exception):
+    """The server refused something or the stream broke."""
+
+
+# -- the stream ------------------------------------------------------------------------------
+
+
+class StreamParser:
+    """Incremental parser of one XML stream: returns the complete top-level elements.
+
+    ElementTree's pull parser builds the elements in C; only the events are looked at here.
+    """
+
+    def __init__(self) -> None:
+        self._parser = ET.XMLPullParser(events=("start", "end"))
+        self._depth = 0
+        self._root: ET.Element | None = None
+        self.header: dict[str, str] | None = None
+        self.ended = False
+
+    def feed(self, data: bytes) -> list[ET.Element]:
+        self._parser.feed(data)
+        out = []
+        depth = self._depth
+        for event, element in self._parser.read_events():
+            if event == "start":
+                if depth == 0:
+                    self._root = element
+                    self.header = dict(element.attrib)
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 1:
+                    out.append(element)
+                elif depth == 0:
+                    self.ended = True
+        self._depth = depth
+        if out:
+            # Forget the stanzas handed out (an element still being built stays referenced by
+            # the tree builder and still ends with its own event).
+            del self._root[:]
+        return out
+
+
+class XmppConnection(asyncio.Protocol):
+    """One client connection: bytes in -> top-level elements out, to a queue or a handler."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = StreamParser()
+        self.inbox: deque[ET.Element] = deque()
+        self.waiter: asyncio.Future | None = None
+        self.handler: Callable[[ET.Element], None] | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+        self.error: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            elements = self.parser.feed(data)
+        except ET.ParseError as e:
+            self._fail(XmppError(f"not well-formed: {e}"))
+            self.transport.abort()
+            return
+        handler = self.handler
+        for element in elements:
+            if handler is not None:
+                handler(element)
+            else:
+                self.inbox.append(element)
+        if self.parser.ended:
+            self._fail(XmppError("the server closed the stream"))
+        elif self.inbox and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(XmppError(f"connection lost: {exc}" if exc else "connection closed"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def send(self, data: str | bytes) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.transport.write(data)
+
+    def restart(self, domain: str) -> None:
+        """Open a new stream (at the start, after STARTTLS and after SASL)."""
+        self.parser = StreamParser()
+        self.send(
+            "<?xml version='1.0'?>"
+            f"<stream:stream xmlns='{NS_CLIENT}' xmlns:stream='{NS_STREAMS}'"
+            f" to={quoteattr(domain)} version='1.0' xml:lang='en'>"
+        )
+
+    async def next(self) -> ET.Element:
+        """The next top-level element received (during negotiation, before a handler is set)."""
+        while not self.inbox:
+            if self.error is not None:
+                raise self.error
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+            self.waiter = None
+        element = self.inbox.popleft()
+        if element.tag == TAG_STREAM_ERROR:
+            conditions = [child.tag.split("}")[-1] for child in element]
+            raise XmppError(f"stream error: {' '.join(conditions)}")
+        return element
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                self.transport.write(b"</stream:stream>")
+            self.transport.close()
+
+
+# -- SASL ------------------------------------------------------------------------------------
+
+_SALTED_CACHE: dict[tuple[str, str, bytes, int], bytes] = {}
+
+
+def _saslname(name: str) -> str:
+    return name.replace("=", "=3D").replace(",", "=2C")
+
+
+class ScramClient:
+    """The client side of SCRAM-SHA-1 / SCRAM-SHA-256 (RFC 5802, RFC 7677), without channel
+    binding. The salted password is cached per (password, salt, iterations), as real clients
+    do, unless `cache` is false: PBKDF2 is the client's cost, not the server's."""
+
+    def __init__(self, mechanism: str, username: str, password: str, cache: bool = True) -> None:
+        self.hash = {"SCRAM-SHA-1": "sha1", "SCRAM-SHA-256": "sha256"}[mechanism]
+        self.password = password
+        self.cache = cache
+        self.nonce = base64.b64encode(secrets.token_bytes(18)).decode()
+        self.first_bare = f"n={_saslname(username)},r={self.nonce}"
+        self.server_signature = b""
+
+    def first(self) -> bytes:
+        return ("n,," + self.first_bare).encode()
+
+    def final(self, challenge: bytes) -> bytes:
+        server_first = challenge.decode()
+        fields = dict(item.split("=", 1) for item in server_first.split(","))
+        nonce, salt, iterations = fields["r"], base64.b64decode(fields["s"]), int(fields["i"])
+        if not nonce.startswith(self.nonce):
+            raise XmppError("SCRAM: the server's nonce does not extend ours")
+        key = (self.hash, self.password, salt, iterations)
+        salted = _SALTED_CACHE.get(key) if self.cache else None
+        if salted is None:
+            salted = hashlib.pbkdf2_hmac(self.hash, self.password.encode(), salt, iterations)
+            if self.cache:
+                _SALTED_CACHE[key] = salted
+        client_key = hmac.digest(salted, b"Client Key", self.hash)
+        stored_key = hashlib.new(self.hash, client_key).digest()
+        without_proof = f"c=biws,r={nonce}"
+        auth_message = f"{self.first_bare},{server_first},{without_proof}".encode()
+        signature = hmac.digest(stored_key, auth_message, self.hash)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        server_key = hmac.digest(salted, b"Server Key", self.hash)
+        self.server_signature = hmac.digest(server_key, auth_message, self.hash)
+        return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+    def verify(self, success: bytes) -> None:
+        fields = dict(item.split("=", 1) for item in success.decode().split(",") if "=" in item)
+        if base64.b64decode(fields.get("v", "")) != self.server_signature:
+            raise XmppError("SCRAM: wrong server signature")
+
+
+def _sasl_element(name: str, data: bytes | None, mechanism: str | None = None) -> str:
+    attrs = f" mechanism='{mechanism}'" if mechanism else ""
+    text = "" if data is None else (base64.b64encode(data).decode() or "=")
+    return f"<{name} xmlns='{NS_SASL}'{attrs}>{text}</{name}>"
+
+
+def _sasl_data(element: ET.Element) -> bytes:
+    text = (element.text or "").strip()
+    return b"" if text in ("", "=") else base64.b64decode(text)
+
+
+def _sasl_failure(element: ET.Element) -> XmppError:
+    conditions = [child.tag.split("}")[-1] for child in element]
+    return XmppError(f"SASL failure: {' '.join(conditions) or element.tag}")
+
+
+async def authenticate(conn: XmppConnection, opts: argparse.Namespace, username: str) -> None:
+    mechanism = opts.mechanism
+    if mechanism == "PLAIN":
+        message = f"\0{username}\0{opts.password}".encode()
+        conn.send(_sasl_element("auth", message, mechanism))
+        answer = await conn.next()
+        if answer.tag != f"{{{NS_SASL}}}success":
+            raise _sasl_failure(answer)
+        return
+    scram = ScramClient(mechanism, username, opts.password, cache=not opts.no_scram_cache)
+    conn.send(_sasl_element("auth", scram.first(), mechanism))
+    challenge = await conn.next()
+    if challenge.tag != f"{{{NS_SASL}}}challenge":
+        raise _sasl_failure(challenge)
+    conn.send(_sasl_element("response", scram.final(_sasl_data(challenge))))
+    answer = await conn.next()
+    if answer.tag == f"{{{NS_SASL}}}challenge":  # RFC 6120 allows v=... as a last challenge
+        scram.verify(_sasl_data(answer))
+        conn.send(_sasl_element("response", b""))
+        answer = await conn.next()
+        if answer.tag != f"{{{NS_SASL}}}success":
+            raise _sasl_failure(answer)
+        return
+    if answer.tag != f"{{{NS_SASL}}}success":
+        raise _sasl_failure(answer)
+    scram.verify(_sasl_data(answer))
+
+
+# -- a logged-in client ----------------------------------------------------------------------
+
+
+class Client:
+    """A bound session. After login every stanza goes to `on_stanza`; IQ results are matched
+    to `iq()` calls by id first."""
+
+    def __init__(self, conn: XmppConnection, jid: str, index: int, login_time: float) -> None:
+        self.conn = conn
+        self.jid = jid
+        self.bare = jid.split("/", 1)[0]
+        self.index = index
+        self.login_time = login_time
+        self.on_stanza: Callable[[ET.Element], None] = _ignore
+        self._iq_waiters: dict[str, asyncio.Future] = {}
+        self._iq_counter = 0
+        conn.handler = self._dispatch
+        for element in list(conn.inbox):
+            self._dispatch(element)
+        conn.inbox.clear()
+
+    def _dispatch(self, element: ET.Element) -> None:
+        if element.tag == TAG_IQ:
+            waiter = self._iq_waiters.pop(element.get("id", ""), None)
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(element)
+                return
+        self.on_stanza(element)
+
+    def send(self, data: str | bytes) -> None:
+        self.conn.send(data)
+
+    def iq(self, kind: str, to: str | None, payload: str) -> asyncio.Future:
+        """Send an IQ request; the future gets the reply <iq/> (result or error)."""
+        self._iq_counter += 1
+        iq_id = f"q{self._iq_counter}"
+        future = asyncio.get_running_loop().create_future()
+        self._iq_waiters[iq_id] = future
+        to_attr = f" to={quoteattr(to)}" if to else ""
+        self.send(f"<iq type='{kind}' id='{iq_id}'{to_attr}>{payload}</iq>")
+        return future
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _ignore(element: ET.Element) -> None:
+    pass
+
+
+def _iq_error(reply: ET.Element) -> str | None:
+    if reply.get("type") == "result":
+        return None
+    error = reply.find(f"{{{NS_CLIENT}}}error")
+    if error is None:
+        return "error"
+    return " ".join(child.tag.split("}")[-1] for child in error) or "error"
+
+
+def make_tls_context(opts: argparse.Namespace) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if opts.cafile:
+        context.load_verify_locations(opts.cafile)
+        context.check_hostname = True
+    else:
+        # The server's certificate is self-signed: accept it (a benchmark on loopback).
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def login(
+    opts: argparse.Namespace, index: int, resource_name: str, presence: bool = True
+) -> Client:
+    """Connect and log in user number `index`; the latency is from TCP connect to bind."""
+    return await asyncio.wait_for(_login(opts, index, resource_name, presence), opts.timeout)
+
+
+async def _login(
+    opts: argparse.Namespace, index: int, resource_name: str, presence: bool
+) -> Client:
+    loop = asyncio.get_running_loop()
+    username = f"{opts.user_prefix}{index}"
+    domain = opts.domain
+    started = now()
+    _, conn = await loop.create_connection(XmppConnection, opts.host, opts.port)
+    try:
+        conn.restart(domain)
+        features = await conn.next()
+        if features.tag != TAG_FEATURES:
+            raise XmppError(f"expected stream features, got {features.tag}")
+        if features.find(f"{{{NS_TLS}}}starttls") is not None and not opts.no_tls:
+            conn.send(f"<starttls xmlns='{NS_TLS}'/>")
+            proceed = await conn.next()
+            if proceed.tag != f"{{{NS_TLS}}}proceed":
+                raise XmppError("STARTTLS refused")
+            conn.transport = await loop.start_tls(
+                conn.transport, conn, opts.tls_context, server_hostname=domain
+            )
+            conn.restart(domain)
+            features = await conn.next()
+        offered = [m.text for m in features.iter(f"{{{NS_SASL}}}mechanism")]
+        if opts.mechanism not in offered:
+            raise XmppError(f"{opts.mechanism} not offered (offered: {offered})")
+        await authenticate(conn, opts, username)
+        conn.restart(domain)
+        features = await conn.next()
+        if features.find(f"{{{NS_BIND}}}bind") is None:
+            raise XmppError("no resource binding offered")
+        conn.send(
+            f"<iq type='set' id='bind'><bind xmlns='{NS_BIND}'>"
+            f"<resource>{escape(resource_name)}</resource></bind></iq>"
+        )
+        while True:
+            reply = await conn.next()
+            if reply.tag == TAG_IQ and reply.get("id") == "bind":
+                break
+        if reply.get("type") != "result":
+            raise XmppError(f"bind failed: {_iq_error(reply)}")
+        jid = reply.findtext(f"{{{NS_BIND}}}bind/{{{NS_BIND}}}jid")
+        elapsed = now() - started
+        client = Client(conn, jid, index, elapsed)
+        if presence:
+            client.send("<presence/>")
+        return client
+    except BaseException:
+        conn.close()
+        raise
+
+
+async def login_many(
+    opts: argparse.Namespace, indexes: list[int], resource_name: str
+) -> tuple[list[Client], list[str]]:
+    """Log in many clients, at most opts.concurrency at a time; the clients and the errors."""
+    semaphore = asyncio.Semaphore(opts.concurrency)
+    clients: list[Client | None] = [None] * len(indexes)
+    errors: list[str] = []
+
+    async def one(position: int, index: int) -> None:
+        async with semaphore:
+            try:
+                clients[position] = await login(opts, index, resource_name)
+            except (OSError, XmppError, TimeoutError, ssl.SSLError) as e:
+                errors.append(f"{opts.user_prefix}{index}: {type(e).__name__}: {e}")
+
+    await asyncio.gather(*(one(p, i) for p, i in enumerate(indexes)))
+    return [c for c in clients if c is not None], errors
+
+
+async def close_all(clients: list[Client], timeout: float = 10.0) -> None:
+    for client in clients:
+        client.close()
+    if clients:
+        await asyncio.wait([c.conn.lost for c in clients], timeout=timeout)
+
+
+# -- measurement helpers ---------------------------------------------------------------------
+
+
+def percentiles(samples: list[float], scale: float = 1000.0) -> dict[str, float | None]:
+    """p50/p95/p99/max of `samples` (seconds) in milliseconds, nearest-rank."""
+    if not samples:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    ordered = sorted(samples)
+
+    def rank(q: float) -> float:
+        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)] * scale, 2)
+
+    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": rank(1.0)}
+
+
+class CpuMeter:
+    """CPU used by this process and (if its pid is given) the server, over a wall interval."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self._start = self._sample()
+
+    def _server_cpu(self) -> float | None:
+        if not self.server_pid:
+            return None
+        try:
+            with open(f"/proc/{self.server_pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / self.ticks
+
+    def _sample(self) -> tuple[float, float, float | None]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return now(), usage.ru_utime + usage.ru_stime, self._server_cpu()
+
+    def restart(self) -> None:
+        self._start = self._sample()
+
+    def figures(self) -> dict[str, float | None]:
+        wall0, client0, server0 = self._start
+        wall1, client1, server1 = self._sample()
+        wall = max(wall1 - wall0, 1e-9)
+        server = None if server0 is None or server1 is None else (server1 - server0) / wall
+        return {
+            "client_cpu_pct": round(100 * (client1 - client0) / wall, 1),
+            "server_cpu_pct": None if server is None else round(100 * server, 1),
+        }
+
+
+# -- scenario: login -------------------------------------------------------------------------
+
+
+async def scenario_login(opts: argparse.Namespace, run: int) -> dict:
+    indexes = list(range(opts.first_user, opts.first_user + opts.clients))
+    resource_name = f"login-{run}-{secrets.token_hex(3)}"
+    meter = CpuMeter(opts.server_pid)
+    started = now()
+    clients, errors = await login_many(opts, indexes, resource_name)
+    elapsed = now() - started
+    cpu = meter.figures()
+    await close_all(clients)
+    return {
+        "scenario": "login",
+        "clients": opts.clients,
+        "concurrency": opts.concurrency,
+        "mechanism": opts.mechanism,
+        "ok": len(clients),
+        "failed": len(errors),
+        "seconds": round(elapsed, 3),
+        "logins_per_s": round(len(clients) / elapsed, 1),
+        "latency_ms": percentiles([c.login_time for c in clients]),
+        **cpu,
+        **({"first_error": errors[0]} if errors else {}),
+    }
+
+
+# -- scenario: messages ----------------------------------------------------------------------
+
+
+class MessageFlow:
+    """One sender's stream of chat messages to its partner, with a window of undelivered ones.
+
+    Every delivery or bounce frees a slot; freed slots are refilled once per event-loop turn,
+    all in one write.
+    """
+
+    def __init__(self, sender: Client, to: str, window: int, body: str, stats: "Deliveries"):
+        self.sender = sender
+        self.window = window
+        self.stats = stats
+        self.pending: dict[str, float] = {}
+        self.seq = 0
+        self.running = False
+        self._scheduled = False
+        self._head = f"<message type='chat' to={quoteattr(to)} id='"
+        self._tail = f"'><body>{escape(body)}</body></message>"
+
+    def fill(self) -> None:
+        self._scheduled = False
+        if not self.running:
+            return
+        free = self.window - len(self.pending)
+        if free <= 0:
+            return
+        sent_at = now()
+        parts = []
+        for _ in range(free):
+            self.seq += 1
+            message_id = str(self.seq)
+            self.pending[message_id] = sent_at
+            parts.append(self._head + message_id + self._tail)
+        self.stats.sent += free
+        self.sender.send("".join(parts))
+
+    def _refill_soon(self) -> None:
+        if self.running and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.fill)
+
+    def delivered(self, message_id: str | None) -> None:
+        sent_at = self.pending.pop(message_id, None)
+        if sent_at is None:
+            self.stats.unexpected += 1
+            return
+        self.stats.record(sent_at, now())
+        self._refill_soon()
+
+    def bounced(self, message_id: str | None) -> None:
+        if self.pending.pop(message_id, None) is not None:
+            self.stats.errors += 1
+            self._refill_soon()
+
+
+class Deliveries:
+    """Counts deliveries and keeps latencies inside the measurement window only."""
+
+    def __init__(self) -> None:
+        self.window_start = math.inf
+        self.window_end = math.inf
+        self.count = 0
+        self.latencies: list[float] = []
+        self.sent = 0
+        self.errors = 0
+        self.unexpected = 0
+        self.total = 0
+
+    def record(self, sent_at: float, received_at: float) -> None:
+        self.total += 1
+        if self.window_start <= received_at < self.window_end:
+            self.count += 1
+            self.latencies.append(received_at - sent_at)
+
+
+def _message_handler(client: Client, inbound: MessageFlow, outbound: MessageFlow):
+    def on_stanza(element: ET.Element) -> None:
+        if element.tag != TAG_MESSAGE:
+            return
+        if element.get("type") == "error":
+            outbound.bounced(element.get("id"))
+        else:
+            inbound.delivered(element.get("id"))
+
+    return on_stanza
+
+
+async def scenario_messages(opts: argparse.Namespace, run: int) -> dict:
+    count = opts.clients - opts.clients % 2
+    if count < 2:
+        raise SystemExit("messages: --clients must be at least 2")
+    indexes = list(range(opts.first_user, opts.first_user + count))
+    clients, errors = await login_many(opts, indexes, f"msg-{run}-{secrets.token_hex(3)}")
+    try:
+        if errors:
+            raise XmppError(f"{len(errors)} logins failed, first: {errors[0]}")
+        await asyncio.sleep(0.2)  # let the initial presences settle
+        stats = Deliveries()
+        body = (opts.body * (opts.body_size // len(opts.body) + 1))[: opts.body_size]
+        flows = {}
+        for a, b in zip(clients[0::2], clients[1::2], strict=True):
+            for sender, receiver in ((a, b), (b, a)):
+                to = receiver.jid if opts.to_full_jid else receiver.bare
+                flows[sender.index] = MessageFlow(sender, to, opts.window, body, stats)
+        for a, b in zip(clients[0::2], clients[1::2], strict=True):
+            a.on_stanza = _message_handler(a, flows[b.index], flows[a.index])
+            b.on_stanza = _message_handler(b, flows[a.index], flows[b.index])
+        for flow in flows.values():
+            flow.running = True
+            flow.fill()
+        await asyncio.sleep(opts.warmup)
+        meter = CpuMeter(opts.server_pid)
+        stats.window_start = now()
+        stats.window_end = stats.window_start + opts.duration
+        await asyncio.sleep(opts.duration)
+        cpu = meter.figures()
+        for flow in flows.values():
+            flow.running = False
+        deadline = now() + opts.drain
+        while any(f.pending for f in flows.values()) and now() < deadline:
+            await asyncio.sleep(0.05)
+        lost = sum(len(f.pending) for f in flows.values())
+    finally:
+        await close_all(clients)
+    return {
+        "scenario": "messages",
+        "clients": count,
+        "pairs": count // 2,
+        "window": opts.window,
+        "body_bytes": opts.body_size,
+        "seconds": opts.duration,
+        "messages_per_s": round(stats.count / opts.duration, 1),
+        "latency_ms": percentiles(stats.latencies),
+        "sent": stats.sent,
+        "delivered": stats.total,
+        "errors": stats.errors,
+        "undelivered_after_drain": lost,
+        **cpu,
+    }
+
+
+# -- scenario: pubsub-fanout -----------------------------------------------------------------
+
+
+class Fanout:
+    """Per-item delivery bookkeeping for the subscribers of one node."""
+
+    def __init__(self, subscribers: int, items: int, window: int) -> None:
+        self.subscribers = subscribers
+        self.published_at: dict[str, float] = {}
+        self.first_at: dict[str, float] = {}
+        self.received: dict[str, int] = {}
+        self.complete_latencies: list[float] = []
+        self.first_latencies: list[float] = []
+        self.notifications = 0
+        self.last_delivery = 0.0
+        self.slots = asyncio.Semaphore(window)
+        self.items = items
+        self.completed = 0
+        self.all_done = asyncio.get_running_loop().create_future()
+
+    def notified(self, item_id: str | None) -> None:
+        published = self.published_at.get(item_id)
+        if published is None:
+            return
+        arrived = now()
+        self.notifications += 1
+        self.last_delivery = arrived
+        got = self.received.get(item_id, 0) + 1
+        self.received[item_id] = got
+        if got == 1:
+            self.first_latencies.append(arrived - published)
+        if got == self.subscribers:
+            self.complete_latencies.append(arrived - published)
+            self.completed += 1
+            self.slots.release()
+            if self.completed == self.items and not self.all_done.done():
+                self.all_done.set_result(None)
+
+
+def _notification_handler(fanout: Fanout) -> Callable[[ET.Element], None]:
+    def on_stanza(element: ET.Element) -> None:
+        if element.tag != TAG_MESSAGE:
+            return
+        for item in element.iterfind(PATH_EVENT_ITEM):
+            fanout.notified(item.get("id"))
+
+    return on_stanza
+
+
+async def _bounded(limit: int, calls: list[Callable[[], Awaitable]]) -> list:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(call: Callable[[], Awaitable]):
+        async with semaphore:
+            return await call()
+
+    return await asyncio.gather(*(one(c) for c in calls))
+
+
+async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
+    service = opts.pubsub or f"pubsub.{opts.domain}"
+    indexes = list(range(opts.first_user, opts.first_user + opts.clients + 1))
+    clients, errors = await login_many(opts, indexes, f"ps-{run}-{secrets.token_hex(3)}")
+    node = f"load-{run}-{secrets.token_hex(4)}"
+    publisher = None
+    try:
+        if errors:
+            raise XmppError(f"{len(errors)} logins failed, first: {errors[0]}")
+        clients.sort(key=lambda c: c.index)
+        publisher, subscribers = clients[0], clients[1:]
+        reply = await asyncio.wait_for(
+            publisher.iq("set", service, f"<pubsub xmlns='{NS_PUBSUB}'><create node='{node}'/>"),
+            opts.timeout,
+        )
+        if _iq_error(reply):
+            raise XmppError(f"create node: {_iq_error(reply)}")
+        fanout = Fanout(len(subscribers), opts.items, opts.window)
+        for subscriber in subscribers:
+            subscriber.on_stanza = _notification_handler(fanout)
+
+        def subscribe(subscriber: Client) -> Callable[[], Awaitable]:
+            payload = (
+                f"<pubsub xmlns='{NS_PUBSUB}'>"
+                f"<subscribe node='{node}' jid={quoteattr(subscriber.bare)}/></pubsub>"
+            )
+            return lambda: asyncio.wait_for(subscriber.iq("set", service, payload), opts.timeout)
+
+        subscribe_started = now()
+        replies = await _bounded(opts.concurrency, [subscribe(s) for s in subscribers])
+        subscribe_seconds = now() - subscribe_started
+        refused = [_iq_error(r) for r in replies if _iq_error(r)]
+        if refused:
+            raise XmppError(f"{len(refused)} subscriptions refused, first: {refused[0]}")
+
+        payload = (opts.body * (opts.payload_size // len(opts.body) + 1))[: opts.payload_size]
+        entry = f"<entry xmlns='urn:mim-twisted:load'>{escape(payload)}</entry>"
+        publish_replies: list[float] = []
+        publish_errors: list[str] = []
+
+        def replied(future: asyncio.Future, sent_at: float) -> None:
+            if future.cancelled():
+                return
+            error = _iq_error(future.result())
+            if error:
+                publish_errors.append(error)
+            else:
+                publish_replies.append(now() - sent_at)
+
+        meter = CpuMeter(opts.server_pid)
+        started = now()
+        for k in range(opts.items):
+            await asyncio.wait_for(fanout.slots.acquire(), opts.timeout)
+            item_id = str(k)
+            sent_at = now()
+            fanout.published_at[item_id] = sent_at
+            future = publisher.iq(
+                "set",
+                service,
+                f"<pubsub xmlns='{NS_PUBSUB}'><publish node='{node}'>"
+                f"<item id='{item_id}'>{entry}</item></publish></pubsub>",
+            )
+            future.add_done_callback(lambda f, t=sent_at: replied(f, t))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(fanout.all_done), opts.timeout)
+        elapsed = max(fanout.last_delivery - started, 1e-9)
+        cpu = meter.figures()
+    finally:
+        if publisher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    publisher.iq(
+                        "set", service, f"<pubsub xmlns='{NS_PUBSUB_OWNER}'><delete node='{node}'/>"
+                    ),
+                    opts.timeout,
+                )
+        await close_all(clients)
+    expected = opts.items * len(subscribers)
+    return {
+        "scenario": "pubsub-fanout",
+        "subscribers": len(subscribers),
+        "items": opts.items,
+        "window": opts.window,
+        "payload_bytes": opts.payload_size,
+        "subscribe_per_s": round(len(subscribers) / subscribe_seconds, 1),
+        "seconds": round(elapsed, 3),
+        "notifications_per_s": round(fanout.notifications / elapsed, 1),
+        "items_per_s": round(fanout.completed / elapsed, 2),
+        "publish_to_last_ms": percentiles(fanout.complete_latencies),
+        "publish_to_first_ms": percentiles(fanout.first_latencies),
+        "publish_reply_ms": percentiles(publish_replies),
+        "delivered": fanout.notifications,
+        "missing": expected - fanout.notifications,
+        "publish_errors": len(publish_errors),
+        **cpu,
+    }
+
+
+SCENARIOS = {
+    "login": scenario_login,
+    "messages": scenario_messages,
+    "pubsub-fanout": scenario_pubsub,
+}
+
+
+# -- runs and summary ------------------------------------------------------------------------
+
+
+def _flatten(figures: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[prefix + key] = value
+    return flat
+
+
+def _nest(flat: dict[str, float]) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        target = nested
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = value
+    return nested
+
+
+def summarise(results: list[dict]) -> dict:
+    """Median, min and max of every numeric figure over the runs."""
+    flats = [_flatten(r) for r in results]
+    keys = [k for k in flats[0] if all(k in f and f[k] is not None for f in flats)]
+    out: dict = {"scenario": results[0]["scenario"], "runs": len(results)}
+    for name, pick in (("median", statistics.median), ("min", min), ("max", max)):
+        out[name] = _nest({k: round(pick([f[k] for f in flats]), 2) for k in keys})
+    return out
+
+
+async def main_async(opts: argparse.Namespace) -> int:
+    scenario = SCENARIOS[opts.scenario]
+    results = []
+    for run in range(1, opts.runs + 1):
+        try:
+            result = await asyncio.wait_for(scenario(opts, run), opts.run_timeout)
+        except (OSError, XmppError, TimeoutError, ssl.SSLError) as e:
+            print(json.dumps({"scenario": opts.scenario, "run": run, "error": str(e)}), flush=True)
+            return 1
+        result = {**result, "run": run}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        if run < opts.runs:
+            await asyncio.sleep(opts.pause)
+    if opts.runs > 1:
+        print(json.dumps(summarise(results)), flush=True)
+    return 0
+
+
+def _check_loopback(host: str) -> None:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as e:
+        raise SystemExit(f"cannot resolve {host}: {e}") from e
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            raise SystemExit(f"{host} ({address}) is not a loopback address; see --allow-remote")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5222)
+    parser.add_argument("--domain", default="localhost", help="the XMPP domain (stream 'to')")
+    parser.add_argument("--pubsub", help="the PubSub service JID (default pubsub.<domain>)")
+    parser.add_argument("--clients", type=int, default=100, help="clients (pubsub: subscribers)")
+    parser.add_argument("--concurrency", type=int, default=50, help="logins in progress at once")
+    parser.add_argument("--duration", type=float, default=10.0, help="messages: seconds measured")
+    parser.add_argument("--warmup", type=float, default=2.0, help="messages: seconds before")
+    parser.add_argument("--drain", type=float, default=10.0, help="seconds to wait for stragglers")
+    parser.add_argument(
+        "--window", type=int, default=None, help="undelivered messages per sender (default 10) or "
+        "pubsub items not yet delivered to all (default 1)"
+    )  # fmt: skip
+    parser.add_argument("--items", type=int, default=100, help="pubsub: items published")
+    parser.add_argument("--body-size", type=int, default=64, help="messages: body characters")
+    parser.add_argument("--payload-size", type=int, default=128, help="pubsub: payload characters")
+    parser.add_argument("--body", default="The quick brown fox jumps over the lazy dog. ")
+    parser.add_argument("--to-full-jid", action="store_true", help="address full JIDs, not bare")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--pause", type=float, default=1.0, help="seconds between runs")
+    parser.add_argument("--user-prefix", default="load")
+    parser.add_argument("--first-user", type=int, default=1)
+    parser.add_argument("--password", default="load-password")
+    parser.add_argument(
+        "--mechanism", default="SCRAM-SHA-256", choices=["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"]
+    )
+    parser.add_argument(
+        "--no-scram-cache", action="store_true", help="run PBKDF2 on every login (client cost)"
+    )
+    parser.add_argument("--cafile", help="verify the server certificate against this CA file")
+    parser.add_argument("--no-tls", action="store_true", help="skip STARTTLS even if offered")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds for any one step")
+    parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds for one run")
+    parser.add_argument("--server-pid", type=int, help="report the server's CPU use too")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host")
+    opts = parser.parse_args(argv)
+    if opts.window is None:
+        opts.window = 1 if opts.scenario == "pubsub-fanout" else 10
+    if min(opts.clients, opts.concurrency, opts.window, opts.runs, opts.items) < 1:
+        parser.error("--clients, --concurrency, --window, --runs and --items must be positive")
+    if not opts.allow_remote:
+        _check_loopback(opts.host)
+    return opts
+
+
+def _raise_file_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    opts.tls_context = make_tls_context(opts)
+    _raise_file_limit()
+    return asyncio.run(main_async(opts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
