@@ -14,7 +14,6 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.words.protocols.jabber.jid import internJID
 
 from mim_twisted import hooks, storage
 from mim_twisted.auth.certs import ExternalSettings
@@ -37,6 +36,7 @@ from mim_twisted.pubsub.queues import WorkerPool
 from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated
 from mim_twisted.xmpp import tls
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
+from mim_twisted.xmpp.jids import parse_jid
 
 log = Logger()
 
@@ -142,7 +142,7 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
 
     async def relation(owner: str, requester: str) -> Relation:
         """What the owner's roster says about the requester (presence and roster models)."""
-        owner_jid = internJID(owner)
+        owner_jid = parse_jid(owner)
         if owner_jid.user is None or owner_jid.host not in config.server.domains:
             return Relation()
         item = await rosters.get_item(owner_jid.host, owner_jid.user, requester)

@@ -333,3 +333,63 @@ class BindTests(StreamTestCase):
         )
         self.assertIn(b"from='alice@localhost/one'", other_transport.value())
         self.assertNotIn(b"mallory", other_transport.value())
+
+
+class StartTlsRequiredTests(StreamTestCase):
+    # A stand-in: these tests never get as far as starting TLS.
+    settings = {"starttls_required": True, "tls_options": object()}
+
+    def test_only_starttls_is_offered(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        data = transport.value()
+        self.assertIn(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/>", data)
+        self.assertNotIn(b"mechanism", data)
+
+    def test_authenticating_in_the_clear_is_refused(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        self.read(transport)
+        token = base64.b64encode(b"n,,n=alice,r=abcdefgh").decode()
+        stream.dataReceived(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'>"
+            f"{token}</auth>".encode()
+        )
+        stream.dataReceived(plain_auth("alice", "secret"))
+        data = transport.value()
+        self.assertEqual(data.count(b"<encryption-required/>"), 2)
+        self.assertIsNone(stream.username)
+
+
+class ParserLimitTests(StreamTestCase):
+    settings = {"max_stanza_size": 1_000_000}
+
+    def test_deep_nesting_is_refused(self) -> None:
+        stream, transport = self.login()
+        stream.dataReceived(b"<message><body>" + b"<a>" * 150)
+        self.assertStreamError(transport, "policy-violation")
+
+    def test_too_many_elements_are_refused(self) -> None:
+        stream, transport = self.login()
+        stream.dataReceived(b"<iq type='set' id='x'><q xmlns='urn:x'>" + b"<a/>" * 10_001)
+        self.assertStreamError(transport, "policy-violation")
+
+    def test_before_authentication_the_stanza_limit_is_small(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
+        stream.dataReceived(b"A" * 20_000)
+        self.assertStreamError(transport, "policy-violation")
+
+    def test_after_authentication_the_configured_limit_applies(self) -> None:
+        stream, transport = self.login()
+        stream.dataReceived(b"<message to='alice@localhost/home'><body>" + b"A" * 20_000)
+        self.assertFalse(transport.disconnecting)
+
+
+class BindTimeoutTests(StreamTestCase):
+    def test_authenticated_but_never_bound(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + plain_auth("alice", "secret"))
+        stream.dataReceived(HEADER)
+        self.clock.advance(31)
+        self.assertStreamError(transport, "connection-timeout")

@@ -43,3 +43,19 @@ class ShapedStreamTests(StreamTestCase):
         self.assertEqual(transport.producerState, "paused")
         stream.resume_reading("shaper")
         self.assertEqual(transport.producerState, "producing")
+
+    def test_the_shaper_survives_a_drained_write_buffer(self) -> None:
+        stream, transport = self.connect()
+        stream.pauseProducing()
+        stream.resumeProducing()
+        stream.dataReceived(HEADER + b" " * 3000)
+        self.assertEqual(transport.producerState, "paused")
+
+    def test_data_while_paused_pushes_the_resumption_back(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b" " * 2500)  # about 0.3 s over the rate
+        stream.dataReceived(b" " * 1000)  # about 0.8 s over in all
+        self.clock.advance(0.5)
+        self.assertEqual(transport.producerState, "paused")
+        self.clock.advance(0.5)
+        self.assertEqual(transport.producerState, "producing")

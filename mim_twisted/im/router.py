@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols.jabber import error, xmlstream
-from twisted.words.protocols.jabber.jid import JID, InvalidFormat, internJID
+from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
 from mim_twisted import hooks
@@ -29,6 +29,7 @@ from mim_twisted.im.messages import MessageRouter
 from mim_twisted.im.presence import PresenceService
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.im.stanzas import reply_error
+from mim_twisted.xmpp.jids import parse_jid
 
 log = Logger()
 
@@ -69,7 +70,7 @@ class Router:
     def route_from_client(self, session: Any, stanza: domish.Element) -> None:
         to = stanza.getAttribute("to")
         try:
-            recipient = internJID(to) if to else session.jid.userhostJID()
+            recipient = parse_jid(to) if to else session.jid.userhostJID()
         except (InvalidFormat, UnicodeError):
             reply_error(session, stanza, "jid-malformed")
             return

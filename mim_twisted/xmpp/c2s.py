@@ -32,6 +32,7 @@ from mim_twisted.xmpp.tls import ClientCertificateCheck, ClientCertificatePolicy
 log = Logger()
 
 STANZA_NAMES = frozenset(("message", "presence", "iq"))
+PREAUTH_MAX_STANZA_SIZE = 16384
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class C2SStream(protocol.Protocol):
         self._write_blocked = False
         self._read_pauses: set[str] = set()
         self._shaper: ReadShaper | None = None
+        self._shaper_timer = None
         self._bytes_while_blocked = 0
         self.sasl = SaslNegotiation(self)
         self.lost: defer.Deferred = defer.Deferred()  # fires when the connection is gone
@@ -110,7 +112,11 @@ class C2SStream(protocol.Protocol):
         self._new_parser()
 
     def _new_parser(self) -> None:
-        parser = StreamParser(self.settings.max_stanza_size)
+        limit = self.settings.max_stanza_size
+        if self.username is None:
+            # Before authentication nothing big is needed; an anonymous peer gets a small limit.
+            limit = min(limit, PREAUTH_MAX_STANZA_SIZE)
+        parser = StreamParser(limit)
         parser.DocumentStartEvent = self._on_stream_start
         parser.ElementEvent = self._on_element
         parser.DocumentEndEvent = self._on_stream_end
@@ -137,7 +143,13 @@ class C2SStream(protocol.Protocol):
             pause = self._shaper.consume(len(data), self.factory.clock.seconds())
             if pause:
                 self.pause_reading("shaper")
-                self.factory.clock.callLater(pause, self.resume_reading, "shaper")
+                # One timer: data that arrives while paused pushes the resumption back.
+                if self._shaper_timer is not None and self._shaper_timer.active():
+                    self._shaper_timer.reset(pause)
+                else:
+                    self._shaper_timer = self.factory.clock.callLater(
+                        pause, self.resume_reading, "shaper"
+                    )
 
     def pause_reading(self, reason: str) -> None:
         """Stop reading from the client until every reason given has been resumed."""
@@ -204,8 +216,6 @@ class C2SStream(protocol.Protocol):
 
     def resumeProducing(self) -> None:
         self._write_blocked = False
-        self._read_pauses: set[str] = set()
-        self._shaper: ReadShaper | None = None
         self._bytes_while_blocked = 0
 
     def stopProducing(self) -> None:
@@ -354,8 +364,6 @@ class C2SStream(protocol.Protocol):
     def authenticated(self, username: str) -> None:
         """SASL succeeded: the client restarts the stream (RFC 6120 §6.4.6)."""
         self.username = username
-        if self._auth_timer is not None and self._auth_timer.active():
-            self._auth_timer.cancel()
         log.info(
             "{peer} authenticated as {user}@{domain}",
             peer=self.log_name(),
@@ -386,6 +394,8 @@ class C2SStream(protocol.Protocol):
     def bound(self, jid: JID) -> None:
         """Resource binding succeeded: the session is open for routing."""
         self.jid = jid
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
         self.factory.sessions.bind(self)
         log.info("{peer} bound {jid}", peer=self.log_name(), jid=jid.full())
 
@@ -407,8 +417,8 @@ class C2SStream(protocol.Protocol):
 
     def _auth_timed_out(self) -> None:
         self._auth_timer = None
-        if self.username is None:
-            self.stream_error("connection-timeout", "No authentication in time")
+        if self.jid is None:
+            self.stream_error("connection-timeout", "Not authenticated and bound in time")
 
     def log_name(self) -> str:
         if self.jid is not None:

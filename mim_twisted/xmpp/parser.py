@@ -16,7 +16,13 @@ class RestrictedXml(Exception):
 
 
 class StanzaTooLarge(Exception):
-    """A single stanza grew past the configured size limit."""
+    """A single stanza grew past the size, element-count or nesting limit."""
+
+
+# Real stanzas stay far below these; past them a stanza is an attack on memory or on the
+# recursion of whatever walks the tree later (serialising it, for one).
+MAX_DEPTH = 100
+MAX_ELEMENTS = 10_000
 
 
 class StreamParser(domish.ExpatElementStream):
@@ -24,9 +30,11 @@ class StreamParser(domish.ExpatElementStream):
 
     def __init__(self, max_stanza_size: int) -> None:
         super().__init__()
-        # Our exact count below replaces domish's per-buffer approximation.
-        self.maxStanzaSize = float("inf")
+        # Our exact counts below replace domish's approximations (and its generic error).
+        self.maxStanzaSize = self.maxElementCount = float("inf")
         self.max_stanza_size = max_stanza_size
+        self._depth = 0
+        self._elements = 0
         self._bytes_fed = 0
         self._last_stanza_end = 0
         parser = self.parser
@@ -49,12 +57,24 @@ class StreamParser(domish.ExpatElementStream):
         # A stanza still open at the end of the data may be growing without bound.
         self._check_size(self._bytes_fed)
 
+    def _onStartElement(self, name: str, attrs: dict) -> None:
+        self._depth += 1
+        self._elements += 1
+        # The stream's root element is depth 1, a stanza depth 2.
+        if self._depth > MAX_DEPTH + 1:
+            raise StanzaTooLarge(f"elements nested deeper than {MAX_DEPTH}")
+        if self._elements > MAX_ELEMENTS + 1:
+            raise StanzaTooLarge(f"stanza of more than {MAX_ELEMENTS} elements")
+        super()._onStartElement(name, attrs)
+
     def _onEndElement(self, name: str) -> None:
+        self._depth -= 1
         if self.currElem is not None and self.currElem.parent is None:
             # A stanza that ends within the data is checked before it is dispatched.
             end = self.parser.CurrentByteIndex
             self._check_size(end)
             self._last_stanza_end = end
+            self._elements = 1  # the root
         super()._onEndElement(name)
 
     def _check_size(self, position: int) -> None:

@@ -59,8 +59,19 @@ class SaslNegotiation:
         self._pending: defer.Deferred | None = None
         self._delayed_failure = None
 
+    def encryption_required(self) -> bool:
+        """STARTTLS is mandatory on this listener and has not happened yet."""
+        settings = self.stream.settings
+        return (
+            settings.starttls_required
+            and settings.tls_options is not None
+            and not self.stream.secure
+        )
+
     def offered(self) -> list[str]:
         stream = self.stream
+        if self.encryption_required():
+            return []
         plain_allowed = stream.secure or stream.settings.allow_plain_without_tls
         certificate = stream.secure and stream.client_identities is not None
         return [
@@ -99,6 +110,8 @@ class SaslNegotiation:
     def _start(self, element: domish.Element) -> None:
         name = element.getAttribute("mechanism", "")
         if name not in self.offered():
+            if self.encryption_required():
+                raise SaslError("encryption-required", "Use STARTTLS first")
             if name in CERTIFICATE_MECHANISMS:
                 raise SaslError("invalid-mechanism", f"{name} needs a verified client certificate")
             raise SaslError("invalid-mechanism", f"Mechanism {name!r} is not offered")
