@@ -21,6 +21,7 @@ from mim_twisted.config import Config, ConfigError, load_config
 from mim_twisted.im import caps, ping, roster, version
 from mim_twisted.im.caps import CapsService
 from mim_twisted.im.disco import DiscoService
+from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.messages import MessageRouter
 from mim_twisted.im.offline import OfflineDelivery
 from mim_twisted.im.presence import PresenceService
@@ -42,6 +43,10 @@ log = Logger()
 
 # Seconds that clients get to read the shutdown stream error before their connections are cut.
 SHUTDOWN_GRACE = 2.0
+
+# Seconds that the presence work left by the closed connections (unavailable presence, roster
+# writes) gets to finish before the database is closed under it.
+PRESENCE_STOP_TIMEOUT = 10.0
 
 # Start failures an operator can fix from the message alone: no traceback for these.
 EXPECTED_START_ERRORS = (SchemaOutdated, CannotListenError, OSError, ValueError)
@@ -94,9 +99,19 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
     sessions = SessionManager()
     hook_table = hooks.Hooks()
     offline = OfflineDelivery(database.offline, config.limits.max_offline_messages)
-    roster_service = RosterService(database.rosters, sessions)
+    # One lock per account for the roster items that the roster protocol and presence change.
+    roster_locks = KeyedLock()
+    roster_service = RosterService(database.rosters, sessions, locks=roster_locks)
     presence = PresenceService(
-        domains, sessions, database.accounts, database.rosters, roster_service, offline, hook_table
+        domains,
+        sessions,
+        database.accounts,
+        database.rosters,
+        roster_service,
+        offline,
+        hook_table,
+        locks=roster_locks,
+        clock=clock,
     )
     roster_service.on_remove = presence.roster_item_removed
     messages = MessageRouter(sessions, database.accounts, offline, hook_table)
@@ -135,7 +150,11 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
     settings = config.pubsub
     pool = WorkerPool(settings.workers, settings.max_queue_length)
     broadcaster = Broadcaster(
-        core.sessions, core.presence.offline, clock, sync=settings.sync_broadcast
+        core.sessions,
+        core.presence.offline,
+        clock,
+        sync=settings.sync_broadcast,
+        domains=frozenset(config.server.domains),
     )
     limits = ServiceLimits(settings.max_items_limit, settings.max_payload_size)
     rosters = database.rosters
@@ -305,7 +324,8 @@ class MimService(service.MultiService):
             yield self.pubsub.pool.stop()
             self.pubsub = None
         if self.core is not None:
-            yield self.core.presence.idle()
+            # Bounded: presence work stuck on the database must not keep the server up for ever.
+            yield self.core.presence.idle(timeout=PRESENCE_STOP_TIMEOUT)
         if self.database is not None:
             yield self.database.close()
             self.database = None

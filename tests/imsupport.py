@@ -1,6 +1,9 @@
 """What the IM core's unit tests share: a fake client session, stanza helpers, and the IM core as
 `tap.build_im_core` wires it, on a memory database."""
 
+from collections.abc import Callable
+
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.words.protocols.jabber.jid import JID
@@ -32,17 +35,21 @@ class FakeSession:
         self.roster_requested = False
         self.sent: list[domish.Element] = []
         self.stream_errors: list[str] = []
+        self.closed = False  # as on C2SStream: once closed, nothing more is sent
 
     def send(self, stanza: domish.Element | bytes | str) -> None:
+        if self.closed:
+            return
         if isinstance(stanza, bytes):
             stanza = stanza.decode("utf-8")
         self.sent.append(parse(stanza) if isinstance(stanza, str) else stanza)
 
     def replaced(self) -> None:
-        self.stream_errors.append("conflict")
+        self.stream_error("conflict")
 
     def stream_error(self, condition: str, text: str | None = None) -> None:
         self.stream_errors.append(condition)
+        self.closed = True
 
     def last(self) -> domish.Element:
         return self.sent[-1]
@@ -110,6 +117,46 @@ def pushed_items(stanzas: list[domish.Element]) -> list[dict[str, str]]:
     ]
 
 
+class HeldStore:
+    """A store whose calls wait, in order, until the test lets them through.
+
+    With `answers_only`, the calls are made at once and only their answers wait: what the test
+    does in between comes after them in the store.
+    """
+
+    def __init__(self, store: object, *, answers_only: bool = False) -> None:
+        self.inner = store  # not `store`: IOfflineStore has a method of that name
+        self.answers_only = answers_only
+        self.waiting: list[tuple[str, Callable[[], None]]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., defer.Deferred]:
+        method = getattr(self.inner, name)
+
+        def call(*args: object) -> defer.Deferred:
+            answer: defer.Deferred = defer.Deferred()
+            if self.answers_only:
+                result = method(*args)
+                self.waiting.append((name, lambda: result.chainDeferred(answer)))
+            else:
+                self.waiting.append((name, lambda: method(*args).chainDeferred(answer)))
+            return answer
+
+        return call
+
+    def calls(self) -> list[str]:
+        return [name for name, _ in self.waiting]
+
+    def release(self) -> None:
+        """Let the oldest waiting call through."""
+        _, run = self.waiting.pop(0)
+        run()
+
+    def release_all(self) -> None:
+        """Let the calls through one by one, the oldest first, until none waits."""
+        while self.waiting:
+            self.release()
+
+
 def without_pushes(stanzas: list[domish.Element]) -> list[domish.Element]:
     return [stanza for stanza in stanzas if stanza.name != "iq"]
 
@@ -132,7 +179,8 @@ class ImCoreTestCase(unittest.TestCase):
 
     def build(self) -> None:
         """(Re)build the core on self.config and self.database."""
-        self.core = build_im_core(self.config, self.database, Clock())
+        self.clock = Clock()
+        self.core = build_im_core(self.config, self.database, self.clock)
         self.connected: list[FakeSession] = []
 
     def connect(self, jid: str, *, roster: bool = True) -> FakeSession:
@@ -161,7 +209,9 @@ class ImCoreTestCase(unittest.TestCase):
         self.core.router.route_from_client(session, stanza)
 
     def disconnect(self, session: FakeSession) -> None:
-        """The connection is lost: unbound, then ended, in C2SStream.connectionLost's order."""
+        """The connection is lost: closed, unbound, then ended, in C2SStream.connectionLost's
+        order."""
+        session.closed = True
         self.core.sessions.unbind(session)
         self.core.router.session_ended(session)
 

@@ -11,6 +11,8 @@ from mim_twisted.config import load_config
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.tap import build_im_core
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
+from mim_twisted.xmpp.sasl import plain
+from tests.test_sasl_mechanisms import synchronously
 from tests.xml_samples import BILLION_LAUGHS
 
 HEADER = (
@@ -39,6 +41,8 @@ class StreamTestCase(unittest.TestCase):
     settings = {}
 
     def setUp(self) -> None:
+        # No reactor runs here: PLAIN hashes in this thread instead of a worker thread.
+        self.patch(plain, "run_hash", synchronously)
         self.clock = Clock()
         self.database = MemoryDatabase()
         self.successResultOf(

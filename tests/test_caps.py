@@ -4,6 +4,7 @@ import base64
 import hashlib
 
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.trial import unittest
 
 from mim_twisted.im import caps
@@ -361,3 +362,85 @@ class CapsServiceTests(unittest.TestCase):
         self.announce(carol, caps_presence(COMPLEX_VER))
         self.assertEqual(len(self.queries(carol)), 1)
         self.assertIn(MUC, self.caps.features_of(alice))  # what a session learned stays
+
+    def pending(self) -> int:
+        """Queries the router still waits on; each has its timeout timer."""
+        self.assertEqual(len(self.clock.getDelayedCalls()), len(self.router._queries))
+        return len(self.router._queries)
+
+    def test_a_new_ver_cancels_the_query_about_the_previous_one(self) -> None:
+        alice = self.bind("alice@localhost/desk")
+        for n in range(20):
+            self.announce(alice, caps_presence(f"random{n}="))
+        self.assertEqual(len(self.queries(alice)), 20)
+        self.assertEqual(self.pending(), 1)
+        self.assertEqual(len(self.caps._waiting), 1)
+        # The one still asked is about the latest ver; answers to the others are dropped.
+        self.answer_complex(alice, self.queries(alice)[0])
+        self.assertIsNone(self.caps.features_of(alice))
+        self.announce(alice, caps_presence(COMPLEX_VER))
+        self.assertEqual(self.pending(), 1)
+        self.answer_complex(alice, self.queries(alice)[-1])
+        self.assertIn(MUC, self.caps.features_of(alice))
+        self.assertEqual((self.pending(), self.caps._waiting), (0, {}))
+
+    def test_a_withdrawn_session_hands_the_question_on(self) -> None:
+        alice = self.bind("alice@localhost/desk")
+        bob = self.bind("bob@localhost/phone")
+        self.announce(alice, caps_presence(COMPLEX_VER))
+        self.announce(bob, caps_presence(COMPLEX_VER))
+        self.announce(alice, caps_presence(SIMPLE_VER))
+        [query] = self.queries(bob)
+        self.assertEqual(self.pending(), 2)  # Bob about COMPLEX_VER, Alice about SIMPLE_VER
+        self.answer_complex(bob, query)
+        self.assertIn(MUC, self.caps.features_of(bob))
+        self.assertIsNone(self.caps.features_of(alice))
+
+    def test_a_session_waiting_for_another_ones_answer_is_not_asked_after_leaving(self) -> None:
+        alice = self.bind("alice@localhost/desk")
+        bob = self.bind("bob@localhost/phone")
+        self.announce(alice, caps_presence(COMPLEX_VER))
+        self.announce(bob, caps_presence(COMPLEX_VER))
+        self.announce(bob, caps_presence("other="))
+        self.assertEqual(self.caps._waiting[("sha-1", COMPLEX_VER)], [(alice, "http://psi-im.org")])
+        self.clock.advance(10)  # neither answers
+        self.assertEqual(len(self.queries(bob)), 1)  # about "other=" only
+        self.assertEqual((self.pending(), self.caps._waiting), (0, {}))
+
+    def test_unverified_queries_are_one_per_session_too(self) -> None:
+        alice = self.bind("alice@localhost/desk")
+        for n in range(5):
+            self.announce(alice, caps_presence(f"v{n}", algo="md5"))
+        self.assertEqual(self.pending(), 1)
+        self.answer(alice, self.queries(alice)[0], "<feature var='urn:old+notify'/>")
+        self.assertIsNone(self.caps.features_of(alice))
+        self.answer(alice, self.queries(alice)[-1], "<feature var='urn:new+notify'/>")
+        self.assertTrue(self.caps.wants_notify(alice, "urn:new"))
+        self.assertEqual(self.pending(), 0)
+        self.announce(alice, caps_presence("v9", algo="md5"))
+        self.caps.session_ended(alice)
+        self.assertEqual((self.pending(), self.caps._unverified), (0, {}))
+
+    def test_unknown_vers_being_learned_are_bounded(self) -> None:
+        events: list[dict] = []
+        self.patch(caps, "log", Logger(observer=events.append))
+        self.caps.max_unknown = 2
+        alice, bob, carol, dave = (
+            self.bind(f"{u}@localhost/r") for u in "alice bob carol dave".split()
+        )
+        self.announce(alice, caps_presence(COMPLEX_VER))
+        self.announce(bob, caps_presence("b="))
+        self.announce(carol, caps_presence("c="))
+        self.announce(dave, caps_presence("d="))
+        self.assertEqual((self.queries(carol), self.queries(dave)), ([], []))
+        self.assertEqual(self.pending(), 2)
+        self.assertEqual(len(events), 1)  # once, not once per presence left unasked
+        self.assertEqual(events[0]["jid"], "carol@localhost/r")
+        # Another session announcing a ver already being learned just waits for the answer.
+        erin = self.bind("erin@localhost/r")
+        self.announce(erin, caps_presence(COMPLEX_VER))
+        self.answer_complex(alice, self.queries(alice)[0])
+        self.assertIn(MUC, self.caps.features_of(erin))
+        # Once there is room, carol's caps are asked about when she announces them again.
+        self.announce(carol, caps_presence("c="))
+        self.assertEqual(len(self.queries(carol)), 1)

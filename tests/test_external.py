@@ -22,11 +22,12 @@ from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.tap import build_im_core
 from mim_twisted.xmpp import tls
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
-from mim_twisted.xmpp.sasl import external, mechanism_factory
+from mim_twisted.xmpp.sasl import external, mechanism_factory, plain
 from mim_twisted.xmpp.sasl.mechanism import Challenge, ISaslMechanism, SaslContext, Success
 from tests import certfactory
 from tests.certfactory import Authority, Issued
 from tests.test_c2s_stream import HEADER, bind_request, plain_auth
+from tests.test_sasl_mechanisms import synchronously
 
 # -- TLS in memory ---------------------------------------------------------------------------
 
@@ -283,6 +284,8 @@ class ExternalStreamTests(TLSTestMixin, unittest.TestCase):
 
     def setUp(self) -> None:
         super().setUp()
+        # No reactor runs here: PLAIN hashes in this thread instead of a worker thread.
+        self.patch(plain, "run_hash", synchronously)
         self.clock = Clock()
         database = MemoryDatabase()
         for user in ("alice", "bob", "kate"):

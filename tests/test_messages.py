@@ -10,7 +10,15 @@ from twisted.words.xish import domish
 
 from mim_twisted import hooks
 from mim_twisted.im.offline import NS_DELAY
-from tests.imsupport import FakeSession, ImCoreTestCase, error_condition, parse, summary
+from mim_twisted.storage.interfaces import OfflineMessage
+from tests.imsupport import (
+    FakeSession,
+    HeldStore,
+    ImCoreTestCase,
+    error_condition,
+    parse,
+    summary,
+)
 
 TYPES = ("chat", "normal", "headline", "groupchat", "error")
 
@@ -394,3 +402,72 @@ class HookTableTests(unittest.TestCase):
 
     def record(self, *args: object) -> None:
         self.calls.append(("method", *args))
+
+
+class OfflineDeliveryRaceTests(MessageTestCase):
+    """The messages leave the store before they are sent: a session gone by then loses none."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        for body in ("1", "2", "3"):
+            self.message("bob@localhost", "chat", body)
+        self.offline = HeldStore(self.database.offline, answers_only=True)
+        self.build_held()
+
+    def build_held(self) -> None:
+        """The core on the held store; what the test itself reads or stores is not held."""
+        self.database.offline = self.offline
+        self.build()
+        self.database.offline = self.offline.inner
+
+    def test_the_session_closes_while_the_messages_are_read(self) -> None:
+        phone = self.connect("bob@localhost/phone")
+        self.send(phone, "<presence/>")
+        self.assertEqual(self.offline.calls(), ["pop_all"])
+        self.disconnect(phone)
+        # One more comes while the answer is on its way: it stays after the older ones.
+        self.message("bob@localhost", "chat", "4")
+        self.offline.release_all()
+        self.assertEqual(bodies(phone.take()), [])
+        self.assertEqual(bodies(self.stored()), ["1", "2", "3", "4"])
+        self.successResultOf(self.core.presence.idle())
+
+    def test_the_session_is_cut_off_while_they_are_sent(self) -> None:
+        # C2SStream.send closes a stream whose client reads too slowly and drops what it was
+        # given; the second message is the one that finds the buffer full.
+        phone = SlowReader("bob@localhost/phone", messages_read=1)
+        phone.roster_requested = True
+        self.core.sessions.bind(phone)
+        self.send(phone, "<presence/>")
+        self.offline.release_all()
+        self.assertEqual(bodies(phone.take()), ["1"])
+        self.assertEqual(bodies(self.stored()), ["2", "3"])
+
+    def test_the_restored_messages_pass_the_store_limit(self) -> None:
+        limits = dataclasses.replace(self.config.limits, max_offline_messages=3)
+        self.config = dataclasses.replace(self.config, limits=limits)
+        self.build_held()
+        phone = self.connect("bob@localhost/phone")
+        self.send(phone, "<presence/>")
+        self.disconnect(phone)
+        for body in ("4", "5", "6"):
+            message = OfflineMessage("x", f"<message><body>{body}</body></message>")
+            self.successResultOf(self.database.offline.store("localhost", "bob", message, 3))
+        self.offline.release_all()
+        self.assertEqual(bodies(self.stored()), ["1", "2", "3", "4", "5", "6"])
+
+
+class SlowReader(FakeSession):
+    """A session that C2SStream would cut off when it is sent one message too many."""
+
+    def __init__(self, jid: str, messages_read: int) -> None:
+        super().__init__(jid)
+        self.messages_read = messages_read
+
+    def send(self, stanza: domish.Element | bytes | str) -> None:
+        if "<message" in (stanza if isinstance(stanza, str) else ""):
+            if self.messages_read == 0:
+                self.closed = True
+                return
+            self.messages_read -= 1
+        super().send(stanza)

@@ -1,16 +1,17 @@
 """Presence (RFC 6121 §4) and presence subscriptions (§3) between local users, at the stanza level
 through the IM core as tap.py wires it."""
 
-from collections.abc import Callable
-
-from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID
 
 from mim_twisted import hooks
+from mim_twisted.im import presence as presence_module
 from mim_twisted.im.presence import parse_priority
 from mim_twisted.storage.interfaces import OfflineMessage, RosterItem
+from mim_twisted.tap import PRESENCE_STOP_TIMEOUT, MimService
 from tests.imsupport import (
     FakeSession,
+    HeldStore,
     ImCoreTestCase,
     error_condition,
     parse,
@@ -570,42 +571,21 @@ class SubscriptionHookTests(SubscriptionTestCase):
         )
 
 
-class HeldRosters:
-    """An IRosterStore whose calls wait, in order, until the test lets them through."""
+class HeldRostersTestCase(PresenceTestCase):
+    """The core on a roster store that answers when the test says; Bob is online, sees Alice."""
 
-    def __init__(self, store: object) -> None:
-        self.store = store
-        self.waiting: list[tuple[str, Callable[[], None]]] = []
-
-    def __getattr__(self, name: str) -> Callable[..., defer.Deferred]:
-        method = getattr(self.store, name)
-
-        def call(*args: object) -> defer.Deferred:
-            answer: defer.Deferred = defer.Deferred()
-            self.waiting.append((name, lambda: method(*args).chainDeferred(answer)))
-            return answer
-
-        return call
-
-    def calls(self) -> list[str]:
-        return [name for name, _ in self.waiting]
-
-    def release(self) -> None:
-        _, run = self.waiting.pop(0)
-        run()
-
-
-class OrderingTests(PresenceTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.subscribe("bob", "alice")
-        self.rosters = self.database.rosters = HeldRosters(self.database.rosters)
+        self.rosters = self.database.rosters = HeldStore(self.database.rosters)
         self.build()
         self.bob = self.connect("bob@localhost/phone")
         self.send(self.bob, "<presence/>")
         self.rosters.release()
         self.bob.take()
 
+
+class OrderingTests(HeldRostersTestCase):
     def test_back_to_back_presences_are_handled_in_order(self) -> None:
         phone = self.connect("alice@localhost/phone")
         self.send(phone, presence_xml(priority=1, status="first"))
@@ -650,3 +630,201 @@ class OrderingTests(PresenceTestCase):
     def request_subscription(self, session: FakeSession) -> None:
         self.send(session, presence_xml("subscribe", "carol@localhost"))
         self.assertEqual(self.rosters.calls(), ["get_item"])
+
+
+class QueueTests(HeldRostersTestCase):
+    """Each session's presence stanzas wait in one queue, drained by one loop."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.presence = self.core.presence
+        self.alice = self.connect("alice@localhost/phone")
+        self.send(self.alice, "<presence/>")  # waits for the roster, and the rest behind it
+
+    def directed(self, count: int) -> None:
+        for _ in range(count):
+            self.send(self.alice, presence_xml(to="bob@localhost/phone"))
+
+    def test_many_stanzas_finishing_at_once(self) -> None:
+        # Chained callbacks once overflowed the stack here: the RecursionError was swallowed,
+        # the queue never moved again, and neither the unavailable presence nor idle() came.
+        self.presence.max_queued = 5000
+        self.directed(1500)
+        self.assertNoResult(self.presence.idle())
+        self.rosters.release()
+        self.assertEqual(len(presences(self.bob.take())), 1 + 1500)
+        self.successResultOf(self.presence.idle())
+        self.disconnect(self.alice)
+        self.rosters.release_all()
+        self.assertEqual(
+            presences(self.bob.take()),
+            [
+                ("presence", "unavailable", "alice@localhost/phone", "bob@localhost"),
+                ("presence", "unavailable", "alice@localhost/phone", "bob@localhost/phone"),
+            ],
+        )
+        self.successResultOf(self.presence.idle())
+
+    def test_a_session_that_sends_too_many_is_closed(self) -> None:
+        self.directed(100)
+        self.assertEqual(self.alice.stream_errors, [])
+        self.directed(1)
+        self.assertEqual(self.alice.stream_errors, ["policy-violation"])
+        self.rosters.release()
+        # Those that were queued are handled; the one refused is not.
+        self.assertEqual(len(presences(self.bob.take())), 1 + 100)
+        self.successResultOf(self.presence.idle())
+
+    def test_the_end_of_a_session_is_queued_whatever_the_length(self) -> None:
+        self.directed(100)
+        self.disconnect(self.alice)
+        self.rosters.release_all()
+        # Gone before its turn came: nothing of what it sent is acted on, but the end is told.
+        self.assertEqual(self.bob.take(), [])
+        self.successResultOf(self.presence.idle())
+
+    def test_a_failing_stanza_does_not_stop_the_queue(self) -> None:
+        def broken(session: FakeSession, presence: object) -> None:
+            raise RuntimeError("listener failed")
+
+        self.presence.caps_listeners.append(broken)
+        self.directed(1)
+        idle = self.presence.idle()
+        self.rosters.release()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(presences(self.bob.take())), 2)
+        self.successResultOf(idle)
+
+    def test_idle_with_a_timeout_gives_up_on_what_waits(self) -> None:
+        events: list[dict] = []
+        self.patch(presence_module, "log", Logger(observer=events.append))
+        self.directed(3)
+        idle = self.presence.idle(timeout=10)
+        self.clock.advance(9)
+        self.assertNoResult(idle)
+        self.clock.advance(1)
+        self.assertIsNone(self.successResultOf(idle))
+        [event] = events
+        self.assertEqual((event["busy"], event["count"]), (1, 3))
+        self.assertEqual(event["dropped"], "alice@localhost/phone: 3")
+        # The stanza under way ends when the database answers; those waiting were dropped.
+        self.rosters.release()
+        self.assertEqual(len(presences(self.bob.take())), 1)
+        self.successResultOf(self.presence.idle())
+
+    def test_stopping_the_server_waits_for_presence_work_at_most_a_while(self) -> None:
+        server = MimService(self.config, reactor=self.clock)
+        server.core = self.core
+        stopped = server.stopService()
+        self.clock.advance(PRESENCE_STOP_TIMEOUT - 1)
+        self.assertNoResult(stopped)
+        self.clock.advance(1)
+        self.successResultOf(stopped)
+
+    def test_stopping_the_server_when_presence_work_ends_in_time(self) -> None:
+        server = MimService(self.config, reactor=self.clock)
+        server.core = self.core
+        stopped = server.stopService()
+        self.assertNoResult(stopped)
+        self.rosters.release()
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class DirectedPresenceLimitTests(PresenceTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.alice = self.online("alice@localhost/phone")
+        self.eve = self.online("eve@localhost/desk")
+
+    def test_remembered_for_a_limited_number_of_addresses(self) -> None:
+        limit = self.core.presence.max_directed
+        self.assertEqual(limit, 1000)
+        for i in range(limit):
+            self.send(self.alice, presence_xml(to=f"nobody@localhost/r{i}"))
+        self.assertEqual(self.alice.take(), [])
+        self.send(self.alice, presence_xml(to="eve@localhost/desk"))
+        [reply] = self.alice.take()
+        self.assertEqual(error_condition(reply), "resource-constraint")
+        self.assertEqual(self.eve.take(), [])
+        self.assertEqual(len(self.alice.directed_to), limit)
+        # An update to an address already remembered is no new entry.
+        self.send(self.alice, presence_xml(to="nobody@localhost/r7", status="again"))
+        self.assertEqual(self.alice.take(), [])
+        # Directed unavailable presence frees an entry.
+        self.send(self.alice, presence_xml("unavailable", "nobody@localhost/r7"))
+        self.send(self.alice, presence_xml(to="eve@localhost/desk"))
+        self.assertEqual(self.alice.take(), [])
+        self.assertEqual(
+            presences(self.eve.take())[0][:3], ("presence", None, self.alice.jid.full())
+        )
+        self.disconnect(self.alice)
+        self.assertEqual(presences(self.eve.take())[0][:2], ("presence", "unavailable"))
+
+
+class RosterLockTests(PresenceTestCase):
+    """A subscription change and a roster set on the same item, with the store answering late."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.rosters = self.database.rosters = HeldStore(self.database.rosters)
+        self.build()
+        self.database.rosters = self.rosters.inner  # what the test itself reads is not held
+        self.alice = self.connect("alice@localhost/phone")
+        self.bob = self.connect("bob@localhost/phone")
+        for session in (self.alice, self.bob):
+            self.send(session, "<presence/>")
+        self.send(self.alice, presence_xml("subscribe", "bob@localhost"))
+        self.rosters.release_all()
+        self.forget()
+
+    def roster_set(self, session: FakeSession, item: str) -> None:
+        self.send(
+            session, f"<iq type='set' id='set1'><query xmlns='jabber:iq:roster'>{item}</query></iq>"
+        )
+
+    def test_approval_and_roster_set_in_one_packet(self) -> None:
+        self.request_approval()
+        self.roster_set(self.bob, "<item jid='alice@localhost' name='Alice'/>")
+        self.assertEqual(self.rosters.calls(), ["get_item"])  # the roster set waits its turn
+        self.rosters.release_all()
+        self.assertApproved()
+
+    def test_roster_set_and_approval_in_one_packet(self) -> None:
+        self.roster_set(self.bob, "<item jid='alice@localhost' name='Alice'/>")
+        self.request_approval()
+        self.assertEqual(self.rosters.calls(), ["get_item"])
+        self.rosters.release_all()
+        self.assertApproved()
+
+    def test_roster_removal_and_approval(self) -> None:
+        self.put("bob", RosterItem("alice@localhost", pending_in=True))
+        self.roster_set(self.bob, "<item jid='alice@localhost' subscription='remove'/>")
+        self.request_approval()
+        self.rosters.release_all()
+        # The removal refused the request (RFC 6121 §2.5.2), so the approval finds none and is
+        # a pre-approval (§3.4); Alice is not subscribed, as Bob's roster says.
+        self.assertEqual(
+            self.item("bob", "alice@localhost"), RosterItem("alice@localhost", approved=True)
+        )
+        self.assertEqual(self.item("alice", "bob@localhost"), RosterItem("bob@localhost"))
+        self.assertEqual(len(self.core.roster.locks), 0)
+
+    def request_approval(self) -> None:
+        self.send(self.bob, presence_xml("subscribed", "alice@localhost"))
+
+    def assertApproved(self) -> None:
+        self.assertEqual(
+            self.item("bob", "alice@localhost"),
+            RosterItem("alice@localhost", "Alice", subscription="from"),
+        )
+        self.assertEqual(
+            self.item("alice", "bob@localhost"), RosterItem("bob@localhost", subscription="to")
+        )
+        # The last push that Bob got is what his roster holds.
+        self.assertEqual(
+            pushed_items(self.bob.take())[-1],
+            {"jid": "alice@localhost", "name": "Alice", "subscription": "from"},
+        )
+        self.assertEqual(len(self.core.roster.locks), 0)
+        self.assertIs(self.core.roster.locks, self.core.presence.locks)

@@ -741,6 +741,15 @@ class ItemsTests(Base):
         await self.affiliate("news", BOB, "publish-only")
         await self.fails(self.pubsub.items(BOB, "news"), "forbidden")
 
+    async def test_max_items_must_be_positive(self) -> None:
+        await self.node()
+        for item_id in "123":
+            await self.pubsub.publish(ALICE, "news", item_id, ENTRY)
+        for max_items in (-1, 0):
+            await self.fails(self.pubsub.items(BOB, "news", max_items=max_items), "bad-request")
+        ids = [i.item_id for i in await self.pubsub.items(BOB, "news", max_items=1)]
+        self.assertEqual(ids, ["3"])
+
     async def test_last_item(self) -> None:
         self.assertIsNone(await self.pubsub.last_item("news"))
         await self.node()

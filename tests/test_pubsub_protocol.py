@@ -1,18 +1,28 @@
-"""The pubsub.localhost component at the stanza level: back pressure, fan-out outside the worker,
-per-node ordering, notifications serialised once, SHIM SubIds, error rendering."""
+"""The pubsub.localhost component at the stanza level: back pressure (per queue and per session),
+fan-out outside the worker, per-node ordering and the queue key, notifications serialised once,
+SHIM SubIds, error rendering, malformed requests and forms, notifications kept offline."""
 
 import dataclasses
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.trial import unittest
 
+from mim_twisted.im.offline import OfflineDelivery
+from mim_twisted.im.sessions import SessionManager
+from mim_twisted.pubsub import broadcast, core
 from mim_twisted.pubsub.errors import PubSubError
 from mim_twisted.pubsub.protocol import stanza_error
+from mim_twisted.storage.interfaces import PubSubSubscription
+from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.tap import build_im_core, build_pubsub
 from tests.imsupport import ImCoreTestCase, error_condition, parse
 
 SERVICE = "pubsub.localhost"
 NS_PUBSUB = "http://jabber.org/protocol/pubsub"
+NS_OWNER = NS_PUBSUB + "#owner"
+NS_ERRORS = NS_PUBSUB + "#errors"
 
 
 class GatedStore:
@@ -49,6 +59,34 @@ def create(node: str) -> str:
     )
 
 
+def iq(kind: str, body: str, namespace: str = NS_PUBSUB, request_id: str = "q") -> str:
+    return (
+        f"<iq type='{kind}' id='{request_id}' to='{SERVICE}'>"
+        f"<pubsub xmlns='{namespace}'>{body}</pubsub></iq>"
+    )
+
+
+def form(form_type: str, fields: str) -> str:
+    return (
+        "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'>"
+        f"<value>http://jabber.org/protocol/pubsub#{form_type}</value></field>{fields}</x>"
+    )
+
+
+def field(var: str, value: str) -> str:
+    return f"<field var='{var}'><value>{value}</value></field>"
+
+
+def twice(var: str) -> str:
+    """A field given twice: wokkel cannot read the form."""
+    return field(var, "1") + field(var, "0")
+
+
+def pubsub_condition(stanza) -> str | None:
+    error = next(child for child in stanza.elements() if child.name == "error")
+    return next((c.name for c in error.elements() if c.uri == NS_ERRORS), None)
+
+
 def subscribe(node: str, jid: str, request_id: str = "s") -> str:
     return (
         f"<iq type='set' id='{request_id}' to='{SERVICE}'><pubsub xmlns='{NS_PUBSUB}'>"
@@ -74,6 +112,12 @@ class PubSubComponentTestCase(ImCoreTestCase):
         self.owner = self.online("alice@localhost/desk")
         self.send(self.owner, create("news"))
         self.assertEqual(self.owner.take()[0]["type"], "result")
+
+    def ask(self, xml: str):
+        """Send as the owner; the one stanza the owner gets back."""
+        self.send(self.owner, xml)
+        [answer] = self.owner.take()
+        return answer
 
     def notifications(self, session: object) -> list:
         return [s for s in session.take() if s.name == "message"]
@@ -195,3 +239,200 @@ class ErrorRenderingTests(PubSubComponentTestCase):
         )
         [answer] = self.owner.take()
         self.assertEqual(error_condition(answer), "service-unavailable")
+
+
+class RequestParsingTests(PubSubComponentTestCase):
+    """Requests are read before they are queued: the queue key is the node they act on."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.keys: list[str] = []
+        submit = self.pubsub.pool.submit
+
+        def recording(service: str, node: str, job: object) -> defer.Deferred:
+            self.keys.append(node)
+            return submit(service, node, job)
+
+        self.patch(self.pubsub.pool, "submit", recording)
+
+    def test_queued_under_the_node_acted_on(self) -> None:
+        self.assertEqual(self.ask(create("other"))["type"], "result")
+        decoyed = publish("news", "1").replace("<publish", "<foo node='other'/><publish")
+        self.assertEqual(self.ask(decoyed)["type"], "result")
+        self.assertEqual(self.keys, ["other", "news"])
+
+    def test_service_level_and_instant_node_requests(self) -> None:
+        self.assertEqual(self.ask(iq("get", "<subscriptions/>"))["type"], "result")
+        instant = self.ask(iq("set", "<create/>"))
+        self.assertEqual(instant["type"], "result")
+        self.assertEqual(self.keys, ["", ""])
+
+    def test_disco_is_queued_under_the_node_asked_about(self) -> None:
+        disco = "http://jabber.org/protocol/disco#"
+        for xml in (
+            f"<query xmlns='{disco}items' node='news'/>",
+            f"<query xmlns='{disco}info'><x node='news'/></query>",
+        ):
+            answer = self.ask(f"<iq type='get' id='d' to='{SERVICE}'>{xml}</iq>")
+            self.assertEqual(answer["type"], "result")
+        self.assertEqual(self.keys, ["news", ""])
+
+    def test_malformed_requests_are_answered_without_queueing(self) -> None:
+        unknown = self.ask(iq("get", "<bogus node='news'/>"))
+        self.assertEqual(error_condition(unknown), "feature-not-implemented")
+        bad_jid = self.ask(iq("set", "<subscribe node='news' jid='a@b@c'/>"))
+        self.assertEqual(
+            (error_condition(bad_jid), pubsub_condition(bad_jid)), ("bad-request", "invalid-jid")
+        )
+        no_node = self.ask(iq("set", "<publish/>"))
+        self.assertEqual(
+            (error_condition(no_node), pubsub_condition(no_node)),
+            ("bad-request", "nodeid-required"),
+        )
+        self.assertEqual(self.keys, [])
+
+    def test_negative_max_items(self) -> None:
+        answer = self.ask(iq("get", "<items node='news' max_items='-1'/>"))
+        self.assertEqual(error_condition(answer), "bad-request")
+
+    def test_iq_without_a_valid_type(self) -> None:
+        untyped = iq("get", "<items node='news'/>").replace(" type='get'", "")
+        for xml in (iq("bogus", "<items node='news'/>"), untyped):
+            self.assertEqual(error_condition(self.ask(xml)), "bad-request", xml)
+        for kind in ("result", "error"):
+            self.send(self.owner, iq(kind, "<items node='news'/>"))
+        self.assertEqual(self.owner.take(), [])
+        self.assertEqual(self.keys, [])
+
+
+class MalformedFormTests(PubSubComponentTestCase):
+    """A data form wokkel cannot read is the client's mistake: bad-request, never a crash."""
+
+    def assertBadRequest(self, answer, pubsub: str | None = None) -> None:
+        self.assertEqual(
+            (error_condition(answer), pubsub_condition(answer)), ("bad-request", pubsub)
+        )
+
+    def test_publish_options(self) -> None:
+        options = form("publish-options", twice("pubsub#access_model"))
+        body = (
+            "<publish node='news'><item id='1'><entry xmlns='urn:example'/></item></publish>"
+            f"<publish-options>{options}</publish-options>"
+        )
+        self.assertBadRequest(self.ask(iq("set", body)))
+
+    def test_create_and_configure(self) -> None:
+        config = form("node_config", twice("pubsub#deliver_payloads"))
+        self.assertBadRequest(
+            self.ask(iq("set", f"<create node='n'/><configure>{config}</configure>"))
+        )
+        self.assertBadRequest(
+            self.ask(iq("set", f"<configure node='news'>{config}</configure>", NS_OWNER))
+        )
+
+    def test_subscribe_options(self) -> None:
+        options = form("subscribe_options", twice("pubsub#deliver"))
+        body = f"<subscribe node='news' jid='alice@localhost'/><options>{options}</options>"
+        self.assertBadRequest(self.ask(iq("set", body)), "invalid-options")
+        body = f"<options node='news' jid='alice@localhost'>{options}</options>"
+        self.assertBadRequest(self.ask(iq("set", body)), "invalid-options")
+
+    def test_approval_message(self) -> None:
+        node = field("pubsub#node", "news") + field("pubsub#subscriber_jid", "bob@localhost")
+        for fields in (node + twice("pubsub#allow"), node + field("pubsub#allow", "maybe")):
+            approval = form("subscribe_authorization", fields)
+            answer = self.ask(f"<message to='{SERVICE}' id='m'>{approval}</message>")
+            self.assertEqual((answer.name, error_condition(answer)), ("message", "bad-request"))
+
+
+class InFlightLimitTests(PubSubComponentTestCase):
+    pubsub_settings = {"workers": 1}
+
+    def test_one_session_cannot_fill_the_queue(self) -> None:
+        component = self.core.router.components[SERVICE]
+        component.max_in_flight = 2
+        bob = self.online("bob@localhost/phone")
+        self.store.hold = True
+        for item_id in ("running", "queued", "refused"):
+            self.send(self.owner, publish("news", item_id))
+        [refused] = self.owner.take()
+        self.assertEqual(
+            (refused["id"], error_condition(refused)), ("p-refused", "resource-constraint")
+        )
+        self.assertIn(b"type='wait'", refused.toXml().encode())
+        # Others are still served: the limit is the session's, not the queue's.
+        self.send(bob, subscribe("news", "bob@localhost"))
+        self.assertEqual(bob.take(), [])  # queued behind the owner's publications
+        self.store.hold = False
+        self.store.held.pop(0).callback(None)  # the rest is not held
+        self.assertEqual([s["type"] for s in self.owner.take()], ["result", "result"])
+        self.assertEqual([s["type"] for s in bob.take()], ["result"])
+        self.assertEqual(component._in_flight, {})
+        self.send(self.owner, publish("news", "again"))
+        self.assertEqual([s["type"] for s in self.owner.take()], ["result"])
+
+
+def published(*subscribers: str) -> core.ItemPublished:
+    config = {"pubsub#notification_type": "normal", "pubsub#presence_based_delivery": False}
+    return core.ItemPublished(
+        service=SERVICE,
+        node="news",
+        config=config,
+        subscriptions=tuple(PubSubSubscription(jid, f"sub-{jid}") for jid in subscribers),
+        notify=True,
+        item_id="1",
+        payload="<entry xmlns='urn:example'/>",
+        publisher="alice@localhost/desk",
+    )
+
+
+class OfflineNotificationTests(unittest.TestCase):
+    """A `normal` notification is kept for offline subscribers that are local accounts."""
+
+    def setUp(self) -> None:
+        self.database = MemoryDatabase()
+        self.successResultOf(self.database.accounts.create_account("localhost", "bob", {}))
+        self.kept: list[str] = []
+        offline = OfflineDelivery(self.database.offline, 100)
+        keep = offline.keep
+
+        def recording(jid, message) -> defer.Deferred:
+            self.kept.append(jid.full())
+            return keep(jid, message)
+
+        offline.keep = recording
+        self.events: list[dict] = []
+        self.patch(broadcast, "log", Logger(observer=self.events.append))
+        self.broadcaster = broadcast.Broadcaster(
+            SessionManager(), offline, Clock(), domains={"localhost"}, sync=True
+        )
+
+    def test_kept_only_for_local_accounts(self) -> None:
+        self.broadcaster(
+            published(
+                "bob@localhost",
+                "nobody@localhost",
+                "someone@remote.example",
+                "localhost",
+                "bob@localhost/phone",
+            )
+        )
+        self.assertEqual(self.kept, ["bob@localhost", "nobody@localhost"])
+        stored = self.successResultOf(self.database.offline.pop_all("localhost", "bob"))
+        self.assertEqual(len(stored), 1)
+        self.assertIn("urn:example", stored[0].stanza)
+        # The unknown local name is logged once, without a traceback.
+        [event] = self.events
+        self.assertEqual(event["jid"], "nobody@localhost")
+        self.assertNotIn("log_failure", event)
+
+    def test_other_failures_are_logged_with_their_traceback(self) -> None:
+        self.patch(
+            self.database.offline,
+            "store",
+            lambda *args: defer.fail(RuntimeError("database down")),
+        )
+        self.broadcaster(published("bob@localhost"))
+        [event] = self.events
+        self.assertIn("log_failure", event)
+        self.assertEqual(event["jid"], "bob@localhost")

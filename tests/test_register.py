@@ -1,6 +1,7 @@
 """XEP-0077 in-band registration: before authentication on a real C2S stream, after it through
 a real Router."""
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -12,6 +13,7 @@ from mim_twisted.im.sessions import SessionManager
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
 from tests.imsupport import FakeSession, error_condition, make_router, parse, send
+from tests.test_sasl_mechanisms import synchronously
 
 HEADER = (
     b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
@@ -36,6 +38,9 @@ def fields(username: str | None, password: str | None) -> str:
 class RegistrationTestCase(unittest.TestCase):
     enabled = True
 
+    def run_hash(self, function, *args) -> defer.Deferred:
+        return synchronously(function, *args)
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.accounts = MemoryDatabase().accounts
@@ -44,7 +49,12 @@ class RegistrationTestCase(unittest.TestCase):
         self.router = make_router(self.sessions, self.clock)
         self.disco = DiscoService(self.accounts)
         self.registration = RegistrationService(
-            self.accounts, self.sessions, self.clock, enabled=self.enabled, iterations=4096
+            self.accounts,
+            self.sessions,
+            self.clock,
+            enabled=self.enabled,
+            iterations=4096,
+            run_hash=self.run_hash,
         )
         self.factory = C2SFactory(
             C2SSettings(
@@ -199,6 +209,45 @@ class BeforeAuthenticationTests(RegistrationTestCase):
         stream, transport, _ = self.connect()
         stream.dataReceived(b"<iq type='get' id='v'><query xmlns='jabber:iq:version'/></iq>")
         self.assertIn(b"not-authorized", transport.value())
+
+
+class HashingTests(RegistrationTestCase):
+    """The keys are derived by the injected runner (a thread in production), not inline."""
+
+    def setUp(self) -> None:
+        self.hashing: list[tuple] = []
+        super().setUp()
+
+    def run_hash(self, function, *args) -> defer.Deferred:
+        gate: defer.Deferred = defer.Deferred()
+        self.hashing.append((function, gate))
+        return gate.addCallback(lambda _: function(*args))
+
+    def finish_hashing(self) -> None:
+        while self.hashing:
+            self.hashing.pop(0)[1].callback(None)
+
+    def test_register(self) -> None:
+        connection = self.connect()
+        stream, transport, _ = connection
+        stream.dataReceived(register_iq("set", fields("bob", "pw")).encode())
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual([function for function, _ in self.hashing], [derive_all])
+        # While the keys are derived, the same connection cannot start another account.
+        refused = self.request(connection, register_iq("set", fields("carol", "pw")))
+        self.assertEqual(error_condition(refused), "not-acceptable")
+        self.finish_hashing()
+        self.assertEqual(parse(transport.value().decode())["type"], "result")
+        self.assertTrue(self.password_of("bob", "pw"))
+        self.assertFalse(self.successResultOf(self.accounts.account_exists("localhost", "carol")))
+
+    def test_change_password(self) -> None:
+        alice = self.bind("alice@localhost/desk")
+        self.assertIsNone(send(self.router, alice, register_iq("set", fields("alice", "new"))))
+        self.assertEqual([function for function, _ in self.hashing], [derive_all])
+        self.finish_hashing()
+        self.assertEqual(alice.last()["type"], "result")
+        self.assertTrue(self.password_of("alice", "new"))
 
 
 class AfterAuthenticationTests(RegistrationTestCase):

@@ -311,3 +311,39 @@ class PresenceLayerApiTests(RosterTestCase):
             [(feature.uri, feature.name) for feature in roster.stream_features()],
             [("urn:xmpp:features:rosterver", "ver"), ("urn:xmpp:features:pre-approval", "sub")],
         )
+
+
+class LockTests(RosterTestCase):
+    """Roster sets and removals change an item under its owner's key, as the presence layer does."""
+
+    async def test_a_roster_set_waits_for_the_owners_key(self) -> None:
+        locks = self.service.locks
+        await locks.acquire("alice@localhost")
+        reply = self.roster_set(self.phone, "<item jid='bob@localhost' name='Bob'/>")
+        self.assertNoResult(reply)
+        self.assertIsNone(await self.stored("bob@localhost"))
+        # Another account's key is another lock.
+        await self.database.accounts.create_account("localhost", "bob", {})
+        bob = self.connect("bob@localhost/desk", interested=False)
+        other = self.roster_set(bob, "<item jid='alice@localhost'/>")
+        self.assertIsNone(error_condition(self.successResultOf(other)))
+        locks.release("alice@localhost")
+        self.assertIsNone(error_condition(self.successResultOf(reply)))
+        self.assertEqual(await self.stored("bob@localhost"), RosterItem("bob@localhost", "Bob"))
+        self.assertEqual(len(locks), 0)
+
+    async def test_a_removal_lets_the_key_go_before_cancelling(self) -> None:
+        await self.store(RosterItem("bob@localhost", subscription="both"))
+        held: list[bool] = []
+        self.service.on_remove = lambda owner, item: held.append(
+            self.service.locks.locked("alice@localhost")
+        )
+        reply = self.roster_set(self.phone, "<item jid='bob@localhost' subscription='remove'/>")
+        self.assertIsNone(error_condition(self.successResultOf(reply)))
+        # The presence layer takes the contact's key to cancel: never two keys at once.
+        self.assertEqual(held, [False])
+
+    async def test_an_error_lets_the_key_go(self) -> None:
+        reply = self.roster_set(self.phone, "<item jid='bob@localhost' subscription='remove'/>")
+        self.assertEqual(error_condition(self.successResultOf(reply)), "item-not-found")
+        self.assertEqual(len(self.service.locks), 0)

@@ -1,5 +1,8 @@
 """The SASL mechanisms against the memory account store, with clients computed in the tests."""
 
+import threading
+
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -9,7 +12,7 @@ from mim_twisted.auth.scram import derive_all, derive_credentials
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.xmpp import sasl
 from mim_twisted.xmpp.sasl import mechanism as mechanism_module
-from mim_twisted.xmpp.sasl import mechanism_factory
+from mim_twisted.xmpp.sasl import mechanism_factory, plain
 from mim_twisted.xmpp.sasl.mechanism import Challenge, ISaslMechanism, SaslContext, Success
 from mim_twisted.xmpp.sasl.plain import PlainMechanism
 from tests.test_scram import client_final
@@ -17,8 +20,14 @@ from tests.test_scram import client_final
 DOMAIN = "example.org"
 
 
+def synchronously(function, *args) -> defer.Deferred:
+    """A password-hash runner for tests without a reactor: in this thread, at once."""
+    return defer.maybeDeferred(function, *args)
+
+
 class MechanismTestMixin:
     def setUp(self) -> None:
+        self.patch(plain, "run_hash", synchronously)
         self.accounts = MemoryDatabase().accounts
         self.successResultOf(self.accounts.create_account(DOMAIN, "alice", derive_all("secret")))
 
@@ -199,3 +208,45 @@ class PlainMechanismTests(MechanismTestMixin, unittest.TestCase):
         broken = {"SCRAM-SHA-1": "garbage", "SCRAM-SHA-256": "v1,garbage"}
         self.successResultOf(self.accounts.create_account(DOMAIN, "carol", broken))
         self.assertFails(self.authenticate(b"\0carol\0secret"), "temporary-auth-failure")
+
+    def test_the_hash_is_handed_to_the_runner(self) -> None:
+        # Known and unknown accounts alike: the PBKDF2 runs wherever run_hash puts it.
+        started: list[tuple] = []
+
+        def held(function, *args) -> defer.Deferred:
+            started.append((function, defer.Deferred()))
+            return started[-1][1].addCallback(lambda _: function(*args))
+
+        self.patch(plain, "run_hash", held)
+        known, unknown = self.authenticate(b"\0alice\0secret"), self.authenticate(b"\0bob\0x")
+        self.assertEqual([function for function, _ in started], [plain.verify_password] * 2)
+        self.assertNoResult(known)
+        self.assertNoResult(unknown)
+        for _, gate in started:
+            gate.callback(None)
+        self.assertEqual(self.successResultOf(known).username, "alice")
+        self.assertFails(unknown, "not-authorized")
+
+
+class HashInThreadTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.patch(plain, "_hashing", defer.DeferredSemaphore(plain.MAX_CONCURRENT_HASHES))
+
+    async def test_runs_in_another_thread(self) -> None:
+        self.assertNotEqual(await plain.hash_in_thread(threading.get_ident), threading.get_ident())
+
+    def test_concurrent_hashes_are_bounded(self) -> None:
+        running: list[defer.Deferred] = []
+
+        def thread(function, *args) -> defer.Deferred:
+            running.append(defer.Deferred().addCallback(lambda _: function(*args)))
+            return running[-1]
+
+        self.patch(plain, "deferToThread", thread)
+        results = [plain.hash_in_thread(str, n) for n in range(plain.MAX_CONCURRENT_HASHES + 2)]
+        self.assertEqual(len(running), plain.MAX_CONCURRENT_HASHES)
+        running[0].callback(None)
+        self.assertEqual(len(running), plain.MAX_CONCURRENT_HASHES + 1)
+        for index in range(1, len(results)):  # each one ending lets a waiting one start
+            running[index].callback(None)
+        self.assertEqual([self.successResultOf(r) for r in results], ["0", "1", "2", "3", "4", "5"])

@@ -8,6 +8,12 @@ through `features_of` / `wants_notify` and listens on `on_caps_learned`.
 
 The cache lives in this process only: with several nodes each learns a `ver` once on its own,
 which costs one query per node and never a wrong answer.
+
+What clients can make the server wait for is bounded. A session is only ever asked about the
+caps it announces now (a new `ver` cancels the query about its previous one), so it has at most
+one query outstanding. At most `max_unknown` distinct `ver`s are learned at once: a presence
+announcing yet another one is left unasked, and its session's features stay unknown until it
+announces its caps again when there is room.
 """
 
 import base64
@@ -170,10 +176,18 @@ class CapsService:
     `router.query`, whose clock also runs their timeout.
     """
 
-    def __init__(self, router: Any, *, timeout: float = 30.0, cache_size: int = 10000) -> None:
+    def __init__(
+        self,
+        router: Any,
+        *,
+        timeout: float = 30.0,
+        cache_size: int = 10000,
+        max_unknown: int = 1000,
+    ) -> None:
         self.router = router
         self.timeout = timeout
         self.cache_size = cache_size
+        self.max_unknown = max_unknown
         # Called with the session once its features are known (PEP sends last items then).
         self.on_caps_learned: list[Callable[[Any], object]] = []
         # (hash, ver) -> verified features, least recently used first.
@@ -185,6 +199,10 @@ class CapsService:
         # the first is the one being asked, the others wait for its answer.
         self._waiting: dict[tuple[str, str], list[tuple[Any, str]]] = {}
         self._asking: dict[tuple[str, str], defer.Deferred] = {}
+        # Sessions asked about a `ver` whose hash function we lack -> that query.
+        self._unverified: dict[Any, defer.Deferred] = {}
+        # Whether presences are being left unasked for want of room (logged once per episode).
+        self._full = False
 
     # -- API for PEP -------------------------------------------------------------------------
 
@@ -212,8 +230,8 @@ class CapsService:
         key = (algo, ver)
         if self._announced.get(session) == key:
             return
+        self._withdraw(session)
         self._announced[session] = key
-        self._features.pop(session, None)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
@@ -222,21 +240,44 @@ class CapsService:
             self._ask_unverified(session, node, key)
         elif key in self._waiting:
             self._waiting[key].append((session, node))
-        else:
+        elif len(self._waiting) < self.max_unknown:
+            self._full = False
             self._waiting[key] = [(session, node)]
             self._ask(key)
+        else:
+            self._leave_unasked(session, key)
 
     def session_ended(self, session: Any) -> None:
+        self._withdraw(session)
+
+    def _withdraw(self, session: Any) -> None:
+        """Forget what the session announced, and stop asking it about that."""
         key = self._announced.pop(session, None)
         self._features.pop(session, None)
+        unverified = self._unverified.pop(session, None)
+        if unverified is not None:
+            unverified.cancel()
         waiting = self._waiting.get(key)
         if not waiting:
             return
         if waiting[0][0] is session:
-            # No answer can come any more: move on to the next session now, not at the timeout.
+            # Its answer is no longer wanted: move on to the next session now, not at the timeout.
             self._asking[key].cancel()
         else:
             waiting[:] = [entry for entry in waiting if entry[0] is not session]
+
+    def _leave_unasked(self, session: Any, key: tuple[str, str]) -> None:
+        # Not recorded as announced, so the session's next presence with these caps tries again.
+        del self._announced[session]
+        if not self._full:
+            self._full = True
+            log.warn(
+                "{count} caps vers are being learned already: not asking {jid} about {ver}, "
+                "nor any other new ver until there is room",
+                count=len(self._waiting),
+                jid=session.jid.full(),
+                ver=key[1],
+            )
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -301,15 +342,22 @@ class CapsService:
         # §5.4 step 2: with a hash function we lack, the answer is believed for this session
         # alone and never cached.
         def answered(result: domish.Element) -> None:
+            del self._unverified[session]
             query = next(result.elements(NS_DISCO_INFO, "query"), None)
-            if query is not None and self._announced.get(session) == key:
+            if query is not None:
                 features = frozenset(
                     f.getAttribute("var", "") for f in query.elements(NS_DISCO_INFO, "feature")
                 )
                 self._learned(session, features)
 
+        def not_answered(failure: Failure) -> None:
+            if not failure.check(defer.CancelledError):  # withdrawn: already forgotten
+                del self._unverified[session]
+                _log_no_answer(failure, session)
+
         asking = self._query(session, node, key[1])
-        asking.addCallbacks(answered, _log_no_answer, errbackArgs=(session,))
+        self._unverified[session] = asking
+        asking.addCallbacks(answered, not_answered)
 
     def _learned(self, session: Any, features: frozenset[str]) -> None:
         self._features[session] = features

@@ -5,10 +5,13 @@ import datetime
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
 from mim_twisted.storage.interfaces import IOfflineStore, OfflineMessage
+
+log = Logger()
 
 NS_DELAY = "urn:xmpp:delay"
 
@@ -50,6 +53,30 @@ class OfflineDelivery:
         return self.store.store(recipient.host, recipient.user, record, self.max_messages)
 
     async def deliver(self, session: Any) -> None:
-        """Send every stored message to the session (oldest first) and forget them."""
-        for message in await self.store.pop_all(session.jid.host, session.jid.user):
-            session.send(message.stanza)
+        """Send every stored message to the session (oldest first) and forget them.
+
+        The messages leave the store before they are sent. Those that the session can no longer
+        take, because it closed while the store was read or while they were being sent (a
+        client too slow to read is cut off by `send`), go back into the store, in their order
+        and ahead of any stored in the meantime.
+        """
+        jid = session.jid
+        messages = await self.store.pop_all(jid.host, jid.user)
+        for index, message in enumerate(messages):
+            if not session.closed:
+                session.send(message.stanza)
+            if session.closed:
+                await self._put_back(jid, messages[index:])
+                return
+
+    async def _put_back(self, jid: JID, messages: list[OfflineMessage]) -> None:
+        newer = await self.store.pop_all(jid.host, jid.user)
+        log.info(
+            "{jid} went away during offline delivery: {count} messages kept",
+            jid=jid.full(),
+            count=len(messages),
+        )
+        restored = [*messages, *newer]
+        for message in restored:
+            # Over the limit if need be: these were accepted already.
+            await self.store.store(jid.host, jid.user, message, len(restored) + self.max_messages)

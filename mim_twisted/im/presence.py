@@ -6,12 +6,25 @@ remembered, so that going offline reaches it too. Probes stay inside the server:
 becomes available it is sent the current presence of every local contact it may see.
 
 Subscription stanzas run through the pure state machine in `subscription.py` on each side:
-outbound for the sender's roster, inbound for the recipient's. Each session's presence stanzas
-are handled one at a time, in order, because handling one may wait for the database.
+outbound for the sender's roster, inbound for the recipient's. Each side reads, changes and
+writes its owner's roster item under that owner's lock (`locks.KeyedLock`, shared with the roster
+protocol), and lets it go before the other side takes its own.
+
+Each session's presence stanzas are handled one at a time, in order, because handling one may
+wait for the database: they wait in a queue of the session's, which one loop drains. At most
+`MAX_QUEUED_PRESENCES` stanzas may wait behind the one being handled; a client that sends more
+has its stream closed with <policy-violation/>.
+
+Directed available presence is remembered (RFC 6121 §4.6.3), so that going offline reaches it
+too, for at most `MAX_DIRECTED_PRESENCES` full or bare JIDs per session. Beyond that, directed
+available presence to a JID not remembered yet is refused with <resource-constraint/>: forgetting
+an older one instead would leave that contact believing the user online for ever.
 """
 
 import dataclasses
 import re
+from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet import defer
@@ -21,6 +34,7 @@ from twisted.words.xish import domish
 
 from mim_twisted import hooks
 from mim_twisted.im import subscription
+from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.offline import OfflineDelivery
 from mim_twisted.im.roster import RosterService
 from mim_twisted.im.sessions import SessionManager
@@ -32,6 +46,11 @@ log = Logger()
 SUBSCRIPTION_TYPES = frozenset(("subscribe", "subscribed", "unsubscribe", "unsubscribed"))
 BROADCAST_TYPES = (None, "unavailable")
 PRIORITY = re.compile(r"[+-]?[0-9]+")  # an xs:byte lexically; Python's int() also takes "1_0"
+
+MAX_QUEUED_PRESENCES = 100  # stanzas of one session waiting for their turn
+MAX_DIRECTED_PRESENCES = 1000  # JIDs one session's directed presence is remembered for
+
+Work = Callable[..., Coroutine[Any, Any, None]]
 
 
 def parse_priority(presence: domish.Element) -> int | None:
@@ -58,6 +77,9 @@ class PresenceService:
         roster: RosterService,
         offline: OfflineDelivery,
         hooks_table: hooks.Hooks,
+        *,
+        locks: KeyedLock | None = None,
+        clock: Any = None,
     ) -> None:
         self.domains = domains
         self.sessions = sessions
@@ -66,53 +88,101 @@ class PresenceService:
         self.roster = roster
         self.offline = offline
         self.hooks = hooks_table
+        # The roster protocol's locks: one owner's roster item changes under the owner's key.
+        self.locks = KeyedLock() if locks is None else locks
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.max_queued = MAX_QUEUED_PRESENCES
+        self.max_directed = MAX_DIRECTED_PRESENCES
         self.caps_listeners: list = []  # callables(session, presence) seeing each broadcast
-        self._queues: dict[Any, defer.Deferred] = {}
+        # Per session with work under way: what waits behind the item being handled.
+        self._queues: dict[Any, deque[tuple[Work, tuple]]] = {}
+        self._idle_waiters: list[defer.Deferred] = []
 
     # -- entry points ------------------------------------------------------------------------
 
     def handle(self, session: Any, presence: domish.Element) -> None:
         """A presence stanza from a bound session ('from' already stamped)."""
-        self._serialise(session, self._handle, session, presence)
+        queue = self._queues.get(session)
+        if queue is not None and len(queue) >= self.max_queued:
+            log.info(
+                "{jid}: more than {limit} presence stanzas waiting, closing the stream",
+                jid=session.jid.full(),
+                limit=self.max_queued,
+            )
+            session.stream_error("policy-violation", "Too many presence stanzas at once")
+            return
+        self._enqueue(session, self._handle, session, presence)
 
     def session_ended(self, session: Any) -> None:
         """The connection is gone and the session unbound: it goes unavailable for everyone.
 
         Queued after the session's presence work, which, finding the session gone, is skipped.
+        Never refused, however long the queue: it is what tells the contacts.
         """
-        self._serialise(session, self._ended, session)
+        self._enqueue(session, self._ended, session)
 
-    def idle(self) -> defer.Deferred:
-        """Fires when the presence work under way now has finished."""
-        return defer.DeferredList(list(self._queues.values()))
+    def idle(self, timeout: float | None = None) -> defer.Deferred:
+        """Fires (with None) once no presence work is queued or under way, failed work included.
+
+        With a timeout, it fires after that many seconds on the clock at the latest: the work
+        still waiting then is dropped and logged, and the work under way is left to end alone.
+        """
+        if not self._queues:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred(self._idle_waiters.remove)
+        self._idle_waiters.append(waiter)
+        if timeout is not None:
+            waiter.addTimeout(timeout, self.clock, onTimeoutCancel=self._abandon)
+        return waiter
 
     def available_sessions(self, bare: JID) -> list:
         return [s for s in self.sessions.sessions_of(bare) if s.presence is not None]
 
-    def _serialise(self, session: Any, function: Any, *args: Any) -> None:
-        """Run function(*args) after the session's earlier presence work has finished."""
-        previous = self._queues.get(session)
-        finished: defer.Deferred = defer.Deferred()
-        self._queues[session] = finished
+    def _enqueue(self, session: Any, work: Work, *args: Any) -> None:
+        """Run work(*args) after the session's earlier presence work has finished."""
+        queue = self._queues.get(session)
+        if queue is not None:
+            queue.append((work, args))
+            return
+        queue = self._queues[session] = deque([(work, args)])
+        defer.ensureDeferred(self._drain(session, queue))
 
-        def run(_: object) -> None:
-            work = defer.ensureDeferred(function(*args))
-            work.addErrback(self._log_failure, session)
-            work.addBoth(lambda _: finished.callback(None))
+    async def _drain(self, session: Any, queue: deque[tuple[Work, tuple]]) -> None:
+        """Handle the session's queue, in order, until it is empty.
 
-        def forget(_: object) -> None:
-            if self._queues.get(session) is finished:
-                del self._queues[session]
+        One loop, not a chain of callbacks: however many items finish at once, the stack stays
+        flat, and a failing item is logged and does not stop the ones behind it.
+        """
+        try:
+            while queue:
+                work, args = queue.popleft()
+                try:
+                    await work(*args)
+                except Exception:
+                    log.failure("presence handling for {jid}", jid=session.jid.full())
+        finally:
+            del self._queues[session]
+            if not self._queues:
+                waiters = list(self._idle_waiters)
+                self._idle_waiters.clear()
+                for waiter in waiters:
+                    waiter.callback(None)
 
-        finished.addCallback(forget)
-        if previous is None:
-            run(None)
-        else:
-            previous.addCallback(run)
-
-    @staticmethod
-    def _log_failure(failure: Any, session: Any) -> None:
-        log.failure("presence handling for {jid}", failure, jid=session.jid.full())
+    def _abandon(self, result: object, timeout: float) -> None:
+        """idle() timed out: drop what still waits, and say what that was."""
+        dropped = {session.jid.full(): len(queue) for session, queue in self._queues.items()}
+        for queue in self._queues.values():
+            queue.clear()
+        log.warn(
+            "Presence work unfinished after {timeout}s: {busy} sessions still busy; dropped"
+            " {count} waiting items ({dropped})",
+            timeout=timeout,
+            busy=len(dropped),
+            count=sum(dropped.values()),
+            dropped=", ".join(f"{jid}: {count}" for jid, count in sorted(dropped.items())),
+        )
 
     def _gone(self, session: Any) -> bool:
         """The session was unbound or replaced: what it sent is no longer to be acted on."""
@@ -231,7 +301,16 @@ class PresenceService:
             reply_error(session, presence, "remote-server-not-found")
             return
         if kind is None:
-            session.directed_to.add(to.full())
+            jid = to.full()
+            if jid not in session.directed_to and len(session.directed_to) >= self.max_directed:
+                reply_error(
+                    session,
+                    presence,
+                    "resource-constraint",
+                    f"Directed presence is remembered for {self.max_directed} addresses at most",
+                )
+                return
+            session.directed_to.add(jid)
         elif kind == "unavailable":
             session.directed_to.discard(to.full())
         self._deliver(presence, to)
@@ -244,10 +323,14 @@ class PresenceService:
         user = session.jid.userhostJID()
         if contact == user:
             return
-        item = await self.roster.get_item(user, contact) or RosterItem(jid=contact.full())
-        outcome = subscription.outbound(subscription.state_of(item), kind)
-        if outcome.changed:
-            await self._store(user, subscription.apply(item, outcome.state))
+        changed = None
+        async with self.locks.hold(user.userhost()):
+            item = await self.roster.get_item(user, contact) or RosterItem(jid=contact.full())
+            outcome = subscription.outbound(subscription.state_of(item), kind)
+            if outcome.changed:
+                changed = await self._store(user, subscription.apply(item, outcome.state))
+        # The user's key is free again before the contact's is taken, in _inbound_subscription.
+        await self._announce(user, changed)
         if outcome.send_presence == "unavailable":
             # §3.2.2: the contact sees the presence end while still subscribed to it.
             self._send_presence_of(user, contact, "unavailable")
@@ -270,18 +353,21 @@ class PresenceService:
             if kind == "subscribe":
                 await self._auto_reply(owner, sender, "unsubscribed")
             return
-        item = await self.roster.get_item(owner, sender) or RosterItem(
-            jid=sender.full(), in_roster=False
-        )
-        outcome = subscription.inbound(subscription.state_of(item), kind)
-        if outcome.changed:
-            updated = subscription.apply(item, outcome.state)
-            if kind == "subscribe" and outcome.state.pending_in:
-                # Kept so that it can be delivered again at the next initial presence.
-                updated = dataclasses.replace(
-                    updated, pending_in_stanza=presence.toXml(defaultUri="jabber:client")
-                )
-            await self._store(owner, updated)
+        changed = None
+        async with self.locks.hold(owner.userhost()):
+            item = await self.roster.get_item(owner, sender) or RosterItem(
+                jid=sender.full(), in_roster=False
+            )
+            outcome = subscription.inbound(subscription.state_of(item), kind)
+            if outcome.changed:
+                updated = subscription.apply(item, outcome.state)
+                if kind == "subscribe" and outcome.state.pending_in:
+                    # Kept so that it can be delivered again at the next initial presence.
+                    updated = dataclasses.replace(
+                        updated, pending_in_stanza=presence.toXml(defaultUri="jabber:client")
+                    )
+                changed = await self._store(owner, updated)
+        await self._announce(owner, changed)
         if outcome.send_presence is not None:
             self._send_presence_of(owner, sender, outcome.send_presence)
         if outcome.route:
@@ -299,14 +385,21 @@ class PresenceService:
         if kind == "subscribed":
             self._send_presence_of(owner, sender, "available")  # after it, as in §3.1.5
 
-    async def _store(self, owner: JID, item: RosterItem) -> None:
+    async def _store(self, owner: JID, item: RosterItem) -> RosterItem | None:
+        """Write the changed item and push it, under the owner's key; the item if it was kept."""
         if not item.in_roster and subscription.state_of(item) == subscription.State():
             # A hidden item that no longer holds any state is not kept.
             await self.rosters.remove_item(owner.host, owner.user, item.jid)
-            return
+            return None
         version = await self.roster.put_item(owner, item)
         self.roster.push(owner, item, version)
-        await self.hooks.run(hooks.PRESENCE_SUBSCRIPTION_CHANGED, owner, item)
+        return item
+
+    async def _announce(self, owner: JID, item: RosterItem | None) -> None:
+        """Run the hooks for a stored change, once the owner's key is free again: a handler may
+        change the roster itself, and one that takes its time holds up no one."""
+        if item is not None:
+            await self.hooks.run(hooks.PRESENCE_SUBSCRIPTION_CHANGED, owner, item)
 
     async def roster_item_removed(self, owner: JID, item: RosterItem) -> None:
         """The owner removed a contact: cancel the subscriptions both ways (RFC 6121 §2.5.2)."""

@@ -9,9 +9,13 @@ One connection may create one account.
 
 Errors never echo the request back (§3.3 says so for password changes; it holds the password in
 every case).
+
+Deriving the stored keys of a password takes two PBKDF2 runs: they go to the reactor's thread
+pool, bounded as PLAIN's checks are (`hash_in_thread`).
 """
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -26,6 +30,7 @@ from twisted.words.xish import domish
 from mim_twisted.auth.scram import DEFAULT_ITERATIONS, derive_all
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.storage.interfaces import AccountExists, AccountNotFound
+from mim_twisted.xmpp.sasl.plain import hash_in_thread
 
 log = Logger()
 
@@ -59,12 +64,15 @@ class RegistrationService:
         *,
         enabled: bool,
         iterations: int = DEFAULT_ITERATIONS,
+        run_hash: Callable[..., defer.Deferred] = hash_in_thread,
     ) -> None:
         self.accounts = accounts
         self.sessions = sessions
         self.clock = clock
         self.enabled = enabled
         self.iterations = iterations
+        # How derive_all is run: in a thread; tests without a reactor give a synchronous one.
+        self.run_hash = run_hash
         # Streams that have created (or are creating) an account.
         self._registered: weakref.WeakSet = weakref.WeakSet()
 
@@ -117,9 +125,10 @@ class RegistrationService:
         if not username or not password:
             raise RegistrationError("not-acceptable", text="A username and a password are needed")
         username = _prepared_username(username)
-        credentials = self._credentials(password)
+        # Marked before the first wait, so a second request sent meanwhile is refused.
         self._registered.add(stream)
         try:
+            credentials = await self._credentials(password)
             await self.accounts.create_account(stream.domain, username, credentials)
         except AccountExists:
             self._registered.discard(stream)
@@ -185,13 +194,13 @@ class RegistrationService:
             raise RegistrationError("bad-request", text="A username and a password are needed")
         if _prepared_username(username) != own.user:
             raise RegistrationError("bad-request", text="That is not your username")
-        credentials = self._credentials(password)
+        credentials = await self._credentials(password)
         await self.accounts.set_credentials(own.host, own.user, credentials)
         log.info("{jid} changed its password in-band", jid=own.full())
 
-    def _credentials(self, password: str) -> dict[str, str]:
+    async def _credentials(self, password: str) -> dict[str, str]:
         try:
-            return derive_all(password, self.iterations)
+            return await self.run_hash(derive_all, password, self.iterations)
         except ValueError:  # SASLprep refuses it (or leaves nothing)
             raise RegistrationError("not-acceptable", text="That password is not allowed") from None
 

@@ -9,6 +9,10 @@ subscription change in the presence layer (`push`). The version is the store's c
 a client that already holds the current version gets an empty result, and later changes as
 pushes (§2.6.3). Items with ``in_roster=False`` only hold a pending inbound subscription request
 (RFC 6121 Appendix A.1, state 3) and are neither listed nor pushed.
+
+Every read-modify-write of a user's roster item, here and in the presence layer, holds the user's
+key in the `locks.KeyedLock` that both are given, so that neither overwrites what the other wrote
+in between; the pushes go out in the order of the versions.
 """
 
 import dataclasses
@@ -23,6 +27,7 @@ from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
 from mim_twisted.im import subscription
+from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.storage.interfaces import IRosterStore, RosterItem
 
@@ -50,11 +55,18 @@ class RosterService:
     """Serves users their own rosters and pushes changes to their interested resources."""
 
     def __init__(
-        self, rosters: IRosterStore, sessions: SessionManager, on_remove: OnRemove | None = None
+        self,
+        rosters: IRosterStore,
+        sessions: SessionManager,
+        on_remove: OnRemove | None = None,
+        *,
+        locks: KeyedLock | None = None,
     ) -> None:
         self.rosters = rosters
         self.sessions = sessions
         self.on_remove = on_remove
+        # Keyed by the owner's bare JID; shared with the presence layer (see tap.build_im_core).
+        self.locks = KeyedLock() if locks is None else locks
 
     # -- for the presence layer ---------------------------------------------------------------
 
@@ -127,19 +139,22 @@ class RosterService:
             await self._remove(owner, contact)
             return
         name, groups = _name_and_groups(element)
-        current = await self.get_item(owner, contact)
-        if current is None:
-            item = RosterItem(contact.full(), name, groups)
-        else:
-            item = dataclasses.replace(current, name=name, groups=groups, in_roster=True)
-        self.push(owner, item, await self.put_item(owner, item))
+        async with self.locks.hold(owner.userhost()):
+            current = await self.get_item(owner, contact)
+            if current is None:
+                item = RosterItem(contact.full(), name, groups)
+            else:
+                item = dataclasses.replace(current, name=name, groups=groups, in_roster=True)
+            self.push(owner, item, await self.put_item(owner, item))
 
     async def _remove(self, owner: JID, contact: JID) -> None:
-        item = await self.get_item(owner, contact)
-        if item is None or not item.in_roster:
-            raise StanzaError("item-not-found", text="The contact is not in the roster")
-        version = await self.rosters.remove_item(owner.host, owner.user, item.jid)
-        self.push(owner, item, version, removed=True)
+        async with self.locks.hold(owner.userhost()):
+            item = await self.get_item(owner, contact)
+            if item is None or not item.in_roster:
+                raise StanzaError("item-not-found", text="The contact is not in the roster")
+            version = await self.rosters.remove_item(owner.host, owner.user, item.jid)
+            self.push(owner, item, version, removed=True)
+        # Outside the owner's key: the cancellations change the contact's roster under theirs.
         if self.on_remove is not None and subscription.cancellations(subscription.state_of(item)):
             await defer.maybeDeferred(self.on_remove, owner, item)
 

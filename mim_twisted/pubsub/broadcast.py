@@ -7,24 +7,29 @@ is cut into slices handed to Twisted's cooperator, so other connections keep bei
 
 Each notification is serialised once: the bytes before and after the `to` attribute are kept
 and only the escaped recipient JID is put between them for each subscriber.
+
+Notifications that are kept for offline subscribers (`Fanout.store_offline`) are kept only for
+accounts on the served domains: an owner may subscribe any JID, a remote one too, and a local
+name that has no account is logged without a traceback.
 """
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.words.protocols.jabber.jid import InvalidFormat, internJID
+from twisted.python.failure import Failure
+from twisted.words.protocols.jabber.jid import JID, InvalidFormat, internJID
 from twisted.words.xish import domish
 
 from mim_twisted.im.offline import OfflineDelivery
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.pubsub import core
 from mim_twisted.pubsub.forms import node_config_form, subscription_authorization_form
-from mim_twisted.storage.interfaces import PubSubSubscription
+from mim_twisted.storage.interfaces import AccountNotFound, PubSubSubscription
 
 log = Logger()
 
@@ -69,7 +74,12 @@ class Fanout:
 
 
 class Broadcaster:
-    """Delivers the events of the PubSub services of one server to local sessions."""
+    """Delivers the events of the PubSub services of one server to local sessions.
+
+    ``domains`` are the served domains, whose accounts may have notifications kept offline;
+    None leaves the offline store to refuse what it does not hold (it is then asked about
+    remote JIDs too).
+    """
 
     def __init__(
         self,
@@ -77,11 +87,13 @@ class Broadcaster:
         offline: OfflineDelivery,
         clock: IReactorTime,
         *,
+        domains: Iterable[str] | None = None,
         sync: bool = False,
     ) -> None:
         self.sessions = sessions
         self.offline = offline
         self.clock = clock
+        self.domains = None if domains is None else frozenset(domains)
         self.sync = sync
         self.cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work))
 
@@ -133,10 +145,24 @@ class Broadcaster:
             sessions = [s for s in sessions if _show(s) in recipient.show_values]
         for session in sessions:
             session.send(notification.to(recipient.jid))
-        if not sessions and fanout.store_offline and jid.resource is None:
+        if not sessions and fanout.store_offline and self._has_offline_storage(jid):
             message = notification.element
             message["to"] = jid.full()
-            self.offline.keep(jid, message)
+            self.offline.keep(jid, message).addErrback(_not_kept, jid)
+
+    def _has_offline_storage(self, jid: JID) -> bool:
+        """Whether ``jid`` is a bare JID that may be a local account."""
+        if jid.user is None or jid.resource is not None:
+            return False
+        return self.domains is None or jid.host in self.domains
+
+
+def _not_kept(failure: Failure, jid: JID) -> None:
+    if failure.check(AccountNotFound):
+        # Subscribed by an owner, but no such account here: nothing to keep it for.
+        log.info("no account {jid} to keep a PubSub notification for", jid=jid.full())
+    else:
+        log.failure("keeping a PubSub notification for {jid}", failure, jid=jid.full())
 
 
 def fanout_of(event: core.PubSubEvent) -> Fanout | None:

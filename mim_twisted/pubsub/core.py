@@ -580,7 +580,12 @@ class PubSubService:
         item_ids: Iterable[str] | None = None,
     ) -> list[PubSubItem]:
         """The node's items newest first (XEP-0060 §6.5), at most ``max_items`` and the node's
-        max_items, only ``item_ids`` when given (missing ones are left out, §6.5.9.12)."""
+        max_items, only ``item_ids`` when given (missing ones are left out, §6.5.9.12).
+
+        ``max_items`` is a positive integer (the schema's xs:positiveInteger): the stores would
+        take a negative one as no limit (SQLite) or refuse the query (PostgreSQL)."""
+        if max_items is not None and max_items < 1:
+            raise PubSubError("bad-request", text="max_items must be a positive integer")
         state = await self._state(node)
         await self._check_retrieve(state, actor)
         if not state.config["pubsub#persist_items"]:

@@ -100,11 +100,15 @@ def meta_data_form(node: PubSubNode, owners: list[str]) -> data_form.Form:
 def submitted_values(element: domish.Element | None, namespace: str) -> dict | None:
     """The values of a submitted form (x type='submit'), None for none or a cancelled one.
 
-    A form of another FORM_TYPE is a bad request (XEP-0060 §16.4).
+    A form wokkel cannot read (a field given twice, an option without value) or of another
+    FORM_TYPE is a bad request (XEP-0060 §16.4).
     """
     if element is None:
         return None
-    form = data_form.Form.fromElement(element)
+    try:
+        form = data_form.Form.fromElement(element)
+    except data_form.Error as e:
+        raise error.StanzaError("bad-request", text=f"Malformed data form: {e}") from None
     if form.formType == "cancel":
         return None
     if form.formNamespace not in (None, namespace):

@@ -1,20 +1,29 @@
 """XEP-0060 on the wire: the `pubsub.<domain>` component translating stanzas to core calls.
 
-wokkel's PubSubRequest parses the requests; each goes through the worker pool under its
-(service, node) key and its result or PubSubError becomes the IQ reply. Disco queries on the
-service are answered here too (XEP-0060 §5), and owners' answers to subscription approval forms
-(XEP-0060 §8.6, sent as messages) are applied.
+wokkel's PubSubRequest parses each request as it arrives (a malformed one is answered at once);
+then it goes through the worker pool under its (service, node) key, and its result or
+PubSubError becomes the IQ reply. Disco queries on the service are answered here too (XEP-0060
+§5), queued under the node they ask about, and owners' answers to subscription approval forms
+(XEP-0060 §8.6, sent as messages) are applied, queued under the form's node.
+
+Requests about no node (the service's own lists, default configuration, and instant node
+creation, whose node does not exist before the request creates it) share the service-level
+queue, key "". One session has at most `max_in_flight` requests queued or running: beyond that
+it is answered <wait/><resource-constraint/>, as for a full queue, so one client cannot fill the
+queues everybody shares.
 """
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols.jabber import error, xmlstream
-from twisted.words.protocols.jabber.jid import JID
+from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
-from wokkel import disco
+from wokkel import data_form, disco
 from wokkel.pubsub import NS_PUBSUB, NS_PUBSUB_ERRORS, NS_PUBSUB_OWNER, PubSubRequest
 
 from mim_twisted.im.stanzas import reply_error
@@ -25,6 +34,12 @@ from mim_twisted.pubsub.queues import QueueFull, WorkerPool
 from mim_twisted.storage.interfaces import PubSubItem, PubSubSubscription
 
 log = Logger()
+
+# Requests of one session queued or running at once (see the module docstring).
+MAX_IN_FLIGHT = 50
+
+# The verbs whose form is a subscribe_options one (XEP-0060 §6.3.5: invalid-options).
+_OPTIONS_VERBS = frozenset({"subscribe", "optionsSet"})
 
 # What the service implements, advertised in its disco#info (XEP-0060 §10).
 FEATURES = (
@@ -73,15 +88,19 @@ def stanza_error(e: PubSubError) -> error.StanzaError:
     return error.StanzaError(e.condition, e.type, e.text, appCondition=app_condition)
 
 
-def _node_key(iq: domish.Element) -> str:
-    """The node a request is about, for choosing its queue ("" for service-level requests)."""
-    for child in iq.elements():
-        for verb in child.elements():
-            if verb.getAttribute("node"):
-                return verb["node"]
-        if child.getAttribute("node"):
-            return child["node"]
-    return ""
+def parse_request(iq: domish.Element) -> PubSubRequest:
+    """wokkel's reading of a PubSub <iq/>; what it refuses, as the error to answer with."""
+    request = PubSubRequest()
+    try:
+        request.parseElement(iq)
+    except NotImplementedError:  # no verb wokkel knows, or several
+        raise error.StanzaError("feature-not-implemented") from None
+    except data_form.Error as e:  # e.g. a field given twice; wokkel has read the verb by then
+        condition = "invalid-options" if request.verb in _OPTIONS_VERBS else None
+        raise PubSubError("bad-request", condition, text=f"Malformed data form: {e}") from None
+    except (InvalidFormat, UnicodeError):
+        raise PubSubError("bad-request", "invalid-jid") from None
+    return request
 
 
 def _pubsub(namespace: str = NS_PUBSUB) -> domish.Element:
@@ -111,10 +130,20 @@ def _subscription_element(
 class PubSubComponent:
     """The stanza handler of one PubSub host, registered in the router's `components`."""
 
-    def __init__(self, host: str, service: PubSubService, pool: WorkerPool) -> None:
+    def __init__(
+        self,
+        host: str,
+        service: PubSubService,
+        pool: WorkerPool,
+        *,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
         self.host = host
         self.service = service
         self.pool = pool
+        self.max_in_flight = max_in_flight
+        # Session -> its requests queued or running, for those that have any.
+        self._in_flight: dict[Any, int] = {}
         self._verbs: dict[str, Callable[[str, PubSubRequest, domish.Element], Awaitable]] = {
             "publish": self._publish,
             "subscribe": self._subscribe,
@@ -140,8 +169,11 @@ class PubSubComponent:
     def __call__(self, session: Any, stanza: domish.Element, recipient: JID) -> None:
         if recipient.user is not None or recipient.resource is not None:
             reply_error(session, stanza, "service-unavailable")
-        elif stanza.name == "iq" and stanza.getAttribute("type") in ("get", "set"):
-            self._request(session, stanza)
+        elif stanza.name == "iq":
+            if stanza.getAttribute("type") in ("get", "set"):
+                self._request(session, stanza)
+            else:  # an IQ without a valid type is answered, unless it is a result or an error
+                reply_error(session, stanza, "bad-request")
         elif stanza.name == "message":
             self._message(session, stanza)
 
@@ -152,15 +184,25 @@ class PubSubComponent:
         if payload is None or not iq.getAttribute("id"):
             reply_error(session, iq, "bad-request")
             return
-        if payload.uri in (disco.NS_DISCO_INFO, disco.NS_DISCO_ITEMS):
-            work = self._disco
-        elif payload.uri in (NS_PUBSUB, NS_PUBSUB_OWNER):
-            work = self._pubsub
+        if (payload.uri, payload.name) in (
+            (disco.NS_DISCO_INFO, "query"),
+            (disco.NS_DISCO_ITEMS, "query"),
+        ):
+            node = payload.getAttribute("node") or ""
+            work = partial(self._disco, iq)
+        elif (payload.uri, payload.name) in ((NS_PUBSUB, "pubsub"), (NS_PUBSUB_OWNER, "pubsub")):
+            try:
+                request = parse_request(iq)
+            except Exception:
+                self._send_error(Failure(), session, iq)
+                return
+            node = request.nodeIdentifier or ""
+            work = partial(self._pubsub, request, iq)
         else:
             reply_error(session, iq, "service-unavailable")
             return
         try:
-            done = self.pool.submit(self.host, _node_key(iq), lambda: work(iq))
+            done = self._submit(session, node, work)
         except QueueFull:
             reply_error(session, iq, "resource-constraint", "Too many requests, try again later")
             return
@@ -170,6 +212,23 @@ class PubSubComponent:
             callbackArgs=(session, iq),
             errbackArgs=(session, iq),
         )
+
+    def _submit(self, session: Any, node: str, job: Callable[[], Awaitable]) -> Deferred:
+        """Queue ``job`` under ``node`` for ``session``; QueueFull if the session has
+        `max_in_flight` requests queued or running already, or the node's queue is full."""
+        in_flight = self._in_flight.get(session, 0)
+        if in_flight >= self.max_in_flight:
+            raise QueueFull(f"{session.jid.full()} has {in_flight} PubSub requests in flight")
+        done = self.pool.submit(self.host, node, job)
+        self._in_flight[session] = in_flight + 1
+        done.addBoth(self._finished, session)
+        return done
+
+    def _finished(self, result: object, session: Any) -> object:
+        left = self._in_flight.pop(session) - 1
+        if left:
+            self._in_flight[session] = left
+        return result
 
     @staticmethod
     def _send_result(payload: domish.Element | None, session: Any, iq: domish.Element) -> None:
@@ -188,8 +247,7 @@ class PubSubComponent:
             log.failure("PubSub request from {jid}", failure, jid=iq.getAttribute("from"))
             reply_error(session, iq, "internal-server-error")
 
-    async def _pubsub(self, iq: domish.Element) -> domish.Element | None:
-        request = PubSubRequest.fromElement(iq)
+    async def _pubsub(self, request: PubSubRequest, iq: domish.Element) -> domish.Element | None:
         handler = self._verbs.get(request.verb)
         if handler is None:
             raise error.StanzaError("feature-not-implemented")
@@ -443,20 +501,30 @@ class PubSubComponent:
     # -- subscription approval forms (XEP-0060 §8.6) -------------------------------------------
 
     def _message(self, session: Any, message: domish.Element) -> None:
-        values = forms.submitted_values(forms.find_form(message), forms.NS_SUBSCRIBE_AUTHORIZATION)
+        try:
+            values = forms.submitted_values(
+                forms.find_form(message), forms.NS_SUBSCRIBE_AUTHORIZATION
+            )
+        except error.StanzaError as e:
+            reply_error(session, message, e.condition, e.text)
+            return
         if values is None or "pubsub#node" not in values:
             reply_error(session, message, "bad-request", "Not a subscription approval form")
             return
+        allow = str(values.get("pubsub#allow", "false")).lower()
+        if allow not in ("0", "1", "false", "true"):
+            reply_error(session, message, "bad-request", "pubsub#allow is not a boolean")
+            return
         node = str(values["pubsub#node"])
         try:
-            done = self.pool.submit(
-                self.host,
+            done = self._submit(
+                session,
                 node,
                 lambda: self.service.authorize_subscription(
                     message["from"],
                     node,
                     str(values.get("pubsub#subscriber_jid", "")),
-                    values.get("pubsub#allow") in (True, "1", "true"),
+                    allow in ("1", "true"),
                     values.get("pubsub#subid"),
                 ),
             )

@@ -1,6 +1,15 @@
-"""PLAIN (RFC 4616), checked against the stored SCRAM keys: no plaintext password is kept."""
+"""PLAIN (RFC 4616), checked against the stored SCRAM keys: no plaintext password is kept.
 
-from twisted.internet.defer import Deferred, succeed
+Checking a password is a PBKDF2 run (milliseconds of CPU, for unknown accounts too, against
+their decoy): it goes to the reactor's thread pool through ``run_hash``, never in the reactor
+thread, so a burst of attempts does not stall every other connection.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from mim_twisted.auth.errors import SaslError
@@ -17,6 +26,22 @@ from mim_twisted.xmpp.sasl.mechanism import (
 
 # The stronger hash first; SCRAM-SHA-1 serves accounts that only have that.
 _CREDENTIALS = ("SCRAM-SHA-256", "SCRAM-SHA-1")
+
+# Password hashes running at once, server-wide: a flood of attempts queues here instead of
+# taking every thread of the reactor's pool (host name lookups need it too). PBKDF2 releases the
+# GIL, so the reactor thread keeps running meanwhile.
+MAX_CONCURRENT_HASHES = 4
+_hashing = DeferredSemaphore(MAX_CONCURRENT_HASHES)
+
+
+def hash_in_thread(function: Callable[..., Any], *args: Any) -> Deferred:
+    """Run a password hash (``function(*args)``) in the reactor's thread pool, at most
+    MAX_CONCURRENT_HASHES at a time; fires with its result. In-band registration uses it too."""
+    return _hashing.run(deferToThread, function, *args)
+
+
+# How PLAIN runs verify_password; tests that run without a reactor put a synchronous one here.
+run_hash: Callable[..., Deferred] = hash_in_thread
 
 
 @implementer(ISaslMechanism)
@@ -52,7 +77,7 @@ class PlainMechanism:
             credentials = decoy_credentials(
                 _CREDENTIALS[0], f"{username}@{self._domain}", self._decoy_iterations
             )
-        if not (verify_password(credentials, password) and known):
+        if not (await run_hash(verify_password, credentials, password) and known):
             raise SaslError("not-authorized")
         return Success(username, authzid or None)
 

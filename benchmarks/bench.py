@@ -1,0 +1,475 @@
+#!/usr/bin/env python3
+"""Run the load scenarios against a fresh server and print a summary table.
+
+    .venv/bin/python benchmarks/bench.py [--storage sqlite|postgresql|both] [--runs 3] [--quick]
+
+For each storage backend: a temporary directory with a config (a free loopback port, its own
+data_dir, and for PostgreSQL a temporary database on 127.0.0.1:5432 as user root), the accounts
+created straight through the storage API, the server started with
+`twistd -n --pidfile= mim -c <config>`, then the scenarios of benchmarks/load.py, each repeated
+--runs times (the medians are reported), then the server stopped and everything removed.
+`--server prosody` runs the same scenarios against Prosody from Debian's package instead
+(see benchmarks/README.md). Every step has a deadline.
+
+Run it with the project's virtualenv Python: the accounts are created through mim_twisted.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LOAD = HERE / "load.py"
+DOMAIN = "localhost"
+PASSWORD = "load-password"
+PREFIX = "load"
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=root dbname=postgres"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+# -- accounts --------------------------------------------------------------------------------
+
+
+def create_accounts_command(argv: list[str]) -> int:
+    """`bench.py create-accounts CONFIG COUNT`: accounts load1..loadCOUNT, one password.
+
+    All accounts share one set of SCRAM credentials (one salt): deriving them costs PBKDF2
+    twice per account, and the server's work at login does not depend on the salt.
+    """
+    from twisted.internet import defer, task
+
+    from mim_twisted import tap
+    from mim_twisted.auth.scram import derive_all
+    from mim_twisted.config import load_config
+    from mim_twisted.storage.interfaces import AccountExists
+
+    config_path, count = argv[0], int(argv[1])
+
+    async def create(reactor) -> None:
+        config = load_config(config_path)
+        database = await tap.open_storage(config)
+        credentials = derive_all(PASSWORD)
+        semaphore = defer.DeferredSemaphore(16)
+
+        async def one(index: int) -> None:
+            with contextlib.suppress(AccountExists):
+                await database.accounts.create_account(DOMAIN, f"{PREFIX}{index}", credentials)
+
+        def limited(index: int) -> defer.Deferred:
+            return semaphore.run(lambda: defer.ensureDeferred(one(index)))
+
+        try:
+            await defer.gatherResults([limited(i) for i in range(1, count + 1)], consumeErrors=True)
+        finally:
+            await database.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(create(reactor)))
+    return 0
+
+
+# -- servers ---------------------------------------------------------------------------------
+
+
+class MimServer:
+    name = "mim-twisted"
+
+    def __init__(self, storage: str, workdir: Path, args: argparse.Namespace) -> None:
+        self.storage = storage
+        self.workdir = workdir
+        self.args = args
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.database: str | None = None
+        self.label = f"mim-twisted/{storage}"
+
+    def prepare(self, accounts: int) -> None:
+        storage = f'backend = "{self.storage}"\nauto_migrate = true\n'
+        if self.storage == "postgresql":
+            self.database = f"mim_bench_{secrets.token_hex(4)}"
+            _pg_admin(f'CREATE DATABASE "{self.database}"')
+            dsn = f"host=127.0.0.1 port=5432 user=root dbname={self.database}"
+            storage += f'[storage.postgresql]\ndsn = "{dsn}"\npool_size = {self.args.pg_pool}\n'
+        else:
+            storage += '[storage.sqlite]\npath = "data/mim.sqlite3"\n'
+        config = self.workdir / "mim.toml"
+        config.write_text(
+            f'[server]\ndomains = ["{DOMAIN}"]\ndata_dir = "data"\n'
+            f'[[listeners]]\naddress = "127.0.0.1"\nport = {self.port}\n'
+            f"[storage]\n{storage}"
+            f"[pubsub]\nworkers = {self.args.pubsub_workers}\n"
+            f"{self.args.extra_config}\n"
+        )
+        self.config = config
+        started = time.monotonic()
+        command = [sys.executable, str(Path(__file__).resolve()), "create-accounts"]
+        subprocess.run([*command, str(config), str(accounts)], check=True, timeout=600)
+        print(f"# {accounts} accounts created in {time.monotonic() - started:.1f} s", flush=True)
+
+    def start(self) -> None:
+        twistd = Path(sys.executable).with_name("twistd")
+        self.log = open(self.workdir / "server.log", "wb")
+        self.process = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "mim", "-c", str(self.config)],
+            cwd=self.workdir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, self.process, 60)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.log.close()
+
+    def cleanup(self) -> None:
+        if self.database:
+            with contextlib.suppress(Exception):
+                _pg_admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+
+
+def _pg_admin(statement: str) -> None:
+    import psycopg2
+
+    connection = psycopg2.connect(PG_ADMIN_DSN)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+class ProsodyServer:
+    """Prosody from Debian's package, configured under the work directory (loopback only).
+
+    Node creation on Prosody's pubsub component is for admins only, so the publisher account
+    (load1) is made an admin. Prosody refuses to run as root without `run_as_root`.
+    """
+
+    name = "prosody"
+
+    def __init__(self, storage: str, workdir: Path, args: argparse.Namespace) -> None:
+        if storage not in ("sqlite", "internal"):
+            raise SystemExit("prosody: --storage must be sqlite or internal")
+        self.storage = storage
+        self.workdir = workdir
+        self.args = args
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.label = f"prosody/{storage}"
+
+    def prepare(self, accounts: int) -> None:
+        self.accounts = accounts
+        data = self.workdir / "data"
+        data.mkdir()
+        key, cert = self.workdir / "localhost.key", self.workdir / "localhost.crt"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        if self.storage == "sqlite":
+            storage = 'storage = "sql"\nsql = { driver = "SQLite3", database = "prosody.sqlite" }\n'
+        else:
+            storage = 'storage = "internal"\n'
+        self.config = self.workdir / "prosody.cfg.lua"
+        self.config.write_text(
+            f'pidfile = "{self.workdir}/prosody.pid"\n'
+            f'data_path = "{data}"\n'
+            "daemonize = false\n"
+            "run_as_root = true\n"
+            f'log = {{ info = "{self.workdir}/prosody.log" }}\n'
+            f"c2s_ports = {{ {self.port} }}\n"
+            'c2s_interfaces = { "127.0.0.1" }\n'
+            'interfaces = { "127.0.0.1" }\n'
+            "s2s_ports = { }\ns2s_direct_tls_ports = { }\nc2s_direct_tls_ports = { }\n"
+            "component_ports = { }\nhttp_ports = { }\nhttps_ports = { }\n"
+            "c2s_require_encryption = true\nallow_registration = false\n"
+            'authentication = "internal_hashed"\n'
+            f"{storage}"
+            f'admins = {{ "{PREFIX}1@{DOMAIN}" }}\n'
+            'modules_enabled = { "roster", "saslauth", "tls", "disco", "ping", "presence",'
+            ' "posix", "admin_shell" }\n'
+            f'ssl = {{ key = "{key}", certificate = "{cert}" }}\n'
+            f'VirtualHost "{DOMAIN}"\n'
+            f'Component "pubsub.{DOMAIN}" "pubsub"\n'
+        )
+
+    def start(self) -> None:
+        self.log = open(self.workdir / "server.log", "wb")
+        self.process = subprocess.Popen(
+            ["prosody", "--config", str(self.config), "-F"],
+            cwd=self.workdir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, self.process, 60)
+        self._create_accounts()
+
+    def _create_accounts(self) -> None:
+        """One account through Prosody's admin shell, then its stored SCRAM credentials copied
+        to the others (as for mim-twisted, one salt for all: `prosodyctl register` per account
+        takes a process and a PBKDF2 each)."""
+        started = time.monotonic()
+        subprocess.run(
+            ["prosodyctl", "--config", str(self.config), "shell"],
+            input=f'user:create("{PREFIX}1@{DOMAIN}", "{PASSWORD}")\n',
+            text=True, check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        users = [f"{PREFIX}{i}" for i in range(2, self.accounts + 1)]
+        if self.storage == "sqlite":
+            import sqlite3
+
+            with contextlib.closing(
+                sqlite3.connect(self.workdir / "data" / "prosody.sqlite")
+            ) as db:
+                rows = db.execute(
+                    "SELECT host, store, key, type, value FROM prosody"
+                    " WHERE host = ? AND user = ? AND store = 'accounts'",
+                    (DOMAIN, f"{PREFIX}1"),
+                ).fetchall()
+                db.executemany(
+                    "INSERT INTO prosody (host, user, store, key, type, value)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(h, u, st, k, t, v) for u in users for (h, st, k, t, v) in rows],
+                )
+                db.commit()
+        else:
+            accounts = self.workdir / "data" / DOMAIN / "accounts"
+            template = (accounts / f"{PREFIX}1.dat").read_bytes()
+            for user in users:
+                (accounts / f"{user}.dat").write_bytes(template)
+        elapsed = time.monotonic() - started
+        print(f"# {self.accounts} accounts created in {elapsed:.1f} s", flush=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.log.close()
+
+    def cleanup(self) -> None:
+        pass
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def scenarios(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(label, scenario, load.py arguments) for every scenario asked for."""
+    out = []
+    for name in args.scenarios:
+        if name == "login":
+            argv = ["--clients", str(args.login_clients), "--concurrency", str(args.concurrency)]
+            out.append(("login", name, argv))
+        elif name == "messages":
+            argv = ["--clients", str(args.message_clients), "--duration", str(args.duration)]
+            out.append(("messages", name, argv))
+        else:
+            for window in args.pubsub_windows:
+                argv = ["--clients", str(args.subscribers), "--items", str(args.items)]
+                argv += ["--window", str(window)]
+                out.append((f"pubsub-fanout w={window}", name, argv))
+    return out
+
+
+def run_load(server, scenario: str, argv: list[str], args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable, str(LOAD), scenario, *argv,
+        "--host", "127.0.0.1", "--port", str(server.port), "--domain", DOMAIN,
+        "--user-prefix", PREFIX, "--password", PASSWORD, "--mechanism", args.mechanism,
+        "--runs", str(args.runs), "--server-pid", str(server.pid),
+    ]  # fmt: skip
+    print("$ load.py", " ".join(command[3:]), flush=True)
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.scenario_timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result in {args.scenario_timeout} s"}
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    for line in lines:
+        print("  ", line, flush=True)
+    if result.returncode != 0 or not lines:
+        print(result.stderr[-3000:], file=sys.stderr, flush=True)
+        return {"error": (json.loads(lines[-1]).get("error") if lines else "no output")}
+    last = json.loads(lines[-1])
+    return last["median"] if "median" in last else last
+
+
+def bench_one(server_class, storage: str, args: argparse.Namespace) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="mim-bench-"))
+    server = server_class(storage, workdir, args)
+    print(f"## {server.label}: {workdir}, port {server.port}", flush=True)
+    results = {}
+    try:
+        server.prepare(max(args.login_clients, args.message_clients, args.subscribers + 1))
+        server.start()
+        for label, scenario, argv in scenarios(args):
+            results[label] = run_load(server, scenario, argv, args)
+    finally:
+        server.stop()
+        server.cleanup()
+        if args.keep:
+            print(f"# kept {workdir}", flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    return str(value)
+
+
+FIGURES = {  # scenario -> (rate figure, latency figure, unit)
+    "login": ("logins_per_s", "latency_ms", "logins/s"),
+    "messages": ("messages_per_s", "latency_ms", "msg/s"),
+    "pubsub-fanout": ("notifications_per_s", "publish_to_last_ms", "notif/s"),
+}
+
+
+def table(all_results: dict[str, dict]) -> str:
+    header = (
+        "target",
+        "scenario",
+        "rate",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "server CPU",
+        "client CPU",
+    )
+    rows = [header]
+    for target, results in all_results.items():
+        for label, figures in results.items():
+            rate_key, latency_key, unit = FIGURES[label.split()[0]]
+            if "error" in figures:
+                rows.append((target, label, f"error: {figures['error']}", "", "", "", "", ""))
+                continue
+            latency = figures.get(latency_key, {})
+            rows.append((
+                target, label, f"{_fmt(figures.get(rate_key))} {unit}",
+                _fmt(latency.get("p50")), _fmt(latency.get("p95")), _fmt(latency.get("p99")),
+                f"{_fmt(figures.get('server_cpu_pct'))} %",
+                f"{_fmt(figures.get('client_cpu_pct'))} %",
+            ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--server", choices=["mim", "prosody"], default="mim")
+    add("--storage", default="sqlite", help="mim: sqlite, postgresql or both; prosody: sqlite "
+        "or internal")  # fmt: skip
+    add("--scenarios", nargs="+", default=list(FIGURES), choices=list(FIGURES))
+    add("--runs", type=int, default=3, help="runs per scenario; the medians are reported")
+    add("--mechanism", default=None, help="SASL mechanism (default SCRAM-SHA-256 for mim, "
+        "SCRAM-SHA-1 for prosody, which offers no other SCRAM)")  # fmt: skip
+    add("--login-clients", type=int, default=1000)
+    add("--concurrency", type=int, default=50, help="logins in progress at once")
+    add("--message-clients", type=int, default=100)
+    add("--duration", type=float, default=10.0, help="messages: seconds measured")
+    add("--subscribers", type=int, default=1000)
+    add("--items", type=int, default=100)
+    add("--pubsub-windows", type=int, nargs="+", default=[1, 4], help="items in flight")
+    add("--pubsub-workers", type=int, default=4, help="mim: [pubsub] workers")
+    add("--pg-pool", type=int, default=4, help="mim: [storage.postgresql] pool_size")
+    add("--extra-config", default="", help="mim: TOML appended to the config")
+    add("--quick", action="store_true", help="small and short: a smoke test")
+    add("--keep", action="store_true", help="keep the temporary directories")
+    add("--scenario-timeout", type=float, default=1800.0)
+    add("--output", help="write all medians as JSON to this file")
+    args = parser.parse_args(argv)
+    if args.mechanism is None:
+        args.mechanism = "SCRAM-SHA-1" if args.server == "prosody" else "SCRAM-SHA-256"
+    if args.quick:
+        args.runs, args.login_clients, args.message_clients = 1, 50, 10
+        args.duration, args.subscribers, args.items = 3.0, 20, 10
+    return args
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["create-accounts"]:
+        return create_accounts_command(argv[1:])
+    args = parse_args(argv)
+    if args.server == "mim":
+        server_class = MimServer
+        storages = ["sqlite", "postgresql"] if args.storage == "both" else [args.storage]
+    else:
+        server_class = ProsodyServer
+        storages = [args.storage]
+    all_results = {}
+    for storage in storages:
+        all_results[f"{server_class.name}/{storage}"] = bench_one(server_class, storage, args)
+    print()
+    print(
+        f"Medians of {args.runs} run(s), SASL {args.mechanism}; the load generator and the server"
+        f" share one machine ({os.cpu_count()} cores)."
+    )
+    print(table(all_results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(all_results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
