@@ -29,7 +29,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.words.protocols.jabber.jid import JID, InvalidFormat, internJID
+from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
 from mim_twisted import hooks
@@ -40,6 +40,7 @@ from mim_twisted.im.roster import RosterService
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.im.stanzas import reply_error
 from mim_twisted.storage.interfaces import IAccountStore, IRosterStore, RosterItem
+from mim_twisted.xmpp.jids import parse_jid
 
 log = Logger()
 
@@ -202,7 +203,7 @@ class PresenceService:
                 reply_error(session, presence, "bad-request", "No such broadcast presence")
             return
         try:
-            target = internJID(to)
+            target = parse_jid(to)
         except (InvalidFormat, UnicodeError):
             reply_error(session, presence, "jid-malformed")
             return
@@ -260,7 +261,7 @@ class PresenceService:
             _, items = await self.rosters.get_roster(owner.host, owner.user)
             self._broadcast(session, sent, items)
         for jid in sorted(session.directed_to):
-            self._deliver(sent, internJID(jid))
+            self._deliver(sent, parse_jid(jid))
         session.directed_to.clear()
         if was_available:
             await self.hooks.run(hooks.USER_UNAVAILABLE, session, presence)
@@ -269,7 +270,7 @@ class PresenceService:
         """To contacts with a from/both subscription and to all the user's own resources."""
         for item in items:
             if item.subscription in ("from", "both"):
-                self._deliver(presence, internJID(item.jid))
+                self._deliver(presence, parse_jid(item.jid))
         self._deliver(presence, session.jid.userhostJID())
 
     def _send_contacts_presence(self, session: Any, items: list[RosterItem]) -> None:
@@ -277,7 +278,7 @@ class PresenceService:
         for item in items:
             if item.subscription not in ("to", "both"):
                 continue
-            for contact_session in self.available_sessions(internJID(item.jid)):
+            for contact_session in self.available_sessions(parse_jid(item.jid)):
                 presence = contact_session.presence
                 presence["to"] = session.jid.full()
                 session.send(presence.toXml(defaultUri="jabber:client"))
@@ -403,7 +404,7 @@ class PresenceService:
 
     async def roster_item_removed(self, owner: JID, item: RosterItem) -> None:
         """The owner removed a contact: cancel the subscriptions both ways (RFC 6121 §2.5.2)."""
-        contact = internJID(item.jid)
+        contact = parse_jid(item.jid)
         for kind in subscription.cancellations(subscription.state_of(item)):
             if kind == "unsubscribed":
                 self._send_presence_of(owner, contact, "unavailable")

@@ -22,7 +22,7 @@ from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.words.protocols.jabber.jid import JID, InvalidFormat, internJID
+from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
 from mim_twisted.im.offline import OfflineDelivery
@@ -30,6 +30,7 @@ from mim_twisted.im.sessions import SessionManager
 from mim_twisted.pubsub import core
 from mim_twisted.pubsub.forms import node_config_form, subscription_authorization_form
 from mim_twisted.storage.interfaces import AccountNotFound, PubSubSubscription
+from mim_twisted.xmpp.jids import parse_jid
 
 log = Logger()
 
@@ -126,7 +127,7 @@ class Broadcaster:
 
     def _deliver(self, fanout: Fanout, recipient: Recipient) -> None:
         try:
-            jid = internJID(recipient.jid)
+            jid = parse_jid(recipient.jid)
         except (InvalidFormat, UnicodeError):
             return
         notification = fanout.notification
