@@ -89,6 +89,14 @@ class FullJidTests(MessageTestCase):
         self.assertEqual(self.message("bob@localhost/gone", "chat"), [])
         self.assertEqual(bodies(self.stored()), ["Hello"])
 
+    def test_a_closing_resource_counts_as_gone(self) -> None:
+        # Its stream error is sent and its connection on the way out: it would lose the message.
+        closing = self.online("bob@localhost/closing")
+        closing.stream_error("policy-violation")
+        self.assertEqual(self.message("bob@localhost/closing", "chat"), [])
+        self.assertEqual(closing.take(), [])
+        self.assertEqual(bodies(self.stored()), ["Hello"])
+
     def test_other_types_to_a_gone_resource(self) -> None:
         # §8.5.3.2.1: normal, groupchat and headline are ignored or answered with an error, never
         # handled as to the bare JID; errors are ignored.

@@ -14,6 +14,7 @@ class Session(Protocol):
     """What the session table needs of a connected, bound client stream."""
 
     jid: JID
+    closed: bool
 
     def send(self, stanza: object) -> None: ...
 
@@ -46,11 +47,16 @@ class SessionManager:
         if not resources:
             del self._by_bare[bare]
 
+    # A session that is closing (its stream error sent, the connection not yet gone) is no
+    # longer found: whatever would be sent to it now would be lost.
+
     def session(self, full_jid: JID) -> Session | None:
-        return self._by_bare.get(full_jid.userhostJID(), {}).get(full_jid.resource)
+        session = self._by_bare.get(full_jid.userhostJID(), {}).get(full_jid.resource)
+        return None if session is None or session.closed else session
 
     def sessions_of(self, bare_jid: JID) -> list[Session]:
-        return list(self._by_bare.get(bare_jid.userhostJID(), {}).values())
+        resources = self._by_bare.get(bare_jid.userhostJID(), {})
+        return [session for session in resources.values() if not session.closed]
 
     def __len__(self) -> int:
         return sum(len(resources) for resources in self._by_bare.values())
