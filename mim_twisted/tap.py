@@ -33,6 +33,7 @@ from mim_twisted.pubsub.broadcast import Broadcaster
 from mim_twisted.pubsub.config import GENERIC_NODE_DEFAULTS, ServiceLimits
 from mim_twisted.pubsub.core import PubSubService, Relation
 from mim_twisted.pubsub.protocol import PubSubComponent
+from mim_twisted.pubsub.purge import OfflinePurge
 from mim_twisted.pubsub.queues import WorkerPool
 from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated
 from mim_twisted.xmpp import tls
@@ -144,6 +145,7 @@ class PubSub:
     pool: WorkerPool
     broadcaster: Broadcaster
     services: dict[str, PubSubService]
+    purge: OfflinePurge
 
 
 def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: object) -> PubSub:
@@ -158,6 +160,12 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
     )
     limits = ServiceLimits(settings.max_items_limit, settings.max_payload_size)
     rosters = database.rosters
+    services: dict[str, PubSubService] = {}
+    purge = OfflinePurge(services, pool, core.sessions)
+
+    def broadcast(event: object) -> None:
+        purge.observe(event)
+        broadcaster(event)
 
     async def relation(owner: str, requester: str) -> Relation:
         """What the owner's roster says about the requester (presence and roster models)."""
@@ -169,7 +177,6 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
             return Relation()
         return Relation(item.subscription in ("from", "both"), frozenset(item.groups))
 
-    services = {}
     for domain in config.server.domains:
         host = f"pubsub.{domain}"
         services[host] = PubSubService(
@@ -177,12 +184,13 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
             service_key=host,
             defaults=GENERIC_NODE_DEFAULTS,
             limits=limits,
-            broadcaster=broadcaster,
+            broadcaster=broadcast,
             relation=relation,
         )
         core.router.components[host] = PubSubComponent(host, services[host], pool)
         core.disco.add_server_item(domain, host, "Publish-Subscribe")
-    return PubSub(pool, broadcaster, services)
+    core.hooks.add(hooks.USER_UNAVAILABLE, purge.user_unavailable)
+    return PubSub(pool, broadcaster, services, purge)
 
 
 class MimService(service.MultiService):
@@ -243,6 +251,7 @@ class MimService(service.MultiService):
         self.core = build_im_core(config, self.database, self.reactor)
         if config.pubsub.enabled:
             self.pubsub = build_pubsub(config, self.database, self.core, self.reactor)
+            await self.pubsub.purge.load()
             self.pubsub.pool.start()
         for listener in config.listeners:
             factory = C2SFactory(

@@ -29,6 +29,7 @@ from mim_twisted.pubsub.core import (
     SubscriptionChange,
     SubscriptionChanged,
     SubscriptionPending,
+    bare_jid,
     may,
 )
 from mim_twisted.pubsub.errors import PartlyFailed, PubSubError
@@ -715,6 +716,28 @@ class RetractTests(Base):
         await self.pubsub.publish(BOB, "news", "bob's", ENTRY)
         await self.fails(self.pubsub.retract(BOB, "news", "alice's"), "forbidden")
         await self.pubsub.retract(BOB, "news", "bob's")
+
+
+class PurgeOfflineTests(Base):
+    async def test_only_the_publishers_items_on_a_purging_node(self) -> None:
+        await self.node(purge_offline=True)
+        await self.affiliate("news", bare_jid(BOB), "publisher")
+        await self.pubsub.publish(ALICE, "news", "a", ENTRY)
+        await self.pubsub.publish(BOB, "news", "b1", ENTRY)
+        await self.pubsub.publish(BOB, "news", "b2", ENTRY)
+        await self.pubsub.purge_offline_publisher("news", bare_jid(BOB))
+        self.assertEqual([i.item_id for i in await self.pubsub.items(ALICE, "news")], ["a"])
+        [event] = self.events_of(ItemsRetracted)
+        self.assertEqual(sorted(event.item_ids), ["b1", "b2"])
+
+    async def test_a_node_without_the_option_is_left_alone(self) -> None:
+        await self.node()
+        await self.pubsub.publish(ALICE, "news", "a", ENTRY)
+        await self.pubsub.purge_offline_publisher("news", bare_jid(ALICE))
+        self.assertEqual(len(await self.pubsub.items(ALICE, "news")), 1)
+
+    async def test_a_deleted_node_is_no_error(self) -> None:
+        await self.pubsub.purge_offline_publisher("gone", bare_jid(ALICE))
 
 
 class ItemsTests(Base):

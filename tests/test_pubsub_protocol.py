@@ -436,3 +436,82 @@ class OfflineNotificationTests(unittest.TestCase):
         [event] = self.events
         self.assertIn("log_failure", event)
         self.assertEqual(event["jid"], "bob@localhost")
+
+
+class PurgeOfflineTests(PubSubComponentTestCase):
+    def configure(self, node: str, **fields: str) -> None:
+        values = "".join(
+            f"<field var='pubsub#{name}'><value>{value}</value></field>"
+            for name, value in fields.items()
+        )
+        self.send(
+            self.owner,
+            f"<iq type='set' id='cfg' to='{SERVICE}'>"
+            "<pubsub xmlns='http://jabber.org/protocol/pubsub#owner'>"
+            f"<configure node='{node}'><x xmlns='jabber:x:data' type='submit'>"
+            "<field var='FORM_TYPE' type='hidden'>"
+            "<value>http://jabber.org/protocol/pubsub#node_config</value></field>"
+            f"{values}</x></configure></pubsub></iq>",
+        )
+        self.assertEqual(self.owner.take()[-1]["type"], "result")
+
+    def item_ids(self, node: str) -> list[str]:
+        items = self.successResultOf(self.database.pubsub.get_items(SERVICE, node))
+        return sorted(item.item_id for item in items)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.bob = self.online("bob@localhost/phone")
+        self.send(self.owner, create("board"))
+        self.owner.take()
+        self.send(
+            self.owner,
+            "<iq type='set' id='aff' to='pubsub.localhost'>"
+            "<pubsub xmlns='http://jabber.org/protocol/pubsub#owner'>"
+            "<affiliations node='board'><affiliation jid='bob@localhost' affiliation='publisher'/>"
+            "</affiliations></pubsub></iq>",
+        )
+        self.send(self.owner, publish("board", "from-alice"))
+        self.send(self.bob, publish("board", "from-bob"))
+        self.owner.take()
+        self.bob.take()
+
+    def test_items_go_when_their_publisher_goes_offline(self) -> None:
+        self.configure("board", purge_offline="1", notify_retract="1")
+        self.send(self.owner, subscribe("board", "alice@localhost/desk", "watch"))
+        self.owner.take()
+        self.send(self.bob, "<presence type='unavailable'/>")
+        self.clock.advance(0)
+        self.assertEqual(self.item_ids("board"), ["from-alice"])
+        retracts = [
+            r["id"]
+            for n in self.notifications(self.owner)
+            for r in n.event.items.elements()
+            if r.name == "retract"
+        ]
+        self.assertEqual(retracts, ["from-bob"])
+
+    def test_not_while_another_resource_is_available(self) -> None:
+        self.configure("board", purge_offline="1")
+        self.online("bob@localhost/laptop")
+        self.send(self.bob, "<presence type='unavailable'/>")
+        self.clock.advance(0)
+        self.assertEqual(self.item_ids("board"), ["from-alice", "from-bob"])
+
+    def test_nodes_without_the_option_keep_their_items(self) -> None:
+        self.send(self.bob, "<presence type='unavailable'/>")
+        self.clock.advance(0)
+        self.assertEqual(self.item_ids("board"), ["from-alice", "from-bob"])
+
+    def test_switching_the_option_off_again(self) -> None:
+        self.configure("board", purge_offline="1")
+        self.configure("board", purge_offline="0")
+        self.send(self.bob, "<presence type='unavailable'/>")
+        self.clock.advance(0)
+        self.assertEqual(self.item_ids("board"), ["from-alice", "from-bob"])
+
+    def test_known_from_the_stored_nodes_at_start(self) -> None:
+        self.configure("board", purge_offline="1")
+        self.pubsub.purge.nodes.clear()
+        self.successResultOf(defer.ensureDeferred(self.pubsub.purge.load()))
+        self.assertEqual(self.pubsub.purge.nodes, {(SERVICE, "board")})

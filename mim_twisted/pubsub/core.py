@@ -572,6 +572,28 @@ class PubSubService:
         notify = notify or state.config["pubsub#notify_retract"]
         await self._node_event(ItemsRetracted, name, state.config, notify, item_ids=(item_id,))
 
+    async def purge_offline_publisher(self, node: str, publisher: str) -> None:
+        """Remove what ``publisher`` (a bare JID) published on the node, if the node asks for it
+        (``pubsub#purge_offline``): the server calls this when the publisher goes offline."""
+        try:
+            state = await self._state(node)
+        except NodeNotFoundError:
+            return
+        if not state.config["pubsub#purge_offline"]:
+            return
+        items = await self.store.get_items(self.service_key, node)
+        gone = tuple(item.item_id for item in items if bare_jid(item.publisher) == publisher)
+        for item_id in gone:
+            await self.store.retract_item(self.service_key, node, item_id)
+        if gone:
+            await self._node_event(
+                ItemsRetracted,
+                node,
+                state.config,
+                state.config["pubsub#notify_retract"],
+                item_ids=gone,
+            )
+
     async def items(
         self,
         actor: str,
