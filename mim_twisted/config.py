@@ -369,6 +369,7 @@ class LimitsConfig:
     max_outgoing_buffer: int = option(4194304, integer(65536))
     max_offline_messages: int = option(100, integer(0))
     max_read_rate: int = option(1048576, integer(0))
+    max_unbound_per_address: int = option(100, integer(1))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -301,6 +301,7 @@ class MimService(service.MultiService):
             log_traffic=self.log_traffic,
             scram_iterations=config.auth.scram_iterations,
             max_read_rate=config.limits.max_read_rate,
+            max_unbound_per_address=config.limits.max_unbound_per_address,
             client_certificates=client_certificates,
             sasl_external=ExternalSettings(
                 methods=config.auth.sasl_external,

@@ -2,6 +2,7 @@
 
 import base64
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -397,3 +398,31 @@ class BindTimeoutTests(StreamTestCase):
         stream.dataReceived(HEADER)
         self.clock.advance(31)
         self.assertStreamError(transport, "connection-timeout")
+
+
+class UnboundPerAddressTests(StreamTestCase):
+    settings = {"max_unbound_per_address": 2}
+
+    def connect_from(self, host: str) -> tuple:
+        stream = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        stream.makeConnection(transport)
+        return stream, transport
+
+    def test_one_address_may_hold_only_so_many_unbound_connections(self) -> None:
+        self.connect_from("192.0.2.1")
+        self.connect_from("192.0.2.1")
+        _, refused = self.connect_from("192.0.2.1")
+        self.assertStreamError(refused, "policy-violation")
+        _, other = self.connect_from("192.0.2.2")
+        self.assertFalse(other.disconnecting)
+
+    def test_bound_and_closed_connections_free_their_place(self) -> None:
+        first, _ = self.connect_from("127.0.0.1")
+        second, _ = self.connect_from("127.0.0.1")
+        first.connectionLost()
+        second.dataReceived(HEADER + plain_auth("alice", "secret"))
+        second.dataReceived(HEADER + bind_request("x"))
+        for _ in range(2):
+            _, transport = self.connect_from("127.0.0.1")
+            self.assertFalse(transport.disconnecting)

@@ -8,6 +8,7 @@ business. A stream error closes only its own connection.
 """
 
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,6 +51,7 @@ class C2SSettings:
     auth_timeout: float
     max_outgoing_buffer: int
     max_read_rate: int = 0  # bytes per second a client may send; 0: no limit
+    max_unbound_per_address: int = 100  # connections not yet bound, per peer address
     log_traffic: bool = False
     scram_iterations: int = DEFAULT_ITERATIONS
     # Request client certificates on STARTTLS (None: don't), and how EXTERNAL judges them.
@@ -110,6 +112,8 @@ class C2SStream(protocol.Protocol):
             self.settings.auth_timeout, self._auth_timed_out
         )
         self._new_parser()
+        if not self.factory.admit_unbound(self):
+            self.stream_error("policy-violation", "Too many connections from your address")
 
     def _new_parser(self) -> None:
         limit = self.settings.max_stanza_size
@@ -173,6 +177,7 @@ class C2SStream(protocol.Protocol):
     def connectionLost(self, reason: object = None) -> None:
         self.closed = True
         self.factory.streams.discard(self)
+        self.factory.forget_unbound(self)
         self.lost.callback(None)
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
@@ -396,6 +401,7 @@ class C2SStream(protocol.Protocol):
         self.jid = jid
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
+        self.factory.forget_unbound(self)
         self.factory.sessions.bind(self)
         log.info("{peer} bound {jid}", peer=self.log_name(), jid=jid.full())
 
@@ -425,6 +431,9 @@ class C2SStream(protocol.Protocol):
             return self.jid.full()
         peer = getattr(self, "peer", None)
         return f"{peer.host}:{peer.port}" if peer is not None else "?"
+
+
+_NOT_COUNTED = object()
 
 
 def _ignore(*args: object) -> None:
@@ -470,10 +479,30 @@ class C2SFactory(protocol.ServerFactory):
         self.bound_features: list[domish.Element] = []
         self.secure_preauth_features: list[domish.Element] = []
         self.streams: set[C2SStream] = set()
+        self._unbound: Counter[str | None] = Counter()
+        self._unbound_hosts: dict[C2SStream, str | None] = {}
         self.preauth_iq: dict[tuple[str, str], Callable] = {}
 
     def buildProtocol(self, addr: object) -> C2SStream:
         return C2SStream(self)
+
+    # Connections not yet bound cost memory before anyone has proved who they are: each peer
+    # address may hold only `settings.max_unbound_per_address` of them at a time.
+
+    def admit_unbound(self, stream: C2SStream) -> bool:
+        host = getattr(stream.peer, "host", None)
+        if self._unbound[host] >= self.settings.max_unbound_per_address:
+            return False
+        self._unbound[host] += 1
+        self._unbound_hosts[stream] = host
+        return True
+
+    def forget_unbound(self, stream: C2SStream) -> None:
+        host = self._unbound_hosts.pop(stream, _NOT_COUNTED)
+        if host is not _NOT_COUNTED:
+            self._unbound[host] -= 1
+            if not self._unbound[host]:
+                del self._unbound[host]
 
     def disconnect_all(self, grace: float) -> defer.Deferred:
         """Close every connection with <system-shutdown/>; cut those still open after `grace`."""
