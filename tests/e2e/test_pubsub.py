@@ -244,3 +244,30 @@ class PubSubTests(ServerTestCase):
 
 class PubSubOnPostgreSQLTests(PubSubTests):
     storage = "postgresql"
+
+
+class BackPressureTests(ServerTestCase):
+    extra_config = "[pubsub]\nworkers = 1\nmax_queue_length = 2\n"
+
+    async def test_an_overfull_queue_answers_resource_constraint(self) -> None:
+        await self.start_server()
+        await self.register("owner", PASSWORD)
+        owner = self.client("owner@localhost/desk", PASSWORD)
+        owner.xmpp.register_plugin("xep_0060")
+        self.assertEqual(await owner.connect(), "session_start")
+        pubsub = owner.xmpp.plugin["xep_0060"]
+        await wait_for(pubsub.create_node(SERVICE, "busy"))
+        # Twenty publications in one burst: one runs, two wait, the rest are refused at once.
+        sent = [
+            asyncio.ensure_future(pubsub.publish(SERVICE, "busy", id=f"i{n}", payload=payload("x")))
+            for n in range(20)
+        ]
+        results = await wait_for(asyncio.gather(*sent, return_exceptions=True))
+        refused = [r for r in results if isinstance(r, IqError)]
+        self.assertTrue(refused)
+        for error in refused:
+            self.assertEqual((error.condition, error.etype), ("resource-constraint", "wait"))
+        accepted = [r for r in results if not isinstance(r, Exception)]
+        self.assertEqual(len(accepted) + len(refused), 20)
+        stored = await self.server.database.pubsub.get_items(SERVICE, "busy")
+        self.assertEqual(len(stored), min(len(accepted), 10))  # the node keeps 10 items
