@@ -9,7 +9,8 @@ empty result, or a Deferred of either; it raises StanzaError for an error reply.
 handler claims is answered with <service-unavailable/>, so nothing is silently dropped.
 
 Responses that clients send to the server's own requests (e.g. the disco#info query of entity
-caps) complete the Deferred returned by `query`.
+caps) complete the Deferred returned by `query`. Services on a domain of their own (PubSub at
+`pubsub.<domain>`) receive every stanza addressed to that domain through `components`.
 """
 
 import secrets
