@@ -23,8 +23,7 @@ pubsub-fanout
 Accounts are <prefix><i>@<domain> for i = --first-user .. with one --password; create them
 before (benchmarks/bench.py does). Every run prints one JSON line; with --runs R the runs are
 repeated and a last JSON line gives the median, min and max of every figure. Every phase has a
-deadline, so a run always ends by itself. Only loopback addresses are accepted as --host unless
---allow-remote is given.
+deadline, so a run always ends by itself. Only loopback addresses are accepted as --host.
 """
 
 import argparse
@@ -463,40 +462,78 @@ def percentiles(samples: list[float], scale: float = 1000.0) -> dict[str, float 
     return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": rank(1.0)}
 
 
-class CpuMeter:
-    """CPU used by this process and (if its pid is given) the server, over a wall interval."""
+def _process_cpu(pid: int, ticks: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / ticks
 
-    def __init__(self, server_pid: int | None) -> None:
+
+def _pids_named(names: list[str]) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() in names:
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+class CpuMeter:
+    """CPU used over a wall interval by this process, the server (if its pid is given), the
+    database processes (by name, e.g. postgres) and everything else on the machine (from
+    /proc/stat: e.g. a test suite someone runs meanwhile, which would skew the figures)."""
+
+    def __init__(self, server_pid: int | None, db_processes: list[str] | None = None) -> None:
         self.server_pid = server_pid
         self.ticks = os.sysconf("SC_CLK_TCK")
+        self.db_pids = _pids_named(db_processes) if db_processes else []
         self._start = self._sample()
 
-    def _server_cpu(self) -> float | None:
-        if not self.server_pid:
-            return None
+    def _machine_busy(self) -> float | None:
         try:
-            with open(f"/proc/{self.server_pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
             return None
-        return (int(fields[11]) + int(fields[12])) / self.ticks
+        # user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+        return (sum(fields[:8]) - fields[3] - fields[4]) / self.ticks
 
-    def _sample(self) -> tuple[float, float, float | None]:
+    def _sample(self) -> tuple:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return now(), usage.ru_utime + usage.ru_stime, self._server_cpu()
-
-    def restart(self) -> None:
-        self._start = self._sample()
+        client = usage.ru_utime + usage.ru_stime
+        server = _process_cpu(self.server_pid, self.ticks) if self.server_pid else None
+        db = {pid: _process_cpu(pid, self.ticks) for pid in self.db_pids}
+        return now(), client, server, db, self._machine_busy()
 
     def figures(self) -> dict[str, float | None]:
-        wall0, client0, server0 = self._start
-        wall1, client1, server1 = self._sample()
+        wall0, client0, server0, db0, busy0 = self._start
+        wall1, client1, server1, db1, busy1 = self._sample()
         wall = max(wall1 - wall0, 1e-9)
+        client = (client1 - client0) / wall
         server = None if server0 is None or server1 is None else (server1 - server0) / wall
-        return {
-            "client_cpu_pct": round(100 * (client1 - client0) / wall, 1),
-            "server_cpu_pct": None if server is None else round(100 * server, 1),
-        }
+        db = None
+        if self.db_pids:
+            db = sum(db1[p] - db0[p] for p in db0 if db0[p] is not None and db1[p] is not None)
+            db /= wall
+        other = None
+        if busy0 is not None and busy1 is not None:
+            other = (busy1 - busy0) / wall - client - (server or 0.0) - (db or 0.0)
+            other = max(0.0, other)
+
+        def pct(value: float | None) -> float | None:
+            return None if value is None else round(100 * value, 1)
+
+        figures = {"client_cpu_pct": pct(client), "server_cpu_pct": pct(server)}
+        if self.db_pids:
+            figures["db_cpu_pct"] = pct(db)
+        figures["other_cpu_pct"] = pct(other)
+        return figures
 
 
 # -- scenario: login -------------------------------------------------------------------------
@@ -505,7 +542,7 @@ class CpuMeter:
 async def scenario_login(opts: argparse.Namespace, run: int) -> dict:
     indexes = list(range(opts.first_user, opts.first_user + opts.clients))
     resource_name = f"login-{run}-{secrets.token_hex(3)}"
-    meter = CpuMeter(opts.server_pid)
+    meter = CpuMeter(opts.server_pid, opts.db_process)
     started = now()
     clients, errors = await login_many(opts, indexes, resource_name)
     elapsed = now() - started
@@ -639,7 +676,7 @@ async def scenario_messages(opts: argparse.Namespace, run: int) -> dict:
             flow.running = True
             flow.fill()
         await asyncio.sleep(opts.warmup)
-        meter = CpuMeter(opts.server_pid)
+        meter = CpuMeter(opts.server_pid, opts.db_process)
         stats.window_start = now()
         stats.window_end = stats.window_start + opts.duration
         await asyncio.sleep(opts.duration)
@@ -783,7 +820,7 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
             else:
                 publish_replies.append(now() - sent_at)
 
-        meter = CpuMeter(opts.server_pid)
+        meter = CpuMeter(opts.server_pid, opts.db_process)
         started = now()
         for k in range(opts.items):
             try:
@@ -916,7 +953,7 @@ def _check_loopback(host: str) -> None:
         raise SystemExit(f"cannot resolve {host}: {e}") from e
     for address in addresses:
         if not ipaddress.ip_address(address.split("%")[0]).is_loopback:
-            raise SystemExit(f"{host} ({address}) is not a loopback address; see --allow-remote")
+            raise SystemExit(f"{host} ({address}) is not a loopback address: not a target")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -959,14 +996,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for any one step")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds for one run")
     parser.add_argument("--server-pid", type=int, help="report the server's CPU use too")
-    parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host")
+    parser.add_argument(
+        "--db-process", action="append", help="process name of a database server (e.g. postgres)"
+        " whose CPU use is reported as db_cpu_pct; repeatable"
+    )  # fmt: skip
     opts = parser.parse_args(argv)
     if opts.window is None:
         opts.window = 1 if opts.scenario == "pubsub-fanout" else 10
     if min(opts.clients, opts.concurrency, opts.window, opts.runs, opts.items) < 1:
         parser.error("--clients, --concurrency, --window, --runs and --items must be positive")
-    if not opts.allow_remote:
-        _check_loopback(opts.host)
+    _check_loopback(opts.host)
     return opts
 
 
