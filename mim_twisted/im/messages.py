@@ -10,6 +10,7 @@ exist (§8.5.1). Errors are never answered, and go nowhere but to an exact full 
 
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
@@ -39,8 +40,12 @@ class MessageRouter:
         self.offline = offline
         self.hooks = hooks_table
 
-    async def route(self, sender: Any, message: domish.Element, recipient: JID) -> None:
-        """Route a message from a local session to a local JID."""
+    def route(self, sender: Any, message: domish.Element, recipient: JID) -> defer.Deferred | None:
+        """Route a message from a local session to a local JID.
+
+        A message to an online user is delivered at once (None is returned: no Deferred or
+        coroutine on the hot path); otherwise the database is asked, and the Deferred returned.
+        """
         if self.hooks.has_handlers(hooks.MESSAGE_SENT):
             self.hooks.run(hooks.MESSAGE_SENT, sender, message)
         kind = message.getAttribute("type", "normal")
@@ -56,12 +61,27 @@ class MessageRouter:
             return
         bare = recipient.userhostJID()
         sessions = self.sessions.sessions_of(bare)
-        if not sessions and not await self.accounts.account_exists(bare.host, bare.user):
+        if not sessions:
+            return defer.ensureDeferred(self._to_account(sender, message, bare, kind, full))
+        return self._to_sessions(sender, message, bare, kind, full, sessions)
+
+    async def _to_account(
+        self, sender: Any, message: domish.Element, bare: JID, kind: str, full: bool
+    ) -> None:
+        """No session of the user is connected: does the account exist at all?"""
+        if not await self.accounts.account_exists(bare.host, bare.user):
             reply_error(sender, message, "service-unavailable")
             return
+        keeping = self._to_sessions(sender, message, bare, kind, full, [])
+        if keeping is not None:
+            await keeping
+
+    def _to_sessions(
+        self, sender: Any, message: domish.Element, bare: JID, kind: str, full: bool, sessions: list
+    ) -> defer.Deferred | None:
         if kind == "groupchat" or (full and kind == "normal"):
             reply_error(sender, message, "service-unavailable")
-            return
+            return None
         available = [s for s in sessions if s.presence is not None and s.priority >= 0]
         if kind == "headline":
             if not full:
@@ -69,7 +89,14 @@ class MessageRouter:
         elif available:
             top = max(s.priority for s in available)
             self._deliver([s for s in available if s.priority == top], message)
-        elif not await self.offline.keep(bare, message):
+        else:
+            keeping = self.offline.keep(bare, message)
+            return keeping.addCallback(self._kept, sender, message)
+        return None
+
+    @staticmethod
+    def _kept(stored: bool, sender: Any, message: domish.Element) -> None:
+        if not stored:
             reply_error(sender, message, "resource-constraint", "Offline storage is full")
 
     def _deliver(self, sessions: list, message: domish.Element) -> None:

@@ -85,8 +85,9 @@ class Router:
         elif recipient.host not in self.domains:
             reply_error(session, stanza, "remote-server-not-found")
         elif stanza.name == "message":
-            routing = defer.ensureDeferred(self.messages.route(session, stanza, recipient))
-            routing.addErrback(self._routing_failed, session, stanza)
+            routing = self.messages.route(session, stanza, recipient)
+            if routing is not None:
+                routing.addErrback(self._routing_failed, session, stanza)
         else:
             target = self.sessions.session(recipient)
             if target is not None:

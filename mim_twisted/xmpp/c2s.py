@@ -105,6 +105,9 @@ class C2SStream(protocol.Protocol):
         self.factory.streams.add(self)
         self.peer = self.transport.getPeer()
         self.transport.registerProducer(self, True)
+        # Stanzas are complete messages: Nagle's algorithm would only hold them back (~40 ms).
+        if interfaces.ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
         if self.settings.max_read_rate:
             rate = self.settings.max_read_rate
             self._shaper = ReadShaper(rate, rate, self.factory.clock.seconds())
