@@ -11,7 +11,9 @@ from typing import NoReturn
 import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
-from twisted.trial.unittest import FailTest, SkipTest, TestCase
+from twisted.trial.unittest import TestCase
+
+from tests.ci import unavailable
 
 DEFAULT_DSN = "host=127.0.0.1 port=5432 user=root dbname=postgres"
 
@@ -32,10 +34,8 @@ def _connect_admin() -> psycopg2.extensions.connection:
 
 
 def postgresql_unavailable(reason: str) -> NoReturn:
-    """Skip the running test, or fail it when CI=true: a CI run must not pass by skipping."""
-    if os.environ.get("CI") == "true":
-        raise FailTest(f"{reason} (CI=true, so PostgreSQL tests must run; see MIM_TEST_PG_DSN)")
-    raise SkipTest(f"{reason} (set MIM_TEST_PG_DSN to run the PostgreSQL tests)")
+    """Skip the running test, or fail it when CI=true (see tests/ci.py)."""
+    unavailable(reason, "set MIM_TEST_PG_DSN to a reachable PostgreSQL server")
 
 
 def create_temp_database(test: TestCase) -> str:

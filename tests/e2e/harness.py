@@ -19,6 +19,7 @@ from mim_twisted.auth.scram import derive_all
 from mim_twisted.config import load_config
 from mim_twisted.tap import MimService
 from mim_twisted.xmpp.tls import SELF_SIGNED_NAME
+from tests.ci import unavailable
 from tests.pgsupport import create_temp_database
 
 TIMEOUT = 15.0
@@ -26,7 +27,7 @@ TIMEOUT = 15.0
 
 def require_asyncio_reactor() -> None:
     if not reactor.__class__.__name__.startswith("AsyncioSelectorReactor"):
-        raise unittest.SkipTest("end-to-end tests need `trial --reactor=asyncio`")
+        unavailable("end-to-end tests need the asyncio reactor", "trial --reactor=asyncio")
 
 
 async def wait_for(awaitable: Any, timeout: float = TIMEOUT) -> Any:
