@@ -29,6 +29,7 @@ from mim_twisted.im.offline import OfflineDelivery
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.pubsub import core
 from mim_twisted.pubsub.forms import node_config_form, subscription_authorization_form
+from mim_twisted.pubsub.protocol import subscription_element
 from mim_twisted.storage.interfaces import AccountNotFound, PubSubSubscription
 from mim_twisted.xmpp.jids import parse_jid
 
@@ -178,7 +179,7 @@ def fanout_of(event: core.PubSubEvent) -> Fanout | None:
         if not event.notify:
             return None
         message = _message(event.service, "normal")
-        _subscription_element(
+        subscription_element(
             message.addElement((NS_EVENT, "event")), event.node, event.subscription
         )
         return Fanout(Notification(message), [Recipient(event.subscription.jid)])
@@ -244,15 +245,6 @@ def _with_subids(notification: Notification, subids: tuple[str, ...]) -> Notific
     for subid in subids:
         headers.addElement("header", content=subid)["name"] = "SubId"
     return Notification(copy)
-
-
-def _subscription_element(parent: domish.Element, node: str, sub: PubSubSubscription) -> None:
-    element = parent.addElement("subscription")
-    element["node"] = node
-    element["jid"] = sub.jid
-    element["subscription"] = sub.state
-    if sub.state != "none":
-        element["subid"] = sub.subid
 
 
 def _event_payload(event: core.NodeEvent) -> domish.Element:

@@ -114,9 +114,10 @@ def _item_element(parent: domish.Element, item: PubSubItem) -> None:
         element.addRawXml(item.payload)
 
 
-def _subscription_element(
+def subscription_element(
     parent: domish.Element, node: str | None, subscription: PubSubSubscription
 ) -> domish.Element:
+    """A <subscription/> child, as in results, owner lists and event notifications."""
     element = parent.addElement("subscription")
     if node is not None:
         element["node"] = node
@@ -292,7 +293,7 @@ class PubSubComponent:
             actor, request.nodeIdentifier, request.subscriber.full(), options
         )
         result = _pubsub()
-        _subscription_element(result, request.nodeIdentifier, subscription)
+        subscription_element(result, request.nodeIdentifier, subscription)
         return result
 
     async def _unsubscribe(self, actor: str, request: PubSubRequest, iq: domish.Element) -> None:
@@ -332,7 +333,7 @@ class PubSubComponent:
         result = _pubsub()
         listing = result.addElement("subscriptions")
         for node_name, subscription in await self.service.subscriptions_of(actor, node):
-            _subscription_element(listing, node_name, subscription)
+            subscription_element(listing, node_name, subscription)
         return result
 
     async def _own_affiliations(self, actor: str, request: Any, iq: domish.Element) -> Any:
@@ -430,7 +431,7 @@ class PubSubComponent:
         listing = result.addElement("subscriptions")
         listing["node"] = request.nodeIdentifier
         for subscription in subscriptions:
-            _subscription_element(listing, None, subscription)
+            subscription_element(listing, None, subscription)
         return result
 
     async def _subscriptions_set(self, actor: str, request: Any, iq: domish.Element) -> None:
