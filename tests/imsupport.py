@@ -31,6 +31,7 @@ class FakeSession:
         self.secure = secure
         self.presence: domish.Element | None = None
         self.priority = 0
+        self.message_priority: int | None = None
         self.directed_to: set[str] = set()
         self.roster_requested = False
         self.sent: list[domish.Element] = []

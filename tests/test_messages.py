@@ -479,3 +479,133 @@ class SlowReader(FakeSession):
                 return
             self.messages_read -= 1
         super().send(stanza)
+
+
+def delayed(stanzas: list[domish.Element]) -> list[bool]:
+    """Per message among the stanzas: whether it carries an XEP-0203 delay (came from storage)."""
+    return [
+        any(stanza.elements(NS_DELAY, "delay")) for stanza in stanzas if stanza.name == "message"
+    ]
+
+
+class InitialPresenceRaceTests(MessageTestCase):
+    """A message routed after the server received the recipient's initial presence goes to the
+    session live, behind the stored messages, whatever the database is doing meanwhile.
+
+    The core's stores are swapped for held ones after Alice is online: the test decides when
+    each database call answers (`answers_only`: the calls themselves are made at once, in order).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        for body in ("1", "2"):
+            self.message("bob@localhost", "chat", body)
+        self.rosters = HeldStore(self.core.presence.rosters, answers_only=True)
+        self.core.presence.rosters = self.rosters
+        self.offline = HeldStore(self.core.presence.offline.store, answers_only=True)
+        self.core.presence.offline.store = self.offline
+        self.accounts = HeldStore(self.core.router.messages.accounts, answers_only=True)
+        self.core.router.messages.accounts = self.accounts
+
+    def tearDown(self) -> None:
+        self.assertEqual(self.offline.calls() + self.rosters.calls(), [])
+        self.successResultOf(self.core.presence.idle())
+        self.assertEqual(self.stored_count(), 0)
+
+    def test_a_message_while_the_roster_is_read(self) -> None:
+        phone = self.connect("bob@localhost/phone")
+        self.send(phone, "<presence/>")
+        self.assertEqual(self.rosters.calls(), ["get_roster"])
+        self.assertEqual(self.message("bob@localhost", "chat", "3"), [])
+        self.assertEqual(phone.sent, [])  # it waits behind the stored ones
+        self.rosters.release()
+        self.assertEqual(self.offline.calls(), ["pop_all"])
+        self.offline.release()
+        received = phone.take()
+        self.assertEqual(bodies(received), ["1", "2", "3"])
+        self.assertEqual(delayed(received), [True, True, False])
+        # Once they are through, messages go straight to the session again.
+        self.message("bob@localhost", "chat", "4")
+        self.assertEqual(bodies(phone.take()), ["4"])
+
+    def test_a_message_while_the_stored_ones_are_read(self) -> None:
+        phone = self.connect("bob@localhost/phone")
+        self.send(phone, "<presence/>")
+        self.rosters.release()
+        phone.take()  # its own presence
+        self.assertEqual(self.offline.calls(), ["pop_all"])
+        self.message("bob@localhost", "chat", "3")
+        self.message("bob@localhost/phone", "chat", "4")  # to the full JID too
+        self.assertEqual(phone.sent, [])
+        self.offline.release()
+        received = phone.take()
+        self.assertEqual(bodies(received), ["1", "2", "3", "4"])
+        self.assertEqual(delayed(received), [True, True, False, False])
+
+    def test_a_message_being_stored_when_the_presence_comes(self) -> None:
+        phone = self.connect("bob@localhost/phone")
+        self.message("bob@localhost", "chat", "3")  # bound but not available: stored
+        self.assertEqual(self.offline.calls(), ["store"])
+        self.send(phone, "<presence/>")
+        self.rosters.release()
+        # The store is emptied only once the message being stored is in it.
+        self.assertEqual(self.offline.calls(), ["store"])
+        self.offline.release()
+        self.assertEqual(self.offline.calls(), ["pop_all"])
+        self.offline.release()
+        received = phone.take()
+        self.assertEqual(bodies(received), ["1", "2", "3"])
+        self.assertEqual(delayed(received), [True, True, True])
+
+    def test_the_recipient_comes_online_while_its_account_is_looked_up(self) -> None:
+        # No session at all: the router asks whether the account exists.
+        self.assertEqual(self.message("bob@localhost", "chat", "3"), [])
+        self.assertEqual(self.accounts.calls(), ["account_exists"])
+        phone = self.connect("bob@localhost/phone")
+        self.send(phone, "<presence/>")
+        self.accounts.release()
+        self.rosters.release()
+        self.offline.release()
+        received = phone.take()
+        self.assertEqual(bodies(received), ["1", "2", "3"])
+        self.assertEqual(delayed(received), [True, True, False])
+
+    def test_a_message_after_unavailable_is_received_is_stored(self) -> None:
+        phone = self.connect("bob@localhost/phone")
+        self.send(phone, "<presence/>")
+        self.send(phone, "<presence type='unavailable'/>")
+        self.message("bob@localhost", "chat", "3")
+        self.assertEqual(self.offline.calls(), ["store"])
+        self.offline.release()
+        self.rosters.release()
+        self.offline.release()
+        self.rosters.release()  # the unavailable presence's broadcast
+        # Still connected when the delivery empties the store: nothing is left behind.
+        received = phone.take()
+        self.assertEqual(bodies(received), ["1", "2", "3"])
+        self.assertEqual(delayed(received), [True, True, True])
+
+    def test_presences_back_to_back(self) -> None:
+        phone = self.connect("bob@localhost/phone")
+        for xml in ("<presence/>", "<presence type='unavailable'/>", "<presence/>"):
+            self.send(phone, xml)
+        self.message("bob@localhost", "chat", "3")
+        while self.rosters.waiting or self.offline.waiting:
+            (self.rosters if self.rosters.waiting else self.offline).release()
+        received = phone.take()
+        self.assertEqual(bodies(received), ["1", "2", "3"])
+        self.assertEqual(delayed(received), [True, True, False])
+
+    def test_messages_held_for_a_session_that_closes_are_kept(self) -> None:
+        phone = self.connect("bob@localhost/phone")
+        self.send(phone, "<presence/>")
+        self.message("bob@localhost", "chat", "3")
+        self.message("bob@localhost", "headline", "news")  # never stored (RFC 6121 §8.5.2)
+        self.disconnect(phone)
+        self.rosters.release()
+        self.assertEqual(self.offline.calls(), ["store"])
+        self.offline.release()
+        self.assertEqual(phone.sent, [])
+        kept = self.stored()
+        self.assertEqual(bodies(kept), ["1", "2", "3"])
+        self.assertEqual(delayed(kept), [True, True, True])

@@ -72,7 +72,9 @@ class MessageRouter:
         if not await self.accounts.account_exists(bare.host, bare.user):
             reply_error(sender, message, "service-unavailable")
             return
-        keeping = self._to_sessions(sender, message, bare, kind, full, [])
+        # The user may have come online while the database answered.
+        sessions = self.sessions.sessions_of(bare)
+        keeping = self._to_sessions(sender, message, bare, kind, full, sessions)
         if keeping is not None:
             await keeping
 
@@ -82,13 +84,16 @@ class MessageRouter:
         if kind == "groupchat" or (full and kind == "normal"):
             reply_error(sender, message, "service-unavailable")
             return None
-        available = [s for s in sessions if s.presence is not None and s.priority >= 0]
+        # Available from the moment the server received the presence (PresenceService.handle).
+        available = [
+            s for s in sessions if s.message_priority is not None and s.message_priority >= 0
+        ]
         if kind == "headline":
             if not full:
                 self._deliver(available, message)
         elif available:
-            top = max(s.priority for s in available)
-            self._deliver([s for s in available if s.priority == top], message)
+            top = max(s.message_priority for s in available)
+            self._deliver([s for s in available if s.message_priority == top], message)
         else:
             keeping = self.offline.keep(bare, message)
             return keeping.addCallback(self._kept, sender, message)
@@ -101,8 +106,13 @@ class MessageRouter:
 
     def _deliver(self, sessions: list, message: domish.Element) -> None:
         data = message.toXml(defaultUri="jabber:client").encode("utf-8")  # serialised once
+        held = self.offline.held
         for session in sessions:
-            session.send(data)
+            waiting = held.get(session)
+            if waiting is None:
+                session.send(data)
+            else:
+                waiting.append(message)  # behind the stored messages still on their way
         if self.hooks.has_handlers(hooks.MESSAGE_DELIVERED):
             for session in sessions:
                 self.hooks.run(hooks.MESSAGE_DELIVERED, session, message)

@@ -1,5 +1,11 @@
 """Offline messages (XEP-0160): kept while a user has no available resource, with an XEP-0203
-delay stamp, and delivered at the user's next initial presence with a non-negative priority."""
+delay stamp, and delivered at the user's next initial presence with a non-negative priority.
+
+One user's store is written and emptied one operation at a time, in the order asked, so that a
+message kept just before the user comes online is in the store when it is emptied. From the
+moment the server receives such a presence (`hold`) until the stored messages have been sent
+(`release`), the live messages routed to that session wait here: the older, stored ones go first.
+"""
 
 import datetime
 from typing import Any
@@ -9,11 +15,15 @@ from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
+from mim_twisted.im.locks import KeyedLock
 from mim_twisted.storage.interfaces import IOfflineStore, OfflineMessage
 
 log = Logger()
 
 NS_DELAY = "urn:xmpp:delay"
+# A held message that its session, closed meanwhile, will never get is kept unless of these types
+# (RFC 6121 §8.5.2: they are never stored offline).
+NEVER_KEPT = frozenset(("headline", "groupchat", "error"))
 
 
 def delay_stamp(moment: datetime.datetime) -> str:
@@ -27,6 +37,10 @@ class OfflineDelivery:
     def __init__(self, store: IOfflineStore, max_messages: int) -> None:
         self.store = store
         self.max_messages = max_messages
+        self.locks = KeyedLock()  # by bare JID: one store operation at a time per user
+        # The sessions whose stored messages are due: the live messages waiting behind them.
+        self.held: dict[Any, list[domish.Element]] = {}
+        self._holds: dict[Any, int] = {}  # per held session: the releases still to come
 
     def keep(self, recipient: JID, message: domish.Element) -> defer.Deferred:
         """Store a message for the bare JID; fires with False when the user's store is full.
@@ -34,6 +48,11 @@ class OfflineDelivery:
         The delay stamp goes on a copy: the message, which a bounce may still echo, is left as
         it is.
         """
+        record = self._record(recipient, message)
+        return defer.ensureDeferred(self._store(recipient, [record], self.max_messages))
+
+    @staticmethod
+    def _record(recipient: JID, message: domish.Element) -> OfflineMessage:
         now = datetime.datetime.now(datetime.UTC)
         delay = domish.Element((NS_DELAY, "delay"))
         delay["from"] = recipient.host
@@ -45,12 +64,54 @@ class OfflineDelivery:
             dict(message.localPrefixes),
         )
         stamped.children = [*message.children, delay]
-        record = OfflineMessage(
+        return OfflineMessage(
             sender=message.getAttribute("from", ""),
             stanza=stamped.toXml(defaultUri="jabber:client"),
             stored_at=now,
         )
-        return self.store.store(recipient.host, recipient.user, record, self.max_messages)
+
+    async def _store(self, recipient: JID, records: list[OfflineMessage], limit: int) -> bool:
+        async with self.locks.hold(recipient.userhost()):
+            stored = True
+            for record in records:
+                stored = await self.store.store(recipient.host, recipient.user, record, limit)
+            return stored
+
+    def hold(self, session: Any) -> None:
+        """The session's stored messages are due: live messages for it wait until `release`."""
+        self.held.setdefault(session, [])
+        self._holds[session] = self._holds.get(session, 0) + 1
+
+    async def release(self, session: Any) -> None:
+        """One `hold` is over; after the last, the waiting messages go to the session.
+
+        If it has closed meanwhile, they are kept, as if it had never been available.
+        """
+        self._holds[session] -= 1
+        if self._holds[session]:
+            return
+        del self._holds[session]
+        waiting = self.held.pop(session)
+        for index, message in enumerate(waiting):
+            if not session.closed:
+                session.send(message.toXml(defaultUri="jabber:client").encode("utf-8"))
+            if session.closed:
+                await self._keep_undelivered(session.jid, waiting[index:])
+                return
+
+    async def _keep_undelivered(self, jid: JID, messages: list[domish.Element]) -> None:
+        kept = [
+            self._record(jid, message)
+            for message in messages
+            if message.getAttribute("type") not in NEVER_KEPT
+        ]
+        log.info(
+            "{jid} went away before {count} live messages were sent",
+            jid=jid.full(),
+            count=len(kept),
+        )
+        # Over the limit if need be: these were accepted already.
+        await self._store(jid.userhostJID(), kept, len(kept) + self.max_messages)
 
     async def deliver(self, session: Any) -> None:
         """Send every stored message to the session (oldest first) and forget them.
@@ -61,15 +122,17 @@ class OfflineDelivery:
         and ahead of any stored in the meantime.
         """
         jid = session.jid
-        messages = await self.store.pop_all(jid.host, jid.user)
-        for index, message in enumerate(messages):
-            if not session.closed:
-                session.send(message.stanza)
-            if session.closed:
-                await self._put_back(jid, messages[index:])
-                return
+        async with self.locks.hold(jid.userhost()):
+            messages = await self.store.pop_all(jid.host, jid.user)
+            for index, message in enumerate(messages):
+                if not session.closed:
+                    session.send(message.stanza)
+                if session.closed:
+                    await self._put_back(jid, messages[index:])
+                    return
 
     async def _put_back(self, jid: JID, messages: list[OfflineMessage]) -> None:
+        """Under the user's lock: nothing is stored in between."""
         newer = await self.store.pop_all(jid.host, jid.user)
         log.info(
             "{jid} went away during offline delivery: {count} messages kept",

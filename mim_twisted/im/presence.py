@@ -114,7 +114,31 @@ class PresenceService:
             )
             session.stream_error("policy-violation", "Too many presence stanzas at once")
             return
-        self._enqueue(session, self._handle, session, presence)
+        offline_due = self._note_availability(session, presence)
+        self._enqueue(session, self._handle, session, presence, offline_due)
+
+    def _note_availability(self, session: Any, presence: domish.Element) -> bool:
+        """Messages are routed by the broadcast presence the server has received, not by the one
+        it has finished handling (a roster read, the broadcast, the stored messages): a message
+        sent right after initial presence goes to the session, not to offline storage.
+
+        True when the session now takes messages and did not before: its stored messages are
+        due, and the live ones wait behind them until the presence has been handled.
+        """
+        if presence.getAttribute("to") is not None:
+            return False
+        kind = presence.getAttribute("type")
+        if kind == "unavailable":
+            session.message_priority = None
+            return False
+        priority = parse_priority(presence) if kind is None else None
+        if priority is None:
+            return False
+        previous, session.message_priority = session.message_priority, priority
+        offline_due = priority >= 0 and (previous is None or previous < 0)
+        if offline_due:
+            self.offline.hold(session)
+        return offline_due
 
     def session_ended(self, session: Any) -> None:
         """The connection is gone and the session unbound: it goes unavailable for everyone.
@@ -189,14 +213,16 @@ class PresenceService:
         """The session was unbound or replaced: what it sent is no longer to be acted on."""
         return self.sessions.session(session.jid) is not session
 
-    async def _handle(self, session: Any, presence: domish.Element) -> None:
+    async def _handle(self, session: Any, presence: domish.Element, offline_due: bool) -> None:
         if self._gone(session):
+            if offline_due:
+                await self.offline.release(session)
             return  # it ended while this stanza waited for its turn
         kind = presence.getAttribute("type")
         to = presence.getAttribute("to")
         if to is None:
             if kind is None:
-                await self._available(session, presence)
+                await self._available(session, presence, offline_due)
             elif kind == "unavailable":
                 await self._unavailable(session, presence)
             elif kind not in ("error", "probe"):
@@ -215,30 +241,34 @@ class PresenceService:
 
     # -- broadcast presence ------------------------------------------------------------------
 
-    async def _available(self, session: Any, presence: domish.Element) -> None:
+    async def _available(self, session: Any, presence: domish.Element, offline_due: bool) -> None:
+        """`offline_due`: held since the stanza was received (`_note_availability`)."""
         priority = parse_priority(presence)
         if priority is None:
             reply_error(session, presence, "bad-request", "Priority must be -128..127")
             return
-        owner = session.jid.userhostJID()
-        _, items = await self.rosters.get_roster(owner.host, owner.user)
-        if self._gone(session):
-            return  # it ended while the roster was read: nothing was announced
-        initial = session.presence is None
-        was_negative = session.priority < 0
-        session.presence = presence
-        session.priority = priority
-        self._broadcast(session, presence, items)
-        for listener in self.caps_listeners:
-            listener(session, presence)
-        if initial:
-            self._send_contacts_presence(session, items)
-            for item in items:
-                if item.pending_in and item.pending_in_stanza:
-                    session.send(item.pending_in_stanza)
-        # XEP-0160: offline messages go to the first non-negative available presence.
-        if priority >= 0 and (initial or was_negative):
-            await self.offline.deliver(session)
+        try:
+            owner = session.jid.userhostJID()
+            _, items = await self.rosters.get_roster(owner.host, owner.user)
+            if self._gone(session):
+                return  # it ended while the roster was read: nothing was announced
+            initial = session.presence is None
+            session.presence = presence
+            session.priority = priority
+            self._broadcast(session, presence, items)
+            for listener in self.caps_listeners:
+                listener(session, presence)
+            if initial:
+                self._send_contacts_presence(session, items)
+                for item in items:
+                    if item.pending_in and item.pending_in_stanza:
+                        session.send(item.pending_in_stanza)
+            # XEP-0160: offline messages go to the first non-negative available presence.
+            if offline_due:
+                await self.offline.deliver(session)
+        finally:
+            if offline_due:
+                await self.offline.release(session)
         if initial:
             await self.hooks.run(hooks.USER_AVAILABLE, session)
 

@@ -85,6 +85,7 @@ class C2SStream(protocol.Protocol):
         # IM state of a bound session, kept here and managed by the IM core (mim_twisted.im).
         self.presence: domish.Element | None = None  # the last available broadcast presence
         self.priority = 0
+        self.message_priority: int | None = None  # as received: what messages are routed by
         self.directed_to: set[str] = set()  # JIDs sent directed available presence
         self.roster_requested = False
         self.closed = False
