@@ -385,6 +385,8 @@ class PubSubConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LogConfig:
     traffic: bool = option(False, boolean)
+    level: str = option("info", one_of("debug", "info", "warn", "error"))
+    format: str = option("text", one_of("text", "json"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -448,3 +450,18 @@ def load_config(path: str | None) -> Config:
         )
     except _KeyedError as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (or two of their tables)."""
+    changed = []
+    for field in dataclasses.fields(old):
+        if "check" not in field.metadata:
+            continue
+        key = _join(prefix, field.name)
+        before, after = getattr(old, field.name), getattr(new, field.name)
+        if dataclasses.is_dataclass(before):
+            changed.extend(changed_keys(before, after, key))
+        elif before != after:
+            changed.append(key)
+    return changed

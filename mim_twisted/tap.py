@@ -4,20 +4,24 @@ This is the one place where the parts are wired together. The database is opened
 allowed, migrated) before any listener accepts a connection.
 """
 
+import dataclasses
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 
+from OpenSSL import SSL
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, ssl
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+import mim_twisted
 from mim_twisted import hooks, storage
 from mim_twisted.auth.certs import ExternalSettings
-from mim_twisted.config import Config, ConfigError, load_config
+from mim_twisted.config import Config, ConfigError, changed_keys, load_config
 from mim_twisted.im import caps, ping, roster, version
 from mim_twisted.im.caps import CapsService
 from mim_twisted.im.disco import DiscoService
@@ -29,13 +33,16 @@ from mim_twisted.im.register import RegistrationService
 from mim_twisted.im.roster import RosterService
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import SessionManager
+from mim_twisted.logs import LogOutput
 from mim_twisted.pubsub.broadcast import Broadcaster
 from mim_twisted.pubsub.config import GENERIC_NODE_DEFAULTS, ServiceLimits
 from mim_twisted.pubsub.core import PubSubService, Relation
 from mim_twisted.pubsub.protocol import PubSubComponent
 from mim_twisted.pubsub.purge import OfflinePurge
 from mim_twisted.pubsub.queues import WorkerPool
-from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated
+from mim_twisted.signals import ReloadOnHangup
+from mim_twisted.startreport import StartReport
+from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated, SchemaTooNew
 from mim_twisted.xmpp import tls
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
 from mim_twisted.xmpp.jids import parse_jid
@@ -49,8 +56,35 @@ SHUTDOWN_GRACE = 2.0
 # writes) gets to finish before the database is closed under it.
 PRESENCE_STOP_TIMEOUT = 10.0
 
+
+class TLSFilesError(Exception):
+    """The certificate, key or client CA files cannot be used; str() names the file."""
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    # psycopg2 is installed only with the "postgresql" extra.
+    try:
+        import psycopg2
+    except ImportError:
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg2.Error)
+
+
+DATABASE_ERRORS = _database_errors()
+
 # Start failures an operator can fix from the message alone: no traceback for these.
-EXPECTED_START_ERRORS = (SchemaOutdated, CannotListenError, OSError, ValueError)
+EXPECTED_START_ERRORS = (
+    SchemaOutdated,
+    SchemaTooNew,
+    CannotListenError,
+    OSError,
+    ValueError,
+    TLSFilesError,
+    *DATABASE_ERRORS,
+)
+
+# What a SIGHUP applies to the running server; any other changed key needs a restart.
+RELOADABLE_KEYS = frozenset({"tls.certificate", "tls.private_key", "tls.client_ca", "log.level"})
 
 
 class Options(usage.Options):
@@ -62,6 +96,32 @@ class Options(usage.Options):
     )
     optParameters = [["config", "c", None, "Path of the TOML config file (see mim.toml.example)."]]
     optFlags = [["log-traffic", None, "Log every stanza sent and received."]]
+
+
+def load_tls_options(config: Config) -> ssl.CertificateOptions:
+    """The STARTTLS options from the configured files (generating a self-signed pair on first
+    start); TLSFilesError naming the file if they cannot be used."""
+    certificate, key, generated = tls.ensure_certificate(
+        config.tls.certificate,
+        config.tls.private_key,
+        config.data_dir,
+        list(config.server.domains),
+    )
+    if generated:
+        log.info("Generated a self-signed certificate in {path}", path=certificate)
+    client_ca = config.tls.client_ca if config.tls.verify_peer else ()
+    try:
+        options = tls.server_tls_options(certificate, key, client_ca)
+        # Made now rather than at the first STARTTLS, so that a key that does not match the
+        # certificate stops the start (or the reload).
+        options.getContext()
+    except OSError as error:
+        raise TLSFilesError(f"cannot read {error.filename}: {error.strerror}") from None
+    except ValueError as error:
+        raise TLSFilesError(str(error)) from None
+    except SSL.Error:
+        raise TLSFilesError(f"{key}: the private key does not match {certificate}") from None
+    return options
 
 
 def open_storage(config: Config) -> defer.Deferred:
@@ -215,33 +275,39 @@ class MimService(service.MultiService):
         self.core: ImCore | None = None
         self.pubsub: PubSub | None = None
         self.ready: defer.Deferred = defer.Deferred()
-        # Under twistd nobody waits on `ready`: a failed start ends the process instead.
-        self.stop_reactor_on_failure = False
+        # Under twistd nobody waits on `ready`: the start is reported to twistd and the exit
+        # status instead, and the log goes through `log_output`.
+        self.start_report: StartReport | None = None
+        self.log_output: LogOutput | None = None
+
+    def setServiceParent(self, parent: service.IServiceCollection) -> None:
+        super().setServiceParent(parent)
+        if self.log_output is not None:
+            # twistd asks its application for a log observer before making its own.
+            parent.setComponent(ILogObserver, self.log_output.observer)
 
     def startService(self) -> None:
+        if self.start_report is not None:
+            self.start_report.claim()
         super().startService()
         self.ready = defer.Deferred()
         starting = defer.ensureDeferred(self._start())
-        starting.addCallbacks(self.ready.callback, self._start_failed)
+        starting.addCallbacks(self._started, self._start_failed)
+
+    def _started(self, result: "MimService") -> None:
+        if self.start_report is not None:
+            self.start_report.started()
+        self.ready.callback(result)
 
     async def _start(self) -> "MimService":
         config = self.config
         os.makedirs(config.data_dir, exist_ok=True)
-        certificate, key, generated = tls.ensure_certificate(
-            config.tls.certificate,
-            config.tls.private_key,
-            config.data_dir,
-            list(config.server.domains),
-        )
-        if generated:
-            log.info("Generated a self-signed certificate in {path}", path=certificate)
-        client_ca = config.tls.client_ca if config.tls.verify_peer else ()
+        tls_options = load_tls_options(config)
         if config.tls.verify_peer and config.tls.allow_self_signed_client:
             log.warn(
                 "tls.allow_self_signed_client: anyone can make a self-signed certificate for"
                 " any JID; SASL EXTERNAL trusts them"
             )
-        tls_options = tls.server_tls_options(certificate, key, client_ca)
         self.database = await open_storage(config)
         log.info(
             "Storage: {backend} ({where})",
@@ -313,13 +379,62 @@ class MimService(service.MultiService):
 
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(*EXPECTED_START_ERRORS):
-            log.error("mim-twisted could not start: {reason}", reason=failure.getErrorMessage())
+            # Some messages span lines (psycopg2's "...\n\tIs the server running...").
+            reason = " ".join(failure.getErrorMessage().split())
+            if failure.check(*DATABASE_ERRORS):
+                reason = f"{self.config.storage.backend} storage: {reason}"
+            log.error("mim-twisted could not start: {reason}", reason=reason)
         else:
+            reason = f"{failure.type.__name__}: {failure.getErrorMessage()} (see the log)"
             log.failure("mim-twisted could not start", failure)
-        if self.stop_reactor_on_failure:
-            self.reactor.stop()
+        if self.start_report is not None:
+            self.start_report.failed(f"mim: could not start: {reason}")
         else:
             self.ready.errback(failure)
+
+    def reload(self) -> None:
+        """Re-read the config file and apply what can change while running (on SIGHUP): the TLS
+        certificate, key and client CAs for new STARTTLS handshakes, and the log level."""
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as error:
+            log.error("Reload refused, the running configuration stays: {error}", error=error)
+            return
+        running = self.config
+        reloaded = []
+        try:
+            tls_options = load_tls_options(new)
+        except EXPECTED_START_ERRORS as error:
+            log.error("Reload: TLS files kept as they were: {error}", error=error)
+        else:
+            for factory in self.factories:
+                # A stream keeps the settings it was made with: sessions already open are
+                # unaffected, new connections get the new certificate.
+                factory.settings = dataclasses.replace(factory.settings, tls_options=tls_options)
+            running = dataclasses.replace(
+                running,
+                tls=dataclasses.replace(
+                    running.tls,
+                    certificate=new.tls.certificate,
+                    private_key=new.tls.private_key,
+                    client_ca=new.tls.client_ca,
+                ),
+            )
+            reloaded.append("TLS certificate, key and client CAs")
+        if self.log_output is not None:
+            self.log_output.set_level(new.log.level)
+        running = dataclasses.replace(
+            running, log=dataclasses.replace(running.log, level=new.log.level)
+        )
+        reloaded.append(f"log level {new.log.level}")
+        self.config = running
+        log.info("Reloaded {what}", what=", ".join(reloaded))
+        restart = [key for key in changed_keys(running, new) if key not in RELOADABLE_KEYS]
+        if restart:
+            log.warn(
+                "Changed in the config file, applied only after a restart: {keys}",
+                keys=", ".join(restart),
+            )
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -347,6 +462,16 @@ def makeService(options: Options) -> MimService:
     except ConfigError as e:
         # One line naming the file, key and reason, never a traceback.
         sys.exit(f"mim: {e}")
+    # Logged before twistd starts its log, so it comes first when that log begins.
+    log.info(
+        "mim-twisted {version} starting with {config}",
+        version=mim_twisted.__version__,
+        config=config.source or "the embedded default configuration",
+    )
     server = MimService(config, log_traffic=options["log-traffic"])
-    server.stop_reactor_on_failure = True
+    twistd_options = options.parent
+    if twistd_options is not None:
+        server.start_report = StartReport(twistd_options, server.reactor)
+        server.log_output = LogOutput(twistd_options, config.log.level, config.log.format)
+        ReloadOnHangup(server.reload).setServiceParent(server)
     return server

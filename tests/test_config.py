@@ -6,7 +6,7 @@ import os
 from cryptography.hazmat.primitives import serialization
 from twisted.trial import unittest
 
-from mim_twisted.config import Config, ConfigError, load_config
+from mim_twisted.config import Config, ConfigError, changed_keys, load_config
 from tests.certfactory import Authority
 
 # A CA certificate for tls.client_ca (any PEM certificate will do).
@@ -54,6 +54,7 @@ class DefaultTests(unittest.TestCase):
         self.assertEqual(config.limits.auth_timeout, 30.0)
         self.assertEqual(config.limits.max_outgoing_buffer, 4194304)
         self.assertFalse(config.log.traffic)
+        self.assertEqual((config.log.level, config.log.format), ("info", "text"))
 
     def test_example_documents_the_defaults(self) -> None:
         example = load_config(EXAMPLE)
@@ -226,6 +227,15 @@ class ErrorTests(unittest.TestCase):
             '"SCRAM-SHA-1", "PLAIN" (got ["PLAIN", "PLAIN"])',
         )
 
+    def test_bad_log_settings(self) -> None:
+        self.assertError(
+            '[log]\nlevel = "trace"\n',
+            'log.level: must be one of "debug", "info", "warn", "error" (got "trace")',
+        )
+        self.assertError(
+            '[log]\nformat = "xml"\n', 'log.format: must be one of "text", "json" (got "xml")'
+        )
+
     def test_out_of_range(self) -> None:
         self.assertError(
             "[[listeners]]\nport = 70000\n",
@@ -355,4 +365,25 @@ class ErrorTests(unittest.TestCase):
         self.assertError(
             f'[tls]\ncertificate = "{missing}"\nprivate_key = "{path}"\n',
             f'tls.certificate: file not found: {missing} (got "{missing}")',
+        )
+
+
+class ChangedKeysTests(unittest.TestCase):
+    """What a reload reports: the dotted keys whose values differ."""
+
+    def test_same_config(self) -> None:
+        self.assertEqual(changed_keys(load_config(None), load_config(None)), [])
+
+    def test_nested_and_listener_keys(self) -> None:
+        old = load_config(None)
+        new = load_config(
+            write(
+                self,
+                '[log]\nlevel = "debug"\n[storage.postgresql]\npool_size = 2\n'
+                "[[listeners]]\nport = 5223\n[server]\ndata_dir = 'elsewhere'\n",
+            )
+        )
+        self.assertEqual(
+            changed_keys(old, new),
+            ["server.data_dir", "listeners", "storage.postgresql.pool_size", "log.level"],
         )

@@ -89,7 +89,11 @@ def server_tls_options(
     """
     chain = load_certificates(certificate_path)
     with open(key_path, "rb") as f:
-        key = serialization.load_pem_private_key(f.read(), password=None)
+        data = f.read()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):  # TypeError: the key is encrypted
+        raise ValueError(f"{key_path}: no unencrypted PEM private key in the file") from None
     authorities = [
         crypto.X509.from_cryptography(authority)
         for path in client_ca

@@ -1,0 +1,70 @@
+"""The log under twistd: level filter (changed on reload), text or JSON lines, twistd's file."""
+
+import json
+import os
+import signal
+
+from twisted.internet import reactor, task
+from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.trial import unittest
+
+from mim_twisted.config import load_config
+from mim_twisted.logs import LEVELS, LogOutput
+
+
+class LogOutputTests(unittest.TestCase):
+    def output(self, level: str, log_format: str) -> tuple[Logger, str]:
+        previous = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        path = os.path.abspath(self.mktemp())
+        self.log_output = LogOutput({"logfile": path, "nodaemon": False}, level, log_format)
+        publisher = LogPublisher(self.log_output.observer)
+        return Logger(namespace="mim_twisted.test", observer=publisher), path
+
+    def lines(self, path: str) -> list[str]:
+        with open(path) as f:
+            return f.read().splitlines()
+
+    def test_level_filters_and_changes(self) -> None:
+        log, path = self.output("info", "text")
+        log.debug("{peer} disconnected", peer="127.0.0.1:1")
+        log.info("listening")
+        self.log_output.set_level("debug")
+        log.debug("{peer} disconnected", peer="127.0.0.1:2")
+        lines = self.lines(path)
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(lines[0].endswith("[mim_twisted.test#info] listening"))
+        self.assertTrue(lines[1].endswith("[mim_twisted.test#debug] 127.0.0.1:2 disconnected"))
+
+    def test_json_lines(self) -> None:
+        log, path = self.output("warn", "json")
+        log.info("not written")
+        log.warn("login failed for {user} from {address}", user="alice", address="127.0.0.1")
+        [line] = self.lines(path)
+        event = json.loads(line)
+        self.assertEqual(event["text"], "login failed for alice from 127.0.0.1")
+        self.assertEqual((event["user"], event["address"]), ("alice", "127.0.0.1"))
+        self.assertEqual(event["log_level"]["name"], "warn")
+        self.assertEqual(event["log_namespace"], "mim_twisted.test")
+
+    async def test_sigusr1_rotates_the_file(self) -> None:
+        log, path = self.output("info", "text")
+        log.info("before")
+        signal.getsignal(signal.SIGUSR1)(signal.SIGUSR1, None)
+        await task.deferLater(reactor, 0.01, lambda: None)
+        log.info("after")
+        self.assertEqual(len(self.lines(path + ".1")), 1)
+        self.assertEqual(len(self.lines(path)), 1)
+
+    def test_daemon_cannot_log_to_stdout(self) -> None:
+        with self.assertRaises(SystemExit):
+            LogOutput({"logfile": "-", "nodaemon": False}, "info", "text")
+
+
+class LevelNamesTests(unittest.TestCase):
+    def test_every_configurable_level_is_known(self) -> None:
+        for name in ("debug", "info", "warn", "error"):
+            path = os.path.abspath(self.mktemp())
+            with open(path, "w") as f:
+                f.write(f'[log]\nlevel = "{name}"\n')
+            self.assertEqual(LEVELS[load_config(path).log.level], getattr(LogLevel, name))
