@@ -667,23 +667,31 @@ class PublishTests(Base):
 
 
 class RetractTests(Base):
+    async def stored_ids(self, node: str = "news") -> list[str]:
+        """The ids of the node's items in the store, oldest first."""
+        return sorted(i.item_id for i in await self.store.get_items(SERVICE, node))
+
     async def test_retract(self) -> None:
         await self.node()
         await self.pubsub.publish(ALICE, "news", "1", ENTRY)
         await self.pubsub.publish(ALICE, "news", "2", ENTRY)
         await self.pubsub.retract(ALICE, "news", "1")
         self.assertEqual([i.item_id for i in await self.pubsub.items(ALICE, "news")], ["2"])
+        self.assertEqual(await self.pubsub.items(ALICE, "news", item_ids=["1"]), [])
         [event] = self.events_of(ItemsRetracted)
         self.assertEqual((event.item_ids, event.notify), (("1",), False))
         await self.pubsub.retract(ALICE, "news", "2", notify=True)
+        self.assertEqual(await self.pubsub.items(ALICE, "news"), [])
+        self.assertEqual(await self.stored_ids(), [])
         self.assertTrue(self.events_of(ItemsRetracted)[1].notify)
 
     async def test_notify_retract(self) -> None:
         await self.node(notify_retract=True)
         await self.pubsub.publish(ALICE, "news", "1", ENTRY)
         await self.pubsub.retract(ALICE, "news", "1")
+        self.assertEqual(await self.stored_ids(), [])
         [event] = self.events_of(ItemsRetracted)
-        self.assertTrue(event.notify)
+        self.assertEqual((event.item_ids, event.notify), (("1",), True))
 
     async def test_retract_errors(self) -> None:
         await self.node()
@@ -693,8 +701,10 @@ class RetractTests(Base):
         await self.fails(self.pubsub.retract(ALICE, "old", "1"), "item-not-found")
         await self.pubsub.publish(ALICE, "news", "1", ENTRY)
         await self.fails(self.pubsub.retract(BOB, "news", "1"), "forbidden")
+        self.assertEqual(await self.stored_ids(), ["1"])  # a refused retract leaves the item
         await self.node("transient", persist_items=False)
         await self.unsupported(self.pubsub.retract(ALICE, "transient", "1"), "persistent-items")
+        self.assertEqual(self.events_of(ItemsRetracted), [])
 
     async def test_publish_only_retracts_its_own_items(self) -> None:
         await self.node()
@@ -703,12 +713,14 @@ class RetractTests(Base):
         await self.pubsub.publish("bob@localhost/laptop", "news", "bob's", ENTRY)
         await self.fails(self.pubsub.retract(BOB, "news", "alice's"), "forbidden")
         await self.pubsub.retract(BOB, "news", "bob's")  # another resource of the publisher
+        self.assertEqual(await self.stored_ids(), ["alice's"])
 
     async def test_publishers_retract_any_item(self) -> None:
         await self.node()
         await self.affiliate("news", BOB, "publisher")
         await self.pubsub.publish(ALICE, "news", "1", ENTRY)
         await self.pubsub.retract(BOB, "news", "1")
+        self.assertEqual(await self.stored_ids(), [])
 
     async def test_open_publishers_retract_their_own_items(self) -> None:
         await self.node(publish_model="open")
@@ -716,6 +728,7 @@ class RetractTests(Base):
         await self.pubsub.publish(BOB, "news", "bob's", ENTRY)
         await self.fails(self.pubsub.retract(BOB, "news", "alice's"), "forbidden")
         await self.pubsub.retract(BOB, "news", "bob's")
+        self.assertEqual(await self.stored_ids(), ["alice's"])
 
 
 class PurgeOfflineTests(Base):

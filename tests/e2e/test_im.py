@@ -10,6 +10,18 @@ from twisted.words.protocols.jabber.jid import JID
 from tests.e2e.harness import Client, ServerTestCase, eventually, wait_for
 
 PASSWORD = "correct horse"
+NS_ROSTER = "jabber:iq:roster"
+NS_DELAY = "urn:xmpp:delay"
+
+
+def pushed_subscription(iq: object, contact: str) -> str | None:
+    """The subscription a roster push (an <iq type='set'/>) gives the contact, if it names it."""
+    if iq["type"] != "set":
+        return None
+    for item in iq.xml.findall(f"{{{NS_ROSTER}}}query/{{{NS_ROSTER}}}item"):
+        if item.get("jid") == contact:
+            return item.get("subscription")
+    return None
 
 
 class InstantMessagingTests(ServerTestCase):
@@ -34,10 +46,23 @@ class InstantMessagingTests(ServerTestCase):
         return session is not None and session.presence is not None
 
     async def befriend(self, alice: Client, bob: Client) -> None:
-        """alice subscribes to bob; bob (auto-approving) subscribes back: both become 'both'."""
+        """alice subscribes to bob; bob (auto-approving) subscribes back: both become 'both'.
+
+        Each approves the other's request, and the server pushes each the result: slixmpp
+        updates its roster from the presence alone, so the pushes are checked themselves.
+        """
+        pushes = [
+            client.next_event(
+                "roster_update",
+                lambda iq, contact=contact: pushed_subscription(iq, contact) == "both",
+            )
+            for client, contact in ((alice, "bob@localhost"), (bob, "alice@localhost"))
+        ]
         alice_sees_bob = alice.next_event("got_online", lambda p: p["from"].bare == "bob@localhost")
         alice.xmpp.send_presence(pto="bob@localhost", ptype="subscribe")
         await wait_for(alice_sees_bob)
+        for push in pushes:
+            await wait_for(push)
         await eventually(
             lambda: (
                 alice.xmpp.client_roster["bob@localhost"]["subscription"] == "both"
@@ -103,6 +128,25 @@ class InstantMessagingTests(ServerTestCase):
         self.assertEqual(message["body"], "while you were out")
         self.assertTrue(message["delay"]["stamp"])
         self.assertEqual(await self.server.database.offline.count("localhost", "carol"), 0)
+
+    async def test_a_message_right_after_initial_presence_is_live(self) -> None:
+        # Bob's own stream orders the presence before the message: whatever the server is still
+        # doing for the presence, the message must not be stored, and comes after the stored one.
+        alice = await self.online("alice@localhost/home")
+        alice.xmpp.send_message(mto="bob@localhost", mbody="stored", mtype="chat")
+        await self.stored_offline("bob")
+        bob = self.client("bob@localhost/home", PASSWORD)
+        received: list = []
+        bob.xmpp.add_event_handler("message", received.append)
+        self.assertEqual(await bob.connect(), "session_start")
+        bob.xmpp.send_presence()
+        bob.xmpp.send_message(mto="bob@localhost", mbody="live", mtype="chat")
+        await eventually(lambda: len(received) == 2)
+        self.assertEqual(
+            [(m["body"], m.xml.find(f"{{{NS_DELAY}}}delay") is not None) for m in received],
+            [("stored", True), ("live", False)],
+        )
+        self.assertEqual(await self.server.database.offline.count("localhost", "bob"), 0)
 
     async def stored_offline(self, user: str) -> None:
         for _ in range(500):

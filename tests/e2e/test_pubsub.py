@@ -13,12 +13,23 @@ from tests.e2e.harness import Client, ServerTestCase, wait_for
 
 SERVICE = "pubsub.localhost"
 PASSWORD = "publish or perish"
+NS_PUBSUB = "http://jabber.org/protocol/pubsub"
+NS_EVENT = "http://jabber.org/protocol/pubsub#event"
+NS_OWNER = "http://jabber.org/protocol/pubsub#owner"
+NS_ERRORS = "http://jabber.org/protocol/pubsub#errors"
+NS_DATA = "jabber:x:data"
 
 
 def payload(text: str) -> ET.Element:
     entry = ET.Element("{urn:example:news}entry")
     entry.text = text
     return entry
+
+
+def affiliations(stanza: object, namespace: str, key: str) -> dict[str, str]:
+    """{jid or node: affiliation} of an <affiliations/> reply, in the ``namespace`` of its use."""
+    path = f"{{{namespace}}}pubsub/{{{namespace}}}affiliations/{{{namespace}}}affiliation"
+    return {element.get(key): element.get("affiliation") for element in stanza.xml.findall(path)}
 
 
 def config_form(**fields: object) -> Form:
@@ -55,7 +66,8 @@ class PubSubTests(ServerTestCase):
             await wait_for(awaitable)
         self.assertEqual(raised.exception.condition, condition)
         if app_condition is not None:
-            self.assertIn(app_condition, str(raised.exception.iq))
+            error = raised.exception.iq["error"].xml
+            self.assertIsNotNone(error.find(f"{{{NS_ERRORS}}}{app_condition}"), app_condition)
         return raised.exception
 
     async def test_publish_notifies_subscribers_with_the_payload(self) -> None:
@@ -69,9 +81,12 @@ class PubSubTests(ServerTestCase):
             self.pubsub(self.owner).publish(SERVICE, "news", id="first", payload=payload("hello"))
         )
         for message in (await wait_for(to_reader), await wait_for(to_other)):
-            item = message["pubsub_event"]["items"]["item"]
-            self.assertEqual(item["id"], "first")
-            self.assertIn("hello", str(message))
+            [items] = message.xml.findall(f"{{{NS_EVENT}}}event/{{{NS_EVENT}}}items")
+            self.assertEqual(items.get("node"), "news")
+            [item] = items
+            self.assertEqual((item.tag, item.get("id")), (f"{{{NS_EVENT}}}item", "first"))
+            [entry] = item
+            self.assertEqual((entry.tag, entry.text), ("{urn:example:news}entry", "hello"))
 
     async def test_items_retrieval_and_restart_survival(self) -> None:
         await wait_for(self.pubsub(self.owner).create_node(SERVICE, "log"))
@@ -105,7 +120,11 @@ class PubSubTests(ServerTestCase):
         )
         retracted = self.reader.next_event("pubsub_retract")
         await wait_for(self.pubsub(self.owner).retract(SERVICE, "feed", "a", notify=True))
-        self.assertIn("a", str(await wait_for(retracted)))
+        [items] = (await wait_for(retracted)).xml.findall(
+            f"{{{NS_EVENT}}}event/{{{NS_EVENT}}}items"
+        )
+        self.assertEqual(items.get("node"), "feed")
+        self.assertEqual([(e.tag, e.get("id")) for e in items], [(f"{{{NS_EVENT}}}retract", "a")])
         await wait_for(
             self.pubsub(self.owner).publish(SERVICE, "feed", id="b", payload=payload("b"))
         )
@@ -133,7 +152,11 @@ class PubSubTests(ServerTestCase):
         )
         await wait_for(configured)
         stored = await wait_for(self.pubsub(self.owner).get_node_config(SERVICE, "conf"))
-        self.assertIn("Renamed", str(stored))
+        [title] = stored.xml.findall(
+            f"{{{NS_OWNER}}}pubsub/{{{NS_OWNER}}}configure/{{{NS_DATA}}}x"
+            f"/{{{NS_DATA}}}field[@var='pubsub#title']/{{{NS_DATA}}}value"
+        )
+        self.assertEqual(title.text, "Renamed")
         deleted = self.reader.next_event("pubsub_delete")
         await wait_for(self.pubsub(self.owner).delete_node(SERVICE, "conf"))
         await wait_for(deleted)
@@ -163,9 +186,12 @@ class PubSubTests(ServerTestCase):
         )
         await wait_for(self.pubsub(self.reader).publish(SERVICE, "team", payload=payload("yes")))
         listed = await wait_for(self.pubsub(self.owner).get_node_affiliations(SERVICE, "team"))
-        self.assertIn("publisher", str(listed))
+        self.assertEqual(
+            affiliations(listed, NS_OWNER, "jid"),
+            {"owner@localhost": "owner", "reader@localhost": "publisher"},
+        )
         own = await wait_for(self.pubsub(self.reader).get_affiliations(SERVICE))
-        self.assertIn("team", str(own))
+        self.assertEqual(affiliations(own, NS_PUBSUB, "node"), {"team": "publisher"})
         # The last owner cannot leave.
         await self.expect_error(
             self.pubsub(self.owner).modify_affiliations(
@@ -208,7 +234,11 @@ class PubSubTests(ServerTestCase):
         approved = self.reader.next_event("pubsub_subscription")
         answer.send()
         event = await wait_for(approved)
-        self.assertIn("subscribed", str(event))
+        [subscription] = event.xml.findall(f"{{{NS_EVENT}}}event/{{{NS_EVENT}}}subscription")
+        self.assertEqual(
+            (subscription.get("node"), subscription.get("jid"), subscription.get("subscription")),
+            ("vip", "reader@localhost", "subscribed"),
+        )
 
     async def test_main_error_conditions(self) -> None:
         await wait_for(self.pubsub(self.owner).create_node(SERVICE, "errs"))
