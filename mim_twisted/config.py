@@ -389,6 +389,37 @@ class LogConfig:
     format: str = option("text", one_of("text", "json"))
 
 
+# sockaddr_un holds 108 bytes with the final NUL: longer paths would fail only at bind time.
+MAX_UNIX_SOCKET_PATH = 107
+
+
+def unix_socket_path(value: Any, where: _Where) -> str:
+    """An optional path (see local_path) short enough for a UNIX socket address."""
+    path = local_path(optional=True)(value, where)
+    if len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH:
+        raise _CheckError(f"is too long for a UNIX socket (at most {MAX_UNIX_SOCKET_PATH} bytes)")
+    return path
+
+
+def endpoint_description(value: Any, where: _Where) -> str:
+    """A Twisted server endpoint string such as "tcp:9090:interface=127.0.0.1"."""
+    if not isinstance(value, str) or ":" not in value:
+        raise _CheckError('must be an endpoint string such as "tcp:9090:interface=127.0.0.1"')
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdminConfig:
+    enabled: bool = option(True, boolean)
+    socket: str = option("", unix_socket_path)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    enabled: bool = option(False, boolean)
+    endpoint: str = option("tcp:9090:interface=127.0.0.1", endpoint_description)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     source: str | None  # the file it was read from, None for the embedded default
@@ -401,6 +432,8 @@ class Config:
     limits: LimitsConfig = option({}, table(LimitsConfig))
     pubsub: PubSubConfig = option({}, table(PubSubConfig))
     log: LogConfig = option({}, table(LogConfig))
+    admin: AdminConfig = option({}, table(AdminConfig))
+    metrics: MetricsConfig = option({}, table(MetricsConfig))
 
     @property
     def data_dir(self) -> str:
@@ -409,6 +442,10 @@ class Config:
     @property
     def sqlite_path(self) -> str:
         return self.storage.sqlite.path or os.path.join(self.server.data_dir, "mim.sqlite3")
+
+    @property
+    def admin_socket(self) -> str:
+        return self.admin.socket or os.path.join(self.server.data_dir, "admin.sock")
 
 
 _TOML_POSITION = re.compile(r"(.*) \(at line (\d+), column (\d+)\)$")

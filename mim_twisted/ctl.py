@@ -1,13 +1,18 @@
-"""mimctl, the admin console: accounts, a config check and schema migration.
+"""mimctl, the admin console: accounts, a config check, schema migration and the live server.
 
 ``main`` parses the command line, loads the config (the file ``twistd mim -c`` reads) and runs
 the command on the reactor; ``run`` is the command itself, which tests await under trial.
+Account commands work on the database; they also end the sessions of the account when the server
+is running, through its admin socket (mim_twisted.admin), which the live commands (status,
+sessions, kick, stats) need.
 Exit status: 0 done, 1 an operational error (one line on stderr, after "mimctl: "), 2 a usage
 error (from argparse).
 """
 
 import argparse
 import getpass
+import json
+import os
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -16,13 +21,15 @@ from typing import Any, TextIO
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
+from twisted.internet import endpoints, error
 from twisted.internet.defer import Deferred
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.words.protocols.jabber import jid
 
 from mim_twisted import storage
 from mim_twisted.auth.scram import derive_all
-from mim_twisted.config import Config, ConfigError, load_config
+from mim_twisted.config import MAX_UNIX_SOCKET_PATH, Config, ConfigError, load_config
 from mim_twisted.storage.interfaces import (
     AccountExists,
     AccountNotFound,
@@ -30,7 +37,7 @@ from mim_twisted.storage.interfaces import (
     SchemaOutdated,
     SchemaTooNew,
 )
-from mim_twisted.tap import open_storage
+from mim_twisted.tap import open_storage, secure_sqlite_directory
 
 # Failures an admin can act on from their message alone: one line, no traceback.
 DATABASE_ERRORS = (sqlite3.Error, psycopg2.Error)
@@ -39,6 +46,14 @@ EXPECTED_ERRORS = (SchemaOutdated, SchemaTooNew, OSError, *DATABASE_ERRORS)
 
 class CommandError(Exception):
     """A command that cannot be done; str() is the line to print after "mimctl: "."""
+
+
+class ServerNotRunning(CommandError):
+    """Nothing answers on the admin socket."""
+
+
+# Seconds the server gets to answer on its admin socket (status waits up to 5 s on storage).
+ADMIN_TIMEOUT = 15.0
 
 
 def _one_line(error: Exception) -> str:
@@ -60,6 +75,13 @@ def _bare_jid(text: str) -> jid.JID:
     address = _parse_jid(text)
     if address is None or address.user is None or address.resource is not None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a bare JID (user@domain)")
+    return address
+
+
+def _account_jid(text: str) -> jid.JID:
+    address = _parse_jid(text)
+    if address is None or address.user is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JID (user@domain[/resource])")
     return address
 
 
@@ -94,6 +116,64 @@ def _credentials(config: Config, args: argparse.Namespace, stdin: TextIO) -> dic
         raise CommandError(f"unusable password: {error}") from None
 
 
+class _AdminClient(LineReceiver):
+    """Sends one request on the admin socket; `answer` fires with the response line."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024 * 1024  # a busy server's session list is long
+
+    def __init__(self) -> None:
+        self.answer: Deferred[bytes] = Deferred()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.answer.callback(line)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if not self.answer.called:
+            self.answer.errback(reason)
+
+
+async def ask_server(config: Config, command: str, **arguments: Any) -> Any:
+    """Send ``command`` to the running server; its result. ServerNotRunning if none answers."""
+    from twisted.internet import reactor
+
+    path = config.admin_socket
+    if not config.admin.enabled:
+        raise ServerNotRunning(f"{config.source}: admin.enabled is false: no admin socket")
+    if len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH:
+        raise ServerNotRunning(f"no admin socket: {path} is too long, set admin.socket")
+    endpoint = endpoints.UNIXClientEndpoint(reactor, path, timeout=ADMIN_TIMEOUT)
+    try:
+        client = await endpoints.connectProtocol(endpoint, _AdminClient())
+    except (error.ConnectError, OSError) as failure:
+        # A socket file left by a server that died refuses connections like no file at all.
+        if not os.path.exists(path) or isinstance(failure, error.ConnectionRefusedError):
+            raise ServerNotRunning(
+                f"mim-twisted is not running (no admin socket at {path})"
+            ) from None
+        raise CommandError(f"cannot use the admin socket {path}: {_one_line(failure)}") from None
+    client.sendLine(json.dumps({"command": command, **arguments}).encode())
+    try:
+        line = await client.answer.addTimeout(ADMIN_TIMEOUT, reactor)
+    except Exception as failure:
+        raise CommandError(f"no answer on the admin socket {path}: {failure}") from None
+    response = json.loads(line)
+    if not response["ok"]:
+        raise CommandError(response["error"])
+    return response["result"]
+
+
+async def _end_sessions(config: Config, address: jid.JID, condition: str, out: TextIO) -> None:
+    """End the live sessions of an account whose credentials changed; nothing if not running."""
+    try:
+        ended = await ask_server(config, "kick", jid=address.userhost(), condition=condition)
+    except ServerNotRunning:
+        return
+    if ended:
+        print(f"ended {len(ended)} live session(s) ({condition})", file=out)
+
+
 @asynccontextmanager
 async def _opened(opening: Awaitable[IDatabase]) -> AsyncIterator[IDatabase]:
     """The database ``opening`` fires with, closed when the block is left."""
@@ -126,6 +206,7 @@ async def unregister(config: Config, args: argparse.Namespace, stdin: TextIO, ou
         except AccountNotFound:
             raise CommandError(f"{args.jid.userhost()} is not registered") from None
     print(f"unregistered {args.jid.userhost()}", file=out)
+    await _end_sessions(config, args.jid, "not-authorized", out)
 
 
 async def passwd(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
@@ -137,6 +218,7 @@ async def passwd(config: Config, args: argparse.Namespace, stdin: TextIO, out: T
         except AccountNotFound:
             raise CommandError(f"{args.jid.userhost()} is not registered") from None
     print(f"changed the password of {args.jid.userhost()}", file=out)
+    await _end_sessions(config, args.jid, "reset", out)
 
 
 async def list_users(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
@@ -181,6 +263,7 @@ async def check_config(
 
 async def migrate(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
     # Opened without the schema check of open_storage: migrating an outdated schema is the point.
+    secure_sqlite_directory(config)
     connecting = storage.connect_database(
         config.storage.backend,
         config.sqlite_path,
@@ -194,6 +277,51 @@ async def migrate(config: Config, args: argparse.Namespace, stdin: TextIO, out: 
         print(f"schema is up to date (version {migrated})", file=out)
     else:
         print(f"schema version {installed} -> {migrated}", file=out)
+
+
+def _duration(seconds: float) -> str:
+    minutes, second = divmod(int(seconds), 60)
+    hours, minute = divmod(minutes, 60)
+    days, hour = divmod(hours, 24)
+    clock = f"{hour:02d}:{minute:02d}:{second:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+async def status(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
+    state = await ask_server(config, "status")
+    storage_state = state["storage"]
+    answering = (
+        "answering" if storage_state["answering"] else f"NOT answering ({storage_state['problem']})"
+    )
+    print(f"mim-twisted {state['version']} running, up {_duration(state['uptime'])}", file=out)
+    print(f"  sessions: {state['sessions']} (connections: {state['connections']})", file=out)
+    print(f"  storage: {storage_state['backend']}, {answering}", file=out)
+
+
+async def sessions(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
+    domain = None if args.domain is None else _served(config, args.domain)
+    for session in await ask_server(config, "sessions", domain=domain):
+        columns = (
+            session["jid"],
+            session["peer"],
+            session["since"],
+            "TLS" if session["tls"] else "no-TLS",
+            session["mechanism"] or "-",
+        )
+        print("\t".join(columns), file=out)
+
+
+async def kick(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
+    ended = await ask_server(config, "kick", jid=args.jid.full(), condition="policy-violation")
+    if not ended:
+        raise CommandError(f"{args.jid.full()} has no session")
+    for full_jid in ended:
+        print(f"ended the session of {full_jid}", file=out)
+
+
+async def stats(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:
+    for name, value in (await ask_server(config, "stats")).items():
+        print(f"{name} {value}", file=out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparser.add_argument("domain", metavar="DOMAIN", type=_domain)
     command("check-config", check_config, "check the config file and summarise it")
     command("migrate", migrate, "bring the database schema to the newest version")
+    command("status", status, "the running server: version, uptime, sessions, storage")
+    subparser = command("sessions", sessions, "list the live sessions of the running server")
+    subparser.add_argument("domain", metavar="DOMAIN", type=_domain, nargs="?")
+    subparser = command("kick", kick, "end the sessions of a bare JID, or one full JID's")
+    subparser.add_argument("jid", metavar="JID", type=_account_jid, help="user@domain[/resource]")
+    command("stats", stats, "the running server's counters")
     return parser
 
 

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 import mim_twisted
 from mim_twisted import hooks, storage
+from mim_twisted.admin import AdminService
 from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.config import Config, ConfigError, changed_keys, load_config
 from mim_twisted.im import caps, ping, roster, version
@@ -34,6 +35,7 @@ from mim_twisted.im.roster import RosterService
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.logs import LogOutput
+from mim_twisted.metrics import MetricsService
 from mim_twisted.pubsub.broadcast import Broadcaster
 from mim_twisted.pubsub.config import GENERIC_NODE_DEFAULTS, ServiceLimits
 from mim_twisted.pubsub.core import PubSubService, Relation
@@ -42,6 +44,7 @@ from mim_twisted.pubsub.purge import OfflinePurge
 from mim_twisted.pubsub.queues import WorkerPool
 from mim_twisted.signals import ReloadOnHangup
 from mim_twisted.startreport import StartReport
+from mim_twisted.storage import permissions
 from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated, SchemaTooNew
 from mim_twisted.xmpp import tls
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
@@ -98,6 +101,14 @@ class Options(usage.Options):
     optFlags = [["log-traffic", None, "Log every stanza sent and received."]]
 
 
+def secure_sqlite_directory(config: Config) -> None:
+    """Make the data directory private when the SQLite database is in it (mimctl may be first)."""
+    if config.storage.backend != "sqlite":
+        return
+    if os.path.dirname(os.path.abspath(config.sqlite_path)) == os.path.abspath(config.data_dir):
+        permissions.secure_data_directory(config.data_dir)
+
+
 def load_tls_options(config: Config) -> ssl.CertificateOptions:
     """The STARTTLS options from the configured files (generating a self-signed pair on first
     start); TLSFilesError naming the file if they cannot be used."""
@@ -126,6 +137,7 @@ def load_tls_options(config: Config) -> ssl.CertificateOptions:
 
 def open_storage(config: Config) -> defer.Deferred:
     """Open the configured database, migrating it where the config allows."""
+    secure_sqlite_directory(config)
     return storage.open_database(
         config.storage.backend,
         sqlite_path=config.sqlite_path,
@@ -274,6 +286,9 @@ class MimService(service.MultiService):
         self.database = None
         self.core: ImCore | None = None
         self.pubsub: PubSub | None = None
+        # Child services made once storage is open; they stop before the clients are closed.
+        self.admin: AdminService | None = None
+        self.metrics: MetricsService | None = None
         self.ready: defer.Deferred = defer.Deferred()
         # Under twistd nobody waits on `ready`: the start is reported to twistd and the exit
         # status instead, and the log goes through `log_output`.
@@ -301,7 +316,8 @@ class MimService(service.MultiService):
 
     async def _start(self) -> "MimService":
         config = self.config
-        os.makedirs(config.data_dir, exist_ok=True)
+        # It holds the database and the self-signed certificate's key: owner only.
+        permissions.secure_data_directory(config.data_dir)
         tls_options = load_tls_options(config)
         if config.tls.verify_peer and config.tls.allow_self_signed_client:
             log.warn(
@@ -319,6 +335,7 @@ class MimService(service.MultiService):
             self.pubsub = build_pubsub(config, self.database, self.core, self.reactor)
             await self.pubsub.purge.load()
             self.pubsub.pool.start()
+        await self._start_operator_services()
         for listener in config.listeners:
             factory = C2SFactory(
                 self._c2s_settings(listener, tls_options),
@@ -339,6 +356,19 @@ class MimService(service.MultiService):
                 domains=", ".join(config.server.domains),
             )
         return self
+
+    async def _start_operator_services(self) -> None:
+        """The admin socket and the metrics endpoint, as configured."""
+        config = self.config
+        if config.admin.enabled:
+            self.admin = AdminService(self, config.admin_socket, self.reactor)
+            self.admin.setServiceParent(self)
+            await self.admin.listening
+        if config.metrics.enabled:
+            self.metrics = MetricsService(self, config.metrics.endpoint, self.reactor)
+            self.metrics.storage.install(self.database)
+            self.metrics.setServiceParent(self)
+            await self.metrics.listening
 
     def _c2s_settings(self, listener: object, tls_options: object) -> C2SSettings:
         config = self.config

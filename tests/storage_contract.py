@@ -376,6 +376,16 @@ class OfflineStoreContract(StorageContract):
         self.assertEqual(await self.offline.count(*NOBODY), 0)
         self.assertEqual(await self.offline.pop_all(*NOBODY), [])
 
+    async def test_count_all_counts_every_user(self) -> None:
+        self.assertEqual(await self.offline.count_all(), 0)
+        await self.register(ALICE, BOB)
+        await self.offline.store(*ALICE, message(1), 10)
+        await self.offline.store(*ALICE, message(2), 10)
+        await self.offline.store(*BOB, message(3), 10)
+        self.assertEqual(await self.offline.count_all(), 3)
+        await self.offline.pop_all(*ALICE)
+        self.assertEqual(await self.offline.count_all(), 1)
+
     async def test_store_refuses_at_the_limit(self) -> None:
         await self.register(ALICE)
         self.assertEqual(

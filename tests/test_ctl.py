@@ -3,8 +3,12 @@
 import getpass
 import io
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from contextlib import redirect_stderr
 
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -288,3 +292,56 @@ class ConsoleScriptTests(CtlTestCase):
         )
         done = await deferToThread(mimctl, "list-users", "localhost")
         self.assertEqual((done.returncode, done.stdout, done.stderr), (0, "alice@localhost\n", ""))
+
+
+class LiveCommandTests(CtlTestCase):
+    """The live commands with no server running (tests/e2e/test_admin.py runs one)."""
+
+    def setUp(self) -> None:
+        # A short directory: a UNIX socket path holds at most 107 bytes.
+        socket_directory = tempfile.mkdtemp(prefix="mim-ctl-")
+        self.addCleanup(shutil.rmtree, socket_directory, True)
+        self.socket = os.path.join(socket_directory, "admin.sock")
+        self.config_text = CONFIG + f'[admin]\nsocket = "{self.socket}"\n'
+        super().setUp()
+
+    def not_running(self) -> tuple[int, str, str]:
+        return 1, "", f"mimctl: mim-twisted is not running (no admin socket at {self.socket})\n"
+
+    async def test_live_commands_say_the_server_is_not_running(self) -> None:
+        for argv in (["status"], ["sessions"], ["kick", "alice@localhost/desk"], ["stats"]):
+            self.assertEqual(await self.mimctl(*argv), self.not_running(), argv)
+
+    async def test_socket_left_by_a_dead_server(self) -> None:
+        with socket.socket(socket.AF_UNIX) as left:
+            left.bind(self.socket)  # bound, never listening: connections are refused
+        self.assertEqual(await self.mimctl("status"), self.not_running())
+
+    async def test_account_commands_say_nothing_about_sessions(self) -> None:
+        await self.with_password("register", "alice@localhost", "old")
+        self.assertEqual(
+            await self.with_password("passwd", "alice@localhost", "new"),
+            (0, "changed the password of alice@localhost\n", ""),
+        )
+        self.assertEqual(
+            await self.mimctl("unregister", "alice@localhost"),
+            (0, "unregistered alice@localhost\n", ""),
+        )
+
+    async def test_admin_socket_disabled(self) -> None:
+        with open(self.config_path, "a") as f:
+            f.write("enabled = false\n")
+        self.assertEqual(
+            await self.mimctl("stats"),
+            (1, "", f"mimctl: {self.config_path}: admin.enabled is false: no admin socket\n"),
+        )
+
+    async def test_sessions_of_a_domain_not_served(self) -> None:
+        status, out, err = await self.mimctl("sessions", "example.com")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("example.com is not a domain of this server", err)
+
+    def test_kick_needs_an_account_jid(self) -> None:
+        with self.assertRaises(SystemExit) as exited, redirect_stderr(io.StringIO()):
+            ctl.build_parser().parse_args(["kick", "localhost"])
+        self.assertEqual(exited.exception.code, 2)

@@ -8,6 +8,7 @@ groupchat gets <service-unavailable/> (§8.5.2). So does any message to an accou
 exist (§8.5.1). Errors are never answered, and go nowhere but to an exact full JID.
 """
 
+from collections import Counter
 from typing import Any
 
 from twisted.internet import defer
@@ -39,6 +40,8 @@ class MessageRouter:
         self.accounts = accounts
         self.offline = offline
         self.hooks = hooks_table
+        # Messages by outcome, for the metrics: "delivered" (per session), "offline", "bounced".
+        self.outcomes: Counter[str] = Counter()
 
     def route(self, sender: Any, message: domish.Element, recipient: JID) -> defer.Deferred | None:
         """Route a message from a local session to a local JID.
@@ -70,6 +73,7 @@ class MessageRouter:
     ) -> None:
         """No session of the user is connected: does the account exist at all?"""
         if not await self.accounts.account_exists(bare.host, bare.user):
+            self.outcomes["bounced"] += 1
             reply_error(sender, message, "service-unavailable")
             return
         # The user may have come online while the database answered.
@@ -82,6 +86,7 @@ class MessageRouter:
         self, sender: Any, message: domish.Element, bare: JID, kind: str, full: bool, sessions: list
     ) -> defer.Deferred | None:
         if kind == "groupchat" or (full and kind == "normal"):
+            self.outcomes["bounced"] += 1
             reply_error(sender, message, "service-unavailable")
             return None
         # Available from the moment the server received the presence (PresenceService.handle).
@@ -99,13 +104,14 @@ class MessageRouter:
             return keeping.addCallback(self._kept, sender, message)
         return None
 
-    @staticmethod
-    def _kept(stored: bool, sender: Any, message: domish.Element) -> None:
+    def _kept(self, stored: bool, sender: Any, message: domish.Element) -> None:
+        self.outcomes["offline" if stored else "bounced"] += 1
         if not stored:
             reply_error(sender, message, "resource-constraint", "Offline storage is full")
 
     def _deliver(self, sessions: list, message: domish.Element) -> None:
         data = message.toXml(defaultUri="jabber:client").encode("utf-8")  # serialised once
+        self.outcomes["delivered"] += len(sessions)
         held = self.offline.held
         for session in sessions:
             waiting = held.get(session)

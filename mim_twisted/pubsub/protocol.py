@@ -13,6 +13,7 @@ it is answered <wait/><resource-constraint/>, as for a full queue, so one client
 queues everybody shares.
 """
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -145,6 +146,8 @@ class PubSubComponent:
         self.max_in_flight = max_in_flight
         # Session -> its requests queued or running, for those that have any.
         self._in_flight: dict[Any, int] = {}
+        # Requests by result, for the metrics: "ok", "error", "refused" (resource-constraint).
+        self.results: Counter[str] = Counter()
         self._verbs: dict[str, Callable[[str, PubSubRequest, domish.Element], Awaitable]] = {
             "publish": self._publish,
             "subscribe": self._subscribe,
@@ -205,6 +208,7 @@ class PubSubComponent:
         try:
             done = self._submit(session, node, work)
         except QueueFull:
+            self.results["refused"] += 1
             reply_error(session, iq, "resource-constraint", "Too many requests, try again later")
             return
         done.addCallbacks(
@@ -226,6 +230,7 @@ class PubSubComponent:
         return done
 
     def _finished(self, result: object, session: Any) -> object:
+        self.results["error" if isinstance(result, Failure) else "ok"] += 1
         left = self._in_flight.pop(session) - 1
         if left:
             self._in_flight[session] = left

@@ -164,6 +164,9 @@ class IOfflineStore(Interface):
     def count(domain, username):
         """Deferred firing with the number of stored messages."""
 
+    def count_all():
+        """Deferred firing with the number of stored messages of all users (for metrics)."""
+
 
 # A node's affiliations (XEP-0060 §4.1); "none" is stored as no row.
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")

@@ -35,8 +35,9 @@ def _postgres_statement(statement: str) -> str:
 
 
 @inlineCallbacks
-def _execute(cursor: txpostgres.Cursor, transaction: sql.Transaction[T]):
-    """Run ``transaction`` (see sql.py) in the transaction that runInteraction opened."""
+def _execute(cursor: txpostgres.Cursor, make_transaction: sql.TransactionFactory[T]):
+    """Run a transaction (see sql.py) in the transaction that runInteraction opened."""
+    transaction = make_transaction()
     rows = None
     while True:
         try:
@@ -66,8 +67,8 @@ class PostgresDatabase:
         self.offline = sql.SQLOfflineStore(self._run)
         self.pubsub = sql.SQLPubSubStore(self._run)
 
-    def _run(self, transaction: sql.Transaction[T]) -> Deferred[T]:
-        return self._pool.runInteraction(_execute, transaction)
+    def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
+        return self._pool.runInteraction(_execute, make_transaction)
 
     def start(self) -> Deferred["PostgresDatabase"]:
         """Open the connections; Deferred firing with this database."""

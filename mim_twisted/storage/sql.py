@@ -7,9 +7,11 @@ later, for RETURNING.
 
 A transaction is a generator that yields ``(statement, parameters)`` and is sent back the rows of
 each statement (``[]`` for one that returns none); what it returns is the result. A backend's
-``Run`` function executes one in a single database transaction, rolled back if it raises, and
-returns a Deferred firing with its result: the logic is written once, while SQLite runs it with
-blocking calls on adbapi's thread and PostgreSQL on the reactor.
+``Run`` function is given a function that makes the transaction, and executes it in a single
+database transaction, rolled back if it raises, and returns a Deferred firing with its result: the
+logic is written once, while SQLite runs it with blocking calls on adbapi's thread and PostgreSQL
+on the reactor. A backend makes the transaction anew when it retries it after a lost connection or
+a busy database.
 """
 
 import functools
@@ -46,7 +48,8 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 Transaction = Generator[tuple[str, tuple], list[tuple], T]
-Run = Callable[[Transaction[Any]], Deferred[Any]]
+TransactionFactory = Callable[[], Transaction[T]]
+Run = Callable[[TransactionFactory[Any]], Deferred[Any]]
 
 # Appended to a SELECT of users rows, it locks them until the transaction ends, so that concurrent
 # transactions on one account's data run one after the other. PostgreSQL runs transactions
@@ -97,6 +100,7 @@ INSERT_OFFLINE_MESSAGE = (
     " VALUES (?, ?, ?, ?, ?)"
 )
 COUNT_OFFLINE_MESSAGES = "SELECT count(*) FROM offline_messages WHERE server = ? AND username = ?"
+COUNT_ALL_OFFLINE_MESSAGES = "SELECT count(*) FROM offline_messages"
 DELETE_OFFLINE_MESSAGES = (
     "DELETE FROM offline_messages WHERE server = ? AND username = ?"
     " RETURNING id, sender, stanza, stored_at"
@@ -196,7 +200,7 @@ def transaction(
 
     @functools.wraps(method)
     def run(self: S, *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
-        return self._run(method(self, *args, **kwargs))
+        return self._run(functools.partial(method, self, *args, **kwargs))
 
     return run
 
@@ -373,6 +377,11 @@ class SQLOfflineStore(_SQLStore):
     @transaction
     def count(self, domain: str, username: str) -> Transaction[int]:
         rows = yield COUNT_OFFLINE_MESSAGES, (domain, username)
+        return rows[0][0]
+
+    @transaction
+    def count_all(self) -> Transaction[int]:
+        rows = yield COUNT_ALL_OFFLINE_MESSAGES, ()
         return rows[0][0]
 
 

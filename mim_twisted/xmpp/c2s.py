@@ -7,6 +7,7 @@ stanza is stamped with the session's full JID and handed to the router, which is
 business. A stream error closes only its own connection.
 """
 
+import re
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -88,6 +89,8 @@ class C2SStream(protocol.Protocol):
         self.message_priority: int | None = None  # as received: what messages are routed by
         self.directed_to: set[str] = set()  # JIDs sent directed available presence
         self.roster_requested = False
+        self.bound_at: float | None = None  # clock.seconds() when the resource was bound
+        self.tls_established = False
         self.closed = False
         self._parser: StreamParser | None = None
         self._header_sent = False
@@ -186,6 +189,8 @@ class C2SStream(protocol.Protocol):
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self.sasl.cancel()
+        if self.secure and not self.tls_established:
+            self.factory.tls_failures += 1
         check = self._certificate_check
         if check is not None and check.rejected:
             log.info(
@@ -210,6 +215,7 @@ class C2SStream(protocol.Protocol):
             stanza = stanza.encode("utf-8")
         if self.settings.log_traffic:
             log.info("SEND {peer}: {data!r}", peer=self.log_name(), data=stanza)
+        self.factory.stanzas_out[_sent_stanza_kind(stanza)] += 1
         if self._write_blocked:
             self._bytes_while_blocked += len(stanza)
             if self._bytes_while_blocked > self.settings.max_outgoing_buffer:
@@ -351,6 +357,7 @@ class C2SStream(protocol.Protocol):
     def handshakeCompleted(self) -> None:
         """TLS is up (before the client's next stream header is read): keep what a verified
         client certificate says, for SASL EXTERNAL."""
+        self.tls_established = True
         check = self._certificate_check
         if check is None:
             return
@@ -403,6 +410,7 @@ class C2SStream(protocol.Protocol):
     def bound(self, jid: JID) -> None:
         """Resource binding succeeded: the session is open for routing."""
         self.jid = jid
+        self.bound_at = self.factory.clock.seconds()
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self.factory.forget_unbound(self)
@@ -414,6 +422,7 @@ class C2SStream(protocol.Protocol):
             self.stream_error("unsupported-stanza-type", f"Unexpected <{stanza.name}/>")
             return
         stanza["from"] = self.jid.full()
+        self.factory.stanzas_in[stanza.name] += 1
         if stanza.name == "iq" and bind.is_session_request(stanza):
             self.send(bind.session_result(stanza))
             return
@@ -438,6 +447,14 @@ class C2SStream(protocol.Protocol):
 
 
 _NOT_COUNTED = object()
+
+_STANZA_START = re.compile(rb"<(message|presence|iq)[\s/>]")
+
+
+def _sent_stanza_kind(data: bytes) -> str | None:
+    """The kind of a serialised stanza (message, presence, iq); None for other stream data."""
+    start = _STANZA_START.match(data)
+    return start[1].decode() if start else None
 
 
 def _ignore(*args: object) -> None:
@@ -486,6 +503,11 @@ class C2SFactory(protocol.ServerFactory):
         self._unbound: Counter[str | None] = Counter()
         self._unbound_hosts: dict[C2SStream, str | None] = {}
         self.preauth_iq: dict[tuple[str, str], Callable] = {}
+        # Counted here, read by the metrics and the admin socket.
+        self.stanzas_in: Counter[str] = Counter()
+        self.stanzas_out: Counter[str | None] = Counter()  # None: not a stanza
+        self.logins: Counter[tuple[str, str]] = Counter()  # (mechanism, "success" | "failure")
+        self.tls_failures = 0
 
     def buildProtocol(self, addr: object) -> C2SStream:
         return C2SStream(self)

@@ -55,6 +55,7 @@ class SaslNegotiation:
     def __init__(self, stream: "C2SStream") -> None:
         self.stream = stream
         self.failures = 0
+        self.mechanism_name: str | None = None  # the offered mechanism last started
         self._mechanism = None
         self._pending: defer.Deferred | None = None
         self._delayed_failure = None
@@ -115,6 +116,7 @@ class SaslNegotiation:
             if name in CERTIFICATE_MECHANISMS:
                 raise SaslError("invalid-mechanism", f"{name} needs a verified client certificate")
             raise SaslError("invalid-mechanism", f"Mechanism {name!r} is not offered")
+        self.mechanism_name = name
         initial_response = decode_sasl_data(element)
         stream = self.stream
         context = SaslContext(
@@ -153,6 +155,7 @@ class SaslNegotiation:
         if outcome.authzid and outcome.authzid != bare_jid:
             self._failed(SaslError("invalid-authzid", "You may only act as yourself"))
             return
+        self.stream.factory.logins[self.mechanism_name, "success"] += 1
         self._send("success", outcome.additional_data)
         self.stream.authenticated(outcome.username)
 
@@ -168,6 +171,7 @@ class SaslNegotiation:
     def _failed(self, error: SaslError) -> None:
         self._mechanism = None
         self.failures += 1
+        self.stream.factory.logins[self.mechanism_name or "none", "failure"] += 1
         log.info(
             "{peer}: SASL failure {condition} ({text}), attempt {n}",
             peer=self.stream.log_name(),
