@@ -8,6 +8,7 @@ is wrong.
 """
 
 import dataclasses
+import importlib.util
 import ipaddress
 import json
 import math
@@ -354,12 +355,27 @@ def _migrate_embedded_only(storage: Mapping[str, Any]) -> bool:
     return storage["backend"] == "sqlite"
 
 
+# The modules of the "postgresql" extra (pip install 'mim-twisted[postgresql]').
+POSTGRESQL_DRIVER = ("psycopg2", "txpostgres")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StorageConfig:
     backend: str = option("sqlite", one_of("sqlite", "postgresql"))
     auto_migrate: bool = option(_migrate_embedded_only, boolean)
     sqlite: SQLiteConfig = option({}, table(SQLiteConfig))
     postgresql: PostgreSQLConfig = option({}, table(PostgreSQLConfig))
+
+    def __post_init__(self) -> None:
+        if self.backend != "postgresql":
+            return
+        missing = [name for name in POSTGRESQL_DRIVER if importlib.util.find_spec(name) is None]
+        if missing:
+            raise _CheckError(
+                f'"postgresql" needs {", ".join(missing)}, which are not installed:'
+                " pip install 'mim-twisted[postgresql]'",
+                key="backend",
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -13,21 +13,19 @@ import argparse
 import getpass
 import json
 import os
-import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TextIO
 
-import psycopg2
-from psycopg2.extensions import parse_dsn
 from twisted.internet import endpoints, error
 from twisted.internet.defer import Deferred
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.words.protocols.jabber import jid
 
-from mim_twisted import storage
+import mim_twisted
+from mim_twisted import storage, tap
 from mim_twisted.auth.scram import derive_all
 from mim_twisted.config import MAX_UNIX_SOCKET_PATH, Config, ConfigError, load_config
 from mim_twisted.storage.interfaces import (
@@ -40,7 +38,7 @@ from mim_twisted.storage.interfaces import (
 from mim_twisted.tap import open_storage, secure_sqlite_directory
 
 # Failures an admin can act on from their message alone: one line, no traceback.
-DATABASE_ERRORS = (sqlite3.Error, psycopg2.Error)
+DATABASE_ERRORS = tap.DATABASE_ERRORS
 EXPECTED_ERRORS = (SchemaOutdated, SchemaTooNew, OSError, *DATABASE_ERRORS)
 
 
@@ -236,6 +234,10 @@ def _listener(address: str, port: int) -> str:
 def _storage_location(config: Config) -> str:
     if config.storage.backend == "sqlite":
         return config.sqlite_path
+    # Only with the "postgresql" extra installed, which the config check has made sure of.
+    import psycopg2
+    from psycopg2.extensions import parse_dsn
+
     try:
         parameters = parse_dsn(config.storage.postgresql.dsn)
     except psycopg2.ProgrammingError as error:
@@ -327,6 +329,9 @@ async def stats(config: Config, args: argparse.Namespace, stdin: TextIO, out: Te
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimctl", description="Manage the accounts and the database of mim-twisted."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"mim-twisted {mim_twisted.__version__}"
     )
     parser.add_argument(
         "-c",

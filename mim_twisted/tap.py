@@ -25,7 +25,7 @@ from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.config import Config, ConfigError, changed_keys, load_config
 from mim_twisted.im import caps, ping, roster, version
 from mim_twisted.im.caps import CapsService
-from mim_twisted.im.disco import DiscoService
+from mim_twisted.im.disco import FEATURE_MSGOFFLINE, DiscoService
 from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.messages import MessageRouter
 from mim_twisted.im.offline import OfflineDelivery
@@ -192,6 +192,7 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
     router.account_iq[roster.NS_ROSTER, "query"] = roster_service.handle_iq
     disco = DiscoService(database.accounts, database.rosters)
     disco.install(router)
+    disco.add_server_feature(FEATURE_MSGOFFLINE)  # offline storage is part of every IM core
     ping.install(router, disco)
     version.install(router, disco)
     registration = RegistrationService(

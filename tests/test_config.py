@@ -6,6 +6,7 @@ import os
 from cryptography.hazmat.primitives import serialization
 from twisted.trial import unittest
 
+from mim_twisted import config as config_module
 from mim_twisted.config import Config, ConfigError, changed_keys, load_config
 from tests.certfactory import Authority
 
@@ -387,3 +388,20 @@ class ChangedKeysTests(unittest.TestCase):
             changed_keys(old, new),
             ["server.data_dir", "listeners", "storage.postgresql.pool_size", "log.level"],
         )
+
+
+class DriverTests(unittest.TestCase):
+    def test_postgresql_without_its_driver(self) -> None:
+        self.patch(config_module, "POSTGRESQL_DRIVER", ("psycopg2", "mim_no_such_driver"))
+        path = write(self, '[storage]\nbackend = "postgresql"\n')
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertEqual(
+            str(caught.exception),
+            f'{path}: storage.backend: "postgresql" needs mim_no_such_driver, which are not'
+            " installed: pip install 'mim-twisted[postgresql]'",
+        )
+
+    def test_sqlite_needs_no_driver(self) -> None:
+        self.patch(config_module, "POSTGRESQL_DRIVER", ("mim_no_such_driver",))
+        self.assertEqual(load_config(None).storage.backend, "sqlite")

@@ -32,6 +32,9 @@ from mim_twisted.im import caps
 
 SERVER_NAME = "mim-twisted"
 
+# The registered feature of a server that stores messages for offline users (XEP-0160).
+FEATURE_MSGOFFLINE = "msgoffline"
+
 # `provider(requester, account)` -> the items the requester may see at the account's bare JID.
 ItemsProvider = Callable[[JID, JID], Iterable[DiscoItem] | Awaitable[Iterable[DiscoItem]]]
 

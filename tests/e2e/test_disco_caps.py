@@ -28,7 +28,9 @@ class DiscoCapsTests(ServerTestCase):
         identities = {(c, t, name) for c, t, _lang, name in info["disco_info"]["identities"]}
         self.assertEqual(identities, {("server", "im", "mim-twisted")})
         features = set(info["disco_info"]["features"])
-        self.assertLessEqual({NS_DISCO_INFO, "urn:xmpp:ping", "jabber:iq:version"}, features)
+        self.assertLessEqual(
+            {NS_DISCO_INFO, "urn:xmpp:ping", "jabber:iq:version", "msgoffline"}, features
+        )
 
     async def test_own_account_info(self) -> None:
         client = await self.online()

@@ -433,3 +433,88 @@ class RunningServerTests(unittest.TestCase):
             f"Listening for XMPP clients on 127.0.0.1:{port} (domains: localhost)",
             [event["text"] for event in events],
         )
+
+
+# Runs the rest of the command line as the named console script in an interpreter where the
+# modules of the "postgresql" and "rabbitmq" extras cannot be imported, as after `pip install .`.
+WITHOUT_EXTRAS = (
+    "import sys\n"
+    "for name in ('psycopg2', 'txpostgres', 'pika'):\n"
+    "    sys.modules[name] = None\n"
+    "script = sys.argv.pop(1)\n"
+    "if script == 'twistd':\n"
+    "    from twisted.scripts.twistd import run\n"
+    "else:\n"
+    "    from mim_twisted.ctl import main as run\n"
+    "sys.argv[0] = script\n"
+    "sys.exit(run())\n"
+)
+
+
+class VersionAndExtrasTests(unittest.TestCase):
+    async def test_mimctl_version(self) -> None:
+        out, err, code = await getProcessOutputAndValue(
+            os.path.join(os.path.dirname(sys.executable), "mimctl"), ["--version"], env=os.environ
+        )
+        self.assertEqual(
+            (code, out.decode(), err), (0, f"mim-twisted {mim_twisted.__version__}\n", b"")
+        )
+
+    async def test_embedded_server_without_the_extras(self) -> None:
+        require_asyncio_reactor()
+        directory = os.path.abspath(self.mktemp())
+        port = free_port()
+        config = _write_config(
+            directory, f'[server]\ndata_dir = "data"\n[[listeners]]\nport = {port}\n'
+        )
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-c", WITHOUT_EXTRAS, "mimctl", "-c", config, "check-config"],
+            env=os.environ,
+            path=directory,
+        )
+        self.assertEqual(code, 0, err)
+        process = ProcessOutput()
+        transport = reactor.spawnProcess(
+            process,
+            sys.executable,
+            [
+                sys.executable,
+                "-c",
+                WITHOUT_EXTRAS,
+                "twistd",
+                "-n",
+                "--pidfile=",
+                "mim",
+                "-c",
+                config,
+            ],
+            env=os.environ,
+            path=directory,
+        )
+        self.addCleanup(self._stop, transport, process)
+        await _wait_until_listening(port, process)
+
+    async def _stop(self, transport: object, process: ProcessOutput) -> None:
+        if not process.ended.called:
+            transport.signalProcess(signal.SIGTERM)
+        await process.ended
+
+    async def test_postgresql_without_its_driver_is_a_config_error(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        config = _write_config(directory, '[storage]\nbackend = "postgresql"\n')
+        expected = (
+            f'{config}: storage.backend: "postgresql" needs psycopg2, txpostgres, which are not'
+            " installed: pip install 'mim-twisted[postgresql]'"
+        )
+        for script, arguments, prefix in (
+            ("twistd", ["-n", "--pidfile=", "mim", "-c", config], "mim"),
+            ("mimctl", ["-c", config, "check-config"], "mimctl"),
+        ):
+            out, err, code = await getProcessOutputAndValue(
+                sys.executable,
+                ["-c", WITHOUT_EXTRAS, script, *arguments],
+                env=os.environ,
+                path=directory,
+            )
+            self.assertEqual((code, err.decode()), (1, f"{prefix}: {expected}\n"), out)
