@@ -22,6 +22,7 @@ import mim_twisted
 from mim_twisted import hooks, storage
 from mim_twisted.admin import AdminService
 from mim_twisted.auth.certs import ExternalSettings
+from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
 from mim_twisted.config import Config, ConfigError, changed_keys, load_config
 from mim_twisted.im import caps, ping, roster, version
 from mim_twisted.im.caps import CapsService
@@ -337,6 +338,8 @@ class MimService(service.MultiService):
             await self.pubsub.purge.load()
             self.pubsub.pool.start()
         await self._start_operator_services()
+        # One failure budget for every listener: a guesser gains nothing by switching ports.
+        auth_failures = AuthFailureBudget(failure_budget_settings(config))
         for listener in config.listeners:
             factory = C2SFactory(
                 self._c2s_settings(listener, tls_options),
@@ -344,6 +347,7 @@ class MimService(service.MultiService):
                 sessions=self.core.sessions,
                 router=self.core.router,
                 clock=self.reactor,
+                auth_failures=auth_failures,
             )
             self.core.install(factory)
             self.factories.append(factory)
@@ -406,6 +410,7 @@ class MimService(service.MultiService):
                 common_name_suffix=common_name.suffix,
                 require_account=config.auth.cert_accounts == "existing",
             ),
+            failure_budget=failure_budget_settings(config),
         )
 
     def _start_failed(self, failure: Failure) -> None:
@@ -485,6 +490,14 @@ class MimService(service.MultiService):
         if self.database is not None:
             yield self.database.close()
             self.database = None
+
+
+def failure_budget_settings(config: Config) -> FailureBudgetSettings:
+    return FailureBudgetSettings(
+        address_failures=config.auth.address_failure_budget,
+        account_failures=config.auth.account_failure_budget,
+        window=config.auth.failure_window,
+    )
 
 
 def makeService(options: Options) -> MimService:

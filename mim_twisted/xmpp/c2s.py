@@ -24,8 +24,9 @@ from zope.interface import implementer
 
 from mim_twisted.auth.certs import CertificateIdentities, ExternalSettings, certificate_identities
 from mim_twisted.auth.scram import DEFAULT_ITERATIONS
+from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
 from mim_twisted.im.sessions import SessionManager
-from mim_twisted.xmpp import bind, namespaces
+from mim_twisted.xmpp import bind, namespaces, traffic
 from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
 from mim_twisted.xmpp.sasl.negotiation import SaslNegotiation
 from mim_twisted.xmpp.shaper import ReadShaper
@@ -58,6 +59,7 @@ class C2SSettings:
     # Request client certificates on STARTTLS (None: don't), and how EXTERNAL judges them.
     client_certificates: ClientCertificatePolicy | None = None
     sasl_external: ExternalSettings = ExternalSettings()
+    failure_budget: FailureBudgetSettings = FailureBudgetSettings()
 
 
 class StanzaRouter(Protocol):
@@ -131,6 +133,8 @@ class C2SStream(protocol.Protocol):
         parser.DocumentStartEvent = self._on_stream_start
         parser.ElementEvent = self._on_element
         parser.DocumentEndEvent = self._on_stream_end
+        if self.settings.log_traffic:
+            traffic.log_received_events(parser, self.log_name)
         previous, self._parser = self._parser, parser
         self._header_sent = False
         if previous is not None:
@@ -142,8 +146,6 @@ class C2SStream(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closed:
             return
-        if self.settings.log_traffic:
-            log.info("RECV {peer}: {data!r}", peer=self.log_name(), data=data)
         parser = self._parser
         try:
             parser.parse(data)
@@ -209,12 +211,12 @@ class C2SStream(protocol.Protocol):
         """Write a stanza; elements are serialised in the stream's default namespace."""
         if self.closed:
             return
+        if self.settings.log_traffic:
+            traffic.log_sent(self.log_name(), stanza)
         if isinstance(stanza, domish.Element):
             stanza = stanza.toXml(defaultUri=namespaces.CLIENT)
         if isinstance(stanza, str):
             stanza = stanza.encode("utf-8")
-        if self.settings.log_traffic:
-            log.info("SEND {peer}: {data!r}", peer=self.log_name(), data=stanza)
         self.factory.stanzas_out[_sent_stanza_kind(stanza)] += 1
         if self._write_blocked:
             self._bytes_while_blocked += len(stanza)
@@ -483,6 +485,7 @@ class C2SFactory(protocol.ServerFactory):
         router: StanzaRouter,
         clock: IReactorTime | None = None,
         mechanism_factory: Callable | None = None,
+        auth_failures: AuthFailureBudget | None = None,
     ) -> None:
         from twisted.internet import reactor
 
@@ -494,6 +497,8 @@ class C2SFactory(protocol.ServerFactory):
         self.router = router
         self.clock = clock or reactor
         self.mechanism_factory = mechanism_factory or default_mechanism_factory
+        # Failed logins per address and account; the listeners of one server share them.
+        self.auth_failures = auth_failures or AuthFailureBudget(settings.failure_budget)
         # Extension points: features offered after authentication, features offered before it
         # on an encrypted stream, and IQ handlers `handler(stream, iq)` for requests allowed
         # before authentication (keyed by payload namespace and name).

@@ -28,6 +28,8 @@ _CLIENT_TEXT = {
 @implementer(ISaslMechanism)
 class ExternalMechanism:
     name = "EXTERNAL"
+    # A certificate cannot be guessed: its failures count against no budget.
+    username = None
 
     def __init__(self, context: SaslContext) -> None:
         self._context = context

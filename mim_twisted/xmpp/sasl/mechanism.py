@@ -72,6 +72,10 @@ class ISaslMechanism(Interface):
     """
 
     name = Attribute("The mechanism name as offered, e.g. 'SCRAM-SHA-256'.")
+    username = Attribute(
+        "The account (nodeprepped localpart) the client's credentials name, once read; None"
+        " before, or when they name none. Failures are counted and logged against it."
+    )
 
     # zope.interface methods are declared without self.
     def start(initial_response):  # noqa: N805

@@ -4,6 +4,12 @@ The mechanisms themselves are behind ISaslMechanism; this module only moves thei
 out of the stream, decides which of them a stream is offered, checks the authorisation identity,
 and throttles failures: each failed attempt is answered after a delay that doubles, and after
 `max_failures` the stream is closed with <policy-violation/> (RFC 6120 §6.4.5).
+
+Across connections, wrong passwords count against the server's failure budgets
+(`mim_twisted.auth.throttle`): an address or (account, address) whose budget is spent is
+answered <temporary-auth-failure/>, whatever the password, so the refusal is no oracle. Every
+failure is logged on one line that fail2ban can match:
+``SASL authentication failed for user alice@localhost from 192.0.2.1: not-authorized (...)``.
 """
 
 import base64
@@ -116,6 +122,9 @@ class SaslNegotiation:
             if name in CERTIFICATE_MECHANISMS:
                 raise SaslError("invalid-mechanism", f"{name} needs a verified client certificate")
             raise SaslError("invalid-mechanism", f"Mechanism {name!r} is not offered")
+        # Refused before any password is checked (the account is not known yet).
+        if name not in CERTIFICATE_MECHANISMS:
+            self._check_budget(None)
         self.mechanism_name = name
         initial_response = decode_sasl_data(element)
         stream = self.stream
@@ -150,10 +159,17 @@ class SaslNegotiation:
         if isinstance(outcome, Challenge):
             self._send("challenge", outcome.data)
             return
-        self._mechanism = None
+        mechanism, self._mechanism = self._mechanism, None
+        # A correct password is refused as a wrong one would be while the budget is spent.
+        if _guessable(mechanism):
+            try:
+                self._check_budget(_account(mechanism, self.stream))
+            except SaslError as refused:
+                self._failed(refused, mechanism)
+                return
         bare_jid = f"{outcome.username}@{self.stream.domain}"
         if outcome.authzid and outcome.authzid != bare_jid:
-            self._failed(SaslError("invalid-authzid", "You may only act as yourself"))
+            self._failed(SaslError("invalid-authzid", "You may only act as yourself"), mechanism)
             return
         self.stream.factory.logins[self.mechanism_name, "success"] += 1
         self._send("success", outcome.additional_data)
@@ -163,21 +179,52 @@ class SaslNegotiation:
         if failure.check(defer.CancelledError):
             return
         if failure.check(SaslError):
-            self._failed(failure.value)
+            error, mechanism = failure.value, self._mechanism
+            if error.condition == "not-authorized" and _guessable(mechanism):
+                account = _account(mechanism, self.stream)
+                try:
+                    self._check_budget(account)
+                except SaslError as refused:
+                    # Spent meanwhile (by other connections): refused, not counted.
+                    error = refused
+                else:
+                    self.stream.factory.auth_failures.record_failure(
+                        self._address(), account, self.stream.factory.clock.seconds()
+                    )
+            self._failed(error)
             return
         log.failure("SASL mechanism failed", failure)
         self._failed(SaslError("temporary-auth-failure", "Try again later"))
 
-    def _failed(self, error: SaslError) -> None:
+    def _check_budget(self, account: str | None) -> None:
+        """temporary-auth-failure if a failure budget refuses an attempt on ``account`` (a
+        bare JID, None when not known yet) from this stream's address now."""
+        refusal = self.stream.factory.auth_failures.refusal(
+            self._address(), account, self.stream.factory.clock.seconds()
+        )
+        if refusal is not None:
+            raise SaslError("temporary-auth-failure", f"Try again later: {refusal}")
+
+    def _address(self) -> str:
+        peer = getattr(self.stream, "peer", None)
+        return str(getattr(peer, "host", "?"))
+
+    def _failed(self, error: SaslError, mechanism: object = None) -> None:
+        mechanism = mechanism or self._mechanism
         self._mechanism = None
         self.failures += 1
         self.stream.factory.logins[self.mechanism_name or "none", "failure"] += 1
+        # One line per failure for fail2ban; the account is nodeprepped (no spaces, no
+        # controls) and the address is the transport's, so a client cannot forge this line.
         log.info(
-            "{peer}: SASL failure {condition} ({text}), attempt {n}",
-            peer=self.stream.log_name(),
+            "SASL authentication failed for user {account} from {address}: {condition}"
+            " ({text}; attempt {n} on port {port})",
+            account=_account(mechanism, self.stream) or "-",
+            address=self._address(),
             condition=error.condition,
-            text=error.text,
+            text=error.text or "no details",
             n=self.failures,
+            port=getattr(getattr(self.stream, "peer", None), "port", "?"),
         )
         delay = self.stream.settings.failure_delay * 2 ** (self.failures - 1)
         if delay <= 0:
@@ -208,3 +255,14 @@ class SaslNegotiation:
         if encoded is not None:
             element.addContent(encoded)
         self.stream.send(element)
+
+
+def _guessable(mechanism: object) -> bool:
+    """Whether failures of this attempt are password guesses (not a certificate's)."""
+    return mechanism is not None and mechanism.name not in CERTIFICATE_MECHANISMS
+
+
+def _account(mechanism: object, stream: "C2SStream") -> str | None:
+    """The bare JID an attempt named, None if it has named none (yet)."""
+    username = getattr(mechanism, "username", None)
+    return f"{username}@{stream.domain}" if username else None

@@ -49,6 +49,7 @@ class PlainMechanism:
     name = "PLAIN"
 
     def __init__(self, context: SaslContext) -> None:
+        self.username: str | None = None
         # ``context.secure`` is unused: whether PLAIN is offered without TLS is the
         # negotiation's policy.
         self._domain = context.domain
@@ -70,6 +71,7 @@ class PlainMechanism:
             username = account_name(saslprep(authcid, allow_unassigned=True))
         except ValueError:
             raise SaslError("not-authorized") from None
+        self.username = username
         credentials = await stored_credentials(self._accounts, self._domain, username, _CREDENTIALS)
         known = credentials is not None
         if credentials is None:

@@ -28,7 +28,7 @@ class ScramMechanism:
         self._server = ScramServer(self.name)
         # Set once the server-first-message is sent; the next response is the client-final.
         self._client_first: ClientFirst | None = None
-        self._username = ""
+        self.username: str | None = None
 
     def start(self, initial_response: bytes | None) -> Deferred:
         if not initial_response:
@@ -43,11 +43,12 @@ class ScramMechanism:
         if self._client_first is None:
             return await self._server_first(response)
         server_final = self._server.read_client_final(response)
-        return Success(self._username, self._client_first.authzid, server_final)
+        return Success(self.username, self._client_first.authzid, server_final)
 
     async def _server_first(self, client_first: bytes) -> Challenge:
         first = self._server.read_client_first(client_first)
         username = account_name(first.username)
+        self.username = username
         credentials = await stored_credentials(self._accounts, self._domain, username, (self.name,))
         # An unknown account gets a decoy keyed by its normalised JID, as stable as a real salt.
         server_first = self._server.server_first(
@@ -55,7 +56,7 @@ class ScramMechanism:
             decoy_name=f"{username}@{self._domain}",
             decoy_iterations=self._decoy_iterations,
         )
-        self._client_first, self._username = first, username
+        self._client_first = first
         return Challenge(server_first)
 
 
