@@ -149,6 +149,11 @@ def _write_config(directory: str, text: str) -> str:
     return path
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 async def _wait_for_file_gone(path: str) -> None:
     for _ in range(100):
         if not os.path.exists(path):
@@ -293,6 +298,14 @@ class DaemonTests(unittest.TestCase):
             pid = int(f.read())
         self.addCleanup(self._stop, pid, pidfile)
         # The parent exits only after the report: the server listens already.
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+
+        # SIGHUP reloads the daemon rather than ending it (and leaving its pidfile behind).
+        os.kill(pid, signal.SIGHUP)
+        logfile = os.path.join(directory, "twistd.log")
+        await eventually(lambda: "Reloaded" in _read(logfile))
+        os.kill(pid, 0)
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
 
