@@ -438,8 +438,18 @@ class MimService(service.MultiService):
             return
         running = self.config
         reloaded = []
+        # Only the files change: whether client certificates are asked for stays as running.
+        candidate = dataclasses.replace(
+            running,
+            tls=dataclasses.replace(
+                running.tls,
+                certificate=new.tls.certificate,
+                private_key=new.tls.private_key,
+                client_ca=new.tls.client_ca,
+            ),
+        )
         try:
-            tls_options = load_tls_options(new)
+            tls_options = load_tls_options(candidate)
         except EXPECTED_START_ERRORS as error:
             log.error("Reload: TLS files kept as they were: {error}", error=error)
         else:
@@ -447,15 +457,7 @@ class MimService(service.MultiService):
                 # A stream keeps the settings it was made with: sessions already open are
                 # unaffected, new connections get the new certificate.
                 factory.settings = dataclasses.replace(factory.settings, tls_options=tls_options)
-            running = dataclasses.replace(
-                running,
-                tls=dataclasses.replace(
-                    running.tls,
-                    certificate=new.tls.certificate,
-                    private_key=new.tls.private_key,
-                    client_ca=new.tls.client_ca,
-                ),
-            )
+            running = candidate
             reloaded.append("TLS certificate, key and client CAs")
         if self.log_output is not None:
             self.log_output.set_level(new.log.level)

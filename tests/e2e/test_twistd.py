@@ -432,6 +432,26 @@ class RunningServerTests(unittest.TestCase):
         await _server_certificate(port)
         self.assertFalse(process.ended.called)
 
+    async def test_sighup_with_an_unusable_certificate_keeps_the_running_one(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        certificate = os.path.join(directory, "server.pem")
+        generate_self_signed(certificate, ["localhost"])
+        port, process = await self.start(
+            directory, '[tls]\ncertificate = "server.pem"\nprivate_key = "server.pem"\n'
+        )
+        before = await _server_certificate(port)
+        with open(certificate, "w") as f:
+            f.write("half-written\n")
+        self.transport.signalProcess(signal.SIGHUP)
+        await eventually(lambda: "Reloaded" in process.text())
+        self.assertIn(
+            f"Reload: TLS files kept as they were: {certificate}: no PEM certificate in the file",
+            process.text(),
+        )
+        self.assertEqual(await _server_certificate(port), before)
+        self.assertNotIn("Traceback", process.text())
+
     async def test_json_log_lines_starting_with_the_version(self) -> None:
         directory = os.path.abspath(self.mktemp())
         port, process = await self.start(directory, '[log]\nformat = "json"\n')
