@@ -22,6 +22,7 @@ from cryptography import x509
 from twisted.words.protocols.jabber import jid
 
 from mim_twisted.auth import certs
+from mim_twisted.xmpp import tls
 
 SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")
 
@@ -217,6 +218,17 @@ def verification_methods(value: Any, where: _Where) -> tuple[str, ...]:
     return subset_of(*known)(value, where)
 
 
+def cipher_string(value: Any, where: _Where) -> str:
+    """An OpenSSL cipher string (TLS 1.2 suites) that selects at least one suite."""
+    if not isinstance(value, str):
+        raise _CheckError("must be an OpenSSL cipher string")
+    try:
+        tls.check_ciphers(value)
+    except ValueError as error:
+        raise _CheckError(str(error)) from None
+    return value
+
+
 def _domain(value: Any) -> str:
     # RFC 7622 3.2: a final dot is not part of the domain; nameprep also folds case.
     if not isinstance(value, str):
@@ -300,6 +312,7 @@ class TLSConfig:
     client_ca: tuple[str, ...] = option([], certificate_files)
     allow_self_signed_client: bool = option(False, boolean)
     client_cert_failure: str = option("no_external", one_of("no_external", "disconnect"))
+    ciphers: str = option(tls.DEFAULT_CIPHERS, cipher_string)
 
     def __post_init__(self) -> None:
         # Both empty means a generated self-signed pair; half a pair is always a mistake.
@@ -389,6 +402,7 @@ class LimitsConfig:
     max_offline_messages: int = option(100, integer(0))
     max_read_rate: int = option(1048576, integer(0))
     max_unbound_per_address: int = option(100, integer(1))
+    stanza_timeout: float = option(60.0, number(0, inclusive=False))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -123,7 +123,7 @@ def load_tls_options(config: Config) -> ssl.CertificateOptions:
         log.info("Generated a self-signed certificate in {path}", path=certificate)
     client_ca = config.tls.client_ca if config.tls.verify_peer else ()
     try:
-        options = tls.server_tls_options(certificate, key, client_ca)
+        options = tls.server_tls_options(certificate, key, client_ca, config.tls.ciphers)
         # Made now rather than at the first STARTTLS, so that a key that does not match the
         # certificate stops the start (or the reload).
         options.getContext()
@@ -403,6 +403,7 @@ class MimService(service.MultiService):
             scram_iterations=config.auth.scram_iterations,
             max_read_rate=config.limits.max_read_rate,
             max_unbound_per_address=config.limits.max_unbound_per_address,
+            stanza_timeout=config.limits.stanza_timeout,
             client_certificates=client_certificates,
             sasl_external=ExternalSettings(
                 methods=config.auth.sasl_external,

@@ -11,9 +11,11 @@ from mim_twisted.auth.scram import derive_all
 from mim_twisted.config import load_config
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.tap import build_im_core
-from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
+from mim_twisted.xmpp.c2s import CLOSE_GRACE, C2SFactory, C2SSettings
+from mim_twisted.xmpp.namespaces import BIND, CLIENT, SASL, SESSION, STREAMS, TLS
 from mim_twisted.xmpp.sasl import plain
 from tests.test_sasl_mechanisms import synchronously
+from tests.wire import STREAM_ERROR, STREAM_ERRORS, STREAM_FEATURES, parse_server_output
 from tests.xml_samples import BILLION_LAUGHS
 
 HEADER = (
@@ -84,9 +86,12 @@ class StreamTestCase(unittest.TestCase):
         return data
 
     def assertStreamError(self, transport: StringTransport, condition: str) -> None:
-        data = transport.value()
-        self.assertIn(f"<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>".encode(), data)
-        self.assertTrue(data.endswith(b"</stream:stream>"), data)
+        """The output ends with a {streams}error holding the condition, and the stream closes."""
+        output = parse_server_output(transport.value())
+        self.assertEqual(output.elements[-1].tag, STREAM_ERROR)
+        self.assertEqual(output.elements[-1][0].tag, f"{{{STREAM_ERRORS}}}{condition}")
+        self.assertEqual(output.stream_error(), condition)
+        self.assertTrue(output.closed)
         self.assertTrue(transport.disconnecting)
 
     def login(self, resource: str = "home") -> tuple:
@@ -426,3 +431,177 @@ class UnboundPerAddressTests(StreamTestCase):
         for _ in range(2):
             _, transport = self.connect_from("127.0.0.1")
             self.assertFalse(transport.disconnecting)
+
+
+class TlsRecordingTransport(StringTransport):
+    """A StringTransport that records STARTTLS instead of doing it."""
+
+    tls_options = None
+
+    def startTLS(self, options: object) -> None:
+        self.tls_options = options
+
+
+class NamespaceTests(StreamTestCase):
+    """Everything the stream writes is in the right namespace as a client's parser reads it."""
+
+    def test_header_and_features(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        output = parse_server_output(transport.value())
+        self.assertEqual(output.headers[0].tag, f"{{{STREAMS}}}stream")
+        [features] = output.elements
+        self.assertEqual(features.tag, STREAM_FEATURES)
+        mechanisms = features.findall(f"{{{SASL}}}mechanisms/{{{SASL}}}mechanism")
+        self.assertEqual([m.text for m in mechanisms], ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"])
+
+    def test_sasl_success_bind_features_and_bind_result(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + plain_auth("alice", "secret"))
+        self.assertEqual(
+            parse_server_output(self.read(transport)).elements[-1].tag, f"{{{SASL}}}success"
+        )
+        stream.dataReceived(HEADER)
+        [features] = parse_server_output(self.read(transport)).elements
+        self.assertEqual(features.tag, STREAM_FEATURES)
+        self.assertIsNotNone(features.find(f"{{{BIND}}}bind"))
+        self.assertIsNotNone(features.find(f"{{{SESSION}}}session/{{{SESSION}}}optional"))
+        stream.dataReceived(bind_request("home"))
+        [result] = parse_server_output(self.read(transport)).elements
+        self.assertEqual(result.tag, f"{{{CLIENT}}}iq")
+        self.assertEqual(result.findtext(f"{{{BIND}}}bind/{{{BIND}}}jid"), "alice@localhost/home")
+
+    def test_sasl_failure(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        self.read(transport)
+        stream.dataReceived(plain_auth("alice", "wrong"))
+        [failure] = parse_server_output(self.read(transport)).elements
+        self.assertEqual(failure.tag, f"{{{SASL}}}failure")
+        self.assertEqual(failure[0].tag, f"{{{SASL}}}not-authorized")
+
+    def test_stream_error_before_the_client_header(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(b"<?xml version='1.0'?><!DOCTYPE x>")
+        self.assertEqual(len(parse_server_output(transport.value()).headers), 1)
+        self.assertStreamError(transport, "restricted-xml")
+
+    def test_stream_error_with_text(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"<foo xmlns='urn:example'/>")
+        error = parse_server_output(transport.value()).elements[-1]
+        self.assertEqual(error.tag, STREAM_ERROR)
+        self.assertEqual(error.findtext(f"{{{STREAM_ERRORS}}}text"), "Unexpected <foo/>")
+
+
+class StartTlsNamespaceTests(StreamTestCase):
+    settings = {"tls_options": object(), "starttls_required": True}
+
+    def connect(self) -> tuple:
+        stream = self.factory.buildProtocol(None)
+        transport = TlsRecordingTransport()
+        stream.makeConnection(transport)
+        return stream, transport
+
+    def test_starttls_feature_proceed_and_the_stream_after_it(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        [features] = parse_server_output(self.read(transport)).elements
+        self.assertIsNotNone(features.find(f"{{{TLS}}}starttls/{{{TLS}}}required"))
+        stream.dataReceived(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        [proceed] = parse_server_output(self.read(transport)).elements
+        self.assertEqual(proceed.tag, f"{{{TLS}}}proceed")
+        self.assertIsNotNone(transport.tls_options)
+        stream.dataReceived(HEADER)
+        [features] = parse_server_output(self.read(transport)).elements
+        self.assertEqual(features.tag, STREAM_FEATURES)
+        self.assertIsNotNone(features.find(f"{{{SASL}}}mechanisms"))
+        self.clock.advance(31)
+        self.assertStreamError(transport, "connection-timeout")
+
+    def test_starttls_failure(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        self.read(transport)
+        stream.dataReceived(HEADER + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        output = parse_server_output(transport.value())
+        self.assertEqual(output.elements[-1].tag, f"{{{TLS}}}failure")
+        self.assertTrue(output.closed)
+        self.assertTrue(transport.disconnecting)
+
+
+class ClosingTests(StreamTestCase):
+    """A closing stream lets go of its transport and drops it after a short grace."""
+
+    settings = {"failure_delay": 2.0}
+
+    def assertReleased(self, transport: StringTransport) -> None:
+        # TLS (TLSMemoryBIOProtocol) closes only once no producer is registered.
+        self.assertIsNone(transport.producer)
+        # Reading again: the client's FIN or TLS close_notify must be noticed.
+        self.assertEqual(transport.producerState, "producing")
+        self.assertTrue(transport.disconnecting)
+
+    def test_stream_error(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"<foo xmlns='urn:example'/>")
+        self.assertReleased(transport)
+        self.clock.advance(CLOSE_GRACE - 0.1)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)  # aborted
+
+    def test_stream_error_while_reading_is_paused(self) -> None:
+        stream, transport = self.connect()
+        # The first failure is answered after a delay, with reading paused; the second <auth/>
+        # in the same write is a policy violation.
+        stream.dataReceived(HEADER + plain_auth("alice", "wrong") + plain_auth("alice", "wrong"))
+        self.assertStreamError(transport, "policy-violation")
+        self.assertReleased(transport)
+
+    def test_closing_stream_end(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"</stream:stream>")
+        self.assertTrue(parse_server_output(transport.value()).closed)
+        self.assertReleased(transport)
+
+    def test_connection_lost_cancels_the_abort(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + b"</stream:stream>")
+        stream.connectionLost()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.factory.streams, set())
+        self.assertEqual(self.factory._unbound, {})
+
+
+class StanzaTimeoutTests(StreamTestCase):
+    settings = {"stanza_timeout": 60.0}
+
+    def test_a_stanza_trickled_byte_by_byte_is_cut(self) -> None:
+        stream, transport = self.login()
+        stream.dataReceived(b"<message to='alice@localhost/home'><body>")
+        for _ in range(59):
+            self.clock.advance(1)
+            stream.dataReceived(b"x")
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertStreamError(transport, "policy-violation")
+
+    def test_each_stanza_gets_its_own_time(self) -> None:
+        stream, transport = self.login()
+        stream.dataReceived(b"<presence>")
+        self.clock.advance(50)
+        stream.dataReceived(b"</presence><presence>")
+        self.clock.advance(50)
+        self.assertFalse(transport.disconnecting)
+        stream.dataReceived(b"</presence>")
+        self.clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+
+    def test_a_stanza_in_many_pieces_within_the_time_is_fine(self) -> None:
+        stream, transport = self.login()
+        for piece in (b"<message to='alice@localhost/home'>", b"<body>hi", b"</body></message>"):
+            stream.dataReceived(piece)
+            self.clock.advance(20)
+        self.assertFalse(transport.disconnecting)
+        self.assertIn(b"<body>hi</body>", transport.value())

@@ -36,6 +36,13 @@ log = Logger()
 
 STANZA_NAMES = frozenset(("message", "presence", "iq"))
 PREAUTH_MAX_STANZA_SIZE = 16384
+# Seconds a closing connection gets to deliver what was written to it (and, on TLS, to
+# exchange close_notify) before it is cut: a peer that never reads or never answers must not
+# hold a socket.
+CLOSE_GRACE = 5.0
+# Elements of the stream namespace (features, error) are written with the prefix that our
+# stream header declares, as RFC 6120 §4.9 writes <stream:error/>.
+_STREAM_PREFIXES = {namespaces.STREAMS: "stream"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class C2SSettings:
     max_outgoing_buffer: int
     max_read_rate: int = 0  # bytes per second a client may send; 0: no limit
     max_unbound_per_address: int = 100  # connections not yet bound, per peer address
+    stanza_timeout: float = 60.0  # seconds one top-level element may take to arrive
     log_traffic: bool = False
     scram_iterations: int = DEFAULT_ITERATIONS
     # Request client certificates on STARTTLS (None: don't), and how EXTERNAL judges them.
@@ -97,6 +105,9 @@ class C2SStream(protocol.Protocol):
         self._parser: StreamParser | None = None
         self._header_sent = False
         self._auth_timer = None
+        self._close_timer = None
+        self._stanza_timer = None
+        self._timed_stanza = 0  # which started stanza `_stanza_timer` is running for
         self._write_blocked = False
         self._read_pauses: set[str] = set()
         self._shaper: ReadShaper | None = None
@@ -152,6 +163,8 @@ class C2SStream(protocol.Protocol):
         except (RestrictedXml, StanzaTooLarge, domish.ParserError) as e:
             if parser is self._parser:
                 self._parse_error(e)
+        if not self.closed:
+            self._time_stanza()
         if self._shaper is not None and not self.closed:
             pause = self._shaper.consume(len(data), self.factory.clock.seconds())
             if pause:
@@ -163,6 +176,32 @@ class C2SStream(protocol.Protocol):
                     self._shaper_timer = self.factory.clock.callLater(
                         pause, self.resume_reading, "shaper"
                     )
+
+    def _time_stanza(self) -> None:
+        """Give the stanza being received `stanza_timeout` seconds from its first byte."""
+        parser = self._parser
+        timer = self._stanza_timer
+        if not parser.in_stanza:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._stanza_timer = None
+        elif timer is None or self._timed_stanza != parser.stanzas_started:
+            self._timed_stanza = parser.stanzas_started
+            if timer is not None and timer.active():
+                timer.reset(self.settings.stanza_timeout)
+            else:
+                self._stanza_timer = self.factory.clock.callLater(
+                    self.settings.stanza_timeout, self._stanza_timed_out
+                )
+
+    def _stanza_timed_out(self) -> None:
+        self._stanza_timer = None
+        # policy-violation, not connection-timeout: the client is still sending (RFC 6120
+        # §4.9.3.4 is for a peer that can no longer communicate); it breaks our limit on how
+        # long one stanza may take, like the size limit (§4.9.3.14).
+        self.stream_error(
+            "policy-violation", f"A stanza took longer than {self.settings.stanza_timeout:g} s"
+        )
 
     def pause_reading(self, reason: str) -> None:
         """Stop reading from the client until every reason given has been resumed."""
@@ -188,8 +227,9 @@ class C2SStream(protocol.Protocol):
         self.factory.streams.discard(self)
         self.factory.forget_unbound(self)
         self.lost.callback(None)
-        if self._auth_timer is not None and self._auth_timer.active():
-            self._auth_timer.cancel()
+        for timer in (self._auth_timer, self._close_timer, self._stanza_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         self.sasl.cancel()
         if self.secure and not self.tls_established:
             self.factory.tls_failures += 1
@@ -214,7 +254,14 @@ class C2SStream(protocol.Protocol):
         if self.settings.log_traffic:
             traffic.log_sent(self.log_name(), stanza)
         if isinstance(stanza, domish.Element):
-            stanza = stanza.toXml(defaultUri=namespaces.CLIENT)
+            if stanza.uri == namespaces.STREAMS:
+                stanza = stanza.toXml(
+                    prefixes=_STREAM_PREFIXES,
+                    defaultUri=namespaces.CLIENT,
+                    prefixesInScope=["stream"],
+                )
+            else:
+                stanza = stanza.toXml(defaultUri=namespaces.CLIENT)
         if isinstance(stanza, str):
             stanza = stanza.encode("utf-8")
         self.factory.stanzas_out[_sent_stanza_kind(stanza)] += 1
@@ -250,12 +297,22 @@ class C2SStream(protocol.Protocol):
         )
         if not self._header_sent:
             self._send_header(self.domain or sorted(self.settings.domains)[0])
-        self.send(
-            error.StreamError(condition, text).getElement().toXml(defaultUri=namespaces.STREAMS)
-        )
+        self.send(error.StreamError(condition, text).getElement())
         self.send(b"</stream:stream>")
+        self._close()
+
+    def _close(self) -> None:
+        """Close the connection after what was written: at once on plain TCP, after the
+        close_notify exchange on TLS, and in any case within CLOSE_GRACE seconds."""
         self.closed = True
-        self.transport.loseConnection()
+        transport = self.transport
+        # TLS (TLSMemoryBIOProtocol) does not shut down while a producer is registered.
+        transport.unregisterProducer()
+        # Read again, so that the client's FIN or close_notify is noticed.
+        self._read_pauses.clear()
+        transport.resumeProducing()
+        transport.loseConnection()
+        self._close_timer = self.factory.clock.callLater(CLOSE_GRACE, transport.abortConnection)
 
     def replaced(self) -> None:
         self.stream_error("conflict", "Replaced by a new connection")
@@ -315,8 +372,7 @@ class C2SStream(protocol.Protocol):
     def _on_stream_end(self) -> None:
         if not self.closed:
             self.send(b"</stream:stream>")
-            self.closed = True
-            self.transport.loseConnection()
+            self._close()
 
     # -- elements --------------------------------------------------------------------------
 
@@ -343,8 +399,8 @@ class C2SStream(protocol.Protocol):
     def _start_tls(self) -> None:
         if self.secure or self.settings.tls_options is None or self.username is not None:
             self.send(domish.Element((namespaces.TLS, "failure")))
-            self.closed = True
-            self.transport.loseConnection()
+            self.send(b"</stream:stream>")
+            self._close()
             return
         self.send(domish.Element((namespaces.TLS, "proceed")))
         options = self.settings.tls_options

@@ -3,7 +3,9 @@
 RFC 6120 §11.1 forbids comments, processing instructions, DTDs and entity declarations in an
 XML stream; rejecting the DOCTYPE as soon as it starts is also what stops a billion-laughs
 document before any entity is expanded. The stanza size limit is counted exactly: the bytes
-fed since the end of the last complete top-level element.
+fed since the end of the last complete top-level element. The parser also says whether a
+top-level element is open and counts those begun, so that the stream can limit the time one
+stanza may take to arrive.
 """
 
 import pyexpat
@@ -37,6 +39,7 @@ class StreamParser(domish.ExpatElementStream):
         self._elements = 0
         self._bytes_fed = 0
         self._last_stanza_end = 0
+        self.stanzas_started = 0  # top-level elements (stanzas, SASL, ...) begun so far
         parser = self.parser
         parser.SetParamEntityParsing(pyexpat.XML_PARAM_ENTITY_PARSING_NEVER)
         parser.StartDoctypeDeclHandler = self._forbid("DTD")
@@ -57,8 +60,15 @@ class StreamParser(domish.ExpatElementStream):
         # A stanza still open at the end of the data may be growing without bound.
         self._check_size(self._bytes_fed)
 
+    @property
+    def in_stanza(self) -> bool:
+        """Whether a top-level element has begun and not yet ended."""
+        return self._depth > 1
+
     def _onStartElement(self, name: str, attrs: dict) -> None:
         self._depth += 1
+        if self._depth == 2:
+            self.stanzas_started += 1
         self._elements += 1
         # The stream's root element is depth 1, a stanza depth 2.
         if self._depth > MAX_DEPTH + 1:

@@ -23,6 +23,20 @@ from zope.interface import implementer
 
 SELF_SIGNED_NAME = "self-signed.pem"
 
+# TLS 1.2 suites with forward secrecy (ECDHE, DHE) and an AEAD cipher (AES-GCM,
+# ChaCha20-Poly1305) only: no CBC, no SHA-1 MAC. This OpenSSL cipher string does not touch TLS
+# 1.3, whose suites OpenSSL configures apart and which all qualify.
+DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+
+def check_ciphers(ciphers: str) -> None:
+    """ValueError unless the OpenSSL cipher string selects at least one TLS 1.2 suite."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.set_cipher_list(ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        raise ValueError("selects no cipher suite this OpenSSL knows") from None
+
 
 def generate_self_signed(path: str, domains: list[str], *, valid_days: int = 3650) -> None:
     """Write a PEM file holding a new P-256 key and a self-signed certificate for the domains."""
@@ -80,9 +94,14 @@ def load_certificates(path: str) -> list[x509.Certificate]:
 
 
 def server_tls_options(
-    certificate_path: str, key_path: str, client_ca: Sequence[str] = ()
+    certificate_path: str,
+    key_path: str,
+    client_ca: Sequence[str] = (),
+    ciphers: str = DEFAULT_CIPHERS,
 ) -> ssl.CertificateOptions:
     """TLS 1.2+ server options from PEM files (the certificate file may carry its chain).
+
+    ``ciphers`` is an OpenSSL cipher string for TLS 1.2 (see DEFAULT_CIPHERS).
 
     ``client_ca`` are PEM files of the authorities client certificates are verified against;
     the verification itself is set up per connection by ClientCertificateCheck.
@@ -104,6 +123,7 @@ def server_tls_options(
         certificate=chain[0],
         extraCertChain=chain[1:],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
         # The trusted authorities go into the context's store; whether and how a client
         # certificate is verified is decided per connection.
         verify=bool(authorities),

@@ -67,7 +67,7 @@ class ExternalTestCase(ServerTestCase):
         raw = self.raw()
         await raw.connect()
         await raw.send(STREAM_HEADER)
-        await raw.read_until(b"</features>")
+        await raw.read_until(b"</stream:features>")
         await raw.send(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
         await raw.read_until(b"<proceed")
         context = ssl.create_default_context(cafile=self.certificate)
@@ -79,7 +79,7 @@ class ExternalTestCase(ServerTestCase):
     async def features_after_starttls(self, issued: Issued | None) -> tuple[RawClient, bytes]:
         raw = await self.starttls(issued)
         await raw.send(STREAM_HEADER)
-        return raw, await raw.read_until(b"</features>")
+        return raw, await raw.read_until(b"</stream:features>")
 
 
 class StandardTests(ExternalTestCase):
@@ -226,7 +226,7 @@ class DisconnectPolicyTests(ExternalTestCase):
         try:
             raw = await self.starttls(issued)
             await raw.send(STREAM_HEADER)
-            data = await raw.read_until(b"</features>")
+            data = await raw.read_until(b"</stream:features>")
         except (ssl.SSLError, ConnectionError):
             data = b""
         self.assertNotIn(b"<stream:stream", data)
