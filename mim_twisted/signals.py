@@ -25,7 +25,8 @@ class ReloadOnHangup(service.Service):
         self._previous = signal.signal(signal.SIGHUP, self._hangup)
 
     def stopService(self) -> None:
-        signal.signal(signal.SIGHUP, self._previous)
+        # None: the previous handler was not set from Python; the default is the closest.
+        signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
         return super().stopService()
 
     def _hangup(self, signum: int, frame: object) -> None:
