@@ -18,9 +18,9 @@ import mim_twisted
 from mim_twisted import ctl
 from mim_twisted.tap import MimService
 from tests.e2e.harness import Client, ServerTestCase, eventually, wait_for
-from tests.wire import STREAM_ERRORS
 
 PASSWORD = "admin me"
+STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
 
 
 class AdminSocketTests(ServerTestCase):
