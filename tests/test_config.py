@@ -390,6 +390,37 @@ class ChangedKeysTests(unittest.TestCase):
         )
 
 
+class OperatorConfigTests(unittest.TestCase):
+    """[admin] and [metrics]."""
+
+    assertError = ErrorTests.assertError
+
+    def test_defaults(self) -> None:
+        config = load_config(None)
+        self.assertTrue(config.admin.enabled)
+        self.assertEqual(config.admin_socket, os.path.join(os.getcwd(), "mim-data", "admin.sock"))
+        self.assertFalse(config.metrics.enabled)
+        self.assertEqual(config.metrics.endpoint, "tcp:9090:interface=127.0.0.1")
+
+    def test_admin_socket_path(self) -> None:
+        config = load_config(write(self, '[admin]\nsocket = "/run/mim/admin.sock"\n'))
+        self.assertEqual(config.admin_socket, "/run/mim/admin.sock")
+
+    def test_admin_socket_too_long(self) -> None:
+        long_path = "/" + "x" * 107
+        self.assertError(
+            f'[admin]\nsocket = "{long_path}"\n',
+            f'admin.socket: is too long for a UNIX socket (at most 107 bytes) (got "{long_path}")',
+        )
+
+    def test_metrics_endpoint_not_an_endpoint(self) -> None:
+        self.assertError(
+            '[metrics]\nendpoint = "9090"\n',
+            'metrics.endpoint: must be an endpoint string such as "tcp:9090:interface=127.0.0.1"'
+            ' (got "9090")',
+        )
+
+
 class DriverTests(unittest.TestCase):
     def test_postgresql_without_its_driver(self) -> None:
         self.patch(config_module, "POSTGRESQL_DRIVER", ("psycopg2", "mim_no_such_driver"))
