@@ -156,7 +156,10 @@ async def ask_server(config: Config, command: str, **arguments: Any) -> Any:
         line = await client.answer.addTimeout(ADMIN_TIMEOUT, reactor)
     except Exception as failure:
         raise CommandError(f"no answer on the admin socket {path}: {failure}") from None
-    response = json.loads(line)
+    try:
+        response = json.loads(line)
+    except ValueError:
+        raise CommandError(f"not an answer on the admin socket {path}: {line[:80]!r}") from None
     if not response["ok"]:
         raise CommandError(response["error"])
     return response["result"]

@@ -12,11 +12,13 @@ import tempfile
 
 from slixmpp.xmlstream import ET
 from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThread
 from twisted.words.protocols.jabber.jid import JID
 
 import mim_twisted
 from mim_twisted import ctl
 from mim_twisted.tap import MimService
+from tests.ci import unavailable
 from tests.e2e.harness import Client, ServerTestCase, eventually, wait_for
 
 PASSWORD = "admin me"
@@ -100,6 +102,26 @@ class AdminSocketTests(ServerTestCase):
         # The first one still answers.
         status, out, _ = await self.mimctl("status")
         self.assertEqual(status, 0)
+
+    async def test_the_installed_script(self) -> None:
+        script = os.path.join(os.path.dirname(sys.executable), "mimctl")
+        if not os.path.exists(script):
+            unavailable(f"mimctl is not installed next to {sys.executable}", "pip install -e .")
+
+        def mimctl(*argv: str) -> subprocess.CompletedProcess:
+            command = [script, "-c", self.server.config.source, *argv]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+        await self.online("alice@localhost/desk")
+        done = await deferToThread(mimctl, "sessions")
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(done.stdout.split("\t")[0], "alice@localhost/desk")
+        await self.server.stopService()
+        done = await deferToThread(mimctl, "status")
+        self.assertEqual(
+            (done.returncode, done.stdout, done.stderr),
+            (1, "", f"mimctl: mim-twisted is not running (no admin socket at {self.socket})\n"),
+        )
 
     async def test_status(self) -> None:
         await self.online("alice@localhost/desk")
