@@ -1,0 +1,118 @@
+"""The metrics' parts without a server: the collector over stand-in state, the storage timer.
+
+tests/e2e/test_metrics.py scrapes a running server after known traffic.
+"""
+
+from collections import Counter
+from types import SimpleNamespace
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from mim_twisted.metrics import ServerCollector, StorageTimer
+from mim_twisted.storage.interfaces import AccountNotFound
+
+
+def stream(*, username: str | None = None, jid: str | None = None, available: bool = False):
+    return SimpleNamespace(
+        username=username,
+        jid=jid and SimpleNamespace(host="localhost"),
+        closed=False,
+        presence=object() if available else None,
+    )
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset], float]:
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+class CollectorTests(unittest.TestCase):
+    def test_reads_the_counters_and_the_live_state(self) -> None:
+        factory = SimpleNamespace(
+            streams=[
+                stream(),
+                stream(username="alice"),
+                stream(username="bob", jid="bob@localhost/a", available=True),
+                stream(username="carol", jid="carol@localhost/a"),
+            ],
+            stanzas_in=Counter(message=3, iq=1),
+            stanzas_out=Counter({"message": 2, None: 7}),
+            logins=Counter({("PLAIN", "success"): 2, ("none", "failure"): 1}),
+            tls_failures=4,
+        )
+        server = SimpleNamespace(
+            factories=[factory, factory],  # two listeners: their counts add up
+            core=SimpleNamespace(
+                router=SimpleNamespace(
+                    messages=SimpleNamespace(outcomes=Counter(delivered=5)),
+                    components={"pubsub.localhost": SimpleNamespace(results=Counter(ok=2))},
+                )
+            ),
+            pubsub=SimpleNamespace(
+                services={"pubsub.localhost": None},
+                pool=SimpleNamespace(pending=lambda: [0, 3]),
+            ),
+        )
+        registry = CollectorRegistry()
+        collector = ServerCollector(server)
+        collector.offline_messages = 6
+        registry.register(collector)
+        values = samples(registry)
+
+        def value(name: str, **labels: str) -> float:
+            return values[name, frozenset(labels.items())]
+
+        self.assertEqual(value("mim_connections", state="connected"), 2)
+        self.assertEqual(value("mim_connections", state="authenticated"), 2)
+        self.assertEqual(value("mim_connections", state="bound"), 4)
+        self.assertEqual(value("mim_sessions", state="available"), 2)
+        self.assertEqual(value("mim_sessions", state="unavailable"), 2)
+        self.assertEqual(value("mim_stanzas_total", direction="in", kind="message"), 6)
+        self.assertEqual(value("mim_stanzas_total", direction="in", kind="presence"), 0)
+        self.assertEqual(value("mim_stanzas_total", direction="out", kind="message"), 4)
+        self.assertEqual(value("mim_logins_total", mechanism="PLAIN", result="success"), 4)
+        self.assertEqual(value("mim_logins_total", mechanism="none", result="failure"), 2)
+        self.assertEqual(value("mim_tls_handshake_failures_total"), 8)
+        self.assertEqual(value("mim_messages_routed_total", outcome="delivered"), 5)
+        self.assertEqual(value("mim_messages_routed_total", outcome="bounced"), 0)
+        self.assertEqual(value("mim_pubsub_requests_total", result="ok"), 2)
+        self.assertEqual(value("mim_pubsub_queue_length", queue="1"), 3)
+        self.assertEqual(value("mim_offline_messages"), 6)
+
+    def test_a_server_not_started_yet(self) -> None:
+        registry = CollectorRegistry()
+        registry.register(ServerCollector(SimpleNamespace(factories=[], core=None, pubsub=None)))
+        values = samples(registry)
+        self.assertEqual(values["mim_connections", frozenset({("state", "bound")})], 0)
+        self.assertNotIn(("mim_offline_messages", frozenset()), values)
+
+
+class StorageTimerTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.registry = CollectorRegistry()
+        self.timer = StorageTimer(self.registry)
+        self.store = SimpleNamespace(_run=lambda outcome: outcome)
+        database = SimpleNamespace(
+            accounts=self.store, rosters=SimpleNamespace(), offline=None, pubsub=None
+        )
+        self.timer.install(database)
+
+    def value(self, name: str) -> float:
+        return samples(self.registry)[name, frozenset()]
+
+    def test_times_each_transaction(self) -> None:
+        self.assertEqual(self.successResultOf(self.store._run(defer.succeed(1))), 1)
+        self.failureResultOf(self.store._run(defer.fail(OSError("gone"))), OSError)
+        self.assertEqual(self.value("mim_storage_seconds_count"), 2)
+        self.assertEqual(self.value("mim_storage_errors_total"), 1)
+
+    def test_a_store_answer_is_no_error(self) -> None:
+        self.failureResultOf(self.store._run(defer.fail(AccountNotFound("a"))), AccountNotFound)
+        self.assertEqual(self.value("mim_storage_errors_total"), 0)
