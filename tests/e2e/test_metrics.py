@@ -1,5 +1,6 @@
 """The metrics endpoint end to end: known traffic from slixmpp clients, then /metrics read with
-prometheus_client's own parser, and /health while the database answers and once it does not."""
+prometheus_client's own parser (on SQLite and PostgreSQL), and /health while the database
+answers and once it does not."""
 
 from prometheus_client.parser import text_string_to_metric_families
 from slixmpp.xmlstream import ET
@@ -14,7 +15,7 @@ PASSWORD = "count me in"
 METRICS = '[metrics]\nenabled = true\nendpoint = "tcp:0:interface=127.0.0.1"\n'
 
 
-class MetricsTests(ServerTestCase):
+class MetricsTestCase(ServerTestCase):
     extra_config = METRICS
 
     async def setUp(self) -> None:
@@ -44,6 +45,8 @@ class MetricsTests(ServerTestCase):
         self.assertEqual(await client.connect(), "session_start")
         return client
 
+
+class MetricsTests(MetricsTestCase):
     async def test_counts_known_traffic(self) -> None:
         alice = await self.online("alice@localhost/desk")
         bob = await self.online("bob@localhost/phone")
@@ -91,6 +94,12 @@ class MetricsTests(ServerTestCase):
         self.assertEqual(value("mim_storage_errors_total"), 0)
         self.assertGreater(value("mim_storage_seconds_count"), 0)
 
+
+class MetricsOnPostgreSQLTests(MetricsTests):
+    storage = "postgresql"
+
+
+class HealthTests(MetricsTestCase):
     async def test_health_follows_the_database(self) -> None:
         self.assertEqual(await self.get("/health"), (200, b"ok\n"))
         self.server.metrics.probe_timeout = 0.5
