@@ -6,11 +6,12 @@ databases; the default suits a local server with trust authentication.
 
 import os
 import secrets
+import time
 from typing import NoReturn
 
 import psycopg2
 from psycopg2 import sql
-from psycopg2.extensions import make_dsn
+from psycopg2.extensions import make_dsn, parse_dsn
 from twisted.trial.unittest import TestCase
 
 from tests.ci import unavailable
@@ -62,5 +63,37 @@ def drop_database(name: str) -> None:
                 (name,),
             )
             cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+    finally:
+        connection.close()
+
+
+def terminate_backends(dsn: str, *, sparing: tuple[int, ...] = ()) -> int:
+    """End the server processes of ``dsn``'s database (but those of ``sparing``), as a restart
+    does, and wait until they are gone; how many there were.
+
+    This blocks: the reactor does not run meanwhile, so the clients learn of it only when they
+    next use their connections or the reactor reads what the server sent them before closing.
+    """
+    name = parse_dsn(dsn)["dbname"]
+    connection = _connect_admin()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
+                (name, list(sparing)),
+            )
+            [(terminated,)] = cursor.fetchall()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                    " AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
+                    (name, list(sparing)),
+                )
+                if cursor.fetchone()[0] == 0:
+                    return terminated
+                time.sleep(0.01)
+            raise AssertionError(f"the server processes of {name} outlived pg_terminate_backend")
     finally:
         connection.close()

@@ -6,13 +6,21 @@ terminate the server processes of their own database, which is what the clients 
 
 import os
 import sqlite3
+import time
+from collections.abc import Callable
 
-from twisted.internet import reactor
+import psycopg2
+from psycopg2.extensions import make_dsn, parse_dsn
+from twisted.internet import reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
+from mim_twisted.storage.pgpool import ConnectionPool, DatabaseUnavailable, OutcomeUnknown, Session
+from mim_twisted.storage.postgres import PostgresDatabase
 from mim_twisted.storage.sqlite import SQLiteDatabase
-from tests.storage_contract import ALICE, credentials
+from tests import pgsupport
+from tests.storage_contract import ALICE, credentials, message
 
 
 class LogCapture:
@@ -30,10 +38,19 @@ class LogCapture:
         return [message for message in self.messages if message.startswith(prefix)]
 
 
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` is true, checking every 10 ms."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await task.deferLater(reactor, 0.01)
+
+
 class SQLiteBusyTests(TestCase):
     async def open(self) -> SQLiteDatabase:
         self.path = os.path.join(os.path.abspath(self.mktemp()), "mim.sqlite3")
-        database = SQLiteDatabase(self.path, busy_timeout=0.05, busy_retry_delays=(0.05, 0.1))
+        database = SQLiteDatabase(self.path, busy_timeout=0.05, busy_retry_delays=(0.05, 0.1, 0.2))
         self.addCleanup(database.close)
         await database.migrate()
         return database
@@ -49,10 +66,11 @@ class SQLiteBusyTests(TestCase):
         log = LogCapture(self)
         database = await self.open()
         holder = self.lock()
-        reactor.callLater(0.1, holder.execute, "COMMIT")
-        await database.accounts.create_account(*ALICE, credentials("1"))
+        creating = database.accounts.create_account(*ALICE, credentials("1"))
+        await until(lambda: log.starting("SQLite: database is locked; trying again in 0.05 s"))
+        holder.execute("COMMIT")
+        await creating
         self.assertTrue(await database.accounts.account_exists(*ALICE))
-        self.assertTrue(log.starting("SQLite: database is locked; trying again in 0.05 s"))
 
     async def test_a_lock_held_too_long_fails_the_write(self) -> None:
         database = await self.open()
@@ -60,3 +78,185 @@ class SQLiteBusyTests(TestCase):
         with self.assertRaises(sqlite3.OperationalError):
             await database.accounts.create_account(*ALICE, credentials("1"))
         self.assertFalse(await database.accounts.account_exists(*ALICE))
+
+
+class PostgresProxy:
+    """A TCP relay to PostgreSQL on a loopback port, which a test takes down and brings back."""
+
+    def __init__(self, test: TestCase, dsn: str) -> None:
+        parameters = parse_dsn(dsn)
+        self.relays: set[portforward.ProxyServer] = set()
+        relays = self.relays
+
+        class Relay(portforward.ProxyServer):
+            def connectionMade(self) -> None:
+                relays.add(self)
+                super().connectionMade()
+
+            def connectionLost(self, reason: object) -> None:
+                relays.discard(self)
+                super().connectionLost(reason)
+
+        self.factory = portforward.ProxyFactory(
+            parameters.get("host", "127.0.0.1"), int(parameters.get("port", 5432))
+        )
+        self.factory.protocol = Relay
+        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+        self.dsn = make_dsn(dsn, host="127.0.0.1", port=self.port)
+        test.addCleanup(self.take_down)
+
+    async def take_down(self) -> None:
+        """Refuse new connections and cut the relayed ones, as a stopped server does."""
+        if self.listening is not None:
+            await self.listening.stopListening()
+            self.listening = None
+        for relay in list(self.relays):
+            relay.transport.abortConnection()
+            if relay.peer is not None:
+                relay.peer.transport.abortConnection()
+        while self.relays:
+            await task.deferLater(reactor, 0.01)
+
+    def bring_back(self) -> None:
+        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+
+class PostgresRecoveryTests(TestCase):
+    async def open(self, pool_size: int = 2, dsn: str | None = None) -> PostgresDatabase:
+        if dsn is None:
+            dsn = self.dsn = pgsupport.create_temp_database(self)
+        database = PostgresDatabase(
+            dsn, pool_size, reconnect_delay=0.05, max_reconnect_delay=0.2, connect_timeout=2
+        )
+        self.addCleanup(database.close)
+        await database.start()
+        await database.migrate()
+        return database
+
+    async def open_pool(self) -> ConnectionPool:
+        """A pool of one connection, alone on its database."""
+        self.dsn = pgsupport.create_temp_database(self)
+        pool = ConnectionPool(self.dsn, 1, reconnect_delay=0.05)
+        self.addCleanup(pool.close)
+        return await pool.start()
+
+    def assertOneOutage(self, log: LogCapture) -> None:
+        self.assertEqual(len(log.starting("PostgreSQL connection lost: ")), 1, log.messages)
+        self.assertEqual(len(log.starting("PostgreSQL connection restored after ")), 1)
+
+    async def test_a_read_on_dead_connections_is_retried(self) -> None:
+        # Terminated while the reactor does not run: the pool learns that its connections are
+        # dead only by using them, and the read runs again until it gets a new one.
+        log = LogCapture(self)
+        database = await self.open()
+        await database.accounts.create_account(*ALICE, credentials("1"))
+        self.assertEqual(pgsupport.terminate_backends(self.dsn), 2)
+        self.assertTrue(await database.accounts.account_exists(*ALICE))
+        await until(lambda: log.starting("PostgreSQL connection restored"))
+        self.assertOneOutage(log)
+        self.assertEqual(await database.accounts.list_accounts(ALICE[0]), [ALICE[1]])
+
+    async def test_idle_connections_are_replaced_before_the_next_request(self) -> None:
+        log = LogCapture(self)
+        database = await self.open(pool_size=3)
+        pgsupport.terminate_backends(self.dsn)
+        await until(lambda: log.starting("PostgreSQL connection restored"))
+        self.assertOneOutage(log)
+        await database.accounts.create_account(*ALICE, credentials("1"))
+        self.assertTrue(await database.accounts.account_exists(*ALICE))
+
+    async def test_a_write_in_flight_is_run_again_once(self) -> None:
+        # The write waits for a row lock that another client holds when its connection dies:
+        # nothing was committed, so it runs again, and is stored once.
+        database = await self.open(pool_size=1)
+        await database.accounts.create_account(*ALICE, credentials("1"))
+        holder = psycopg2.connect(self.dsn)
+        self.addCleanup(holder.close)
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            [(holder_pid,)] = cursor.fetchall()
+            cursor.execute(
+                "SELECT 1 FROM users WHERE server = %s AND username = %s FOR UPDATE", ALICE
+            )
+        storing = database.offline.store(*ALICE, message(1), 10)
+        await until(lambda: self.waiting_for_lock() == 1)
+        pgsupport.terminate_backends(self.dsn, sparing=(holder_pid,))
+        holder.rollback()
+        await storing
+        self.assertEqual(await database.offline.count(*ALICE), 1)
+
+    def waiting_for_lock(self) -> int:
+        with psycopg2.connect(self.dsn) as watcher, watcher.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            return cursor.fetchone()[0]
+
+    async def test_a_write_that_lost_its_connection_at_commit_is_reported_not_repeated(
+        self,
+    ) -> None:
+        log = LogCapture(self)
+        pool = await self.open_pool()
+        runs = []
+
+        async def insert_then_lose_the_connection(session: Session) -> None:
+            runs.append(1)
+            await session.execute("CREATE TABLE done (x int)")
+            # Dead before COMMIT is sent: the pool cannot know that the server did not commit.
+            pgsupport.terminate_backends(self.dsn)
+
+        with self.assertRaises(OutcomeUnknown):
+            await pool.run(insert_then_lose_the_connection)
+        self.assertEqual(runs, [1])
+        self.assertEqual(await pool.run(self.table_exists), False)
+        await until(lambda: log.starting("PostgreSQL connection restored"))
+        self.assertOneOutage(log)
+
+    async def table_exists(self, session: Session) -> bool:
+        rows = await session.execute("SELECT to_regclass('done') IS NOT NULL")
+        return rows[0][0]
+
+    async def test_a_read_that_lost_its_connection_at_commit_runs_again(self) -> None:
+        pool = await self.open_pool()
+        runs = []
+
+        async def read_then_lose_the_connection(session: Session) -> bool:
+            runs.append(1)
+            exists = await self.table_exists(session)
+            if len(runs) == 1:
+                pgsupport.terminate_backends(self.dsn)
+            return exists
+
+        self.assertEqual(await pool.run(read_then_lose_the_connection), False)
+        self.assertEqual(runs, [1, 1])
+
+    async def test_requests_fail_fast_while_unreachable_and_work_when_it_is_back(self) -> None:
+        log = LogCapture(self)
+        proxy = PostgresProxy(self, pgsupport.create_temp_database(self))
+        database = await self.open(dsn=proxy.dsn)
+        await database.accounts.create_account(*ALICE, credentials("1"))
+        await proxy.take_down()
+        await until(lambda: database._pool._unreachable is not None)
+        for _ in range(3):
+            started = time.monotonic()
+            with self.assertRaises(DatabaseUnavailable) as raised:
+                await database.accounts.account_exists(*ALICE)
+            self.assertLess(time.monotonic() - started, 0.5)
+            self.assertIn("PostgreSQL is unreachable", str(raised.exception))
+            await task.deferLater(reactor, 0.2)
+        proxy.bring_back()
+        # The back-off tops at 0.2 s here.
+        await until(lambda: log.starting("PostgreSQL connection restored"), timeout=2)
+        self.assertTrue(await database.accounts.account_exists(*ALICE))
+        self.assertOneOutage(log)
+        [restored] = log.starting("PostgreSQL connection restored")
+        self.assertRegex(restored, r"^PostgreSQL connection restored after \d+\.\d s$")
+
+    async def test_start_fails_while_unreachable(self) -> None:
+        proxy = PostgresProxy(self, pgsupport.create_temp_database(self))
+        await proxy.take_down()
+        database = PostgresDatabase(proxy.dsn, 2)
+        with self.assertRaises(psycopg2.OperationalError):
+            await database.start()

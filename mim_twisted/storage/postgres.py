@@ -1,16 +1,15 @@
-"""Storage in PostgreSQL through a txpostgres pool of asynchronous psycopg2 connections."""
+"""Storage in PostgreSQL through a pool of asynchronous psycopg2 connections (see pgpool.py)."""
 
 import functools
 from importlib.resources.abc import Traversable
 from typing import TypeVar
 
-from twisted.internet.defer import Deferred, FirstError, inlineCallbacks, succeed
-from twisted.python.failure import Failure
-from txpostgres import txpostgres
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from mim_twisted.storage import migrations, sql
 from mim_twisted.storage.interfaces import IDatabase
+from mim_twisted.storage.pgpool import ConnectionPool, Session
 
 T = TypeVar("T")
 
@@ -18,13 +17,12 @@ T = TypeVar("T")
 _MIGRATION_LOCK = 0x6D696D5F736368
 
 
-@inlineCallbacks
-def _read_version(cursor: txpostgres.Cursor):
-    yield cursor.execute("SELECT to_regclass('schema_version') IS NOT NULL")
-    if not cursor.fetchone()[0]:
+async def _read_version(session: Session) -> int:
+    rows = await session.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+    if not rows[0][0]:
         return 0
-    yield cursor.execute("SELECT version FROM schema_version")
-    return cursor.fetchone()[0]
+    rows = await session.execute("SELECT version FROM schema_version")
+    return rows[0][0]
 
 
 @functools.cache
@@ -34,19 +32,20 @@ def _postgres_statement(statement: str) -> str:
     return statement.replace("%", "%%").replace("?", "%s")
 
 
-@inlineCallbacks
-def _execute(cursor: txpostgres.Cursor, make_transaction: sql.TransactionFactory[T]):
-    """Run a transaction (see sql.py) in the transaction that runInteraction opened."""
-    transaction = make_transaction()
-    rows = None
-    while True:
-        try:
-            statement, parameters = transaction.send(rows)
-        except StopIteration as done:
-            return done.value
-        yield cursor.execute(_postgres_statement(statement), parameters)
-        # psycopg2's fetchall raises for a statement that returns no rows.
-        rows = [] if cursor.description is None else cursor.fetchall()
+def _sql_transaction(make_transaction: sql.TransactionFactory[T]):
+    """The pool's transaction body for a transaction of sql.py, made anew for each attempt."""
+
+    async def body(session: Session) -> T:
+        transaction = make_transaction()
+        rows = None
+        while True:
+            try:
+                statement, parameters = transaction.send(rows)
+            except StopIteration as done:
+                return done.value
+            rows = await session.execute(_postgres_statement(statement), parameters)
+
+    return body
 
 
 @implementer(IDatabase)
@@ -54,60 +53,52 @@ class PostgresDatabase:
     """The database at ``dsn`` (a libpq connection string) over ``pool_size`` connections.
 
     Usable once ``start()`` has fired. ``schema_dir`` is where the schema files are read from;
-    tests point it elsewhere.
+    tests point it elsewhere, and pass ``pool_options`` to the ConnectionPool.
     """
 
     def __init__(
-        self, dsn: str, pool_size: int, *, schema_dir: Traversable = migrations.SCHEMA_DIR
+        self,
+        dsn: str,
+        pool_size: int,
+        *,
+        schema_dir: Traversable = migrations.SCHEMA_DIR,
+        **pool_options: object,
     ) -> None:
         self._schema_dir = schema_dir
-        self._pool = txpostgres.ConnectionPool(None, dsn, min=pool_size)
+        self._pool = ConnectionPool(dsn, pool_size, **pool_options)
         self.accounts = sql.SQLAccountStore(self._run)
         self.rosters = sql.SQLRosterStore(self._run)
         self.offline = sql.SQLOfflineStore(self._run)
         self.pubsub = sql.SQLPubSubStore(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
-        return self._pool.runInteraction(_execute, make_transaction)
+        return self._pool.run(_sql_transaction(make_transaction))
 
     def start(self) -> Deferred["PostgresDatabase"]:
         """Open the connections; Deferred firing with this database."""
-
-        def close_opened(failure: Failure) -> Failure:
-            self._close_connections()
-            # The pool wraps the first connection's failure, which is what the caller wants.
-            return failure.value.subFailure if failure.check(FirstError) else failure
-
-        return self._pool.start().addCallbacks(lambda _: self, close_opened)
+        return self._pool.start().addCallback(lambda _: self)
 
     def schema_version(self) -> Deferred[int]:
-        return self._pool.runInteraction(_read_version)
+        return self._pool.run(_read_version)
 
     def migrate(self) -> Deferred[int]:
-        return self._pool.runInteraction(self._migrate)
+        return self._pool.run(self._migrate)
 
-    @inlineCallbacks
-    def _migrate(self, cursor: txpostgres.Cursor):
-        # runInteraction wraps this in a transaction, and PostgreSQL's DDL is transactional: a
-        # failing script leaves the database as it was. The lock, held to the end of the
-        # transaction, makes a concurrent migration wait for this one and then find nothing to do.
-        yield cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        installed = yield _read_version(cursor)
+    async def _migrate(self, session: Session) -> int:
+        # The pool runs this in a transaction, and PostgreSQL's DDL is transactional: a failing
+        # script leaves the database as it was. The lock, held to the end of the transaction,
+        # makes a concurrent migration wait for this one and then find nothing to do.
+        await session.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        installed = await _read_version(session)
         for step in migrations.plan(installed, "postgresql", self._schema_dir):
             for statement in step.statements:
-                yield cursor.execute(statement)
-            yield cursor.execute("DELETE FROM schema_version")
-            yield cursor.execute(
+                await session.execute(statement)
+            await session.execute("DELETE FROM schema_version")
+            await session.execute(
                 "INSERT INTO schema_version (version) VALUES (%s)", (step.version,)
             )
-        return (yield _read_version(cursor))
+        return await _read_version(session)
 
     def close(self) -> Deferred[None]:
-        self._close_connections()
+        self._pool.close()
         return succeed(None)
-
-    def _close_connections(self) -> None:
-        for connection in self._pool.connections:
-            # One whose connect failed before psycopg2 made a connection has nothing to close.
-            if connection.pollable() is not None:
-                connection.close()

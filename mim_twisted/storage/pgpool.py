@@ -1,0 +1,330 @@
+"""A pool of asynchronous PostgreSQL connections (txpostgres) that lives through server restarts.
+
+Each of the pool's connections is watched while idle, so one the server closes (a restart, an
+administrator's pg_terminate_backend) is noticed at once, not by the next request. A lost
+connection is replaced, at once and then with a doubling back-off; an outage is logged once when
+it begins and once when every connection is back.
+
+Transactions are begun and committed here, so that a failure is known to have happened before or
+during COMMIT. One whose connection was lost before COMMIT was sent has not been committed, so it
+runs again on another connection; so does a read-only one that lost it during COMMIT. A writing
+one that lost it during COMMIT may or may not have been committed: it fails with OutcomeUnknown
+rather than risk doing twice what it did. While the database cannot be reached at all, requests
+fail at once with DatabaseUnavailable instead of waiting.
+"""
+
+import collections
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg2
+from twisted.internet import error as internet_error
+from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres import txpostgres
+
+T = TypeVar("T")
+
+log = Logger()
+
+# Seconds a connection attempt may take; libpq leaves the timing of asynchronous ones to us.
+CONNECT_TIMEOUT = 5.0
+# The pause before the second attempt to replace a lost connection (the first is immediate); it
+# doubles with each failure, up to the maximum.
+RECONNECT_DELAY = 0.1
+MAX_RECONNECT_DELAY = 2.0
+
+
+class DatabaseUnavailable(psycopg2.OperationalError):
+    """PostgreSQL cannot be reached now; nothing of the request was committed."""
+
+
+class OutcomeUnknown(psycopg2.OperationalError):
+    """The connection was lost during COMMIT: the transaction may or may not have been committed."""
+
+
+def _one_line(error: BaseException) -> str:
+    # psycopg2's messages span lines ("server closed the connection unexpectedly\n\tThis ...").
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+class Session:
+    """The statements of one transaction on one connection; remembers whether any wrote."""
+
+    def __init__(self, cursor: txpostgres.Cursor) -> None:
+        self._cursor = cursor
+        self.wrote = False
+
+    async def execute(self, statement: str, parameters: tuple = ()) -> list[tuple]:
+        """Run ``statement`` (psycopg2 placeholders); its rows, ``[]`` for one without."""
+        if statement.lstrip()[:6].upper() != "SELECT":
+            self.wrote = True
+        await self._cursor.execute(statement, parameters)
+        # psycopg2's fetchall raises for a statement that returns no rows.
+        return [] if self._cursor.description is None else self._cursor.fetchall()
+
+
+Body = Callable[[Session], Awaitable[T]]
+
+
+class _ConnectionLost(Exception):
+    def __init__(self, cause: BaseException, retryable: bool) -> None:
+        super().__init__(_one_line(cause))
+        self.retryable = retryable
+
+
+class _Connection(txpostgres.Connection):
+    """A txpostgres connection that reports its loss while idle instead of raising it.
+
+    txpostgres keeps an idle connection registered for reading (for NOTIFY); when the server
+    closes it, psycopg2's poll raises in doRead, which the reactor would log as an unhandled
+    error.
+    """
+
+    def __init__(self, reactor: object, on_lost: Callable[["_Connection", Exception], None]):
+        super().__init__(reactor)
+        self._on_lost = on_lost
+
+    def doRead(self) -> None:
+        try:
+            super().doRead()
+        except psycopg2.Error as error:
+            self._on_lost(self, error)
+
+    def discard(self) -> None:
+        """Stop watching and free the connection, whatever state it is in."""
+        if self._connection is None:
+            return
+        self.reactor.removeReader(self)
+        self.reactor.removeWriter(self)
+        if not self._connection.closed:
+            txpostgres.Connection.close(self)
+        else:
+            # A broken connection (closed == 2) still holds libpq's socket until closed.
+            self._connection.close()
+            for cursor in set(self._cursors):
+                cursor.connectionLost(Failure(internet_error.ConnectionDone()))
+            self.connectionLost(Failure(internet_error.ConnectionDone()))
+
+
+def _is_lost(connection: _Connection, error: BaseException) -> bool:
+    if isinstance(error, internet_error.ConnectionDone | internet_error.ConnectionLost):
+        return True
+    raw = connection.pollable()
+    return raw is None or bool(raw.closed)
+
+
+class ConnectionPool:
+    """``size`` connections to the database at ``dsn`` (a libpq connection string).
+
+    Usable once ``start()`` has fired; ``run`` runs a transaction body on one of them.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        size: int,
+        *,
+        reactor: object = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        reconnect_delay: float = RECONNECT_DELAY,
+        max_reconnect_delay: float = MAX_RECONNECT_DELAY,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._dsn = dsn
+        self._size = size
+        self._connect_timeout = connect_timeout
+        self._reconnect_delay = reconnect_delay
+        self._max_reconnect_delay = max_reconnect_delay
+        self._live: set[_Connection] = set()
+        self._idle: collections.deque[_Connection] = collections.deque()
+        self._waiting: collections.deque[Deferred[_Connection]] = collections.deque()
+        # Connections being made, and the pending attempts to replace lost ones.
+        self._connecting: set[_Connection] = set()
+        self._retries: set = set()
+        self._closed = False
+        # Since when connections are missing (monotonic seconds), None when all are there.
+        self._outage_since: float | None = None
+        # Why the latest attempt to connect failed, while none has succeeded since.
+        self._unreachable: str | None = None
+
+    # Connecting.
+
+    def start(self) -> Deferred["ConnectionPool"]:
+        """Open the connections; fails with the first connection's error if any fails."""
+
+        def failed(failure: Failure) -> Failure:
+            self.close()
+            return failure.value.subFailure if failure.check(FirstError) else failure
+
+        attempts = [self._connect().addCallback(self._add) for _ in range(self._size)]
+        return gatherResults(attempts, consumeErrors=True).addCallbacks(lambda _: self, failed)
+
+    def _connect(self) -> Deferred[_Connection]:
+        connection = _Connection(self._reactor, self._lost)
+        connecting = connection.connect(self._dsn)
+        self._connecting.add(connection)
+        # Closing the connection fails its pending poll, and so the attempt.
+        timeout = self._reactor.callLater(self._connect_timeout, connection.discard)
+
+        def done(result: object) -> object:
+            self._connecting.discard(connection)
+            if timeout.active():
+                timeout.cancel()
+            if isinstance(result, Failure):
+                connection.discard()
+                if result.check(internet_error.ConnectionDone):
+                    message = f"no answer within {self._connect_timeout} s"
+                    return Failure(DatabaseUnavailable(f"PostgreSQL: {message}"))
+            return result
+
+        return connecting.addBoth(done)
+
+    def _add(self, connection: _Connection) -> None:
+        self._live.add(connection)
+        self._release(connection)
+
+    def _lost(self, connection: _Connection, reason: BaseException) -> None:
+        """``connection`` is dead: forget it, replace it, and log if an outage begins."""
+        if connection not in self._live:
+            return
+        self._live.discard(connection)
+        if connection in self._idle:
+            self._idle.remove(connection)
+        connection.discard()
+        if self._closed:
+            return
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warn("PostgreSQL connection lost: {reason}; reconnecting", reason=_one_line(reason))
+        self._replace(0.0)
+
+    def _replace(self, delay: float) -> None:
+        """Make a new connection after ``delay`` seconds, retrying with back-off."""
+
+        def attempt() -> None:
+            self._retries.discard(call)
+            self._connect().addCallbacks(connected, failed)
+
+        def connected(connection: _Connection) -> None:
+            if self._closed:
+                connection.discard()
+                return
+            self._unreachable = None
+            self._add(connection)
+            if self._outage_since is not None and len(self._live) == self._size:
+                log.info(
+                    "PostgreSQL connection restored after {seconds:.1f} s",
+                    seconds=time.monotonic() - self._outage_since,
+                )
+                self._outage_since = None
+
+        def failed(failure: Failure) -> None:
+            if self._closed:
+                return
+            self._unreachable = _one_line(failure.value)
+            # Nobody waits for a connection that may not come for a while.
+            self._fail_waiting()
+            next_delay = min(max(delay * 2, self._reconnect_delay), self._max_reconnect_delay)
+            self._replace(next_delay)
+
+        call = self._reactor.callLater(delay, attempt)
+        self._retries.add(call)
+
+    # Lending connections.
+
+    def _release(self, connection: _Connection) -> None:
+        if connection not in self._live:
+            return
+        if self._waiting:
+            self._waiting.popleft().callback(connection)
+        else:
+            self._idle.append(connection)
+
+    def _unavailable(self) -> DatabaseUnavailable:
+        if self._closed:
+            return DatabaseUnavailable("PostgreSQL: the connection pool is closed")
+        return DatabaseUnavailable(f"PostgreSQL is unreachable: {self._unreachable}")
+
+    def _fail_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, collections.deque()
+        for request in waiting:
+            request.errback(self._unavailable())
+
+    async def _acquire(self) -> _Connection:
+        if self._idle:
+            return self._idle.popleft()
+        if self._closed or (self._unreachable is not None and not self._live):
+            raise self._unavailable()
+        request: Deferred[_Connection] = Deferred()
+        self._waiting.append(request)
+        return await request
+
+    # Running transactions.
+
+    def run(self, body: Body[T]) -> Deferred[T]:
+        """Run ``body`` in a transaction on one of the connections; Deferred with its result."""
+        return Deferred.fromCoroutine(self._run(body))
+
+    async def _run(self, body: Body[T]) -> T:
+        # Every idle connection may turn out dead before the pool learns that they all are.
+        for _ in range(self._size):
+            try:
+                return await self._run_once(body)
+            except _ConnectionLost as lost:
+                if not lost.retryable:
+                    raise OutcomeUnknown(
+                        f"PostgreSQL connection lost during COMMIT ({lost}): the change may or"
+                        " may not have been saved"
+                    ) from None
+        try:
+            return await self._run_once(body)
+        except _ConnectionLost as lost:
+            raise DatabaseUnavailable(f"PostgreSQL connection lost: {lost}") from None
+
+    async def _run_once(self, body: Body[T]) -> T:
+        connection = await self._acquire()
+        committing = False
+        session = None
+        try:
+            cursor = connection.cursor()
+            await cursor.execute("BEGIN")
+            session = Session(cursor)
+            result = await body(session)
+            committing = True
+            await cursor.execute("COMMIT")
+            return result
+        except Exception as error:
+            if _is_lost(connection, error):
+                self._lost(connection, error)
+                # Before COMMIT nothing was committed; a transaction that only read may run again.
+                wrote = session is not None and session.wrote
+                raise _ConnectionLost(error, retryable=not (committing and wrote)) from None
+            await self._roll_back(connection)
+            raise
+        finally:
+            self._release(connection)
+
+    async def _roll_back(self, connection: _Connection) -> None:
+        try:
+            await connection.cursor().execute("ROLLBACK")
+        except Exception as error:
+            # The request's own error is what its caller needs; a connection that cannot roll
+            # back is of no further use.
+            self._lost(connection, error)
+
+    def close(self) -> None:
+        """Close the connections and stop reconnecting; waiting requests fail."""
+        self._closed = True
+        for call in self._retries:
+            call.cancel()
+        self._retries.clear()
+        for connection in [*self._live, *self._connecting]:
+            connection.discard()
+        self._live.clear()
+        self._idle.clear()
+        self._fail_waiting()
