@@ -16,6 +16,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
+from mim_twisted.storage.interfaces import StorageUnavailable
 from mim_twisted.storage.pgpool import ConnectionPool, DatabaseUnavailable, OutcomeUnknown, Session
 from mim_twisted.storage.postgres import PostgresDatabase
 from mim_twisted.storage.sqlite import SQLiteDatabase
@@ -75,8 +76,10 @@ class SQLiteBusyTests(TestCase):
     async def test_a_lock_held_too_long_fails_the_write(self) -> None:
         database = await self.open()
         self.lock()
-        with self.assertRaises(sqlite3.OperationalError):
+        with self.assertRaises(StorageUnavailable) as raised:
             await database.accounts.create_account(*ALICE, credentials("1"))
+        self.assertIsInstance(raised.exception, sqlite3.OperationalError)
+        self.assertEqual(str(raised.exception), "SQLite: database is locked, still after 3 retries")
         self.assertFalse(await database.accounts.account_exists(*ALICE))
 
 
@@ -244,7 +247,8 @@ class PostgresRecoveryTests(TestCase):
             with self.assertRaises(DatabaseUnavailable) as raised:
                 await database.accounts.account_exists(*ALICE)
             self.assertLess(time.monotonic() - started, 0.5)
-            self.assertIn("PostgreSQL is unreachable", str(raised.exception))
+            self.assertIn("PostgreSQL is unreachable: ", str(raised.exception))
+            self.assertIsInstance(raised.exception, StorageUnavailable)
             await task.deferLater(reactor, 0.2)
         proxy.bring_back()
         # The back-off tops at 0.2 s here.

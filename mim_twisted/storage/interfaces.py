@@ -28,6 +28,12 @@ class SchemaTooNew(Exception):
     """The database schema is newer than this code: it was migrated by a later release."""
 
 
+class StorageUnavailable(Exception):
+    """The database cannot serve the request now: its server is unreachable, or the connection
+    was lost while committing. Expected during an outage, which the backend logs once: a caller
+    may answer with a temporary error and log one line instead of a traceback."""
+
+
 class IDatabase(Interface):
     """One opened database: its schema version, migration and the stores built on it."""
 

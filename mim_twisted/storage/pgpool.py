@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 
+from mim_twisted.storage.interfaces import StorageUnavailable
+
 T = TypeVar("T")
 
 log = Logger()
@@ -37,11 +39,12 @@ RECONNECT_DELAY = 0.1
 MAX_RECONNECT_DELAY = 2.0
 
 
-class DatabaseUnavailable(psycopg2.OperationalError):
+# Also psycopg2 errors, which mimctl reports in one line.
+class DatabaseUnavailable(psycopg2.OperationalError, StorageUnavailable):
     """PostgreSQL cannot be reached now; nothing of the request was committed."""
 
 
-class OutcomeUnknown(psycopg2.OperationalError):
+class OutcomeUnknown(psycopg2.OperationalError, StorageUnavailable):
     """The connection was lost during COMMIT: the transaction may or may not have been committed."""
 
 

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mim_twisted.storage import migrations, permissions, sql
-from mim_twisted.storage.interfaces import IDatabase
+from mim_twisted.storage.interfaces import IDatabase, StorageUnavailable
 
 T = TypeVar("T")
 
@@ -54,6 +54,11 @@ def _read_version(cursor: adbapi.Transaction) -> int:
         return 0
     cursor.execute("SELECT version FROM schema_version")
     return cursor.fetchone()[0]
+
+
+# Also an sqlite3 error, which mimctl reports in one line.
+class DatabaseBusy(sqlite3.OperationalError, StorageUnavailable):
+    """Another process held the database's lock through every retry; nothing was committed."""
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
@@ -135,7 +140,14 @@ class SQLiteDatabase:
                     raise
                 log.warn("SQLite: {error}; trying again in {delay} s", error=error, delay=delay)
             await task.deferLater(self._reactor, delay)
-        return await self._pool.runInteraction(interaction, *args)
+        try:
+            return await self._pool.runInteraction(interaction, *args)
+        except sqlite3.OperationalError as error:
+            if _is_busy(error):
+                raise DatabaseBusy(
+                    f"SQLite: {error}, still after {len(self._busy_retry_delays)} retries"
+                ) from None
+            raise
 
     def _migrate(self, cursor: adbapi.Transaction) -> int:
         # IMMEDIATE takes the write lock before the version is read, so a concurrent migration
