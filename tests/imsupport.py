@@ -23,7 +23,8 @@ DOMAINS = frozenset({"localhost", "example.org"})
 
 
 class FakeSession:
-    """A bound client session with the IM state of a C2SStream; it keeps what it is sent, parsed."""
+    """A bound client session with the IM state of a C2SStream; it keeps what it is sent as a
+    client reads it: serialised as C2SStream writes it, then parsed namespace-aware."""
 
     def __init__(self, jid: str, *, secure: bool = True) -> None:
         self.jid = JID(jid)
@@ -41,9 +42,11 @@ class FakeSession:
     def send(self, stanza: domish.Element | bytes | str) -> None:
         if self.closed:
             return
-        if isinstance(stanza, bytes):
+        if isinstance(stanza, domish.Element):
+            stanza = stanza.toXml(defaultUri="jabber:client")
+        elif isinstance(stanza, bytes):
             stanza = stanza.decode("utf-8")
-        self.sent.append(parse(stanza) if isinstance(stanza, str) else stanza)
+        self.sent.append(parse(stanza))
 
     def replaced(self) -> None:
         self.stream_error("conflict")
