@@ -28,6 +28,7 @@ from tests import certfactory
 from tests.certfactory import Authority, Issued
 from tests.test_c2s_stream import HEADER, bind_request, plain_auth
 from tests.test_sasl_mechanisms import synchronously
+from tests.wire import STREAM_FEATURES, parse_server_output
 
 # -- TLS in memory ---------------------------------------------------------------------------
 
@@ -258,6 +259,28 @@ class ExternalMechanismTests(unittest.TestCase):
 
 # -- the stream ------------------------------------------------------------------------------
 
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+NS_BIND = "urn:ietf:params:xml:ns:xmpp-bind"
+
+
+def mechanisms(data: bytes) -> list[str]:
+    """The SASL mechanisms offered by the <stream:features/> that ``data`` ends with."""
+    features = parse_server_output(data).elements[-1]
+    assert features.tag == STREAM_FEATURES, features.tag
+    return [m.text for m in features.iterfind(f"{{{NS_SASL}}}mechanisms/{{{NS_SASL}}}mechanism")]
+
+
+def sasl_answer(data: bytes) -> tuple[str, str | None, list[str]]:
+    """The one SASL element in ``data``: (its qualified name, its text, its children's names)."""
+    [element] = parse_server_output(data).elements
+    return element.tag, element.text, [child.tag for child in element]
+
+
+def failure(condition: str) -> tuple[str, None, list[str]]:
+    """What `sasl_answer` gives for a <failure/> with the condition and a <text/>."""
+    return f"{{{NS_SASL}}}failure", None, [f"{{{NS_SASL}}}{condition}", f"{{{NS_SASL}}}text"]
+
 
 def auth_external(authzid: str | None = None) -> bytes:
     """<auth/> with the authzid as initial response ("=": none); None: no initial response."""
@@ -328,87 +351,85 @@ class ExternalStreamTests(TLSTestMixin, unittest.TestCase):
         transport = TLSStringTransport()
         stream.makeConnection(transport)
         stream.dataReceived(HEADER)
-        self.assertIn(b"<required/>", self.read(transport))
+        [features] = parse_server_output(self.read(transport)).elements
+        self.assertIsNotNone(features.find(f"{{{NS_TLS}}}starttls/{{{NS_TLS}}}required"))
         stream.dataReceived(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-        self.assertIn(b"<proceed", self.read(transport))
+        self.assertEqual(sasl_answer(self.read(transport)), (f"{{{NS_TLS}}}proceed", None, []))
         self.assertIsInstance(transport.tls_options, tls.ClientCertificateCheck)
         if handshake(transport.tls_options, client):
             stream.handshakeCompleted()
         stream.dataReceived(HEADER)
         return stream, transport, self.read(transport)
 
-    def bind(self, stream, transport) -> bytes:
-        self.assertIn(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>", self.read(transport))
+    def bind(self, stream, transport) -> str:
+        """After a <success/>: restart the stream, bind "desk"; the JID bound."""
+        self.assertEqual(sasl_answer(self.read(transport)), (f"{{{NS_SASL}}}success", None, []))
         stream.dataReceived(HEADER)
         self.read(transport)
         stream.dataReceived(bind_request("desk"))
-        return self.read(transport)
+        [result] = parse_server_output(self.read(transport)).elements
+        self.assertEqual((result.tag, result.get("type")), ("{jabber:client}iq", "result"))
+        return result.findtext(f"{{{NS_BIND}}}bind/{{{NS_BIND}}}jid")
 
     def test_offered_first_with_a_verified_certificate(self) -> None:
         stream, _, features = self.connect(self.ca.issue("bob", ["bob@localhost"]))
-        self.assertIn(
-            b"<mechanism>EXTERNAL</mechanism><mechanism>SCRAM-SHA-256</mechanism>", features
-        )
+        self.assertEqual(mechanisms(features), ["EXTERNAL", "SCRAM-SHA-256", "PLAIN"])
         self.assertEqual(stream.client_identities.xmpp_addrs, ("bob@localhost",))
 
     def test_single_xmpp_addr_without_authzid(self) -> None:
         stream, transport, _ = self.connect(self.ca.issue("bob", ["bob@localhost"]))
         stream.dataReceived(auth_external(""))
-        self.assertIn(b"<jid>bob@localhost/desk</jid>", self.bind(stream, transport))
+        self.assertEqual(self.bind(stream, transport), "bob@localhost/desk")
 
     def test_no_initial_response(self) -> None:
         stream, transport, _ = self.connect(self.ca.issue(None, ["kate@localhost", "kate@fed1"]))
         stream.dataReceived(auth_external())
-        self.assertIn(
-            b"<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>=</challenge>",
-            self.read(transport),
-        )
+        self.assertEqual(sasl_answer(self.read(transport)), (f"{{{NS_SASL}}}challenge", "=", []))
         response = base64.b64encode(b"kate@localhost")
         stream.dataReceived(
             b"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>%s</response>" % response
         )
-        self.assertIn(b"<jid>kate@localhost/desk</jid>", self.bind(stream, transport))
+        self.assertEqual(self.bind(stream, transport), "kate@localhost/desk")
 
     def test_failure_keeps_the_stream_open_for_another_attempt(self) -> None:
         stream, transport, _ = self.connect(self.ca.issue(None, ["kate@localhost", "kate@fed1"]))
         stream.dataReceived(auth_external(""))
-        failure = self.read(transport)
-        self.assertIn(
-            b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><invalid-authzid/><text>", failure
-        )
+        self.assertEqual(sasl_answer(self.read(transport)), failure("invalid-authzid"))
         self.assertFalse(transport.disconnecting)
         stream.dataReceived(auth_external("kate@localhost"))
-        self.assertIn(b"<jid>kate@localhost/desk</jid>", self.bind(stream, transport))
+        self.assertEqual(self.bind(stream, transport), "kate@localhost/desk")
 
     def test_conditions(self) -> None:
         for client, authzid, condition in [
-            (self.ca.issue("bob", ["bob@localhost"]), "alice@localhost", b"not-authorized"),
-            (self.ca.issue("bob", ["bob@fed1"]), "", b"not-authorized"),
-            (self.ca.issue("x", ["a@localhost", "b@localhost"]), "", b"invalid-authzid"),
-            (self.ca.issue("not-mike"), "mike@localhost", b"invalid-authzid"),
-            (self.ca.issue(None), "", b"not-authorized"),
-            (self.ca.issue("carol", ["carol@localhost"]), "", b"not-authorized"),
+            (self.ca.issue("bob", ["bob@localhost"]), "alice@localhost", "not-authorized"),
+            (self.ca.issue("bob", ["bob@fed1"]), "", "not-authorized"),
+            (self.ca.issue("x", ["a@localhost", "b@localhost"]), "", "invalid-authzid"),
+            (self.ca.issue("not-mike"), "mike@localhost", "invalid-authzid"),
+            (self.ca.issue(None), "", "not-authorized"),
+            (self.ca.issue("carol", ["carol@localhost"]), "", "not-authorized"),
         ]:
             stream, transport, _ = self.connect(client)
             stream.dataReceived(auth_external(authzid))
-            self.assertIn(b"<%s/>" % condition, self.read(transport), (client, authzid))
+            answer = sasl_answer(self.read(transport))
+            self.assertEqual(answer, failure(condition), (client, authzid))
             self.assertIsNone(stream.username)
 
     def test_common_name(self) -> None:
         stream, transport, _ = self.connect(self.ca.issue("alice"))
         stream.dataReceived(auth_external(""))
-        self.assertIn(b"<jid>alice@localhost/desk</jid>", self.bind(stream, transport))
+        self.assertEqual(self.bind(stream, transport), "alice@localhost/desk")
 
     def test_without_certificate_not_offered_and_passwords_work(self) -> None:
         stream, transport, features = self.connect(None)
         self.assertNotIn(b"EXTERNAL", features)
-        self.assertIn(b"<mechanism>PLAIN</mechanism>", features)
+        self.assertEqual(mechanisms(features), ["SCRAM-SHA-256", "PLAIN"])
         stream.dataReceived(auth_external(""))
-        failure = self.read(transport)
-        self.assertIn(b"<invalid-mechanism/>", failure)
-        self.assertIn(b"needs a verified client certificate", failure)
+        refusal = self.read(transport)
+        self.assertEqual(sasl_answer(refusal), failure("invalid-mechanism"))
+        [element] = parse_server_output(refusal).elements
+        self.assertIn("needs a verified client certificate", element.findtext(f"{{{NS_SASL}}}text"))
         stream.dataReceived(plain_auth("alice", "secret"))
-        self.assertIn(b"<jid>alice@localhost/desk</jid>", self.bind(stream, transport))
+        self.assertEqual(self.bind(stream, transport), "alice@localhost/desk")
 
     def test_unverified_certificate_not_offered(self) -> None:
         for client in (
@@ -417,11 +438,11 @@ class ExternalStreamTests(TLSTestMixin, unittest.TestCase):
             certfactory.self_signed("bob", ["bob@localhost"]),
         ):
             stream, transport, features = self.connect(client)
-            self.assertIn(b"<mechanism>SCRAM-SHA-256</mechanism>", features)
+            self.assertEqual(mechanisms(features), ["SCRAM-SHA-256", "PLAIN"])
             self.assertNotIn(b"EXTERNAL", features)
             self.assertIsNone(stream.client_identities)
             stream.dataReceived(auth_external(""))
-            self.assertIn(b"<invalid-mechanism/>", self.read(transport))
+            self.assertEqual(sasl_answer(self.read(transport)), failure("invalid-mechanism"))
 
     def test_not_offered_before_starttls(self) -> None:
         stream = self.factory.buildProtocol(None)
@@ -429,14 +450,16 @@ class ExternalStreamTests(TLSTestMixin, unittest.TestCase):
         stream.makeConnection(transport)
         stream.client_identities = CertificateIdentities(("bob@localhost",))
         stream.dataReceived(HEADER)
-        self.assertNotIn(b"EXTERNAL", self.read(transport))
+        features = self.read(transport)
+        self.assertNotIn(b"EXTERNAL", features)
+        self.assertNotIn("EXTERNAL", mechanisms(features))
 
     def test_after_authentication_no_more_sasl(self) -> None:
         stream, transport, _ = self.connect(self.ca.issue("bob", ["bob@localhost"]))
         stream.dataReceived(auth_external(""))
         self.bind(stream, transport)
         stream.dataReceived(auth_external(""))
-        self.assertIn(b"<policy-violation", transport.value())
+        self.assertEqual(parse_server_output(transport.value()).stream_error(), "policy-violation")
 
 
 class DisconnectPolicyStreamTests(ExternalStreamTests):
