@@ -130,7 +130,12 @@ class PostgresRecoveryTests(TestCase):
         if dsn is None:
             dsn = self.dsn = pgsupport.create_temp_database(self)
         database = PostgresDatabase(
-            dsn, pool_size, reconnect_delay=0.05, max_reconnect_delay=0.2, connect_timeout=2
+            dsn,
+            pool_size,
+            reconnect_delay=0.05,
+            max_reconnect_delay=0.2,
+            connect_timeout=2,
+            outage_wait=0.3,
         )
         self.addCleanup(database.close)
         await database.start()
@@ -235,21 +240,23 @@ class PostgresRecoveryTests(TestCase):
         self.assertEqual(await pool.run(read_then_lose_the_connection), False)
         self.assertEqual(runs, [1, 1])
 
-    async def test_requests_fail_fast_while_unreachable_and_work_when_it_is_back(self) -> None:
+    async def test_requests_fail_soon_while_unreachable_and_work_when_it_is_back(self) -> None:
         log = LogCapture(self)
         proxy = PostgresProxy(self, pgsupport.create_temp_database(self))
         database = await self.open(dsn=proxy.dsn)
         await database.accounts.create_account(*ALICE, credentials("1"))
         await proxy.take_down()
-        await until(lambda: database._pool._unreachable is not None)
         for _ in range(3):
             started = time.monotonic()
             with self.assertRaises(DatabaseUnavailable) as raised:
                 await database.accounts.account_exists(*ALICE)
-            self.assertLess(time.monotonic() - started, 0.5)
-            self.assertIn("PostgreSQL is unreachable: ", str(raised.exception))
+            # After waiting outage_wait for a connection.
+            self.assertTrue(0.25 < time.monotonic() - started < 1, time.monotonic() - started)
+            self.assertEqual(
+                str(raised.exception).split(" Is the server")[0],
+                "PostgreSQL is unreachable: Connection refused",
+            )
             self.assertIsInstance(raised.exception, StorageUnavailable)
-            await task.deferLater(reactor, 0.2)
         proxy.bring_back()
         # The back-off tops at 0.2 s here.
         await until(lambda: log.starting("PostgreSQL connection restored"), timeout=2)
@@ -257,6 +264,19 @@ class PostgresRecoveryTests(TestCase):
         self.assertOneOutage(log)
         [restored] = log.starting("PostgreSQL connection restored")
         self.assertRegex(restored, r"^PostgreSQL connection restored after \d+\.\d s$")
+
+    async def test_a_request_waits_out_a_short_outage(self) -> None:
+        log = LogCapture(self)
+        proxy = PostgresProxy(self, pgsupport.create_temp_database(self))
+        database = await self.open(dsn=proxy.dsn)
+        await database.accounts.create_account(*ALICE, credentials("1"))
+        await proxy.take_down()
+        asking = database.accounts.account_exists(*ALICE)
+        await task.deferLater(reactor, 0.1)
+        proxy.bring_back()
+        self.assertTrue(await asking)
+        await until(lambda: log.starting("PostgreSQL connection restored"))
+        self.assertOneOutage(log)
 
     async def test_start_fails_while_unreachable(self) -> None:
         proxy = PostgresProxy(self, pgsupport.create_temp_database(self))

@@ -9,8 +9,8 @@ Transactions are begun and committed here, so that a failure is known to have ha
 during COMMIT. One whose connection was lost before COMMIT was sent has not been committed, so it
 runs again on another connection; so does a read-only one that lost it during COMMIT. A writing
 one that lost it during COMMIT may or may not have been committed: it fails with OutcomeUnknown
-rather than risk doing twice what it did. While the database cannot be reached at all, requests
-fail at once with DatabaseUnavailable instead of waiting.
+rather than risk doing twice what it did. While no connection is up, a request waits a moment
+for one, then fails with DatabaseUnavailable.
 """
 
 import collections
@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import psycopg2
+from twisted.internet import defer
 from twisted.internet import error as internet_error
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.logger import Logger
@@ -37,6 +38,9 @@ CONNECT_TIMEOUT = 5.0
 # doubles with each failure, up to the maximum.
 RECONNECT_DELAY = 0.1
 MAX_RECONNECT_DELAY = 2.0
+# Seconds a request waits for a connection while there is none: a quick restart goes unnoticed,
+# while in a longer outage requests fail soon rather than pile up.
+OUTAGE_WAIT = 1.0
 
 
 # Also psycopg2 errors, which mimctl reports in one line.
@@ -134,6 +138,7 @@ class ConnectionPool:
         connect_timeout: float = CONNECT_TIMEOUT,
         reconnect_delay: float = RECONNECT_DELAY,
         max_reconnect_delay: float = MAX_RECONNECT_DELAY,
+        outage_wait: float = OUTAGE_WAIT,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -143,6 +148,7 @@ class ConnectionPool:
         self._connect_timeout = connect_timeout
         self._reconnect_delay = reconnect_delay
         self._max_reconnect_delay = max_reconnect_delay
+        self._outage_wait = outage_wait
         self._live: set[_Connection] = set()
         self._idle: collections.deque[_Connection] = collections.deque()
         self._waiting: collections.deque[Deferred[_Connection]] = collections.deque()
@@ -204,6 +210,9 @@ class ConnectionPool:
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             log.warn("PostgreSQL connection lost: {reason}; reconnecting", reason=_one_line(reason))
+        if not self._live:
+            for request in self._waiting:
+                self._limit_wait(request)
         self._replace(0.0)
 
     def _replace(self, delay: float) -> None:
@@ -230,8 +239,6 @@ class ConnectionPool:
             if self._closed:
                 return
             self._unreachable = _one_line(failure.value)
-            # Nobody waits for a connection that may not come for a while.
-            self._fail_waiting()
             next_delay = min(max(delay * 2, self._reconnect_delay), self._max_reconnect_delay)
             self._replace(next_delay)
 
@@ -251,7 +258,11 @@ class ConnectionPool:
     def _unavailable(self) -> DatabaseUnavailable:
         if self._closed:
             return DatabaseUnavailable("PostgreSQL: the connection pool is closed")
-        return DatabaseUnavailable(f"PostgreSQL is unreachable: {self._unreachable}")
+        reason = self._unreachable or f"no connection within {self._outage_wait} s"
+        return DatabaseUnavailable(f"PostgreSQL is unreachable: {reason}")
+
+    def _limit_wait(self, request: Deferred[_Connection]) -> None:
+        request.addTimeout(self._outage_wait, self._reactor)
 
     def _fail_waiting(self) -> None:
         waiting, self._waiting = self._waiting, collections.deque()
@@ -261,11 +272,17 @@ class ConnectionPool:
     async def _acquire(self) -> _Connection:
         if self._idle:
             return self._idle.popleft()
-        if self._closed or (self._unreachable is not None and not self._live):
+        if self._closed:
             raise self._unavailable()
         request: Deferred[_Connection] = Deferred()
         self._waiting.append(request)
-        return await request
+        if not self._live:
+            self._limit_wait(request)
+        try:
+            return await request
+        except defer.TimeoutError:
+            self._waiting.remove(request)
+            raise self._unavailable() from None
 
     # Running transactions.
 
