@@ -142,6 +142,13 @@ class PostgresRecoveryTests(TestCase):
         await database.migrate()
         return database
 
+    async def open_behind_proxy(self) -> tuple[PostgresProxy, PostgresDatabase]:
+        """A database reached through a PostgresProxy, with ALICE registered."""
+        proxy = PostgresProxy(self, pgsupport.create_temp_database(self))
+        database = await self.open(dsn=proxy.dsn)
+        await database.accounts.create_account(*ALICE, credentials("1"))
+        return proxy, database
+
     async def open_pool(self) -> ConnectionPool:
         """A pool of one connection, alone on its database."""
         self.dsn = pgsupport.create_temp_database(self)
@@ -242,9 +249,7 @@ class PostgresRecoveryTests(TestCase):
 
     async def test_requests_fail_soon_while_unreachable_and_work_when_it_is_back(self) -> None:
         log = LogCapture(self)
-        proxy = PostgresProxy(self, pgsupport.create_temp_database(self))
-        database = await self.open(dsn=proxy.dsn)
-        await database.accounts.create_account(*ALICE, credentials("1"))
+        proxy, database = await self.open_behind_proxy()
         await proxy.take_down()
         for _ in range(3):
             started = time.monotonic()
@@ -267,9 +272,7 @@ class PostgresRecoveryTests(TestCase):
 
     async def test_a_request_waits_out_a_short_outage(self) -> None:
         log = LogCapture(self)
-        proxy = PostgresProxy(self, pgsupport.create_temp_database(self))
-        database = await self.open(dsn=proxy.dsn)
-        await database.accounts.create_account(*ALICE, credentials("1"))
+        proxy, database = await self.open_behind_proxy()
         await proxy.take_down()
         asking = database.accounts.account_exists(*ALICE)
         await task.deferLater(reactor, 0.1)

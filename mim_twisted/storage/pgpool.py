@@ -64,8 +64,9 @@ class Session:
         self._cursor = cursor
         self.wrote = False
 
-    async def execute(self, statement: str, parameters: tuple = ()) -> list[tuple]:
-        """Run ``statement`` (psycopg2 placeholders); its rows, ``[]`` for one without."""
+    async def execute(self, statement: str, parameters: tuple | None = None) -> list[tuple]:
+        """Run ``statement`` (psycopg2 placeholders, none read without ``parameters``); its
+        rows, ``[]`` for one without."""
         if statement.lstrip()[:6].upper() != "SELECT":
             self.wrote = True
         await self._cursor.execute(statement, parameters)
