@@ -29,6 +29,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
@@ -39,7 +40,12 @@ from mim_twisted.im.offline import OfflineDelivery
 from mim_twisted.im.roster import RosterService
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.im.stanzas import reply_error
-from mim_twisted.storage.interfaces import IAccountStore, IRosterStore, RosterItem
+from mim_twisted.storage.interfaces import (
+    IAccountStore,
+    IRosterStore,
+    RosterItem,
+    log_request_failure,
+)
 from mim_twisted.xmpp.jids import parse_jid
 
 log = Logger()
@@ -186,7 +192,9 @@ class PresenceService:
                 try:
                     await work(*args)
                 except Exception:
-                    log.failure("presence handling for {jid}", jid=session.jid.full())
+                    log_request_failure(
+                        log, Failure(), "presence handling for {jid}", jid=session.jid.full()
+                    )
         finally:
             del self._queues[session]
             if not self._queues:

@@ -29,7 +29,7 @@ from twisted.words.xish import domish
 
 from mim_twisted.auth.scram import DEFAULT_ITERATIONS, derive_all
 from mim_twisted.im.sessions import SessionManager
-from mim_twisted.storage.interfaces import AccountExists, AccountNotFound
+from mim_twisted.storage.interfaces import AccountExists, AccountNotFound, log_request_failure
 from mim_twisted.xmpp.sasl.plain import hash_in_thread
 
 log = Logger()
@@ -142,7 +142,7 @@ class RegistrationService:
     @staticmethod
     def _failed(failure: Failure, stream: Any, iq: domish.Element) -> None:
         if not failure.check(error.StanzaError):
-            log.failure("in-band registration", failure)
+            log_request_failure(log, failure, "in-band registration")
             failure = Failure(RegistrationError("internal-server-error"))
         stream.send(failure.value.toResponse(iq))
 

@@ -30,6 +30,7 @@ from mim_twisted.im.messages import MessageRouter
 from mim_twisted.im.presence import PresenceService
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.im.stanzas import reply_error
+from mim_twisted.storage.interfaces import log_request_failure
 from mim_twisted.xmpp.jids import parse_jid
 
 log = Logger()
@@ -97,7 +98,7 @@ class Router:
 
     @staticmethod
     def _routing_failed(failure: Failure, session: Any, stanza: domish.Element) -> None:
-        log.failure("routing a message from {jid}", failure, jid=session.jid.full())
+        log_request_failure(log, failure, "routing a message from {jid}", jid=session.jid.full())
         reply_error(session, stanza, "internal-server-error")
 
     def _handle_iq(self, session: Any, iq: domish.Element, target: JID) -> None:
@@ -140,7 +141,7 @@ class Router:
         if failure.check(error.StanzaError):
             session.send(failure.value.toResponse(iq))
             return
-        log.failure("handling IQ from {jid}", failure, jid=iq.getAttribute("from"))
+        log_request_failure(log, failure, "handling IQ from {jid}", jid=iq.getAttribute("from"))
         reply_error(session, iq, "internal-server-error")
 
     # -- the server's own requests to clients -----------------------------------------------

@@ -32,7 +32,7 @@ from mim_twisted.pubsub import forms
 from mim_twisted.pubsub.core import PubSubService, SubscriptionChange
 from mim_twisted.pubsub.errors import PubSubError
 from mim_twisted.pubsub.queues import QueueFull, WorkerPool
-from mim_twisted.storage.interfaces import PubSubItem, PubSubSubscription
+from mim_twisted.storage.interfaces import PubSubItem, PubSubSubscription, log_request_failure
 
 log = Logger()
 
@@ -250,7 +250,9 @@ class PubSubComponent:
         elif failure.check(error.StanzaError):
             session.send(failure.value.toResponse(iq))
         else:
-            log.failure("PubSub request from {jid}", failure, jid=iq.getAttribute("from"))
+            log_request_failure(
+                log, failure, "PubSub request from {jid}", jid=iq.getAttribute("from")
+            )
             reply_error(session, iq, "internal-server-error")
 
     async def _pubsub(self, request: PubSubRequest, iq: domish.Element) -> domish.Element | None:
@@ -544,6 +546,9 @@ class PubSubComponent:
         if failure.check(PubSubError):
             session.send(stanza_error(failure.value).toResponse(message))
         else:
-            log.failure(
-                "subscription approval from {jid}", failure, jid=message.getAttribute("from")
+            log_request_failure(
+                log,
+                failure,
+                "subscription approval from {jid}",
+                jid=message.getAttribute("from"),
             )

@@ -6,6 +6,8 @@
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 # The keys of an account's credentials mapping (see IAccountStore), all of them required.
@@ -32,6 +34,19 @@ class StorageUnavailable(Exception):
     """The database cannot serve the request now: its server is unreachable, or the connection
     was lost while committing. Expected during an outage, which the backend logs once: a caller
     may answer with a temporary error and log one line instead of a traceback."""
+
+
+def log_request_failure(log: Logger, failure: Failure, what: str, **fields: object) -> None:
+    """Log why a request failed: a traceback for a bug, one warning line for a storage outage
+    (the backend has already said once that the database is away)."""
+    if failure.check(StorageUnavailable):
+        log.warn(
+            what + " failed, storage unavailable: {reason}",
+            reason=failure.getErrorMessage(),
+            **fields,
+        )
+    else:
+        log.failure(what, failure, **fields)
 
 
 class IDatabase(Interface):

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.words.xish import domish
 
 from mim_twisted.auth.errors import SaslError
+from mim_twisted.storage.interfaces import log_request_failure
 from mim_twisted.xmpp import namespaces
 from mim_twisted.xmpp.sasl.mechanism import Challenge, SaslContext, Success
 
@@ -193,7 +194,7 @@ class SaslNegotiation:
                     )
             self._failed(error)
             return
-        log.failure("SASL mechanism failed", failure)
+        log_request_failure(log, failure, "SASL mechanism")
         self._failed(SaslError("temporary-auth-failure", "Try again later"))
 
     def _check_budget(self, account: str | None) -> None:
