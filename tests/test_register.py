@@ -12,6 +12,7 @@ from mim_twisted.im.register import NS_FEATURE, NS_REGISTER, RegistrationService
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
+from mim_twisted.xmpp.namespaces import CLIENT
 from tests.imsupport import FakeSession, error_condition, make_router, parse, send
 from tests.test_sasl_mechanisms import synchronously
 from tests.wire import STREAM_FEATURES, parse_server_output
@@ -137,8 +138,13 @@ class DisabledTests(RegistrationTestCase):
 
     def test_requests_after_authentication(self) -> None:
         alice = self.bind("alice@localhost/desk")
-        result = send(self.router, alice, register_iq("set", fields("alice", "new")))
+        result = send(self.router, alice, register_iq("set", fields("alice", "n3w-secret")))
         self.assertEqual(error_condition(result), "service-unavailable")
+        # The refusal does not carry the request, whose copy would hold the new password.
+        self.assertEqual(
+            [(child.uri, child.name) for child in result.elements()], [(CLIENT, "error")]
+        )
+        self.assertNotIn("n3w-secret", result.toXml())
         self.assertTrue(self.password_of("alice", "old"))
 
 

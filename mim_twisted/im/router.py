@@ -32,6 +32,7 @@ from mim_twisted.im.sessions import SessionManager
 from mim_twisted.im.stanzas import reply_error
 from mim_twisted.storage.interfaces import log_request_failure
 from mim_twisted.xmpp.jids import parse_jid
+from mim_twisted.xmpp.stanza_errors import error_response
 
 log = Logger()
 
@@ -139,7 +140,7 @@ class Router:
     @staticmethod
     def _send_iq_error(failure: Failure, session: Any, iq: domish.Element) -> None:
         if failure.check(error.StanzaError):
-            session.send(failure.value.toResponse(iq))
+            session.send(error_response(failure.value, iq))
             return
         log_request_failure(log, failure, "handling IQ from {jid}", jid=iq.getAttribute("from"))
         reply_error(session, iq, "internal-server-error")

@@ -5,6 +5,8 @@ from typing import Any
 from twisted.words.protocols.jabber import error
 from twisted.words.xish import domish
 
+from mim_twisted.xmpp.stanza_errors import error_response
+
 
 def reply_error(
     session: Any, stanza: domish.Element, condition: str, text: str | None = None
@@ -12,4 +14,4 @@ def reply_error(
     """Answer a stanza with an error unless it is an error or IQ result (RFC 6120 §8.3.1)."""
     if stanza.getAttribute("type") in ("error", "result"):
         return
-    session.send(error.StanzaError(condition, text=text).toResponse(stanza))
+    session.send(error_response(error.StanzaError(condition, text=text), stanza))

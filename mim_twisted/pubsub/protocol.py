@@ -33,6 +33,7 @@ from mim_twisted.pubsub.core import PubSubService, SubscriptionChange
 from mim_twisted.pubsub.errors import PubSubError
 from mim_twisted.pubsub.queues import QueueFull, WorkerPool
 from mim_twisted.storage.interfaces import PubSubItem, PubSubSubscription, log_request_failure
+from mim_twisted.xmpp.stanza_errors import error_response
 
 log = Logger()
 
@@ -246,9 +247,9 @@ class PubSubComponent:
     @staticmethod
     def _send_error(failure: Failure, session: Any, iq: domish.Element) -> None:
         if failure.check(PubSubError):
-            session.send(stanza_error(failure.value).toResponse(iq))
+            session.send(error_response(stanza_error(failure.value), iq))
         elif failure.check(error.StanzaError):
-            session.send(failure.value.toResponse(iq))
+            session.send(error_response(failure.value, iq))
         else:
             log_request_failure(
                 log, failure, "PubSub request from {jid}", jid=iq.getAttribute("from")
@@ -544,7 +545,7 @@ class PubSubComponent:
     @staticmethod
     def _approval_failed(failure: Failure, session: Any, message: domish.Element) -> None:
         if failure.check(PubSubError):
-            session.send(stanza_error(failure.value).toResponse(message))
+            session.send(error_response(stanza_error(failure.value), message))
         else:
             log_request_failure(
                 log,

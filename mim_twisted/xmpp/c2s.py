@@ -30,6 +30,7 @@ from mim_twisted.xmpp import bind, namespaces, traffic
 from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
 from mim_twisted.xmpp.sasl.negotiation import SaslNegotiation
 from mim_twisted.xmpp.shaper import ReadShaper
+from mim_twisted.xmpp.stanza_errors import error_response
 from mim_twisted.xmpp.tls import ClientCertificateCheck, ClientCertificatePolicy
 
 log = Logger()
@@ -490,7 +491,7 @@ class C2SStream(protocol.Protocol):
             # A bug handling one stanza must not end the session or affect others.
             log.failure("routing a stanza from {jid}", jid=self.jid.full())
             if stanza.getAttribute("type") not in ("error", "result"):
-                self.send(error.StanzaError("internal-server-error").toResponse(stanza))
+                self.send(error_response(error.StanzaError("internal-server-error"), stanza))
 
     def _auth_timed_out(self) -> None:
         self._auth_timer = None

@@ -20,55 +20,19 @@ Each entry is one log line: the XML is written as a quoted Python string, so a n
 message body cannot start a forged line (a fake authentication failure, say).
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from mim_twisted.xmpp import namespaces
+from mim_twisted.xmpp.credentials import credential_elements
 
 log = Logger()
 
 REDACTED = "[redacted]"
 # Stream-level elements (features, errors) as the stream header declares them.
 _STREAM_PREFIXES = {namespaces.STREAMS: "stream"}
-
-NS_REGISTER = "jabber:iq:register"
-NS_LEGACY_AUTH = "jabber:iq:auth"  # XEP-0078: not served, but clients may still send it
-NS_DATA_FORMS = "jabber:x:data"
-
-# Elements whose text is a credential.
-SECRET_ELEMENTS = frozenset(
-    {
-        (namespaces.SASL, "auth"),
-        (namespaces.SASL, "response"),
-        (namespaces.SASL, "challenge"),
-        (namespaces.SASL, "success"),
-        (NS_REGISTER, "password"),
-        (NS_LEGACY_AUTH, "password"),
-        (NS_LEGACY_AUTH, "digest"),
-    }
-)
-
-
-def _secret_elements(element: domish.Element) -> Iterator[domish.Element]:
-    """The elements in ``element`` (itself included) whose text must not be logged."""
-    stack = [element]
-    while stack:
-        current = stack.pop()
-        if (current.uri, current.name) in SECRET_ELEMENTS:
-            yield current
-        elif (
-            current.uri == NS_DATA_FORMS
-            and current.name == "field"
-            and (
-                current.getAttribute("type") == "text-private"
-                or current.getAttribute("var") == "password"
-            )
-        ):
-            yield from current.elements(NS_DATA_FORMS, "value")
-        else:
-            stack.extend(current.elements())
 
 
 def redacted_xml(element: domish.Element, default_uri: str = namespaces.CLIENT) -> str:
@@ -78,7 +42,7 @@ def redacted_xml(element: domish.Element, default_uri: str = namespaces.CLIENT) 
     """
     hidden = [
         (secret, secret.children)
-        for secret in _secret_elements(element)
+        for secret in credential_elements(element)
         if any(isinstance(child, str) and child.strip() for child in secret.children)
     ]
     for secret, _children in hidden:
