@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 import mim_twisted
-from mim_twisted.admin import STORAGE_PROBE_TIMEOUT, bound_streams, probe_storage, pubsub_components
+from mim_twisted.admin import STORAGE_PROBE_TIMEOUT, probe_storage, pubsub_components
 from mim_twisted.storage.interfaces import (
     AccountExists,
     AccountNotFound,
@@ -32,6 +32,7 @@ from mim_twisted.storage.interfaces import (
 
 if TYPE_CHECKING:
     from mim_twisted.tap import MimService
+    from mim_twisted.xmpp.c2s import C2SStream
 
 log = Logger()
 
@@ -39,7 +40,7 @@ log = Logger()
 STORE_OUTCOMES = (AccountExists, AccountNotFound, NodeExists, NodeNotFound)
 
 
-def connection_state(stream: Any) -> str:
+def connection_state(stream: "C2SStream") -> str:
     if stream.jid is not None:
         return "bound"
     if stream.username is not None:
@@ -74,9 +75,10 @@ class ServerCollector:
         sessions = GaugeMetricFamily(
             "mim_sessions", "Bound sessions by presence state", labels=["state"]
         )
-        available = sum(1 for s in bound_streams(server) if s.presence is not None)
+        bound = list(server.core.sessions.live_sessions()) if server.core is not None else []
+        available = sum(1 for session in bound if session.presence is not None)
         sessions.add_metric(["available"], available)
-        sessions.add_metric(["unavailable"], len(bound_streams(server)) - available)
+        sessions.add_metric(["unavailable"], len(bound) - available)
         yield sessions
 
         yield from self._stream_counters()

@@ -344,8 +344,7 @@ class MimService(service.MultiService):
             factory = C2SFactory(
                 self._c2s_settings(listener, tls_options),
                 accounts=self.database.accounts,
-                sessions=self.core.sessions,
-                router=self.core.router,
+                im=self.core.router,
                 clock=self.reactor,
                 auth_failures=auth_failures,
             )

@@ -23,12 +23,12 @@ DOMAINS = frozenset({"localhost", "example.org"})
 
 
 class FakeSession:
-    """A bound client session with the IM state of a C2SStream; it keeps what it is sent as a
-    client reads it: serialised as C2SStream writes it, then parsed namespace-aware."""
+    """Stands in for an IM `Session` and its connection: the same IM state, and it keeps what it
+    is sent as a client reads it: serialised as C2SStream writes it, then parsed
+    namespace-aware."""
 
     def __init__(self, jid: str, *, secure: bool = True) -> None:
         self.jid = JID(jid)
-        self.domain = self.jid.host
         self.secure = secure
         self.presence: domish.Element | None = None
         self.priority = 0
@@ -168,8 +168,8 @@ def without_pushes(stanzas: list[domish.Element]) -> list[domish.Element]:
 class ImCoreTestCase(unittest.TestCase):
     """The IM core of the default configuration, serving localhost with the accounts `users`.
 
-    Sessions are FakeSessions bound as C2SStream binds them; stanzas go to the core's router
-    stamped with the session's full JID, as C2SStream stamps them.
+    Sessions are FakeSessions bound as `Router.open_session` binds them; stanzas go to the core's
+    router stamped with the session's full JID, as C2SStream stamps them.
     """
 
     users = ("alice", "bob", "carol")
@@ -213,8 +213,8 @@ class ImCoreTestCase(unittest.TestCase):
         self.core.router.route_from_client(session, stanza)
 
     def disconnect(self, session: FakeSession) -> None:
-        """The connection is lost: closed, unbound, then ended, in C2SStream.connectionLost's
-        order."""
+        """The connection is lost: closed, unbound, then ended, in the order of C2SStream's
+        connectionLost and `Router.close_session`."""
         session.closed = True
         self.core.sessions.unbind(session)
         self.core.router.session_ended(session)

@@ -85,8 +85,7 @@ class AuthFailureBudgetStreamTests(unittest.TestCase):
                 ),
             ),
             accounts=database.accounts,
-            sessions=core.sessions,
-            router=core.router,
+            im=core.router,
             clock=self.clock,
         )
 

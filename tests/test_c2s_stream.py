@@ -69,8 +69,7 @@ class StreamTestCase(unittest.TestCase):
         self.factory = C2SFactory(
             C2SSettings(**values),
             accounts=self.database.accounts,
-            sessions=self.sessions,
-            router=core.router,
+            im=core.router,
             clock=self.clock,
         )
 
@@ -311,7 +310,7 @@ class BindTests(StreamTestCase):
         new, new_transport = self.login("desk")
         self.assertStreamError(old_transport, "conflict")
         old.connectionLost()
-        self.assertIs(self.sessions.session(new.jid), new)
+        self.assertIs(self.sessions.session(new.jid).connection, new)
 
     def test_stanza_after_auth_before_bind(self) -> None:
         stream, transport = self.connect()

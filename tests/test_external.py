@@ -334,8 +334,7 @@ class ExternalStreamTests(TLSTestMixin, unittest.TestCase):
         self.factory = C2SFactory(
             C2SSettings(**values),
             accounts=database.accounts,
-            sessions=core.sessions,
-            router=core.router,
+            im=core.router,
             clock=self.clock,
         )
 

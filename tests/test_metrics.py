@@ -15,13 +15,14 @@ from mim_twisted.metrics import ServerCollector, StorageTimer
 from mim_twisted.storage.interfaces import AccountNotFound
 
 
-def stream(*, username: str | None = None, jid: str | None = None, available: bool = False):
+def stream(*, username: str | None = None, jid: str | None = None):
     return SimpleNamespace(
-        username=username,
-        jid=jid and SimpleNamespace(host="localhost"),
-        closed=False,
-        presence=object() if available else None,
+        username=username, jid=jid and SimpleNamespace(host="localhost"), closed=False
     )
+
+
+def session(*, available: bool = False):
+    return SimpleNamespace(presence=object() if available else None)
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset], float]:
@@ -39,7 +40,7 @@ class CollectorTests(unittest.TestCase):
             streams=[
                 stream(),
                 stream(username="alice"),
-                stream(username="bob", jid="bob@localhost/a", available=True),
+                stream(username="bob", jid="bob@localhost/a"),
                 stream(username="carol", jid="carol@localhost/a"),
             ],
             stanzas_in=Counter(message=3, iq=1),
@@ -50,10 +51,14 @@ class CollectorTests(unittest.TestCase):
         server = SimpleNamespace(
             factories=[factory, factory],  # two listeners: their counts add up
             core=SimpleNamespace(
+                # The IM sessions of the bound streams above, on both listeners.
+                sessions=SimpleNamespace(
+                    live_sessions=lambda: [session(available=True), session()] * 2
+                ),
                 router=SimpleNamespace(
                     messages=SimpleNamespace(outcomes=Counter(delivered=5)),
                     components={"pubsub.localhost": SimpleNamespace(results=Counter(ok=2))},
-                )
+                ),
             ),
             pubsub=SimpleNamespace(
                 services={"pubsub.localhost": None},

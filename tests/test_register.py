@@ -82,8 +82,7 @@ class RegistrationTestCase(unittest.TestCase):
                 max_outgoing_buffer=65536,
             ),
             accounts=self.accounts,
-            sessions=self.sessions,
-            router=self.router,
+            im=self.router,
             clock=self.clock,
         )
         self.registration.install_stream(self.factory)

@@ -123,8 +123,7 @@ class TrafficLogOnStreamTests(unittest.TestCase):
                 log_traffic=True,
             ),
             accounts=database.accounts,
-            sessions=core.sessions,
-            router=core.router,
+            im=core.router,
             clock=self.clock,
         )
 

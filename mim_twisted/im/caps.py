@@ -20,7 +20,7 @@ import base64
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -28,6 +28,11 @@ from twisted.python.failure import Failure
 from twisted.words.xish import domish
 from wokkel import data_form
 from wokkel.disco import NS_DISCO_INFO, DiscoInfo
+
+from mim_twisted.im.sessions import Session
+
+if TYPE_CHECKING:
+    from mim_twisted.im.router import Router
 
 log = Logger()
 
@@ -178,7 +183,7 @@ class CapsService:
 
     def __init__(
         self,
-        router: Any,
+        router: "Router",
         *,
         timeout: float = 30.0,
         cache_size: int = 10000,
@@ -189,34 +194,34 @@ class CapsService:
         self.cache_size = cache_size
         self.max_unknown = max_unknown
         # Called with the session once its features are known (PEP sends last items then).
-        self.on_caps_learned: list[Callable[[Any], object]] = []
+        self.on_caps_learned: list[Callable[[Session], object]] = []
         # (hash, ver) -> verified features, least recently used first.
         self._cache: OrderedDict[tuple[str, str], frozenset[str]] = OrderedDict()
         # What each session last announced, and its features once known.
-        self._announced: dict[Any, tuple[str, str]] = {}
-        self._features: dict[Any, frozenset[str]] = {}
+        self._announced: dict[Session, tuple[str, str]] = {}
+        self._features: dict[Session, frozenset[str]] = {}
         # (hash, ver) being learned -> the (session, caps node) that announced it, in order;
         # the first is the one being asked, the others wait for its answer.
-        self._waiting: dict[tuple[str, str], list[tuple[Any, str]]] = {}
+        self._waiting: dict[tuple[str, str], list[tuple[Session, str]]] = {}
         self._asking: dict[tuple[str, str], defer.Deferred] = {}
         # Sessions asked about a `ver` whose hash function we lack -> that query.
-        self._unverified: dict[Any, defer.Deferred] = {}
+        self._unverified: dict[Session, defer.Deferred] = {}
         # Whether presences are being left unasked for want of room (logged once per episode).
         self._full = False
 
     # -- API for PEP -------------------------------------------------------------------------
 
-    def features_of(self, session: Any) -> frozenset[str] | None:
+    def features_of(self, session: Session) -> frozenset[str] | None:
         """The features a session's caps announce; None while unknown (or no caps)."""
         return self._features.get(session)
 
-    def wants_notify(self, session: Any, namespace: str) -> bool:
+    def wants_notify(self, session: Session, namespace: str) -> bool:
         """Whether the session asked for PEP notifications of ``namespace`` (XEP-0163 §4)."""
         return namespace + "+notify" in self._features.get(session, ())
 
     # -- events ------------------------------------------------------------------------------
 
-    def presence_received(self, session: Any, presence: domish.Element) -> None:
+    def presence_received(self, session: Session, presence: domish.Element) -> None:
         if presence.getAttribute("type") is not None:
             return
         caps = next(presence.elements(NS_CAPS, "c"), None)
@@ -247,10 +252,10 @@ class CapsService:
         else:
             self._leave_unasked(session, key)
 
-    def session_ended(self, session: Any) -> None:
+    def session_ended(self, session: Session) -> None:
         self._withdraw(session)
 
-    def _withdraw(self, session: Any) -> None:
+    def _withdraw(self, session: Session) -> None:
         """Forget what the session announced, and stop asking it about that."""
         key = self._announced.pop(session, None)
         self._features.pop(session, None)
@@ -266,7 +271,7 @@ class CapsService:
         else:
             waiting[:] = [entry for entry in waiting if entry[0] is not session]
 
-    def _leave_unasked(self, session: Any, key: tuple[str, str]) -> None:
+    def _leave_unasked(self, session: Session, key: tuple[str, str]) -> None:
         # Not recorded as announced, so the session's next presence with these caps tries again.
         del self._announced[session]
         if not self._full:
@@ -281,7 +286,7 @@ class CapsService:
 
     # -- queries -----------------------------------------------------------------------------
 
-    def _query(self, session: Any, node: str, ver: str) -> defer.Deferred:
+    def _query(self, session: Session, node: str, ver: str) -> defer.Deferred:
         iq = domish.Element((None, "iq"))
         iq["type"] = "get"
         iq.addElement((NS_DISCO_INFO, "query"))["node"] = f"{node}#{ver}"
@@ -305,7 +310,7 @@ class CapsService:
             errbackArgs=(key, session),
         )
 
-    def _answered(self, result: domish.Element, key: tuple[str, str], session: Any) -> None:
+    def _answered(self, result: domish.Element, key: tuple[str, str], session: Session) -> None:
         algo, ver = key
         try:
             features = _verified_features(result, algo, ver)
@@ -326,7 +331,7 @@ class CapsService:
             if self._announced.get(waiter) == key:
                 self._learned(waiter, features)
 
-    def _not_answered(self, failure: Failure, key: tuple[str, str], session: Any) -> None:
+    def _not_answered(self, failure: Failure, key: tuple[str, str], session: Session) -> None:
         if not failure.check(defer.CancelledError):
             _log_no_answer(failure, session)
         self._try_next(key)
@@ -338,7 +343,7 @@ class CapsService:
         self._waiting[key].pop(0)
         self._ask(key)
 
-    def _ask_unverified(self, session: Any, node: str, key: tuple[str, str]) -> None:
+    def _ask_unverified(self, session: Session, node: str, key: tuple[str, str]) -> None:
         # §5.4 step 2: with a hash function we lack, the answer is believed for this session
         # alone and never cached.
         def answered(result: domish.Element) -> None:
@@ -359,7 +364,7 @@ class CapsService:
         self._unverified[session] = asking
         asking.addCallbacks(answered, not_answered)
 
-    def _learned(self, session: Any, features: frozenset[str]) -> None:
+    def _learned(self, session: Session, features: frozenset[str]) -> None:
         self._features[session] = features
         for callback in list(self.on_caps_learned):
             try:
@@ -368,7 +373,7 @@ class CapsService:
                 log.failure("caps learned callback for {jid}", jid=session.jid.full())
 
 
-def _log_no_answer(failure: Failure, session: Any) -> None:
+def _log_no_answer(failure: Failure, session: Session) -> None:
     # A client that does not answer (timeout, error reply) simply has no known caps.
     log.info(
         "no caps answer from {jid}: {reason}",

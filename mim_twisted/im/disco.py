@@ -13,7 +13,7 @@ Queries to a full JID are routed to that client and never reach this module.
 """
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.words.protocols.jabber import error, xmlstream
 from twisted.words.protocols.jabber.jid import JID
@@ -29,6 +29,10 @@ from wokkel.disco import (
 )
 
 from mim_twisted.im import caps
+from mim_twisted.im.sessions import Session
+
+if TYPE_CHECKING:
+    from mim_twisted.im.router import Router
 
 SERVER_NAME = "mim-twisted"
 
@@ -80,7 +84,7 @@ class DiscoService:
         """Add items (e.g. PEP nodes) to accounts' disco#items; see ItemsProvider."""
         self._account_items.append(provider)
 
-    def install(self, router: Any) -> None:
+    def install(self, router: "Router") -> None:
         router.server_iq[NS_DISCO_INFO, "query"] = self.server_info_request
         router.server_iq[NS_DISCO_ITEMS, "query"] = self.server_items_request
         router.account_iq[NS_DISCO_INFO, "query"] = self.account_info_request
@@ -105,7 +109,9 @@ class DiscoService:
 
     # -- IQ handlers -------------------------------------------------------------------------
 
-    def server_info_request(self, session: Any, iq: domish.Element, target: JID) -> domish.Element:
+    def server_info_request(
+        self, session: Session, iq: domish.Element, target: JID
+    ) -> domish.Element:
         node = _node_of(iq)
         if node and node != self.server_caps_node():
             raise error.StanzaError("item-not-found")
@@ -113,7 +119,9 @@ class DiscoService:
         info.nodeIdentifier = node
         return _result(iq, info.toElement())
 
-    def server_items_request(self, session: Any, iq: domish.Element, target: JID) -> domish.Element:
+    def server_items_request(
+        self, session: Session, iq: domish.Element, target: JID
+    ) -> domish.Element:
         if _node_of(iq):
             raise error.StanzaError("item-not-found")
         items = DiscoItems()
@@ -122,7 +130,7 @@ class DiscoService:
         return _result(iq, items.toElement())
 
     async def account_info_request(
-        self, session: Any, iq: domish.Element, target: JID
+        self, session: Session, iq: domish.Element, target: JID
     ) -> domish.Element:
         node = _node_of(iq)
         await self._check_access(session.jid, target)
@@ -136,7 +144,7 @@ class DiscoService:
         return _result(iq, info.toElement())
 
     async def account_items_request(
-        self, session: Any, iq: domish.Element, target: JID
+        self, session: Session, iq: domish.Element, target: JID
     ) -> domish.Element:
         node = _node_of(iq)
         account = target.userhostJID()

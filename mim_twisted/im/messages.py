@@ -9,7 +9,6 @@ exist (§8.5.1). Errors are never answered, and go nowhere but to an exact full 
 """
 
 from collections import Counter
-from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -18,7 +17,7 @@ from twisted.words.xish import domish
 
 from mim_twisted import hooks
 from mim_twisted.im.offline import OfflineDelivery
-from mim_twisted.im.sessions import SessionManager
+from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stanzas import reply_error
 from mim_twisted.storage.interfaces import IAccountStore
 
@@ -43,7 +42,9 @@ class MessageRouter:
         # Messages by outcome, for the metrics: "delivered" (per session), "offline", "bounced".
         self.outcomes: Counter[str] = Counter()
 
-    def route(self, sender: Any, message: domish.Element, recipient: JID) -> defer.Deferred | None:
+    def route(
+        self, sender: Session, message: domish.Element, recipient: JID
+    ) -> defer.Deferred | None:
         """Route a message from a local session to a local JID.
 
         A message to an online user is delivered at once (None is returned: no Deferred or
@@ -69,7 +70,7 @@ class MessageRouter:
         return self._to_sessions(sender, message, bare, kind, full, sessions)
 
     async def _to_account(
-        self, sender: Any, message: domish.Element, bare: JID, kind: str, full: bool
+        self, sender: Session, message: domish.Element, bare: JID, kind: str, full: bool
     ) -> None:
         """No session of the user is connected: does the account exist at all?"""
         if not await self.accounts.account_exists(bare.host, bare.user):
@@ -83,7 +84,13 @@ class MessageRouter:
             await keeping
 
     def _to_sessions(
-        self, sender: Any, message: domish.Element, bare: JID, kind: str, full: bool, sessions: list
+        self,
+        sender: Session,
+        message: domish.Element,
+        bare: JID,
+        kind: str,
+        full: bool,
+        sessions: list[Session],
     ) -> defer.Deferred | None:
         if kind == "groupchat" or (full and kind == "normal"):
             self.outcomes["bounced"] += 1
@@ -104,12 +111,12 @@ class MessageRouter:
             return keeping.addCallback(self._kept, sender, message)
         return None
 
-    def _kept(self, stored: bool, sender: Any, message: domish.Element) -> None:
+    def _kept(self, stored: bool, sender: Session, message: domish.Element) -> None:
         self.outcomes["offline" if stored else "bounced"] += 1
         if not stored:
             reply_error(sender, message, "resource-constraint", "Offline storage is full")
 
-    def _deliver(self, sessions: list, message: domish.Element) -> None:
+    def _deliver(self, sessions: list[Session], message: domish.Element) -> None:
         data = message.toXml(defaultUri="jabber:client").encode("utf-8")  # serialised once
         self.outcomes["delivered"] += len(sessions)
         held = self.offline.held

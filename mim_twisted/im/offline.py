@@ -8,7 +8,6 @@ moment the server receives such a presence (`hold`) until the stored messages ha
 """
 
 import datetime
-from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -16,6 +15,7 @@ from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
 from mim_twisted.im.locks import KeyedLock
+from mim_twisted.im.sessions import Session
 from mim_twisted.storage.interfaces import IOfflineStore, OfflineMessage
 
 log = Logger()
@@ -39,8 +39,8 @@ class OfflineDelivery:
         self.max_messages = max_messages
         self.locks = KeyedLock()  # by bare JID: one store operation at a time per user
         # The sessions whose stored messages are due: the live messages waiting behind them.
-        self.held: dict[Any, list[domish.Element]] = {}
-        self._holds: dict[Any, int] = {}  # per held session: the releases still to come
+        self.held: dict[Session, list[domish.Element]] = {}
+        self._holds: dict[Session, int] = {}  # per held session: the releases still to come
 
     def keep(self, recipient: JID, message: domish.Element) -> defer.Deferred:
         """Store a message for the bare JID; fires with False when the user's store is full.
@@ -77,12 +77,12 @@ class OfflineDelivery:
                 stored = await self.store.store(recipient.host, recipient.user, record, limit)
             return stored
 
-    def hold(self, session: Any) -> None:
+    def hold(self, session: Session) -> None:
         """The session's stored messages are due: live messages for it wait until `release`."""
         self.held.setdefault(session, [])
         self._holds[session] = self._holds.get(session, 0) + 1
 
-    async def release(self, session: Any) -> None:
+    async def release(self, session: Session) -> None:
         """One `hold` is over; after the last, the waiting messages go to the session.
 
         If it has closed meanwhile, they are kept, as if it had never been available.
@@ -113,7 +113,7 @@ class OfflineDelivery:
         # Over the limit if need be: these were accepted already.
         await self._store(jid.userhostJID(), kept, len(kept) + self.max_messages)
 
-    async def deliver(self, session: Any) -> None:
+    async def deliver(self, session: Session) -> None:
         """Send every stored message to the session (oldest first) and forget them.
 
         The messages leave the store before they are sent. Those that the session can no longer

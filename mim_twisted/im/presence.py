@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat
@@ -38,7 +39,7 @@ from mim_twisted.im import subscription
 from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.offline import OfflineDelivery
 from mim_twisted.im.roster import RosterService
-from mim_twisted.im.sessions import SessionManager
+from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stanzas import reply_error
 from mim_twisted.storage.interfaces import (
     IAccountStore,
@@ -86,7 +87,7 @@ class PresenceService:
         hooks_table: hooks.Hooks,
         *,
         locks: KeyedLock | None = None,
-        clock: Any = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.domains = domains
         self.sessions = sessions
@@ -104,12 +105,12 @@ class PresenceService:
         self.max_directed = MAX_DIRECTED_PRESENCES
         self.caps_listeners: list = []  # callables(session, presence) seeing each broadcast
         # Per session with work under way: what waits behind the item being handled.
-        self._queues: dict[Any, deque[tuple[Work, tuple]]] = {}
+        self._queues: dict[Session, deque[tuple[Work, tuple]]] = {}
         self._idle_waiters: list[defer.Deferred] = []
 
     # -- entry points ------------------------------------------------------------------------
 
-    def handle(self, session: Any, presence: domish.Element) -> None:
+    def handle(self, session: Session, presence: domish.Element) -> None:
         """A presence stanza from a bound session ('from' already stamped)."""
         queue = self._queues.get(session)
         if queue is not None and len(queue) >= self.max_queued:
@@ -123,7 +124,7 @@ class PresenceService:
         offline_due = self._note_availability(session, presence)
         self._enqueue(session, self._handle, session, presence, offline_due)
 
-    def _note_availability(self, session: Any, presence: domish.Element) -> bool:
+    def _note_availability(self, session: Session, presence: domish.Element) -> bool:
         """Messages are routed by the broadcast presence the server has received, not by the one
         it has finished handling (a roster read, the broadcast, the stored messages): a message
         sent right after initial presence goes to the session, not to offline storage.
@@ -146,7 +147,7 @@ class PresenceService:
             self.offline.hold(session)
         return offline_due
 
-    def session_ended(self, session: Any) -> None:
+    def session_ended(self, session: Session) -> None:
         """The connection is gone and the session unbound: it goes unavailable for everyone.
 
         Queued after the session's presence work, which, finding the session gone, is skipped.
@@ -168,10 +169,10 @@ class PresenceService:
             waiter.addTimeout(timeout, self.clock, onTimeoutCancel=self._abandon)
         return waiter
 
-    def available_sessions(self, bare: JID) -> list:
+    def available_sessions(self, bare: JID) -> list[Session]:
         return [s for s in self.sessions.sessions_of(bare) if s.presence is not None]
 
-    def _enqueue(self, session: Any, work: Work, *args: Any) -> None:
+    def _enqueue(self, session: Session, work: Work, *args: object) -> None:
         """Run work(*args) after the session's earlier presence work has finished."""
         queue = self._queues.get(session)
         if queue is not None:
@@ -180,7 +181,7 @@ class PresenceService:
         queue = self._queues[session] = deque([(work, args)])
         defer.ensureDeferred(self._drain(session, queue))
 
-    async def _drain(self, session: Any, queue: deque[tuple[Work, tuple]]) -> None:
+    async def _drain(self, session: Session, queue: deque[tuple[Work, tuple]]) -> None:
         """Handle the session's queue, in order, until it is empty.
 
         One loop, not a chain of callbacks: however many items finish at once, the stack stays
@@ -217,11 +218,11 @@ class PresenceService:
             dropped=", ".join(f"{jid}: {count}" for jid, count in sorted(dropped.items())),
         )
 
-    def _gone(self, session: Any) -> bool:
+    def _gone(self, session: Session) -> bool:
         """The session was unbound or replaced: what it sent is no longer to be acted on."""
         return self.sessions.session(session.jid) is not session
 
-    async def _handle(self, session: Any, presence: domish.Element, offline_due: bool) -> None:
+    async def _handle(self, session: Session, presence: domish.Element, offline_due: bool) -> None:
         if self._gone(session):
             if offline_due:
                 await self.offline.release(session)
@@ -249,7 +250,9 @@ class PresenceService:
 
     # -- broadcast presence ------------------------------------------------------------------
 
-    async def _available(self, session: Any, presence: domish.Element, offline_due: bool) -> None:
+    async def _available(
+        self, session: Session, presence: domish.Element, offline_due: bool
+    ) -> None:
         """`offline_due`: held since the stanza was received (`_note_availability`)."""
         priority = parse_priority(presence)
         if priority is None:
@@ -280,11 +283,11 @@ class PresenceService:
         if initial:
             await self.hooks.run(hooks.USER_AVAILABLE, session)
 
-    async def _ended(self, session: Any) -> None:
+    async def _ended(self, session: Session) -> None:
         if session.presence is not None or session.directed_to:
             await self._unavailable(session, None)
 
-    async def _unavailable(self, session: Any, presence: domish.Element | None) -> None:
+    async def _unavailable(self, session: Session, presence: domish.Element | None) -> None:
         """Broadcast unavailable presence: the client's, or (None) one for a lost connection."""
         was_available = session.presence is not None
         session.presence = None
@@ -304,14 +307,16 @@ class PresenceService:
         if was_available:
             await self.hooks.run(hooks.USER_UNAVAILABLE, session, presence)
 
-    def _broadcast(self, session: Any, presence: domish.Element, items: list[RosterItem]) -> None:
+    def _broadcast(
+        self, session: Session, presence: domish.Element, items: list[RosterItem]
+    ) -> None:
         """To contacts with a from/both subscription and to all the user's own resources."""
         for item in items:
             if item.subscription in ("from", "both"):
                 self._deliver(presence, parse_jid(item.jid))
         self._deliver(presence, session.jid.userhostJID())
 
-    def _send_contacts_presence(self, session: Any, items: list[RosterItem]) -> None:
+    def _send_contacts_presence(self, session: Session, items: list[RosterItem]) -> None:
         """The internal answer to the probes a new session would send (RFC 6121 §4.3)."""
         for item in items:
             if item.subscription not in ("to", "both"):
@@ -335,7 +340,9 @@ class PresenceService:
             for recipient in recipients:
                 recipient.send(data)
 
-    def _directed(self, session: Any, presence: domish.Element, kind: str | None, to: JID) -> None:
+    def _directed(
+        self, session: Session, presence: domish.Element, kind: str | None, to: JID
+    ) -> None:
         if to.host not in self.domains:
             reply_error(session, presence, "remote-server-not-found")
             return
@@ -357,7 +364,7 @@ class PresenceService:
     # -- subscriptions -----------------------------------------------------------------------
 
     async def _outbound_subscription(
-        self, session: Any, presence: domish.Element, kind: str, contact: JID
+        self, session: Session, presence: domish.Element, kind: str, contact: JID
     ) -> None:
         user = session.jid.userhostJID()
         if contact == user:

@@ -16,7 +16,7 @@ pool, bounded as PLAIN's checks are (`hash_in_thread`).
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -28,9 +28,15 @@ from twisted.words.protocols.jabber.xmpp_stringprep import nodeprep
 from twisted.words.xish import domish
 
 from mim_twisted.auth.scram import DEFAULT_ITERATIONS, derive_all
-from mim_twisted.im.sessions import SessionManager
+from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.storage.interfaces import AccountExists, AccountNotFound, log_request_failure
+from mim_twisted.xmpp.c2s import C2SFactory
+from mim_twisted.xmpp.connection import ClientConnection
 from mim_twisted.xmpp.sasl.plain import hash_in_thread
+
+if TYPE_CHECKING:
+    from mim_twisted.im.disco import DiscoService
+    from mim_twisted.im.router import Router
 
 log = Logger()
 
@@ -76,13 +82,13 @@ class RegistrationService:
         # Streams that have created (or are creating) an account.
         self._registered: weakref.WeakSet = weakref.WeakSet()
 
-    def install_stream(self, factory: Any) -> None:
+    def install_stream(self, factory: C2SFactory) -> None:
         """Wire the pre-authentication part into one C2SFactory (one per listener)."""
         factory.preauth_iq[NS_REGISTER, "query"] = self.preauth_request
         if self.enabled:
             factory.secure_preauth_features.append(domish.Element((NS_FEATURE, "register")))
 
-    def install(self, router: Any, disco: Any) -> None:
+    def install(self, router: "Router", disco: "DiscoService") -> None:
         """Wire the part for authenticated sessions; when off the router's default answers."""
         if self.enabled:
             router.server_iq[NS_REGISTER, "query"] = self.account_request
@@ -91,7 +97,7 @@ class RegistrationService:
 
     # -- before authentication ---------------------------------------------------------------
 
-    def preauth_request(self, stream: Any, iq: domish.Element) -> None:
+    def preauth_request(self, stream: ClientConnection, iq: domish.Element) -> None:
         """`C2SFactory.preauth_iq` handler: the stream has no JID yet, so we answer directly."""
         kind = iq.getAttribute("type")
         if kind in ("result", "error"):
@@ -102,7 +108,7 @@ class RegistrationService:
         answering = defer.ensureDeferred(self._preauth(stream, iq))
         answering.addCallbacks(stream.send, self._failed, errbackArgs=(stream, iq))
 
-    async def _preauth(self, stream: Any, iq: domish.Element) -> domish.Element:
+    async def _preauth(self, stream: ClientConnection, iq: domish.Element) -> domish.Element:
         if not self.enabled:
             raise RegistrationError("service-unavailable")
         if not stream.secure:
@@ -140,7 +146,7 @@ class RegistrationService:
         return xmlstream.toResponse(iq, "result")
 
     @staticmethod
-    def _failed(failure: Failure, stream: Any, iq: domish.Element) -> None:
+    def _failed(failure: Failure, stream: ClientConnection, iq: domish.Element) -> None:
         if not failure.check(error.StanzaError):
             log_request_failure(log, failure, "in-band registration")
             failure = Failure(RegistrationError("internal-server-error"))
@@ -149,7 +155,7 @@ class RegistrationService:
     # -- after authentication ----------------------------------------------------------------
 
     async def account_request(
-        self, session: Any, iq: domish.Element, target: JID
+        self, session: Session, iq: domish.Element, target: JID
     ) -> domish.Element | None:
         """Router handler for the own bare JID (or no 'to') and for one's own domain."""
         own = session.jid.userhostJID()
@@ -185,7 +191,7 @@ class RegistrationService:
         for session in self.sessions.sessions_of(own):
             session.stream_error("not-authorized", "The account has been removed")
 
-    async def _change_password(self, session: Any, query: domish.Element, own: JID) -> None:
+    async def _change_password(self, session: Session, query: domish.Element, own: JID) -> None:
         if not session.secure:
             raise RegistrationError("not-authorized", type="modify", text="Encryption is required")
         username, password = _text(query, "username"), _text(query, "password")

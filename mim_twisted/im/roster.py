@@ -28,7 +28,7 @@ from twisted.words.xish import domish
 
 from mim_twisted.im import subscription
 from mim_twisted.im.locks import KeyedLock
-from mim_twisted.im.sessions import SessionManager
+from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.storage.interfaces import IRosterStore, RosterItem
 
 NS_ROSTER = "jabber:iq:roster"
@@ -97,7 +97,7 @@ class RosterService:
 
     # -- the IQ handler -----------------------------------------------------------------------
 
-    def handle_iq(self, session: Any, iq: domish.Element, target: JID) -> defer.Deferred:
+    def handle_iq(self, session: Session, iq: domish.Element, target: JID) -> defer.Deferred:
         """The account IQ handler for ("jabber:iq:roster", "query")."""
         if target != session.jid.userhostJID():
             raise StanzaError("forbidden", text="Only its owner may use a roster")
@@ -107,7 +107,7 @@ class RosterService:
         return defer.Deferred.fromCoroutine(self._set(session, query))
 
     async def _get(
-        self, session: Any, iq: domish.Element, query: domish.Element
+        self, session: Session, iq: domish.Element, query: domish.Element
     ) -> domish.Element | None:
         if next(query.elements(), None) is not None:
             raise StanzaError("bad-request", text="A roster get carries no items")
@@ -126,7 +126,7 @@ class RosterService:
                 listing.addChild(_item_element(item))
         return result
 
-    async def _set(self, session: Any, query: domish.Element) -> None:
+    async def _set(self, session: Session, query: domish.Element) -> None:
         elements = list(query.elements(NS_ROSTER, "item"))
         if len(elements) != 1:
             raise StanzaError("bad-request", text="A roster set carries exactly one item")

@@ -1,5 +1,8 @@
 """Routing of stanzas from bound sessions: to the server's IQ handlers or to other sessions.
 
+The router is what the client streams open their sessions with (`SessionOpener`): a stream that
+has bound a resource gets a `Session`, which passes each stanza to `route_from_client`.
+
 IQ requests are answered by handlers looked up by the (namespace, name) of their payload, in one
 of two tables (RFC 6120 §10.3): `server_iq` for requests to a served domain, `account_iq` for
 requests to a local account's bare JID — including requests with no 'to', which the server
@@ -15,7 +18,6 @@ caps) complete the Deferred returned by `query`. Services on a domain of their o
 
 import secrets
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -28,15 +30,16 @@ from twisted.words.xish import domish
 from mim_twisted import hooks
 from mim_twisted.im.messages import MessageRouter
 from mim_twisted.im.presence import PresenceService
-from mim_twisted.im.sessions import SessionManager
+from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stanzas import reply_error
 from mim_twisted.storage.interfaces import log_request_failure
+from mim_twisted.xmpp.connection import ClientConnection
 from mim_twisted.xmpp.jids import parse_jid
 from mim_twisted.xmpp.stanza_errors import error_response
 
 log = Logger()
 
-IqHandler = Callable[[Any, domish.Element, JID], "domish.Element | defer.Deferred | None"]
+IqHandler = Callable[[Session, domish.Element, JID], "domish.Element | defer.Deferred | None"]
 
 
 class IqTimeout(Exception):
@@ -65,12 +68,25 @@ class Router:
         self.account_iq: dict[tuple[str, str], IqHandler] = {}
         # Services on their own domain (pubsub.<domain>): every stanza addressed to that domain
         # goes to `handler(session, stanza, recipient)`.
-        self.components: dict[str, Callable[[Any, domish.Element, JID], None]] = {}
+        self.components: dict[str, Callable[[Session, domish.Element, JID], None]] = {}
         self._queries: dict[str, tuple[str, defer.Deferred]] = {}
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def open_session(self, connection: ClientConnection, jid: JID) -> Session:
+        """A client stream bound `jid`: its session, in the table (replacing one on that JID)."""
+        session = Session(connection, jid, self)
+        self.sessions.bind(session)
+        return session
+
+    def close_session(self, session: Session) -> None:
+        """The session's connection is gone: out of the table, then unavailable to everyone."""
+        self.sessions.unbind(session)
+        self.session_ended(session)
 
     # -- IQ -------------------------------------------------------------------------------
 
-    def route_from_client(self, session: Any, stanza: domish.Element) -> None:
+    def route_from_client(self, session: Session, stanza: domish.Element) -> None:
         to = stanza.getAttribute("to")
         try:
             recipient = parse_jid(to) if to else session.jid.userhostJID()
@@ -98,11 +114,11 @@ class Router:
                 reply_error(session, stanza, "service-unavailable")
 
     @staticmethod
-    def _routing_failed(failure: Failure, session: Any, stanza: domish.Element) -> None:
+    def _routing_failed(failure: Failure, session: Session, stanza: domish.Element) -> None:
         log_request_failure(log, failure, "routing a message from {jid}", jid=session.jid.full())
         reply_error(session, stanza, "internal-server-error")
 
-    def _handle_iq(self, session: Any, iq: domish.Element, target: JID) -> None:
+    def _handle_iq(self, session: Session, iq: domish.Element, target: JID) -> None:
         kind = iq.getAttribute("type")
         if kind in ("result", "error"):
             self._answer_query(session, iq, target)
@@ -134,11 +150,13 @@ class Router:
         )
 
     @staticmethod
-    def _send_iq_result(result: domish.Element | None, session: Any, iq: domish.Element) -> None:
+    def _send_iq_result(
+        result: domish.Element | None, session: Session, iq: domish.Element
+    ) -> None:
         session.send(result if result is not None else xmlstream.toResponse(iq, "result"))
 
     @staticmethod
-    def _send_iq_error(failure: Failure, session: Any, iq: domish.Element) -> None:
+    def _send_iq_error(failure: Failure, session: Session, iq: domish.Element) -> None:
         if failure.check(error.StanzaError):
             session.send(error_response(failure.value, iq))
             return
@@ -147,7 +165,7 @@ class Router:
 
     # -- the server's own requests to clients -----------------------------------------------
 
-    def query(self, session: Any, iq: domish.Element, timeout: float = 30.0) -> defer.Deferred:
+    def query(self, session: Session, iq: domish.Element, timeout: float = 30.0) -> defer.Deferred:
         """Send an IQ get/set from the server to a session; fires with the result <iq/>.
 
         Fails with StanzaError (built from an error reply) or IqTimeout.
@@ -163,7 +181,7 @@ class Router:
         session.send(iq)
         return pending
 
-    def _answer_query(self, session: Any, iq: domish.Element, target: JID) -> None:
+    def _answer_query(self, session: Session, iq: domish.Element, target: JID) -> None:
         asked, pending = self._queries.get(iq.getAttribute("id", ""), (None, None))
         # Only the session that was asked can answer, and only to the server itself.
         if asked != iq["from"] or target.user is not None or target.host != session.jid.host:
@@ -179,6 +197,6 @@ class Router:
         if pending is not None:
             pending.errback(IqTimeout(query_id))
 
-    def session_ended(self, session: Any) -> None:
+    def session_ended(self, session: Session) -> None:
         self.presence.session_ended(session)
         self.hooks.run(hooks.SESSION_ENDED, session)

@@ -1,25 +1,67 @@
-"""The table of bound sessions: which full JIDs are connected here.
+"""The sessions of bound resources and their table: which full JIDs are connected here.
 
-The router reaches sessions only through this small interface ("the session for this full JID",
-"the sessions of this bare JID"), so that a shared implementation can later replace the local one
-when several nodes serve the same domains.
+A `Session` is the IM core's side of one bound resource: its full JID, the presence state the
+core keeps for it, and the connection it talks through (`ClientConnection`, the stream layer's
+narrow view of a client stream). The stream opens it through `Router.open_session` on binding
+and hands it every stanza; the session passes them on to the router.
+
+The router reaches sessions only through the table's small interface ("the session for this full
+JID", "the sessions of this bare JID"), so that a shared implementation can later replace the
+local one when several nodes serve the same domains.
 """
 
-from typing import Protocol
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from twisted.words.protocols.jabber.jid import JID
+from twisted.words.xish import domish
+
+from mim_twisted.xmpp.connection import ClientConnection
+
+if TYPE_CHECKING:
+    from mim_twisted.im.router import Router
 
 
-class Session(Protocol):
-    """What the session table needs of a connected, bound client stream."""
+class Session:
+    """One bound resource of a local account (the stream layer's `BoundSession`)."""
 
-    jid: JID
-    closed: bool
+    def __init__(self, connection: ClientConnection, jid: JID, router: "Router") -> None:
+        self.connection = connection
+        self.jid = jid
+        self._router = router
+        self.presence: domish.Element | None = None  # the last available broadcast presence
+        self.priority = 0
+        self.message_priority: int | None = None  # as received: what messages are routed by
+        self.directed_to: set[str] = set()  # JIDs sent directed available presence
+        self.roster_requested = False  # it gets roster pushes once it has asked for the roster
 
-    def send(self, stanza: object) -> None: ...
+    @property
+    def closed(self) -> bool:
+        """Closing or gone: whatever would be sent to it now would be lost."""
+        return self.connection.closed
+
+    @property
+    def secure(self) -> bool:
+        return self.connection.secure
+
+    def send(self, stanza: domish.Element | bytes | str) -> None:
+        self.connection.send(stanza)
+
+    def stream_error(self, condition: str, text: str | None = None) -> None:
+        """End the session with a stream error (RFC 6120 §4.9) that closes its connection."""
+        self.connection.stream_error(condition, text)
 
     def replaced(self) -> None:
         """Another connection bound the same full JID: close this one with <conflict/>."""
+        self.stream_error("conflict", "Replaced by a new connection")
+
+    # -- what the stream calls (BoundSession) ------------------------------------------------
+
+    def stanza_received(self, stanza: domish.Element) -> None:
+        self._router.route_from_client(self, stanza)
+
+    def connection_lost(self) -> None:
+        self._router.close_session(self)
 
 
 class SessionManager:
@@ -57,6 +99,13 @@ class SessionManager:
     def sessions_of(self, bare_jid: JID) -> list[Session]:
         resources = self._by_bare.get(bare_jid.userhostJID(), {})
         return [session for session in resources.values() if not session.closed]
+
+    def live_sessions(self) -> Iterator[Session]:
+        """Every session that is not closing."""
+        for resources in self._by_bare.values():
+            for session in resources.values():
+                if not session.closed:
+                    yield session
 
     def __len__(self) -> int:
         return sum(len(resources) for resources in self._by_bare.values())

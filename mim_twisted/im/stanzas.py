@@ -1,15 +1,14 @@
 """Small helpers for answering stanzas, shared by the IM core's modules."""
 
-from typing import Any
-
 from twisted.words.protocols.jabber import error
 from twisted.words.xish import domish
 
+from mim_twisted.im.sessions import Session
 from mim_twisted.xmpp.stanza_errors import error_response
 
 
 def reply_error(
-    session: Any, stanza: domish.Element, condition: str, text: str | None = None
+    session: Session, stanza: domish.Element, condition: str, text: str | None = None
 ) -> None:
     """Answer a stanza with an error unless it is an error or IQ result (RFC 6120 §8.3.1)."""
     if stanza.getAttribute("type") in ("error", "result"):

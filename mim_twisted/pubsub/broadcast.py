@@ -16,7 +16,6 @@ name that has no account is logged without a traceback.
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
@@ -26,7 +25,7 @@ from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
 from mim_twisted.im.offline import OfflineDelivery
-from mim_twisted.im.sessions import SessionManager
+from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.pubsub import core
 from mim_twisted.pubsub.forms import node_config_form, subscription_authorization_form
 from mim_twisted.pubsub.protocol import subscription_element
@@ -55,7 +54,7 @@ class Notification:
         return self._head + domish.escapeToXml(recipient, isattrib=1).encode("utf-8") + self._tail
 
 
-def _show(session: Any) -> str:
+def _show(session: Session) -> str:
     presence = session.presence
     show = next(presence.elements(presence.uri, "show"), None) if presence is not None else None
     return str(show).strip() if show is not None else "online"

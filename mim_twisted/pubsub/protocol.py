@@ -27,6 +27,7 @@ from twisted.words.xish import domish
 from wokkel import data_form, disco
 from wokkel.pubsub import NS_PUBSUB, NS_PUBSUB_ERRORS, NS_PUBSUB_OWNER, PubSubRequest
 
+from mim_twisted.im.sessions import Session
 from mim_twisted.im.stanzas import reply_error
 from mim_twisted.pubsub import forms
 from mim_twisted.pubsub.core import PubSubService, SubscriptionChange
@@ -146,7 +147,7 @@ class PubSubComponent:
         self.pool = pool
         self.max_in_flight = max_in_flight
         # Session -> its requests queued or running, for those that have any.
-        self._in_flight: dict[Any, int] = {}
+        self._in_flight: dict[Session, int] = {}
         # Requests by result, for the metrics: "ok", "error", "refused" (resource-constraint).
         self.results: Counter[str] = Counter()
         self._verbs: dict[str, Callable[[str, PubSubRequest, domish.Element], Awaitable]] = {
@@ -171,7 +172,7 @@ class PubSubComponent:
             "subscriptionsSet": self._subscriptions_set,
         }
 
-    def __call__(self, session: Any, stanza: domish.Element, recipient: JID) -> None:
+    def __call__(self, session: Session, stanza: domish.Element, recipient: JID) -> None:
         if recipient.user is not None or recipient.resource is not None:
             reply_error(session, stanza, "service-unavailable")
         elif stanza.name == "iq":
@@ -184,7 +185,7 @@ class PubSubComponent:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _request(self, session: Any, iq: domish.Element) -> None:
+    def _request(self, session: Session, iq: domish.Element) -> None:
         payload = next(iq.elements(), None)
         if payload is None or not iq.getAttribute("id"):
             reply_error(session, iq, "bad-request")
@@ -219,7 +220,7 @@ class PubSubComponent:
             errbackArgs=(session, iq),
         )
 
-    def _submit(self, session: Any, node: str, job: Callable[[], Awaitable]) -> Deferred:
+    def _submit(self, session: Session, node: str, job: Callable[[], Awaitable]) -> Deferred:
         """Queue ``job`` under ``node`` for ``session``; QueueFull if the session has
         `max_in_flight` requests queued or running already, or the node's queue is full."""
         in_flight = self._in_flight.get(session, 0)
@@ -230,7 +231,7 @@ class PubSubComponent:
         done.addBoth(self._finished, session)
         return done
 
-    def _finished(self, result: object, session: Any) -> object:
+    def _finished(self, result: object, session: Session) -> object:
         self.results["error" if isinstance(result, Failure) else "ok"] += 1
         left = self._in_flight.pop(session) - 1
         if left:
@@ -238,14 +239,14 @@ class PubSubComponent:
         return result
 
     @staticmethod
-    def _send_result(payload: domish.Element | None, session: Any, iq: domish.Element) -> None:
+    def _send_result(payload: domish.Element | None, session: Session, iq: domish.Element) -> None:
         result = xmlstream.toResponse(iq, "result")
         if payload is not None:
             result.addChild(payload)
         session.send(result)
 
     @staticmethod
-    def _send_error(failure: Failure, session: Any, iq: domish.Element) -> None:
+    def _send_error(failure: Failure, session: Session, iq: domish.Element) -> None:
         if failure.check(PubSubError):
             session.send(error_response(stanza_error(failure.value), iq))
         elif failure.check(error.StanzaError):
@@ -509,7 +510,7 @@ class PubSubComponent:
 
     # -- subscription approval forms (XEP-0060 §8.6) -------------------------------------------
 
-    def _message(self, session: Any, message: domish.Element) -> None:
+    def _message(self, session: Session, message: domish.Element) -> None:
         try:
             values = forms.submitted_values(
                 forms.find_form(message), forms.NS_SUBSCRIBE_AUTHORIZATION
@@ -543,7 +544,7 @@ class PubSubComponent:
         done.addErrback(self._approval_failed, session, message)
 
     @staticmethod
-    def _approval_failed(failure: Failure, session: Any, message: domish.Element) -> None:
+    def _approval_failed(failure: Failure, session: Session, message: domish.Element) -> None:
         if failure.check(PubSubError):
             session.send(error_response(stanza_error(failure.value), message))
         else:

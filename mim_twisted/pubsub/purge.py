@@ -10,8 +10,9 @@ from functools import partial
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.words.xish import domish
 
-from mim_twisted.im.sessions import SessionManager
+from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.pubsub import core
 from mim_twisted.pubsub.queues import QueueFull, WorkerPool
 
@@ -45,7 +46,7 @@ class OfflinePurge:
         else:
             self.nodes.discard((service, node))
 
-    def user_unavailable(self, session: Any, presence: Any) -> None:
+    def user_unavailable(self, session: Session, presence: domish.Element | None) -> None:
         """The USER_UNAVAILABLE hook: purge once the user has no available resource left."""
         bare = session.jid.userhostJID()
         if any(s.presence is not None for s in self.sessions.sessions_of(bare)):

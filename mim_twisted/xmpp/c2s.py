@@ -2,9 +2,10 @@
 
 One `C2SStream` per TCP connection. When the listener requests client certificates, the
 identities of a verified one are read once the TLS handshake is done and make SASL EXTERNAL
-available on the stream (XEP-0178). Negotiation happens here; once a resource is bound, every
-stanza is stamped with the session's full JID and handed to the router, which is the IM core's
-business. A stream error closes only its own connection.
+available on the stream (XEP-0178). Negotiation happens here; once a resource is bound, the layer
+above (the IM core) opens a session for it (`mim_twisted.xmpp.connection`), and every stanza is
+stamped with the session's full JID and handed to that session. A stream error closes only its
+own connection.
 """
 
 import re
@@ -12,7 +13,6 @@ import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from twisted.internet import defer, interfaces, protocol
 from twisted.internet.interfaces import IReactorTime
@@ -25,8 +25,8 @@ from zope.interface import implementer
 from mim_twisted.auth.certs import CertificateIdentities, ExternalSettings, certificate_identities
 from mim_twisted.auth.scram import DEFAULT_ITERATIONS
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
-from mim_twisted.im.sessions import SessionManager
 from mim_twisted.xmpp import bind, namespaces, traffic
+from mim_twisted.xmpp.connection import BoundSession, SessionOpener
 from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
 from mim_twisted.xmpp.sasl.negotiation import SaslNegotiation
 from mim_twisted.xmpp.shaper import ReadShaper
@@ -71,14 +71,6 @@ class C2SSettings:
     failure_budget: FailureBudgetSettings = FailureBudgetSettings()
 
 
-class StanzaRouter(Protocol):
-    """Receives the stanzas of bound sessions; the IM core provides it."""
-
-    def route_from_client(self, session: "C2SStream", stanza: domish.Element) -> None: ...
-
-    def session_ended(self, session: "C2SStream") -> None: ...
-
-
 @implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
 class C2SStream(protocol.Protocol):
     """One client connection."""
@@ -94,12 +86,7 @@ class C2SStream(protocol.Protocol):
         self._certificate_check: ClientCertificateCheck | None = None
         self.username: str | None = None
         self.jid: JID | None = None
-        # IM state of a bound session, kept here and managed by the IM core (mim_twisted.im).
-        self.presence: domish.Element | None = None  # the last available broadcast presence
-        self.priority = 0
-        self.message_priority: int | None = None  # as received: what messages are routed by
-        self.directed_to: set[str] = set()  # JIDs sent directed available presence
-        self.roster_requested = False
+        self.session: BoundSession | None = None  # opened by the layer above once bound
         self.bound_at: float | None = None  # clock.seconds() when the resource was bound
         self.tls_established = False
         self.closed = False
@@ -241,9 +228,8 @@ class C2SStream(protocol.Protocol):
                 peer=self.log_name(),
                 problem=check.problem,
             )
-        if self.jid is not None:
-            self.factory.sessions.unbind(self)
-            self.factory.router.session_ended(self)
+        if self.session is not None:
+            self.session.connection_lost()
         log.debug("{peer} disconnected", peer=self.log_name())
 
     # -- output ----------------------------------------------------------------------------
@@ -314,9 +300,6 @@ class C2SStream(protocol.Protocol):
         transport.resumeProducing()
         transport.loseConnection()
         self._close_timer = self.factory.clock.callLater(CLOSE_GRACE, transport.abortConnection)
-
-    def replaced(self) -> None:
-        self.stream_error("conflict", "Replaced by a new connection")
 
     def _send_header(self, domain: str) -> None:
         self.stream_id = secrets.token_hex(8)
@@ -473,7 +456,7 @@ class C2SStream(protocol.Protocol):
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self.factory.forget_unbound(self)
-        self.factory.sessions.bind(self)
+        self.session = self.factory.im.open_session(self, jid)
         log.info("{peer} bound {jid}", peer=self.log_name(), jid=jid.full())
 
     def _on_stanza(self, stanza: domish.Element) -> None:
@@ -486,7 +469,7 @@ class C2SStream(protocol.Protocol):
             self.send(bind.session_result(stanza))
             return
         try:
-            self.factory.router.route_from_client(self, stanza)
+            self.session.stanza_received(stanza)
         except Exception:
             # A bug handling one stanza must not end the session or affect others.
             log.failure("routing a stanza from {jid}", jid=self.jid.full())
@@ -538,8 +521,7 @@ class C2SFactory(protocol.ServerFactory):
         settings: C2SSettings,
         *,
         accounts: object,
-        sessions: SessionManager,
-        router: StanzaRouter,
+        im: SessionOpener,
         clock: IReactorTime | None = None,
         mechanism_factory: Callable | None = None,
         auth_failures: AuthFailureBudget | None = None,
@@ -550,8 +532,7 @@ class C2SFactory(protocol.ServerFactory):
 
         self.settings = settings
         self.accounts = accounts
-        self.sessions = sessions
-        self.router = router
+        self.im = im  # opens a session for each bound resource
         self.clock = clock or reactor
         self.mechanism_factory = mechanism_factory or default_mechanism_factory
         # Failed logins per address and account; the listeners of one server share them.

@@ -1,0 +1,46 @@
+"""What the stream layer and the layer above it (the IM core) know of each other.
+
+A client stream negotiates TLS, SASL and resource binding by itself. Once a resource is bound it
+asks a `SessionOpener` for a session, hands that `BoundSession` every stanza the client sends
+and tells it when the connection is gone. The session talks back through the narrow
+`ClientConnection`. So the stream layer never imports the IM core: the dependency points from
+the IM core down to these protocols.
+"""
+
+from typing import Protocol
+
+from twisted.internet.interfaces import IAddress
+from twisted.words.protocols.jabber.jid import JID
+from twisted.words.xish import domish
+
+
+class ClientConnection(Protocol):
+    """A client's stream, as the layer above sees it."""
+
+    domain: str | None  # the served domain the client named in its stream header
+    peer: IAddress
+    secure: bool  # TLS is on
+    closed: bool  # nothing more is written: closing, or gone
+
+    def send(self, stanza: domish.Element | bytes | str) -> None:
+        """Write an element (in the jabber:client namespace) or serialised data."""
+
+    def stream_error(self, condition: str, text: str | None = None) -> None:
+        """Send a stream error (RFC 6120 §4.9) and close the connection."""
+
+
+class BoundSession(Protocol):
+    """The session of a bound resource: what the stream hands its stanzas to."""
+
+    def stanza_received(self, stanza: domish.Element) -> None:
+        """A stanza from the client, its 'from' stamped with the session's full JID."""
+
+    def connection_lost(self) -> None:
+        """The connection is gone; nothing can be sent to it any more."""
+
+
+class SessionOpener(Protocol):
+    """The layer above the streams; it opens a session for each bound resource."""
+
+    def open_session(self, connection: ClientConnection, jid: JID) -> BoundSession:
+        """The client bound `jid` on `connection`: a session that takes its stanzas."""

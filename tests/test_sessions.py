@@ -1,0 +1,146 @@
+"""The IM core's sessions as the stream layer sees them: opened on binding through the router,
+fed stanzas, ended when the connection is lost; and the layering that this keeps."""
+
+import ast
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.trial import unittest
+from twisted.words.protocols.jabber.jid import JID
+from twisted.words.xish import domish
+
+from mim_twisted.im.sessions import Session
+from mim_twisted.xmpp.connection import BoundSession, ClientConnection
+from tests.imsupport import ImCoreTestCase, parse, presence_xml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeConnection:
+    """A client stream as the IM core sees it (`ClientConnection`)."""
+
+    def __init__(self, *, secure: bool = True) -> None:
+        self.domain = "localhost"
+        self.peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.secure = secure
+        self.closed = False
+        self.sent: list[domish.Element] = []
+        self.stream_errors: list[tuple[str, str | None]] = []
+
+    def send(self, stanza: domish.Element | bytes | str) -> None:
+        if isinstance(stanza, domish.Element):
+            stanza = stanza.toXml(defaultUri="jabber:client")
+        elif isinstance(stanza, bytes):
+            stanza = stanza.decode("utf-8")
+        self.sent.append(parse(stanza))
+
+    def stream_error(self, condition: str, text: str | None = None) -> None:
+        self.stream_errors.append((condition, text))
+        self.closed = True
+
+
+class OpenedSessionTests(ImCoreTestCase):
+    def open(self, jid: str, connection: FakeConnection | None = None) -> Session:
+        connection = connection or FakeConnection()
+        opened: ClientConnection = connection
+        session: BoundSession = self.core.router.open_session(opened, JID(jid))
+        self.assertIsInstance(session, Session)
+        return session
+
+    def stanza(self, session: Session, xml: str) -> None:
+        """As C2SStream hands a stanza over: 'from' stamped with the full JID."""
+        stanza = parse(xml)
+        stanza["from"] = session.jid.full()
+        session.stanza_received(stanza)
+
+    def test_opening_binds_the_full_jid(self) -> None:
+        connection = FakeConnection(secure=False)
+        session = self.open("alice@localhost/desk", connection)
+        self.assertIs(self.core.sessions.session(JID("alice@localhost/desk")), session)
+        self.assertEqual(session.jid, JID("alice@localhost/desk"))
+        self.assertIs(session.connection, connection)
+        self.assertFalse(session.secure)
+        self.assertIsNone(session.presence)
+        self.assertIsNone(session.message_priority)
+        self.assertFalse(session.roster_requested)
+
+    def test_stanzas_are_routed_and_answers_written_to_the_connection(self) -> None:
+        bob = self.open("bob@localhost/phone")
+        alice = self.open("alice@localhost/desk")
+        self.stanza(bob, presence_xml())
+        self.stanza(alice, "<message to='bob@localhost' type='chat'><body>hi</body></message>")
+        received = bob.connection.sent[-1]
+        self.assertEqual((received.name, received["from"]), ("message", "alice@localhost/desk"))
+        self.stanza(alice, "<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>")
+        self.assertEqual(alice.connection.sent[-1]["type"], "result")
+
+    def test_a_second_binding_of_the_jid_replaces_the_first(self) -> None:
+        old = self.open("alice@localhost/desk")
+        new = self.open("alice@localhost/desk")
+        self.assertEqual(
+            old.connection.stream_errors, [("conflict", "Replaced by a new connection")]
+        )
+        self.assertTrue(old.closed)
+        self.assertIs(self.core.sessions.session(JID("alice@localhost/desk")), new)
+        old.connection_lost()
+        self.assertIs(self.core.sessions.session(JID("alice@localhost/desk")), new)
+
+    def test_a_lost_connection_ends_the_session_for_everyone(self) -> None:
+        self.subscribe("bob", "alice")
+        bob = self.open("bob@localhost/phone")
+        alice = self.open("alice@localhost/desk")
+        for session in (bob, alice):
+            self.stanza(session, presence_xml())
+        self.successResultOf(self.core.presence.idle())
+        alice.connection.closed = True
+        alice.connection_lost()
+        self.successResultOf(self.core.presence.idle())
+        self.assertIsNone(self.core.sessions.session(alice.jid))
+        last = bob.connection.sent[-1]
+        self.assertEqual(
+            (last.name, last["type"], last["from"]),
+            ("presence", "unavailable", "alice@localhost/desk"),
+        )
+
+    def test_stream_errors_close_the_connection(self) -> None:
+        session = self.open("alice@localhost/desk")
+        session.stream_error("policy-violation", "Too much")
+        self.assertEqual(session.connection.stream_errors, [("policy-violation", "Too much")])
+        self.assertTrue(session.closed)
+        self.assertIsNone(self.core.sessions.session(session.jid))
+
+    def test_live_sessions_leave_out_closing_ones(self) -> None:
+        alice = self.open("alice@localhost/desk")
+        bob = self.open("bob@localhost/phone")
+        bob.stream_error("policy-violation")
+        self.assertEqual(list(self.core.sessions.live_sessions()), [alice])
+        self.assertEqual(len(self.core.sessions), 2)  # until bob's connection is gone
+
+
+class LayeringTests(unittest.TestCase):
+    """The stream layer hands bound resources to the IM core through `xmpp.connection`: it never
+    imports the IM core or PubSub, which sit above it."""
+
+    def test_the_stream_layer_imports_nothing_above_it(self) -> None:
+        above = ("mim_twisted.im", "mim_twisted.pubsub", "mim_twisted.tap", "mim_twisted.admin")
+        found = []
+        for folder, _, files in os.walk(os.path.join(ROOT, "mim_twisted", "xmpp")):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as source:
+                    tree = ast.parse(source.read(), path)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        modules = [alias.name for alias in node.names]
+                    elif isinstance(node, ast.ImportFrom) and node.module:
+                        modules = [node.module]
+                    else:
+                        continue
+                    found += [
+                        f"{os.path.relpath(path, ROOT)}: {module}"
+                        for module in modules
+                        if module.startswith(above)
+                    ]
+        self.assertEqual(found, [])
