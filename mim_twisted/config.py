@@ -408,6 +408,7 @@ class LimitsConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PubSubConfig:
     enabled: bool = option(True, boolean)
+    pep: bool = option(True, boolean)
     workers: int = option(4, integer(1, 256))
     max_queue_length: int = option(1000, integer(1))
     sync_broadcast: bool = option(False, boolean)

@@ -40,6 +40,7 @@ from mim_twisted.metrics import MetricsService
 from mim_twisted.pubsub.broadcast import Broadcaster
 from mim_twisted.pubsub.config import GENERIC_NODE_DEFAULTS, ServiceLimits
 from mim_twisted.pubsub.core import PubSubService, Relation
+from mim_twisted.pubsub.pep import PepService
 from mim_twisted.pubsub.protocol import PubSubComponent
 from mim_twisted.pubsub.purge import OfflinePurge
 from mim_twisted.pubsub.queues import WorkerPool
@@ -220,6 +221,7 @@ class PubSub:
     broadcaster: Broadcaster
     services: dict[str, PubSubService]
     purge: OfflinePurge
+    pep: PepService | None
 
 
 def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: object) -> PubSub:
@@ -264,7 +266,22 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
         core.router.components[host] = PubSubComponent(host, services[host], pool)
         core.disco.add_server_item(domain, host, "Publish-Subscribe")
     core.hooks.add(hooks.USER_UNAVAILABLE, purge.user_unavailable)
-    return PubSub(pool, broadcaster, services, purge)
+    pep = None
+    if settings.pep:
+        # Same store and worker pool: a PEP node is keyed by its owner's bare JID.
+        pep = PepService(
+            domains=frozenset(config.server.domains),
+            store=database.pubsub,
+            rosters=rosters,
+            sessions=core.sessions,
+            caps=core.caps,
+            pool=pool,
+            broadcaster=broadcaster,
+            limits=limits,
+            relation=relation,
+        )
+        pep.install(core.router, core.disco, core.hooks)
+    return PubSub(pool, broadcaster, services, purge, pep)
 
 
 class MimService(service.MultiService):

@@ -168,6 +168,7 @@ class FanOutTests(PubSubComponentTestCase):
         for n in range(450):  # more than one cooperator slice
             session = self.connect(f"bob@localhost/r{n}")
             session.presence = parse("<presence/>")
+            session.message_priority = 0
         self.send(self.owner, subscribe("news", "alice@localhost", "own"))
         self.owner.take()
         self.send(self.connected[-1], subscribe("news", "bob@localhost"))

@@ -110,8 +110,11 @@ class Broadcaster:
         except Exception:
             log.failure("building the notification of {event!r}", event=event)
             return
-        if fanout is None:
-            return
+        if fanout is not None:
+            self.send(fanout)
+
+    def send(self, fanout: Fanout) -> None:
+        """Write a notification to its recipients: at once with `sync`, else in slices."""
         if self.sync:
             for _ in self._write(fanout):
                 pass
@@ -137,10 +140,12 @@ class Broadcaster:
             session = self.sessions.session(jid)
             sessions = [session] if session is not None else []
         else:
+            # By the presence as received, like messages (MessageRouter): a session whose
+            # initial presence is still being handled already takes notifications.
             sessions = [
                 s
                 for s in self.sessions.sessions_of(jid)
-                if s.presence is not None and s.priority >= 0
+                if s.message_priority is not None and s.message_priority >= 0
             ]
         if recipient.show_values is not None:
             sessions = [s for s in sessions if _show(s) in recipient.show_values]

@@ -628,6 +628,21 @@ class PubSubService:
         found = await self.store.get_items(self.service_key, node, max_items=1)
         return found[0] if found else None
 
+    async def last_published(self, actor: str, node: str) -> PubSubItem | None:
+        """The newest item of a node that sends it on presence (send_last_published_item
+        on_sub_and_presence) if ``actor`` may read it; None otherwise, or without node or item."""
+        stored = await self.store.get_node(self.service_key, node)
+        if stored is None:
+            return None
+        state = await self._state_of(stored)
+        if state.config["pubsub#send_last_published_item"] != "on_sub_and_presence":
+            return None
+        try:
+            await self._check_retrieve(state, actor)
+        except PubSubError:
+            return None
+        return await self.last_item(node)
+
     # -- subscriptions
 
     async def subscribe(

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols.jabber import error, xmlstream
@@ -131,6 +131,20 @@ def subscription_element(
     return element
 
 
+def _result_iq(payload: domish.Element | None, iq: domish.Element) -> domish.Element:
+    result = xmlstream.toResponse(iq, "result")
+    if payload is not None:
+        result.addChild(payload)
+    return result
+
+
+def _as_stanza_error(failure: Failure, iq: domish.Element) -> Failure:
+    """A core refusal as the StanzaError it is answered with; anything else stays as it is."""
+    if failure.check(PubSubError):
+        return Failure(stanza_error(failure.value))
+    return failure
+
+
 class PubSubComponent:
     """The stanza handler of one PubSub host, registered in the router's `components`."""
 
@@ -141,15 +155,18 @@ class PubSubComponent:
         pool: WorkerPool,
         *,
         max_in_flight: int = MAX_IN_FLIGHT,
+        in_flight: dict[Session, int] | None = None,
+        results: Counter[str] | None = None,
     ) -> None:
         self.host = host
         self.service = service
         self.pool = pool
         self.max_in_flight = max_in_flight
-        # Session -> its requests queued or running, for those that have any.
-        self._in_flight: dict[Session, int] = {}
+        # Session -> its requests queued or running, for those that have any. The PEP services
+        # of all accounts share one, so a client's limit holds across the accounts it asks.
+        self._in_flight: dict[Session, int] = {} if in_flight is None else in_flight
         # Requests by result, for the metrics: "ok", "error", "refused" (resource-constraint).
-        self.results: Counter[str] = Counter()
+        self.results: Counter[str] = Counter() if results is None else results
         self._verbs: dict[str, Callable[[str, PubSubRequest, domish.Element], Awaitable]] = {
             "publish": self._publish,
             "subscribe": self._subscribe,
@@ -186,10 +203,16 @@ class PubSubComponent:
     # -- requests ---------------------------------------------------------------------------
 
     def _request(self, session: Session, iq: domish.Element) -> None:
+        self.answer(session, iq).addCallbacks(
+            session.send, self._send_error, errbackArgs=(session, iq)
+        )
+
+    def answer(self, session: Session, iq: domish.Element) -> Deferred:
+        """Queue a get or set <iq/> for the service; fires with the result <iq/>, or fails with
+        the StanzaError to answer with (PEP hands these to the router's account IQ table)."""
         payload = next(iq.elements(), None)
         if payload is None or not iq.getAttribute("id"):
-            reply_error(session, iq, "bad-request")
-            return
+            return fail(error.StanzaError("bad-request"))
         if (payload.uri, payload.name) in (
             (disco.NS_DISCO_INFO, "query"),
             (disco.NS_DISCO_ITEMS, "query"),
@@ -200,25 +223,20 @@ class PubSubComponent:
             try:
                 request = parse_request(iq)
             except Exception:
-                self._send_error(Failure(), session, iq)
-                return
+                return fail().addErrback(_as_stanza_error, iq)
             node = request.nodeIdentifier or ""
             work = partial(self._pubsub, request, iq)
         else:
-            reply_error(session, iq, "service-unavailable")
-            return
+            return fail(error.StanzaError("service-unavailable"))
         try:
             done = self._submit(session, node, work)
         except QueueFull:
             self.results["refused"] += 1
-            reply_error(session, iq, "resource-constraint", "Too many requests, try again later")
-            return
-        done.addCallbacks(
-            self._send_result,
-            self._send_error,
-            callbackArgs=(session, iq),
-            errbackArgs=(session, iq),
-        )
+            return fail(
+                error.StanzaError("resource-constraint", text="Too many requests, try again later")
+            )
+        done.addCallback(_result_iq, iq)
+        return done.addErrback(_as_stanza_error, iq)
 
     def _submit(self, session: Session, node: str, job: Callable[[], Awaitable]) -> Deferred:
         """Queue ``job`` under ``node`` for ``session``; QueueFull if the session has
@@ -239,17 +257,8 @@ class PubSubComponent:
         return result
 
     @staticmethod
-    def _send_result(payload: domish.Element | None, session: Session, iq: domish.Element) -> None:
-        result = xmlstream.toResponse(iq, "result")
-        if payload is not None:
-            result.addChild(payload)
-        session.send(result)
-
-    @staticmethod
     def _send_error(failure: Failure, session: Session, iq: domish.Element) -> None:
-        if failure.check(PubSubError):
-            session.send(error_response(stanza_error(failure.value), iq))
-        elif failure.check(error.StanzaError):
+        if failure.check(error.StanzaError):
             session.send(error_response(failure.value, iq))
         else:
             log_request_failure(

@@ -1,0 +1,335 @@
+"""PEP (XEP-0163): one PubSub service per account, on the core, storage and worker pool of
+`pubsub.<domain>`.
+
+Each account's bare JID is a service key (`PubSubService` with the PEP defaults and `is_pep`),
+and its requests go through the same worker pool under (bare JID, node), so one node's requests
+stay in order. The IQs with the pubsub namespaces addressed to an account's bare JID (or to no
+one: the sender's own account) reach it through the router's account IQ table.
+
+Who is notified of a node event (`PepService._notify`): the explicit subscribers, as on any
+node, and, without subscribing (XEP-0163 §4), every available resource of the owner and of its
+contacts with a `from`/`both` presence subscription whose entity caps ask for `<node>+notify`,
+each held to the node's access model. The last item goes to such a resource once per
+availability: when its available presence arrives with known caps, when its caps become known
+later, and when a contact's presence subscription is approved, with an XEP-0203 delay.
+"""
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.words.protocols.jabber.jid import JID
+from twisted.words.xish import domish
+from wokkel.disco import DiscoItem
+from wokkel.pubsub import NS_PUBSUB, NS_PUBSUB_OWNER
+
+from mim_twisted import hooks
+from mim_twisted.im.locks import KeyedLock
+from mim_twisted.pubsub import core
+from mim_twisted.pubsub.broadcast import Broadcaster, Recipient, fanout_of
+from mim_twisted.pubsub.config import PEP_NODE_DEFAULTS, ServiceLimits
+from mim_twisted.pubsub.protocol import PubSubComponent
+from mim_twisted.pubsub.queues import QueueFull, WorkerPool
+from mim_twisted.storage.interfaces import PubSubItem, RosterItem
+from mim_twisted.xmpp.jids import parse_jid
+
+log = Logger()
+
+NS_EVENT = "http://jabber.org/protocol/pubsub#event"
+NS_DELAY = "urn:xmpp:delay"
+NOTIFY_SUFFIX = "+notify"
+
+# Advertised on every account's disco#info besides the pubsub/pep identity (XEP-0163 §6).
+PEP_FEATURES = (
+    "access-open",
+    "access-presence",
+    "access-roster",
+    "access-whitelist",
+    "auto-create",
+    "auto-subscribe",
+    "config-node",
+    "create-nodes",
+    "delete-items",
+    "delete-nodes",
+    "filtered-notifications",
+    "item-ids",
+    "last-published",
+    "multi-subscribe",
+    "persistent-items",
+    "presence-notifications",
+    "publish",
+    "publish-options",
+    "purge-nodes",
+    "retract-items",
+    "retrieve-affiliations",
+    "retrieve-items",
+    "retrieve-subscriptions",
+    "subscribe",
+)
+
+# The affiliations that pass a whitelist node (XEP-0060 §4.5).
+_WHITELISTED = frozenset({"owner", "publisher", "member"})
+
+
+def notify_nodes(features: Iterable[str]) -> frozenset[str]:
+    """The nodes whose notifications a client's caps ask for (`<node>+notify`)."""
+    return frozenset(
+        feature[: -len(NOTIFY_SUFFIX)] for feature in features if feature.endswith(NOTIFY_SUFFIX)
+    )
+
+
+def admits_contact(
+    config: Mapping[str, Any], contact: RosterItem | None, affiliation: str = "none"
+) -> bool:
+    """Whether the node's access model lets a contact (the owner's roster item for it, None for
+    none) receive notifications it has not subscribed to. Owners always do; outcasts never."""
+    if affiliation == "owner":
+        return True
+    if affiliation == "outcast":
+        return False
+    model = config["pubsub#access_model"]
+    if model == "open":
+        return True
+    if model == "whitelist":
+        return affiliation in _WHITELISTED
+    if model == "authorize" or contact is None:
+        return affiliation != "none"
+    if model == "presence":
+        return contact.subscription in ("from", "both")
+    if model == "roster":
+        allowed = set(config["pubsub#roster_groups_allowed"])
+        return bool(allowed & set(contact.groups)) or affiliation != "none"
+    return False
+
+
+def last_item_message(owner: str, node: str, item: PubSubItem, to: str) -> domish.Element:
+    """The notification of an item published earlier, with its XEP-0203 delay."""
+    message = domish.Element((None, "message"))
+    message["from"] = owner
+    message["to"] = to
+    message["type"] = "headline"
+    items = message.addElement((NS_EVENT, "event")).addElement("items")
+    items["node"] = node
+    element = items.addElement("item")
+    element["id"] = item.item_id
+    if item.payload:
+        element.addRawXml(item.payload)
+    delay = message.addElement((NS_DELAY, "delay"))
+    delay["from"] = owner
+    if item.modified_at is not None:
+        delay["stamp"] = item.modified_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return message
+
+
+class PepService:
+    """The PEP services of a server's accounts, made when first used."""
+
+    def __init__(
+        self,
+        *,
+        domains: frozenset[str],
+        store: Any,
+        rosters: Any,
+        sessions: Any,
+        caps: Any,
+        pool: WorkerPool,
+        broadcaster: Broadcaster,
+        limits: ServiceLimits,
+        relation: core.RelationCallback,
+    ) -> None:
+        self.domains = domains
+        self.store = store
+        self.rosters = rosters
+        self.sessions = sessions
+        self.caps = caps
+        self.pool = pool
+        self.broadcaster = broadcaster
+        self.limits = limits
+        self.relation = relation
+        self._components: dict[str, PubSubComponent] = {}
+        self._in_flight: dict[Any, int] = {}
+        self.results: Counter[str] = Counter()
+        # Notifications of one owner's nodes leave in the order of its events, although each
+        # waits for a roster read.
+        self._order = KeyedLock()
+        # Session -> the (owner, node)s whose last item it got in its current availability.
+        self._last_sent: dict[Any, set[tuple[str, str]]] = {}
+
+    def install(self, router: Any, disco: Any, hook_table: hooks.Hooks) -> None:
+        router.account_iq[NS_PUBSUB, "pubsub"] = self.handle_iq
+        router.account_iq[NS_PUBSUB_OWNER, "pubsub"] = self.handle_iq
+        disco.add_account_identity("pubsub", "pep")
+        disco.add_account_feature(NS_PUBSUB)
+        for feature in PEP_FEATURES:
+            disco.add_account_feature(f"{NS_PUBSUB}#{feature}")
+        disco.add_account_items(self.disco_items)
+        self.caps.on_caps_learned.append(self.caps_learned)
+        hook_table.add(hooks.USER_AVAILABLE, self.user_available)
+        hook_table.add(hooks.USER_UNAVAILABLE, self.user_unavailable)
+        hook_table.add(hooks.SESSION_ENDED, self._forget)
+        hook_table.add(hooks.PRESENCE_SUBSCRIPTION_CHANGED, self.presence_subscription_changed)
+
+    # -- one service per account ---------------------------------------------------------------
+
+    def component(self, owner: str) -> PubSubComponent:
+        """The request handler of the account ``owner`` (a bare JID)."""
+        component = self._components.get(owner)
+        if component is None:
+            service = core.PubSubService(
+                self.store,
+                service_key=owner,
+                defaults=PEP_NODE_DEFAULTS,
+                limits=self.limits,
+                broadcaster=self._event,
+                relation=self.relation,
+                is_pep=True,
+            )
+            component = PubSubComponent(
+                owner, service, self.pool, in_flight=self._in_flight, results=self.results
+            )
+            self._components[owner] = component
+        return component
+
+    def service(self, owner: str) -> core.PubSubService:
+        return self.component(owner).service
+
+    def handle_iq(self, session: Any, iq: domish.Element, target: JID) -> defer.Deferred:
+        """A pubsub or pubsub#owner request to the account ``target`` (the router's table)."""
+        return self.component(target.userhost()).answer(session, iq)
+
+    async def disco_items(self, requester: JID, account: JID) -> list[DiscoItem]:
+        """The account's nodes the requester may read, for its disco#items (XEP-0163 §7)."""
+        nodes = await self.service(account.userhost()).list_nodes(requester.full())
+        return [DiscoItem(account, node.name) for node in nodes]
+
+    # -- notifications -------------------------------------------------------------------------
+
+    def _event(self, event: core.PubSubEvent) -> None:
+        if isinstance(event, core.NodeEvent):
+            defer.ensureDeferred(self._notify(event)).addErrback(
+                _log_failure, "notifying the event of {owner}", event.service
+            )
+        else:
+            self.broadcaster(event)
+
+    async def _notify(self, event: core.NodeEvent) -> None:
+        async with self._order.hold(event.service):
+            fanout = fanout_of(event)
+            if fanout is None:
+                return
+            implicit = await self._implicit_recipients(event, fanout.recipients)
+            self.broadcaster.send(replace(fanout, recipients=fanout.recipients + implicit))
+
+    async def _implicit_recipients(
+        self, event: core.NodeEvent, explicit: list[Recipient]
+    ) -> list[Recipient]:
+        """The owner's and the contacts' available resources whose caps ask for the node, that
+        the access model admits and that no explicit subscription reaches already."""
+        owner = parse_jid(event.service)
+        _, contacts = await self.rosters.get_roster(owner.host, owner.user)
+        affiliations: dict[str, str] = {}
+        if event.config["pubsub#access_model"] in ("whitelist", "authorize", "roster"):
+            affiliations = await self.store.get_affiliations(event.service, event.node)
+        reached = {recipient.jid for recipient in explicit}
+        candidates: list[tuple[str, RosterItem | None]] = [(event.service, None)]
+        candidates += [(c.jid, c) for c in contacts if c.subscription in ("from", "both")]
+        recipients = []
+        for jid, contact in candidates:
+            affiliation = "owner" if jid == event.service else affiliations.get(jid, "none")
+            if jid in reached or not admits_contact(event.config, contact, affiliation):
+                continue
+            for session in self._wanting(jid, event.node):
+                if session.jid.full() not in reached:
+                    recipients.append(Recipient(session.jid.full()))
+        return recipients
+
+    def _wanting(self, bare: str, node: str) -> list[Any]:
+        """The available sessions of a local bare JID whose caps ask for the node."""
+        try:
+            jid = parse_jid(bare)
+        except Exception:
+            return []
+        if jid.host not in self.domains:
+            return []
+        return [
+            session
+            for session in self.sessions.sessions_of(jid)
+            if session.message_priority is not None and self.caps.wants_notify(session, node)
+        ]
+
+    # -- the last items --------------------------------------------------------------------------
+
+    def caps_learned(self, session: Any) -> None:
+        """The session's caps became known (or it announced other caps)."""
+        if session.message_priority is not None:
+            self._spawn_last_items(session, None)
+
+    def user_available(self, session: Any) -> None:
+        """Initial presence handled: caps known from an earlier presence count too."""
+        if self.caps.features_of(session):
+            self._spawn_last_items(session, None)
+
+    def user_unavailable(self, session: Any, presence: Any) -> None:
+        self._last_sent.pop(session, None)
+
+    def _forget(self, session: Any) -> None:
+        self._last_sent.pop(session, None)
+
+    def presence_subscription_changed(self, owner: JID, item: RosterItem) -> None:
+        """A new contact gets the owner's last items; one that no longer sees the owner's
+        presence loses its subscriptions to nodes that required it."""
+        if item.subscription in ("from", "both"):
+            contact = parse_jid(item.jid)
+            if contact.host in self.domains:
+                for session in self.sessions.sessions_of(contact):
+                    if session.message_priority is not None:
+                        self._spawn_last_items(session, owner.userhost())
+            return
+        service = self.service(owner.userhost())
+        try:
+            done = self.pool.submit(owner.userhost(), "", lambda: service.recheck_access(item.jid))
+        except QueueFull:
+            log.warn("PEP of {owner} too busy to recheck {jid}", owner=owner, jid=item.jid)
+            return
+        done.addErrback(_log_failure, "rechecking PEP subscriptions for {owner}", owner.full())
+
+    def _spawn_last_items(self, session: Any, only_owner: str | None) -> None:
+        defer.ensureDeferred(self._send_last_items(session, only_owner)).addErrback(
+            _log_failure, "sending last PEP items to {owner}", session.jid.full()
+        )
+
+    async def _send_last_items(self, session: Any, only_owner: str | None) -> None:
+        """Send the session the last item of each node it asks for, of its own account and of
+        the contacts whose presence it sees (or of ``only_owner``), not sent already."""
+        wanted = notify_nodes(self.caps.features_of(session) or ())
+        if not wanted:
+            return
+        user = session.jid.userhostJID()
+        if only_owner is None:
+            _, contacts = await self.rosters.get_roster(user.host, user.user)
+            owners = [user.full()] + sorted(
+                c.jid for c in contacts if c.subscription in ("to", "both")
+            )
+        else:
+            owners = [only_owner]
+        sent = self._last_sent.setdefault(session, set())
+        for owner in owners:
+            service = self.service(owner)
+            for node in sorted(wanted):
+                if (owner, node) in sent:
+                    continue
+                # Marked before the reads, so that a second trigger meanwhile skips it.
+                sent.add((owner, node))
+                item = await service.last_published(session.jid.full(), node)
+                if item is None or session.closed:
+                    sent.discard((owner, node))  # nothing yet, or not allowed: not sent
+                else:
+                    session.send(last_item_message(owner, node, item, session.jid.full()))
+
+
+def _log_failure(failure: Failure, what: str, owner: str) -> None:
+    log.failure(what, failure, owner=owner)

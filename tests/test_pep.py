@@ -1,0 +1,352 @@
+"""PEP (XEP-0163) at the stanza level on the IM core: routing to the account's service,
+auto-create with the PEP defaults, publish-options, disco, +notify filtering, the last item on
+presence, on caps learned later and on a new contact, and the pure rules behind them."""
+
+import dataclasses
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from mim_twisted.im import caps
+from mim_twisted.pubsub.config import PEP_NODE_DEFAULTS
+from mim_twisted.pubsub.pep import admits_contact, notify_nodes
+from mim_twisted.storage.interfaces import PubSubSubscription, RosterItem
+from mim_twisted.tap import build_im_core, build_pubsub
+from tests.imsupport import ImCoreTestCase, error_condition, presence_xml
+
+NS_PUBSUB = "http://jabber.org/protocol/pubsub"
+NS_EVENT = NS_PUBSUB + "#event"
+NS_ERRORS = NS_PUBSUB + "#errors"
+NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+NS_DELAY = "urn:xmpp:delay"
+DEVICES = "urn:xmpp:omemo:2:devices"
+NODE = "urn:xmpp:caps-test"
+
+
+def publish(node: str, item_id: str, text: str = "x", to: str = "", options: str = "") -> str:
+    address = f" to='{to}'" if to else ""
+    return (
+        f"<iq type='set' id='p-{item_id}'{address}><pubsub xmlns='{NS_PUBSUB}'>"
+        f"<publish node='{node}'><item id='{item_id}'><entry xmlns='urn:example'>{text}</entry>"
+        f"</item></publish>{options}</pubsub></iq>"
+    )
+
+
+def publish_options(**fields: str) -> str:
+    values = "".join(
+        f"<field var='pubsub#{var}'><value>{value}</value></field>" for var, value in fields.items()
+    )
+    return (
+        "<publish-options><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE' type='hidden'>"
+        "<value>http://jabber.org/protocol/pubsub#publish-options</value></field>"
+        f"{values}</x></publish-options>"
+    )
+
+
+def items_request(owner: str, node: str) -> str:
+    return (
+        f"<iq type='get' id='items' to='{owner}'><pubsub xmlns='{NS_PUBSUB}'>"
+        f"<items node='{node}'/></pubsub></iq>"
+    )
+
+
+def event_items(stanza) -> tuple[str, str, list[str]]:
+    """(from, node, item ids) of a PubSub event notification."""
+    event = next(stanza.elements(NS_EVENT, "event"))
+    items = next(event.elements(NS_EVENT, "items"))
+    ids = [item["id"] for item in items.elements(NS_EVENT, "item")]
+    return stanza["from"], items["node"], ids
+
+
+class PureRuleTests(unittest.TestCase):
+    def test_notify_nodes(self) -> None:
+        features = ["urn:a+notify", "urn:b", "urn:xmpp:omemo:2:devices+notify", "+notify"]
+        self.assertEqual(notify_nodes(features), {"urn:a", DEVICES, ""})
+
+    def test_access_models_for_implicit_recipients(self) -> None:
+        presence = dict(PEP_NODE_DEFAULTS)
+        contact = RosterItem("bob@localhost", subscription="from", groups=["friends"])
+        only_to = RosterItem("bob@localhost", subscription="to", groups=["friends"])
+        self.assertTrue(admits_contact(presence, contact))
+        self.assertFalse(admits_contact(presence, only_to))
+        self.assertFalse(admits_contact(presence, None))
+        self.assertTrue(admits_contact(presence, None, "owner"))
+        self.assertFalse(admits_contact(presence, contact, "outcast"))
+        open_model = {**presence, "pubsub#access_model": "open"}
+        self.assertTrue(admits_contact(open_model, only_to))
+        whitelist = {**presence, "pubsub#access_model": "whitelist"}
+        self.assertFalse(admits_contact(whitelist, contact))
+        self.assertTrue(admits_contact(whitelist, contact, "member"))
+        roster = {
+            **presence,
+            "pubsub#access_model": "roster",
+            "pubsub#roster_groups_allowed": ["friends"],
+        }
+        self.assertTrue(admits_contact(roster, contact))
+        self.assertFalse(admits_contact(roster, dataclasses.replace(contact, groups=[])))
+
+
+class PepTestCase(ImCoreTestCase):
+    users = ("alice", "bob", "carol", "dave")
+
+    def build(self) -> None:
+        self.clock = Clock()
+        self.config = dataclasses.replace(
+            self.config, pubsub=dataclasses.replace(self.config.pubsub, sync_broadcast=True)
+        )
+        self.core = build_im_core(self.config, self.database, self.clock)
+        self.pubsub = build_pubsub(self.config, self.database, self.core, self.clock)
+        self.pubsub.pool.start()
+        self.addCleanup(self.pubsub.pool.stop)
+        self.connected = []
+
+    def with_caps(self, jid: str, *features: str, priority: int | None = None):
+        """A session that sent initial presence with caps for ``features``, and answered the
+        server's disco#info query about them; what it was sent until then is forgotten."""
+        session = self.connect(jid)
+        identity = caps.Identity("client", "pc", "", "test")
+        ver = caps.caps_hash("sha-1", [identity], features)
+        presence = presence_xml(priority=priority).replace(
+            "</presence>",
+            f"<c xmlns='{caps.NS_CAPS}' hash='sha-1' node='urn:test' ver='{ver}'/></presence>",
+        )
+        self.send(session, presence)
+        query = next((s for s in session.sent if s.name == "iq" and s["type"] == "get"), None)
+        if query is not None:
+            body = "<identity category='client' type='pc' name='test'/>" + "".join(
+                f"<feature var='{feature}'/>" for feature in features
+            )
+            self.send(
+                session,
+                f"<iq type='result' id='{query['id']}' to='localhost'>"
+                f"<query xmlns='{NS_DISCO_INFO}' node='urn:test#{ver}'>{body}</query></iq>",
+            )
+        return session
+
+    def ask(self, session, xml: str):
+        """Send; the one IQ answer the session gets back (notifications are left)."""
+        self.send(session, xml)
+        answers = [s for s in session.sent if s.name == "iq" and s.getAttribute("type") != "get"]
+        self.assertEqual(len(answers), 1, [s.toXml() for s in session.sent])
+        session.sent.remove(answers[0])
+        return answers[0]
+
+    def notifications(self, session) -> list:
+        return [s for s in session.take() if s.name == "message"]
+
+
+class RoutingTests(PepTestCase):
+    def test_publish_without_to_auto_creates_with_the_pep_defaults(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        answer = self.ask(alice, publish(NODE, "one"))
+        self.assertEqual(answer["type"], "result")
+        node = self.successResultOf(self.database.pubsub.get_node("alice@localhost", NODE))
+        config = {**PEP_NODE_DEFAULTS, **node.config}
+        self.assertEqual(config["pubsub#max_items"], 1)
+        self.assertEqual(config["pubsub#access_model"], "presence")
+        self.assertEqual(config["pubsub#send_last_published_item"], "on_sub_and_presence")
+        # max_items 1: the next item replaces it.
+        self.ask(alice, publish(NODE, "two", to="alice@localhost"))
+        items = self.successResultOf(self.database.pubsub.get_items("alice@localhost", NODE))
+        self.assertEqual([item.item_id for item in items], ["two"])
+
+    def test_only_the_owner_publishes(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        bob = self.online("bob@localhost/phone")
+        self.assertEqual(
+            error_condition(self.ask(bob, publish(NODE, "x", to="alice@localhost"))),
+            "item-not-found",
+        )
+        self.ask(alice, publish(NODE, "one"))
+        self.assertEqual(
+            error_condition(self.ask(bob, publish(NODE, "x", to="alice@localhost"))), "forbidden"
+        )
+
+    def test_publish_options(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        self.ask(alice, publish(DEVICES, "b", options=publish_options(access_model="open")))
+        node = self.successResultOf(self.database.pubsub.get_node("alice@localhost", DEVICES))
+        self.assertEqual(node.config["pubsub#access_model"], "open")
+        # Met: published; not met: conflict + precondition-not-met, nothing published.
+        met = publish(DEVICES, "c", options=publish_options(access_model="open"))
+        self.assertEqual(self.ask(alice, met)["type"], "result")
+        mismatch = publish(DEVICES, "d", options=publish_options(access_model="whitelist"))
+        refused = self.ask(alice, mismatch)
+        self.assertEqual(error_condition(refused), "conflict")
+        error = next(refused.elements("jabber:client", "error"))
+        self.assertEqual(
+            [c.name for c in error.elements() if c.uri == NS_ERRORS], ["precondition-not-met"]
+        )
+        items = self.successResultOf(self.database.pubsub.get_items("alice@localhost", DEVICES))
+        self.assertEqual([item.item_id for item in items], ["c"])
+
+    def test_a_stranger_reads_an_open_node_but_not_a_presence_node(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        dave = self.online("dave@localhost/x")
+        self.ask(alice, publish("bundle", "1", options=publish_options(access_model="open")))
+        self.ask(alice, publish("private", "1"))
+        readable = self.ask(dave, items_request("alice@localhost", "bundle"))
+        self.assertEqual(readable["type"], "result")
+        refused = self.ask(dave, items_request("alice@localhost", "private"))
+        self.assertEqual(error_condition(refused), "not-authorized")
+
+    def test_malformed_requests_get_errors(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        for body in (
+            "<publish/>",  # no node
+            "<publish node='n'><item><a xmlns='urn:a'/><b xmlns='urn:b'/></item></publish>",
+            "<unknown-verb/>",
+        ):
+            answer = self.ask(
+                alice, f"<iq type='set' id='bad'><pubsub xmlns='{NS_PUBSUB}'>{body}</pubsub></iq>"
+            )
+            self.assertEqual(answer["type"], "error", body)
+        self.assertFalse(alice.closed)
+
+    def test_disco_info_shows_pep(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        answer = self.ask(
+            alice,
+            f"<iq type='get' id='d' to='alice@localhost'><query xmlns='{NS_DISCO_INFO}'/></iq>",
+        )
+        query = next(answer.elements(NS_DISCO_INFO, "query"))
+        identities = {(i["category"], i["type"]) for i in query.elements(NS_DISCO_INFO, "identity")}
+        self.assertIn(("pubsub", "pep"), identities)
+        features = {f["var"] for f in query.elements(NS_DISCO_INFO, "feature")}
+        for feature in (
+            "publish",
+            "auto-create",
+            "publish-options",
+            "last-published",
+            "presence-notifications",
+            "filtered-notifications",
+        ):
+            self.assertIn(f"{NS_PUBSUB}#{feature}", features)
+
+
+class NotificationTests(PepTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.subscribe("bob", "alice")  # bob sees alice's presence
+        self.subscribe("carol", "alice")
+
+    def test_contacts_with_notify_and_own_resources_only(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        alice_phone = self.with_caps("alice@localhost/phone", NODE + "+notify")
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        carol = self.with_caps("carol@localhost/pc", "urn:other+notify")  # no +notify for NODE
+        dave = self.with_caps("dave@localhost/pc", NODE + "+notify")  # a stranger
+        self.forget()
+        self.ask(alice, publish(NODE, "one"))
+        self.clock.advance(0)
+        self.assertEqual(
+            [event_items(n) for n in self.notifications(bob)],
+            [("alice@localhost", NODE, ["one"])],
+        )
+        self.assertEqual(len(self.notifications(alice_phone)), 1)
+        self.assertEqual(self.notifications(carol), [])
+        self.assertEqual(self.notifications(dave), [])
+        self.assertEqual(self.notifications(alice), [])  # no caps: nothing
+
+    def test_retract_with_notify_reaches_the_same_recipients(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        dave = self.with_caps("dave@localhost/pc", NODE + "+notify")
+        self.ask(alice, publish(NODE, "one"))
+        self.forget()
+        self.ask(
+            alice,
+            f"<iq type='set' id='r'><pubsub xmlns='{NS_PUBSUB}'><retract node='{NODE}' "
+            "notify='true'><item id='one'/></retract></pubsub></iq>",
+        )
+        [retracted] = self.notifications(bob)
+        items = next(next(retracted.elements(NS_EVENT, "event")).elements(NS_EVENT, "items"))
+        self.assertEqual([r["id"] for r in items.elements(NS_EVENT, "retract")], ["one"])
+        self.assertEqual(self.notifications(dave), [])
+
+    def test_last_item_on_login_once(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        self.ask(alice, publish(NODE, "one"))
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        [last] = self.notifications(bob)
+        self.assertEqual(event_items(last), ("alice@localhost", NODE, ["one"]))
+        self.assertIsNotNone(next(last.elements(NS_DELAY, "delay"), None))
+        # Another presence with the same caps sends nothing again.
+        self.send(bob, presence_xml())
+        self.assertEqual(self.notifications(bob), [])
+        # A contact without +notify gets nothing; a stranger neither.
+        carol = self.with_caps("carol@localhost/pc", "urn:other+notify")
+        dave = self.with_caps("dave@localhost/pc", NODE + "+notify")
+        self.assertEqual(self.notifications(carol), [])
+        self.assertEqual(self.notifications(dave), [])
+
+    def test_last_item_when_caps_are_learned_later(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        self.ask(alice, publish(NODE, "one"))
+        bob = self.connect("bob@localhost/phone")
+        identity = caps.Identity("client", "pc", "", "test")
+        ver = caps.caps_hash("sha-1", [identity], [NODE + "+notify"])
+        self.send(
+            bob,
+            f"<presence><c xmlns='{caps.NS_CAPS}' hash='sha-1' node='urn:test' ver='{ver}'/>"
+            "</presence>",
+        )
+        [query] = [s for s in bob.take() if s.name == "iq"]
+        self.assertEqual(bob.take(), [])
+        self.send(
+            bob,
+            f"<iq type='result' id='{query['id']}' to='localhost'>"
+            f"<query xmlns='{NS_DISCO_INFO}' node='urn:test#{ver}'>"
+            f"<identity category='client' type='pc' name='test'/>"
+            f"<feature var='{NODE}+notify'/></query></iq>",
+        )
+        [last] = self.notifications(bob)
+        self.assertEqual(event_items(last), ("alice@localhost", NODE, ["one"]))
+
+    def test_last_item_to_a_new_contact(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        self.ask(alice, publish(NODE, "one"))
+        dave = self.with_caps("dave@localhost/pc", NODE + "+notify")
+        self.send(dave, "<presence type='subscribe' to='alice@localhost'/>")
+        self.assertEqual(self.notifications(dave), [])
+        self.send(alice, "<presence type='subscribed' to='dave@localhost'/>")
+        self.clock.advance(0)
+        lasts = [n for n in self.notifications(dave) if n.getAttribute("type") == "headline"]
+        self.assertEqual([event_items(n) for n in lasts], [("alice@localhost", NODE, ["one"])])
+
+    def test_unsubscribed_presence_removes_pep_subscriptions(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        bob = self.online("bob@localhost/phone")
+        self.ask(alice, publish(NODE, "one"))
+        answer = self.ask(
+            bob,
+            f"<iq type='set' id='s' to='alice@localhost'><pubsub xmlns='{NS_PUBSUB}'>"
+            f"<subscribe node='{NODE}' jid='bob@localhost'/></pubsub></iq>",
+        )
+        self.assertEqual(answer["type"], "result")
+        self.send(alice, "<presence type='unsubscribed' to='bob@localhost'/>")
+        self.clock.advance(0)
+        subscriptions = self.successResultOf(
+            self.database.pubsub.get_subscriptions("alice@localhost", NODE)
+        )
+        self.assertEqual(subscriptions, [])
+
+    def test_notification_to_a_session_whose_presence_is_not_yet_handled(self) -> None:
+        """Explicit subscribers are reached by the presence as received (message_priority)."""
+        bob = self.connect("bob@localhost/phone")
+        bob.message_priority = 0  # received, not handled
+        self.successResultOf(
+            self.database.pubsub.create_node("pubsub.localhost", "news", {}, "alice@localhost")
+        )
+        alice = self.online("alice@localhost/desk")
+        self.successResultOf(
+            self.database.pubsub.add_subscription(
+                "pubsub.localhost",
+                "news",
+                PubSubSubscription("bob@localhost", "s1"),
+            )
+        )
+        self.ask(alice, publish("news", "one", to="pubsub.localhost"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.notifications(bob)), 1)
