@@ -506,6 +506,19 @@ class PubSubStoreContract(StorageContract):
         self.assertTrue(before <= node.created_at <= datetime.now(UTC))
         self.assertEqual(await self.pubsub.get_affiliations(SERVICE, "news"), {OWNER: "owner"})
 
+    async def test_removing_the_account_removes_its_pep_nodes(self) -> None:
+        await self.register(ALICE, BOB)
+        alice, bob = (f"{user}@{domain}" for domain, user in (ALICE, BOB))
+        for owner in (alice, bob):
+            await self.pubsub.create_node(owner, "urn:xmpp:omemo:2:devices", {}, owner)
+            await self.pubsub.publish_item(owner, "urn:xmpp:omemo:2:devices", item(1), 1)
+        await self.pubsub.create_node(SERVICE, "news", {}, alice)
+        await self.accounts.remove_account(*ALICE)
+        self.assertEqual(await self.pubsub.list_nodes(alice), [])
+        self.assertEqual(await self.pubsub.get_items(alice, "urn:xmpp:omemo:2:devices"), [])
+        self.assertEqual(len(await self.pubsub.list_nodes(bob)), 1)
+        self.assertEqual(len(await self.pubsub.list_nodes(SERVICE)), 1)
+
     async def test_get_unknown_node(self) -> None:
         self.assertIsNone(await self.pubsub.get_node(SERVICE, "news"))
 

@@ -1,7 +1,7 @@
 """Storage in dictionaries, for tests: the behaviour of the SQL backends without a database."""
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +39,8 @@ class MemoryAccountStore:
         # Other stores' data, keyed like _credentials and removed with the account, as ON DELETE
         # CASCADE removes it in SQL.
         self._dependent_data: list[dict[tuple[str, str], Any]] = []
+        # Called with (domain, username) once an account is removed (its PEP nodes go).
+        self.on_removed: list[Callable[[str, str], None]] = []
 
     def is_registered(self, domain: str, username: str) -> bool:
         """Whether the account exists, for the other stores: they keep data only for accounts."""
@@ -73,6 +75,8 @@ class MemoryAccountStore:
             return fail(AccountNotFound(f"{username}@{domain}"))
         for data in self._dependent_data:
             data.pop((domain, username), None)
+        for removed in self.on_removed:
+            removed(domain, username)
         return succeed(None)
 
     def account_exists(self, domain: str, username: str) -> Deferred[bool]:
@@ -209,6 +213,12 @@ class MemoryPubSubStore:
         except NodeNotFound:
             return fail()
         return succeed(None)
+
+    def delete_service_nodes(self, domain: str, username: str) -> None:
+        """Delete the PEP nodes of a removed account (SQL deletes them with the account)."""
+        service = f"{username}@{domain}"
+        for key in [key for key in self._nodes if key[0] == service]:
+            del self._nodes[key]
 
     def delete_node(self, service: str, name: str) -> Deferred[None]:
         if self._nodes.pop((service, name), None) is None:
@@ -350,6 +360,7 @@ class MemoryDatabase:
         self.rosters = MemoryRosterStore(self.accounts)
         self.offline = MemoryOfflineStore(self.accounts)
         self.pubsub = MemoryPubSubStore()
+        self.accounts.on_removed.append(self.pubsub.delete_service_nodes)
 
     def schema_version(self) -> Deferred[int]:
         return succeed(migrations.newest_version())

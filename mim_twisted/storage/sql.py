@@ -67,6 +67,8 @@ UPDATE_CREDENTIALS = (
     " WHERE server = ? AND username = ? RETURNING 1"
 )
 DELETE_ACCOUNT = "DELETE FROM users WHERE server = ? AND username = ? RETURNING 1"
+# PEP nodes are keyed by their owner's bare JID, with no foreign key to the account.
+DELETE_SERVICE_NODES = "DELETE FROM pubsub_nodes WHERE service = ?"
 SELECT_ACCOUNT = "SELECT 1 FROM users WHERE server = ? AND username = ?"
 LOCK_ACCOUNT = SELECT_ACCOUNT + FOR_UPDATE
 SELECT_USERNAMES = "SELECT username FROM users WHERE server = ?"
@@ -230,9 +232,11 @@ class SQLAccountStore(_SQLStore):
 
     @transaction
     def remove_account(self, domain: str, username: str) -> Transaction[None]:
-        # The account's roster and offline messages go with it: ON DELETE CASCADE.
+        # The account's roster and offline messages go with it: ON DELETE CASCADE; its PEP
+        # nodes (with their items, affiliations and subscriptions) are deleted here.
         if not (yield DELETE_ACCOUNT, (domain, username)):
             raise AccountNotFound(f"{username}@{domain}")
+        yield DELETE_SERVICE_NODES, (f"{username}@{domain}",)
 
     @transaction
     def account_exists(self, domain: str, username: str) -> Transaction[bool]:
