@@ -183,7 +183,10 @@ def server_counters(server: "MimService") -> dict[str, int]:
 def pubsub_components(server: "MimService") -> list[Any]:
     if server.core is None or server.pubsub is None:
         return []
-    return [server.core.router.components[host] for host in server.pubsub.services]
+    components = [server.core.router.components[host] for host in server.pubsub.services]
+    if server.pubsub.pep is not None:
+        components.append(server.pubsub.pep)  # its accounts' requests are counted together
+    return components
 
 
 def _add(counters: dict[str, int], key: str, count: int) -> None:

@@ -63,6 +63,7 @@ class CollectorTests(unittest.TestCase):
             pubsub=SimpleNamespace(
                 services={"pubsub.localhost": None},
                 pool=SimpleNamespace(pending=lambda: [0, 3]),
+                pep=SimpleNamespace(results=Counter(ok=1, error=1)),
             ),
         )
         registry = CollectorRegistry()
@@ -87,7 +88,8 @@ class CollectorTests(unittest.TestCase):
         self.assertEqual(value("mim_tls_handshake_failures_total"), 8)
         self.assertEqual(value("mim_messages_routed_total", outcome="delivered"), 5)
         self.assertEqual(value("mim_messages_routed_total", outcome="bounced"), 0)
-        self.assertEqual(value("mim_pubsub_requests_total", result="ok"), 2)
+        self.assertEqual(value("mim_pubsub_requests_total", result="ok"), 3)  # PEP's too
+        self.assertEqual(value("mim_pubsub_requests_total", result="error"), 1)
         self.assertEqual(value("mim_pubsub_queue_length", queue="1"), 3)
         self.assertEqual(value("mim_offline_messages"), 6)
 
