@@ -28,13 +28,17 @@ from wokkel.disco import DiscoItem
 from wokkel.pubsub import NS_PUBSUB, NS_PUBSUB_OWNER
 
 from mim_twisted import hooks
+from mim_twisted.im.caps import CapsService
+from mim_twisted.im.disco import DiscoService
 from mim_twisted.im.locks import KeyedLock
+from mim_twisted.im.router import Router
+from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.pubsub import core
 from mim_twisted.pubsub.broadcast import Broadcaster, Recipient, fanout_of
 from mim_twisted.pubsub.config import PEP_NODE_DEFAULTS, ServiceLimits
 from mim_twisted.pubsub.protocol import PubSubComponent
 from mim_twisted.pubsub.queues import QueueFull, WorkerPool
-from mim_twisted.storage.interfaces import PubSubItem, RosterItem
+from mim_twisted.storage.interfaces import IRosterStore, PubSubItem, RosterItem
 from mim_twisted.xmpp.jids import parse_jid
 
 log = Logger()
@@ -133,9 +137,9 @@ class PepService:
         *,
         domains: frozenset[str],
         store: Any,
-        rosters: Any,
-        sessions: Any,
-        caps: Any,
+        rosters: IRosterStore,
+        sessions: SessionManager,
+        caps: CapsService,
         pool: WorkerPool,
         broadcaster: Broadcaster,
         limits: ServiceLimits,
@@ -151,15 +155,15 @@ class PepService:
         self.limits = limits
         self.relation = relation
         self._components: dict[str, PubSubComponent] = {}
-        self._in_flight: dict[Any, int] = {}
+        self._in_flight: dict[Session, int] = {}
         self.results: Counter[str] = Counter()
         # Notifications of one owner's nodes leave in the order of its events, although each
         # waits for a roster read.
         self._order = KeyedLock()
         # Session -> the (owner, node)s whose last item it got in its current availability.
-        self._last_sent: dict[Any, set[tuple[str, str]]] = {}
+        self._last_sent: dict[Session, set[tuple[str, str]]] = {}
 
-    def install(self, router: Any, disco: Any, hook_table: hooks.Hooks) -> None:
+    def install(self, router: Router, disco: DiscoService, hook_table: hooks.Hooks) -> None:
         router.account_iq[NS_PUBSUB, "pubsub"] = self.handle_iq
         router.account_iq[NS_PUBSUB_OWNER, "pubsub"] = self.handle_iq
         disco.add_account_identity("pubsub", "pep")
@@ -197,7 +201,7 @@ class PepService:
     def service(self, owner: str) -> core.PubSubService:
         return self.component(owner).service
 
-    def handle_iq(self, session: Any, iq: domish.Element, target: JID) -> defer.Deferred:
+    def handle_iq(self, session: Session, iq: domish.Element, target: JID) -> defer.Deferred:
         """A pubsub or pubsub#owner request to the account ``target`` (the router's table)."""
         return self.component(target.userhost()).answer(session, iq)
 
@@ -247,7 +251,7 @@ class PepService:
                     recipients.append(Recipient(session.jid.full()))
         return recipients
 
-    def _wanting(self, bare: str, node: str) -> list[Any]:
+    def _wanting(self, bare: str, node: str) -> list[Session]:
         """The available sessions of a local bare JID whose caps ask for the node."""
         try:
             jid = parse_jid(bare)
@@ -263,20 +267,20 @@ class PepService:
 
     # -- the last items --------------------------------------------------------------------------
 
-    def caps_learned(self, session: Any) -> None:
+    def caps_learned(self, session: Session) -> None:
         """The session's caps became known (or it announced other caps)."""
         if session.message_priority is not None:
             self._spawn_last_items(session, None)
 
-    def user_available(self, session: Any) -> None:
+    def user_available(self, session: Session) -> None:
         """Initial presence handled: caps known from an earlier presence count too."""
         if self.caps.features_of(session):
             self._spawn_last_items(session, None)
 
-    def user_unavailable(self, session: Any, presence: Any) -> None:
+    def user_unavailable(self, session: Session, presence: Any) -> None:
         self._last_sent.pop(session, None)
 
-    def _forget(self, session: Any) -> None:
+    def _forget(self, session: Session) -> None:
         self._last_sent.pop(session, None)
 
     def presence_subscription_changed(self, owner: JID, item: RosterItem) -> None:
@@ -297,12 +301,12 @@ class PepService:
             return
         done.addErrback(_log_failure, "rechecking PEP subscriptions for {owner}", owner.full())
 
-    def _spawn_last_items(self, session: Any, only_owner: str | None) -> None:
+    def _spawn_last_items(self, session: Session, only_owner: str | None) -> None:
         defer.ensureDeferred(self._send_last_items(session, only_owner)).addErrback(
             _log_failure, "sending last PEP items to {owner}", session.jid.full()
         )
 
-    async def _send_last_items(self, session: Any, only_owner: str | None) -> None:
+    async def _send_last_items(self, session: Session, only_owner: str | None) -> None:
         """Send the session the last item of each node it asks for, of its own account and of
         the contacts whose presence it sees (or of ``only_owner``), not sent already."""
         wanted = notify_nodes(self.caps.features_of(session) or ())
