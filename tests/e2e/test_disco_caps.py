@@ -36,7 +36,8 @@ class DiscoCapsTests(ServerTestCase):
         client = await self.online()
         info = await wait_for(client.xmpp.plugin["xep_0030"].get_info(jid="alice@localhost"))
         identities = {(c, t) for c, t, _lang, _name in info["disco_info"]["identities"]}
-        self.assertEqual(identities, {("account", "registered")})
+        # PEP (on by default) makes every account a PubSub service too (XEP-0163 §6).
+        self.assertEqual(identities, {("account", "registered"), ("pubsub", "pep")})
 
     async def test_ping_the_server(self) -> None:
         client = await self.online("xep_0199")
