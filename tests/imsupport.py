@@ -35,6 +35,8 @@ class FakeSession:
         self.message_priority: int | None = None
         self.directed_to: set[str] = set()
         self.roster_requested = False
+        self.held_messages: list[domish.Element] | None = None
+        self.holds = 0
         self.sent: list[domish.Element] = []
         self.stream_errors: list[str] = []
         self.closed = False  # as on C2SStream: once closed, nothing more is sent

@@ -119,9 +119,8 @@ class MessageRouter:
     def _deliver(self, sessions: list[Session], message: domish.Element) -> None:
         data = message.toXml(defaultUri="jabber:client").encode("utf-8")  # serialised once
         self.outcomes["delivered"] += len(sessions)
-        held = self.offline.held
         for session in sessions:
-            waiting = held.get(session)
+            waiting = session.held_messages
             if waiting is None:
                 session.send(data)
             else:

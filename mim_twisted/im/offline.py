@@ -4,7 +4,8 @@ delay stamp, and delivered at the user's next initial presence with a non-negati
 One user's store is written and emptied one operation at a time, in the order asked, so that a
 message kept just before the user comes online is in the store when it is emptied. From the
 moment the server receives such a presence (`hold`) until the stored messages have been sent
-(`release`), the live messages routed to that session wait here: the older, stored ones go first.
+(`release`), the live messages routed to that session wait on it (`Session.held_messages`): the
+older, stored ones go first.
 """
 
 import datetime
@@ -38,9 +39,6 @@ class OfflineDelivery:
         self.store = store
         self.max_messages = max_messages
         self.locks = KeyedLock()  # by bare JID: one store operation at a time per user
-        # The sessions whose stored messages are due: the live messages waiting behind them.
-        self.held: dict[Session, list[domish.Element]] = {}
-        self._holds: dict[Session, int] = {}  # per held session: the releases still to come
 
     def keep(self, recipient: JID, message: domish.Element) -> defer.Deferred:
         """Store a message for the bare JID; fires with False when the user's store is full.
@@ -79,19 +77,19 @@ class OfflineDelivery:
 
     def hold(self, session: Session) -> None:
         """The session's stored messages are due: live messages for it wait until `release`."""
-        self.held.setdefault(session, [])
-        self._holds[session] = self._holds.get(session, 0) + 1
+        if session.held_messages is None:
+            session.held_messages = []
+        session.holds += 1
 
     async def release(self, session: Session) -> None:
         """One `hold` is over; after the last, the waiting messages go to the session.
 
         If it has closed meanwhile, they are kept, as if it had never been available.
         """
-        self._holds[session] -= 1
-        if self._holds[session]:
+        session.holds -= 1
+        if session.holds:
             return
-        del self._holds[session]
-        waiting = self.held.pop(session)
+        waiting, session.held_messages = session.held_messages, None
         for index, message in enumerate(waiting):
             if not session.closed:
                 session.send(message.toXml(defaultUri="jabber:client").encode("utf-8"))

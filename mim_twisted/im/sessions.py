@@ -34,6 +34,10 @@ class Session:
         self.message_priority: int | None = None  # as received: what messages are routed by
         self.directed_to: set[str] = set()  # JIDs sent directed available presence
         self.roster_requested = False  # it gets roster pushes once it has asked for the roster
+        # While its stored messages are on their way (OfflineDelivery.hold), the live messages
+        # routed to it wait here, behind them; `holds` counts the releases still to come.
+        self.held_messages: list[domish.Element] | None = None
+        self.holds = 0
 
     @property
     def closed(self) -> bool:
