@@ -35,6 +35,8 @@ class FakeSession:
         self.message_priority: int | None = None
         self.directed_to: set[str] = set()
         self.roster_requested = False
+        self.caps: tuple[str, str] | None = None
+        self.caps_features: frozenset[str] | None = None
         self.held_messages: list[domish.Element] | None = None
         self.holds = 0
         self.sent: list[domish.Element] = []

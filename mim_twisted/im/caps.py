@@ -174,7 +174,8 @@ def server_caps_element(info: DiscoInfo) -> domish.Element:
 
 
 class CapsService:
-    """Keeps, per bound session, the features its latest caps announce.
+    """Learns, for each bound session, the features its latest caps announce (kept on the
+    session: `Session.caps`, `Session.caps_features`).
 
     `presence_received` is called by the presence handling for each available presence a local
     session sends, `session_ended` when the session goes away. Queries go through
@@ -197,9 +198,6 @@ class CapsService:
         self.on_caps_learned: list[Callable[[Session], object]] = []
         # (hash, ver) -> verified features, least recently used first.
         self._cache: OrderedDict[tuple[str, str], frozenset[str]] = OrderedDict()
-        # What each session last announced, and its features once known.
-        self._announced: dict[Session, tuple[str, str]] = {}
-        self._features: dict[Session, frozenset[str]] = {}
         # (hash, ver) being learned -> the (session, caps node) that announced it, in order;
         # the first is the one being asked, the others wait for its answer.
         self._waiting: dict[tuple[str, str], list[tuple[Session, str]]] = {}
@@ -213,11 +211,11 @@ class CapsService:
 
     def features_of(self, session: Session) -> frozenset[str] | None:
         """The features a session's caps announce; None while unknown (or no caps)."""
-        return self._features.get(session)
+        return session.caps_features
 
     def wants_notify(self, session: Session, namespace: str) -> bool:
         """Whether the session asked for PEP notifications of ``namespace`` (XEP-0163 §4)."""
-        return namespace + "+notify" in self._features.get(session, ())
+        return namespace + "+notify" in (session.caps_features or ())
 
     # -- events ------------------------------------------------------------------------------
 
@@ -233,10 +231,10 @@ class CapsService:
         if not (algo and node and ver):
             return  # the legacy format, without 'hash', cannot be verified: ignored
         key = (algo, ver)
-        if self._announced.get(session) == key:
+        if session.caps == key:
             return
         self._withdraw(session)
-        self._announced[session] = key
+        session.caps = key
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
@@ -257,8 +255,7 @@ class CapsService:
 
     def _withdraw(self, session: Session) -> None:
         """Forget what the session announced, and stop asking it about that."""
-        key = self._announced.pop(session, None)
-        self._features.pop(session, None)
+        key, session.caps, session.caps_features = session.caps, None, None
         unverified = self._unverified.pop(session, None)
         if unverified is not None:
             unverified.cancel()
@@ -273,7 +270,7 @@ class CapsService:
 
     def _leave_unasked(self, session: Session, key: tuple[str, str]) -> None:
         # Not recorded as announced, so the session's next presence with these caps tries again.
-        del self._announced[session]
+        session.caps = None
         if not self._full:
             self._full = True
             log.warn(
@@ -295,7 +292,7 @@ class CapsService:
     def _ask(self, key: tuple[str, str]) -> None:
         """Ask the first waiting session that still announces ``key``."""
         waiting = self._waiting[key]
-        while waiting and self._announced.get(waiting[0][0]) != key:
+        while waiting and waiting[0][0].caps != key:
             waiting.pop(0)
         if not waiting:
             del self._waiting[key]
@@ -328,7 +325,7 @@ class CapsService:
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         for waiter, _ in self._waiting.pop(key):
-            if self._announced.get(waiter) == key:
+            if waiter.caps == key:
                 self._learned(waiter, features)
 
     def _not_answered(self, failure: Failure, key: tuple[str, str], session: Session) -> None:
@@ -365,7 +362,7 @@ class CapsService:
         asking.addCallbacks(answered, not_answered)
 
     def _learned(self, session: Session, features: frozenset[str]) -> None:
-        self._features[session] = features
+        session.caps_features = features
         for callback in list(self.on_caps_learned):
             try:
                 callback(session)

@@ -34,6 +34,10 @@ class Session:
         self.message_priority: int | None = None  # as received: what messages are routed by
         self.directed_to: set[str] = set()  # JIDs sent directed available presence
         self.roster_requested = False  # it gets roster pushes once it has asked for the roster
+        # XEP-0115 (CapsService): the (hash, ver) its presence announces, and the features that
+        # stand for once learned.
+        self.caps: tuple[str, str] | None = None
+        self.caps_features: frozenset[str] | None = None
         # While its stored messages are on their way (OfflineDelivery.hold), the live messages
         # routed to it wait here, behind them; `holds` counts the releases still to come.
         self.held_messages: list[domish.Element] | None = None
