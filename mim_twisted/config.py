@@ -454,6 +454,73 @@ class MetricsConfig:
     endpoint: str = option("tcp:9090:interface=127.0.0.1", endpoint_description)
 
 
+def amqp_name(value: Any, where: _Where) -> str:
+    """An AMQP short string: an exchange name, type or topic (1 to 255 bytes of UTF-8)."""
+    if not isinstance(value, str) or not value or len(value.encode("utf-8")) > 255:
+        raise _CheckError("must be a non-empty string of at most 255 bytes")
+    return value
+
+
+def host_name(value: Any, where: _Where) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise _CheckError("must be a host name or an IP address")
+    return value
+
+
+# The exchanges of MongooseIM 3.3's mod_event_pusher_rabbit, with its option names and defaults.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PresenceExchangeConfig:
+    name: str = option("presence", amqp_name)
+    type: str = option("topic", amqp_name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChatExchangeConfig:
+    name: str = option("chat_msg", amqp_name)
+    type: str = option("topic", amqp_name)
+    sent_topic: str = option("chat_msg_sent", amqp_name)
+    recv_topic: str = option("chat_msg_recv", amqp_name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GroupchatExchangeConfig:
+    name: str = option("groupchat_msg", amqp_name)
+    type: str = option("topic", amqp_name)
+    sent_topic: str = option("groupchat_msg_sent", amqp_name)
+    recv_topic: str = option("groupchat_msg_recv", amqp_name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RabbitConfig:
+    enabled: bool = option(False, boolean)
+    host: str = option("127.0.0.1", host_name)
+    port: int = option(5672, integer(1, 65535))
+    virtual_host: str = option("/", text)
+    username: str = option("guest", text)
+    password: str = option("guest", text)
+    tls: bool = option(False, boolean)
+    confirms: bool = option(True, boolean)
+    max_buffered_events: int = option(100000, integer(1))
+    presence_exchange: PresenceExchangeConfig = option({}, table(PresenceExchangeConfig))
+    chat_msg_exchange: ChatExchangeConfig = option({}, table(ChatExchangeConfig))
+    groupchat_msg_exchange: GroupchatExchangeConfig = option({}, table(GroupchatExchangeConfig))
+
+    def __post_init__(self) -> None:
+        if self.enabled and importlib.util.find_spec("pika") is None:
+            raise _CheckError(
+                "the event pusher needs pika, which is not installed:"
+                " pip install 'mim-twisted[rabbitmq]'",
+                key="enabled",
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EventPusherConfig:
+    rabbit: RabbitConfig = option({}, table(RabbitConfig))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     source: str | None  # the file it was read from, None for the embedded default
@@ -468,6 +535,7 @@ class Config:
     log: LogConfig = option({}, table(LogConfig))
     admin: AdminConfig = option({}, table(AdminConfig))
     metrics: MetricsConfig = option({}, table(MetricsConfig))
+    event_pusher: EventPusherConfig = option({}, table(EventPusherConfig))
 
     @property
     def data_dir(self) -> str:

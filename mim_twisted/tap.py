@@ -9,6 +9,7 @@ import os
 import sqlite3
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from OpenSSL import SSL
 from twisted.application import service
@@ -308,6 +309,7 @@ class MimService(service.MultiService):
         # Child services made once storage is open; they stop before the clients are closed.
         self.admin: AdminService | None = None
         self.metrics: MetricsService | None = None
+        self.event_pusher: Any = None  # a RabbitPublisher when [event_pusher.rabbit] is enabled
         self.ready: defer.Deferred = defer.Deferred()
         # Under twistd nobody waits on `ready`: the start is reported to twistd and the exit
         # status instead, and the log goes through `log_output`.
@@ -350,6 +352,14 @@ class MimService(service.MultiService):
             where=config.sqlite_path if config.storage.backend == "sqlite" else "PostgreSQL",
         )
         self.core = build_im_core(config, self.database, self.reactor)
+        if config.event_pusher.rabbit.enabled:
+            # pika is an optional extra: imported only when the pusher is wanted.
+            from mim_twisted.events.rabbit import RabbitPublisher
+
+            self.event_pusher = RabbitPublisher(config.event_pusher.rabbit, self.reactor)
+            self.event_pusher.install(self.core.hooks)
+            # Never waits for the broker: a broker that is down does not delay the start.
+            self.event_pusher.startService()
         if config.pubsub.enabled:
             self.pubsub = build_pubsub(config, self.database, self.core, self.reactor)
             await self.pubsub.purge.load()
@@ -506,6 +516,10 @@ class MimService(service.MultiService):
         if self.core is not None:
             # Bounded: presence work stuck on the database must not keep the server up for ever.
             yield self.core.presence.idle(timeout=PRESENCE_STOP_TIMEOUT)
+        if self.event_pusher is not None:
+            # After the clients: their "offline" events go out before the broker connection.
+            yield self.event_pusher.stopService()
+            self.event_pusher = None
         if self.database is not None:
             yield self.database.close()
             self.database = None

@@ -1,0 +1,116 @@
+"""The events of MongooseIM 3.3's mod_event_pusher_rabbit, from the server's hooks.
+
+Pure: `EventSource` turns hook calls into `Event`s (exchange, routing key, JSON body) and hands
+them to a `publish` callable; where they go is the publisher's business. Exchanges, routing keys
+and bodies are exactly MongooseIM's, so that consumers written for it read ours unchanged:
+presence -> routing key the bare JID, `{"user_id": full JID, "present": bool}`; chat and
+groupchat -> `<bare JID>.<topic>`, `{"from_user_id", "to_user_id", "message"}`.
+"""
+
+import json
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from twisted.words.protocols.jabber.jid import InvalidFormat
+from twisted.words.xish import domish
+
+from mim_twisted import hooks
+from mim_twisted.config import RabbitConfig
+from mim_twisted.xmpp.jids import parse_jid
+
+# Before any other handler of the same hooks, so that a handler that waits cannot reorder what
+# happened (a message's "sent" event always comes before its "recv" event).
+HOOK_PRIORITY = 0
+
+
+class Event(NamedTuple):
+    exchange: str
+    routing_key: str
+    body: bytes
+
+
+def json_body(fields: dict[str, Any]) -> bytes:
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def message_body(message: domish.Element) -> str | None:
+    """The text of the message's <body/>, None if it has none (no event then)."""
+    for child in message.elements():
+        if child.name == "body":
+            return str(child)
+    return None
+
+
+class EventSource:
+    """Turns the server's hooks into events on the configured exchanges."""
+
+    def __init__(self, settings: RabbitConfig, publish: Callable[[Event], None]) -> None:
+        self.publish = publish
+        self.presence = settings.presence_exchange
+        # Message type -> its exchange settings (name, sent_topic, recv_topic).
+        self.messages = {
+            "chat": settings.chat_msg_exchange,
+            "groupchat": settings.groupchat_msg_exchange,
+        }
+
+    def install(self, hooks_table: hooks.Hooks) -> None:
+        hooks_table.add(hooks.USER_AVAILABLE, self.user_available, HOOK_PRIORITY)
+        hooks_table.add(hooks.USER_UNAVAILABLE, self.user_unavailable, HOOK_PRIORITY)
+        hooks_table.add(hooks.MESSAGE_SENT, self.message_sent, HOOK_PRIORITY)
+        hooks_table.add(hooks.MESSAGE_DELIVERED, self.message_delivered, HOOK_PRIORITY)
+
+    def uninstall(self, hooks_table: hooks.Hooks) -> None:
+        hooks_table.remove(hooks.USER_AVAILABLE, self.user_available)
+        hooks_table.remove(hooks.USER_UNAVAILABLE, self.user_unavailable)
+        hooks_table.remove(hooks.MESSAGE_SENT, self.message_sent)
+        hooks_table.remove(hooks.MESSAGE_DELIVERED, self.message_delivered)
+
+    # Session JIDs are stringprepped when bound, so their parts are already lowercased.
+
+    def user_available(self, session: Any) -> None:
+        self._presence(session, True)
+
+    def user_unavailable(self, session: Any, presence: domish.Element | None = None) -> None:
+        self._presence(session, False)
+
+    def _presence(self, session: Any, present: bool) -> None:
+        body = json_body({"user_id": session.jid.full(), "present": present})
+        self.publish(Event(self.presence.name, session.jid.userhost(), body))
+
+    def message_sent(self, session: Any, message: domish.Element) -> None:
+        """A local user sent a message: routing key the sender's, to = the address written."""
+        exchange = self.messages.get(message.getAttribute("type"))
+        if exchange is None:
+            return
+        text = message_body(message)
+        to = message.getAttribute("to")
+        if text is None:
+            return
+        try:
+            recipient = parse_jid(to).full() if to else session.jid.userhost()
+        except (InvalidFormat, UnicodeError):
+            return  # the router answers it with jid-malformed
+        body = json_body(
+            {"from_user_id": session.jid.full(), "to_user_id": recipient, "message": text}
+        )
+        key = f"{session.jid.userhost()}.{exchange.sent_topic}"
+        self.publish(Event(exchange.name, key, body))
+
+    def message_delivered(self, session: Any, message: domish.Element) -> None:
+        """A message was written to a local session: routing key the recipient's."""
+        exchange = self.messages.get(message.getAttribute("type"))
+        if exchange is None:
+            return
+        text = message_body(message)
+        if text is None:
+            return
+        sender = message.getAttribute("from", "")
+        try:
+            sender = parse_jid(sender).full()
+        except (InvalidFormat, UnicodeError):
+            pass  # stamped by the server; kept as it is
+        body = json_body(
+            {"from_user_id": sender, "to_user_id": session.jid.full(), "message": text}
+        )
+        key = f"{session.jid.userhost()}.{exchange.recv_topic}"
+        self.publish(Event(exchange.name, key, body))
