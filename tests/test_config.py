@@ -421,6 +421,78 @@ class OperatorConfigTests(unittest.TestCase):
         )
 
 
+class EventPusherConfigTests(unittest.TestCase):
+    """[event_pusher.rabbit], with MongooseIM's option names and defaults."""
+
+    assertError = ErrorTests.assertError
+
+    def test_defaults(self) -> None:
+        rabbit = load_config(None).event_pusher.rabbit
+        self.assertFalse(rabbit.enabled)
+        self.assertEqual((rabbit.host, rabbit.port, rabbit.virtual_host), ("127.0.0.1", 5672, "/"))
+        self.assertEqual((rabbit.username, rabbit.password), ("guest", "guest"))
+        self.assertFalse(rabbit.tls)
+        self.assertTrue(rabbit.confirms)
+        self.assertEqual(rabbit.max_buffered_events, 100000)
+        self.assertEqual(
+            (rabbit.presence_exchange.name, rabbit.presence_exchange.type), ("presence", "topic")
+        )
+        chat, group = rabbit.chat_msg_exchange, rabbit.groupchat_msg_exchange
+        self.assertEqual(
+            (chat.name, chat.type, chat.sent_topic, chat.recv_topic),
+            ("chat_msg", "topic", "chat_msg_sent", "chat_msg_recv"),
+        )
+        self.assertEqual(
+            (group.name, group.type, group.sent_topic, group.recv_topic),
+            ("groupchat_msg", "topic", "groupchat_msg_sent", "groupchat_msg_recv"),
+        )
+
+    def test_one_exchange_key_changed(self) -> None:
+        config = load_config(
+            write(self, '[event_pusher.rabbit]\nchat_msg_exchange = { type = "direct" }\n')
+        )
+        chat = config.event_pusher.rabbit.chat_msg_exchange
+        self.assertEqual(
+            (chat.name, chat.type, chat.sent_topic), ("chat_msg", "direct", "chat_msg_sent")
+        )
+
+    def test_wrong_values_name_the_key(self) -> None:
+        self.assertError(
+            "[event_pusher.rabbit]\nport = 0\n",
+            "event_pusher.rabbit.port: must be an integer 1..65535 (got 0)",
+        )
+        self.assertError(
+            "[event_pusher.rabbit]\nmax_buffered_events = 0\n",
+            "event_pusher.rabbit.max_buffered_events: must be an integer >= 1 (got 0)",
+        )
+        self.assertError(
+            '[event_pusher.rabbit]\ngroupchat_msg_exchange = { name = "" }\n',
+            "event_pusher.rabbit.groupchat_msg_exchange.name: must be a non-empty string of at"
+            ' most 255 bytes (got "")',
+        )
+        self.assertError(
+            '[event_pusher.rabbit]\npresence_exchange = { sent_topic = "x" }\n',
+            'unknown key "event_pusher.rabbit.presence_exchange.sent_topic"',
+        )
+        self.assertError(
+            '[event_pusher.rabbit]\nenabled = "yes"\n',
+            'event_pusher.rabbit.enabled: must be true or false (got "yes")',
+        )
+
+    def test_enabled_without_pika(self) -> None:
+        real_find_spec = config_module.importlib.util.find_spec
+
+        def find_spec(name: str, *args: object) -> object:
+            return None if name == "pika" else real_find_spec(name, *args)
+
+        self.patch(config_module.importlib.util, "find_spec", find_spec)
+        self.assertError(
+            "[event_pusher.rabbit]\nenabled = true\n",
+            "event_pusher.rabbit.enabled: the event pusher needs pika, which is not installed:"
+            " pip install 'mim-twisted[rabbitmq]'",
+        )
+
+
 class DriverTests(unittest.TestCase):
     def test_postgresql_without_its_driver(self) -> None:
         self.patch(config_module, "POSTGRESQL_DRIVER", ("psycopg2", "mim_no_such_driver"))
