@@ -177,6 +177,12 @@ def server_counters(server: "MimService") -> dict[str, int]:
     for component in pubsub_components(server):
         for result, count in component.results.items():
             _add(counters, f"pubsub_requests result={result}", count)
+    pusher = server.event_pusher
+    if pusher is not None:
+        buffer = pusher.buffer
+        for name in ("published", "confirmed", "dropped"):
+            _add(counters, f"event_pusher_{name}", getattr(buffer, name))
+        _add(counters, "event_pusher_buffered", len(buffer))
     return dict(sorted(counters.items()))
 
 

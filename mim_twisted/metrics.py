@@ -84,6 +84,7 @@ class ServerCollector:
         yield from self._stream_counters()
         yield from self._routing()
         yield from self._pubsub()
+        yield from self._event_pusher()
         if self.offline_messages is not None:
             yield GaugeMetricFamily(
                 "mim_offline_messages", "Messages in offline storage", value=self.offline_messages
@@ -151,6 +152,37 @@ class ServerCollector:
         for index, length in enumerate(pubsub.pool.pending() if pubsub is not None else []):
             queues.add_metric([str(index)], length)
         yield queues
+
+    def _event_pusher(self) -> Iterator[Metric]:
+        pusher = self.server.event_pusher
+        if pusher is None:
+            return
+        buffer = pusher.buffer
+        yield CounterMetricFamily(
+            "mim_event_pusher_published",
+            "Events handed to the broker (sent again after a nack or a lost connection included)",
+            value=buffer.published,
+        )
+        yield CounterMetricFamily(
+            "mim_event_pusher_confirmed",
+            "Events the broker confirmed (every event written, without confirms)",
+            value=buffer.confirmed,
+        )
+        yield CounterMetricFamily(
+            "mim_event_pusher_dropped",
+            "Events dropped, oldest first, because the buffer was full",
+            value=buffer.dropped,
+        )
+        yield GaugeMetricFamily(
+            "mim_event_pusher_buffered",
+            "Events held for the broker: not yet sent, or sent and not yet confirmed",
+            value=len(buffer),
+        )
+        yield GaugeMetricFamily(
+            "mim_event_pusher_connected",
+            "1 while a channel to the broker is open",
+            value=int(pusher.channel is not None),
+        )
 
 
 class StorageTimer:

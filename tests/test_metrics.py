@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from mim_twisted.events.buffer import EventBuffer
 from mim_twisted.metrics import ServerCollector, StorageTimer
 from mim_twisted.storage.interfaces import AccountNotFound
 
@@ -65,6 +66,7 @@ class CollectorTests(unittest.TestCase):
                 pool=SimpleNamespace(pending=lambda: [0, 3]),
                 pep=SimpleNamespace(results=Counter(ok=1, error=1)),
             ),
+            event_pusher=None,
         )
         registry = CollectorRegistry()
         collector = ServerCollector(server)
@@ -95,10 +97,30 @@ class CollectorTests(unittest.TestCase):
 
     def test_a_server_not_started_yet(self) -> None:
         registry = CollectorRegistry()
-        registry.register(ServerCollector(SimpleNamespace(factories=[], core=None, pubsub=None)))
+        server = SimpleNamespace(factories=[], core=None, pubsub=None, event_pusher=None)
+        registry.register(ServerCollector(server))
         values = samples(registry)
         self.assertEqual(values["mim_connections", frozenset({("state", "bound")})], 0)
         self.assertNotIn(("mim_offline_messages", frozenset()), values)
+        self.assertNotIn(("mim_event_pusher_buffered", frozenset()), values)
+
+    def test_event_pusher_counters(self) -> None:
+        buffer: EventBuffer[str] = EventBuffer(limit=3, window=1)
+        for event in "abcde":
+            buffer.add(event)  # "a" and "b" dropped
+        sequence, _ = buffer.take()
+        buffer.confirm(sequence)
+        buffer.take()  # in flight
+        pusher = SimpleNamespace(buffer=buffer, channel=object())
+        server = SimpleNamespace(factories=[], core=None, pubsub=None, event_pusher=pusher)
+        registry = CollectorRegistry()
+        registry.register(ServerCollector(server))
+        values = samples(registry)
+        self.assertEqual(values["mim_event_pusher_published_total", frozenset()], 2)
+        self.assertEqual(values["mim_event_pusher_confirmed_total", frozenset()], 1)
+        self.assertEqual(values["mim_event_pusher_dropped_total", frozenset()], 2)
+        self.assertEqual(values["mim_event_pusher_buffered", frozenset()], 2)
+        self.assertEqual(values["mim_event_pusher_connected", frozenset()], 1)
 
 
 class StorageTimerTests(unittest.TestCase):

@@ -1,11 +1,15 @@
 """The event pusher's RabbitMQ publisher: a Twisted service on pika's Twisted adapter.
 
 `publish` never waits: an event goes into the bounded `EventBuffer` and is sent when a channel
-is up. A `ClientService` keeps one AMQP connection with back-off; each new connection declares
-the exchanges and (with `confirms`) turns on publisher confirms before any event is sent on it.
-With confirms an event leaves the buffer when the broker acks it; a nack or a lost connection
-sends it again, so an event can arrive twice but is never lost while the buffer has room.
-Without confirms an event leaves the buffer once written to the connection, as in MongooseIM.
+is up. One loop keeps one AMQP connection, reconnecting with back-off (Twisted's
+`backoffPolicy`); each new connection declares the exchanges and (with `confirms`) turns on
+publisher confirms before any event is sent on it. With confirms an event leaves the buffer
+when the broker acks it; a nack or a lost connection sends it again, so an event can arrive
+twice but is never lost while the buffer has room. Without confirms an event leaves the buffer
+once written to the connection, as in MongooseIM.
+
+(`ClientService` would reconnect for us, but a connection lost while it is being prepared, or
+closed after preparing it failed, trips its state machine.)
 """
 
 import random
@@ -13,6 +17,7 @@ import socket
 from typing import Any
 
 import pika
+import pika.exceptions
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, protocol, ssl, task
@@ -33,6 +38,9 @@ MAX_IN_FLIGHT = 1000
 # Seconds that stopping waits for the broker to confirm what the buffer still holds.
 STOP_FLUSH_TIMEOUT = 2.0
 
+# Seconds that a TCP connection to the broker may take.
+CONNECT_TIMEOUT = 10
+
 
 def in_flight_window(limit: int) -> int:
     # At most half the buffer, so that a full buffer still has pending events to drop
@@ -41,17 +49,19 @@ def in_flight_window(limit: int) -> int:
 
 
 class _BrokerConnection(TwistedProtocolConnection):
-    """Tells the publisher when the connection is gone."""
+    """A pika connection whose `lost` fires (with None) when the TCP connection goes."""
 
     def __init__(self, publisher: "RabbitPublisher", parameters: pika.ConnectionParameters):
         super().__init__(parameters, custom_reactor=publisher.reactor)
         self.publisher = publisher
+        self.lost: defer.Deferred = defer.Deferred()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         # The publisher first: closing the channel fails the deliveries in flight, which must
         # not be sent again on it.
         self.publisher.connection_lost(self, reason)
         super().connectionLost(reason)
+        self.lost.callback(None)
 
 
 class _BrokerFactory(protocol.Factory):
@@ -88,7 +98,7 @@ class RabbitPublisher(service.Service):
         self.buffer: EventBuffer[Event] = EventBuffer(limit, in_flight_window(limit))
         self.connection: _BrokerConnection | None = None
         self.channel: TwistedChannel | None = None
-        self._client: internet.ClientService | None = None
+        self._connecting: defer.Deferred | None = None
 
     # -- the XMPP side ---------------------------------------------------------------------
 
@@ -121,23 +131,37 @@ class RabbitPublisher(service.Service):
 
     def endpoint(self) -> Any:
         settings = self.settings
-        tcp = endpoints.HostnameEndpoint(self.reactor, settings.host, settings.port, timeout=10)
+        tcp = endpoints.HostnameEndpoint(
+            self.reactor, settings.host, settings.port, timeout=CONNECT_TIMEOUT
+        )
         if not settings.tls:
             return tcp
         return endpoints.wrapClientTLS(ssl.optionsForClientTLS(settings.host), tcp)
 
     def startService(self) -> None:
         super().startService()
-        self._client = internet.ClientService(
-            self.endpoint(),
-            _BrokerFactory(self),
-            retryPolicy=self.retry_policy,
-            clock=self.reactor,
-            prepareConnection=self._prepare,
-        )
-        self._client.startService()
+        self._connecting = defer.ensureDeferred(self._stay_connected())
+        self._connecting.addErrback(lambda failure: failure.trap(defer.CancelledError))
 
-    async def _prepare_channel(self, connection: _BrokerConnection) -> None:
+    async def _stay_connected(self) -> None:
+        failures = 0
+        while self.running:
+            connection = None
+            try:
+                connection = await self.endpoint().connect(_BrokerFactory(self))
+                await self._prepare(connection)
+            except defer.CancelledError:
+                raise
+            except Exception as error:
+                failures += 1
+                self._not_ready(error, connection, failures)
+                await task.deferLater(self.reactor, self.retry_policy(failures), lambda: None)
+                continue
+            failures = 0
+            self._ready()
+            await connection.lost
+
+    async def _prepare(self, connection: _BrokerConnection) -> None:
         await connection.ready
         channel = await connection.channel()
         settings = self.settings
@@ -150,18 +174,12 @@ class RabbitPublisher(service.Service):
         if settings.confirms:
             await channel.confirm_delivery()
         # A channel closed by the broker (an error of ours) takes the connection with it, so
-        # that the ClientService makes a new one.
-        channel.on_closed.addBoth(lambda _: connection.transport.loseConnection())
+        # that a new one is made.
+        channel.on_closed.addBoth(lambda _: _disconnect(connection))
         self.connection = connection
         self.channel = channel
 
-    def _prepare(self, proxy: Any) -> defer.Deferred:
-        connection = proxy._protocol  # ClientService hands over a proxy of our protocol
-        preparing = defer.ensureDeferred(self._prepare_channel(connection))
-        preparing.addCallbacks(self._ready, self._not_ready, errbackArgs=(connection,))
-        return preparing
-
-    def _ready(self, _: None) -> None:
+    def _ready(self) -> None:
         log.info(
             "Event pusher: connected to RabbitMQ at {host}:{port}, {count} events to send",
             host=self.settings.host,
@@ -170,16 +188,25 @@ class RabbitPublisher(service.Service):
         )
         self._send()
 
-    def _not_ready(self, failure: Failure, connection: _BrokerConnection) -> Failure:
-        log.warn(
-            "Event pusher: RabbitMQ at {host}:{port} not usable: {reason}",
-            host=self.settings.host,
-            port=self.settings.port,
-            reason=failure.getErrorMessage() or failure.type.__name__,
-        )
-        if connection.transport is not None:
-            connection.transport.loseConnection()
-        return failure  # the ClientService counts it as a failed attempt and waits
+    def _not_ready(
+        self, error: Exception, connection: _BrokerConnection | None, failures: int
+    ) -> None:
+        # The first failure in a row, then every tenth: an outage is not a log flood.
+        if failures == 1 or failures % 10 == 0:
+            if isinstance(error, pika.exceptions.AMQPConnectionError):
+                reason = "the broker closed the connection (username, password, virtual_host?)"
+            else:
+                reason = str(error) or type(error).__name__
+            log.warn(
+                "Event pusher: RabbitMQ at {host}:{port} not usable (attempt {attempt}):"
+                " {reason}; events are buffered meanwhile",
+                host=self.settings.host,
+                port=self.settings.port,
+                attempt=failures,
+                reason=reason,
+            )
+        if connection is not None:
+            _disconnect(connection)
 
     def connection_lost(self, connection: _BrokerConnection, reason: Failure) -> None:
         if connection is not self.connection:
@@ -240,16 +267,15 @@ class RabbitPublisher(service.Service):
 
     async def _stop(self) -> None:
         await self._flush()
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
         connection = self.connection
         if connection is not None and connection.is_open:
             # A clean AMQP close, rather than a cut the broker would log as unexpected.
-            closing = connection.close()
-            if closing is not None:
-                await closing.addTimeout(STOP_FLUSH_TIMEOUT, self.reactor).addErrback(
-                    lambda _: None
-                )
-        if self._client is not None:
-            await self._client.stopService()
+            connection.close()
+            lost = connection.lost.addTimeout(STOP_FLUSH_TIMEOUT, self.reactor)
+            await lost.addErrback(lambda _: _disconnect(connection))
         if len(self.buffer):
             log.warn(
                 "Event pusher: stopped with {count} events not confirmed by RabbitMQ",
@@ -259,3 +285,8 @@ class RabbitPublisher(service.Service):
     def stopService(self) -> defer.Deferred:
         super().stopService()
         return defer.ensureDeferred(self._stop())
+
+
+def _disconnect(connection: _BrokerConnection) -> None:
+    if connection.transport is not None:
+        connection.transport.abortConnection()
