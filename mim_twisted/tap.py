@@ -45,6 +45,7 @@ from mim_twisted.pubsub.pep import PepService
 from mim_twisted.pubsub.protocol import PubSubComponent
 from mim_twisted.pubsub.purge import OfflinePurge
 from mim_twisted.pubsub.queues import WorkerPool
+from mim_twisted.pubsub.subscribers import SubscriberCache
 from mim_twisted.signals import ReloadOnHangup
 from mim_twisted.startreport import StartReport
 from mim_twisted.storage import permissions
@@ -236,6 +237,8 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
         domains=frozenset(config.server.domains),
     )
     limits = ServiceLimits(settings.max_items_limit, settings.max_payload_size)
+    # One store for both: the subscriber lists a publication notifies are kept in memory.
+    store = SubscriberCache(database.pubsub)
     rosters = database.rosters
     services: dict[str, PubSubService] = {}
     purge = OfflinePurge(services, pool, core.sessions)
@@ -257,7 +260,7 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
     for domain in config.server.domains:
         host = f"pubsub.{domain}"
         services[host] = PubSubService(
-            database.pubsub,
+            store,
             service_key=host,
             defaults=GENERIC_NODE_DEFAULTS,
             limits=limits,
@@ -272,7 +275,7 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
         # Same store and worker pool: a PEP node is keyed by its owner's bare JID.
         pep = PepService(
             domains=frozenset(config.server.domains),
-            store=database.pubsub,
+            store=store,
             rosters=rosters,
             sessions=core.sessions,
             caps=core.caps,
