@@ -12,6 +12,7 @@ from mim_twisted.config import load_config
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.tap import build_im_core
 from mim_twisted.xmpp.c2s import CLOSE_GRACE, C2SFactory, C2SSettings
+from mim_twisted.xmpp.connection import BoundSession, ClientConnection, SessionOpener
 from mim_twisted.xmpp.namespaces import BIND, CLIENT, SASL, SESSION, STREAMS, TLS
 from mim_twisted.xmpp.sasl import plain
 from tests.test_sasl_mechanisms import synchronously
@@ -311,6 +312,18 @@ class BindTests(StreamTestCase):
         self.assertStreamError(old_transport, "conflict")
         old.connectionLost()
         self.assertIs(self.sessions.session(new.jid).connection, new)
+
+    def test_binding_opens_a_session_in_the_im_core(self) -> None:
+        stream, transport = self.login("desk")
+        session = self.sessions.session(stream.jid)
+        self.assertIs(stream.session, session)
+        self.assertIs(session.connection, stream)
+        # The stream and the IM core meet only through the protocols of xmpp.connection.
+        self.assertIsInstance(stream, ClientConnection)
+        self.assertIsInstance(session, BoundSession)
+        self.assertIsInstance(self.factory.im, SessionOpener)
+        stream.connectionLost()
+        self.assertIsNone(self.sessions.session(stream.jid))
 
     def test_stanza_after_auth_before_bind(self) -> None:
         stream, transport = self.connect()

@@ -7,13 +7,14 @@ and tells it when the connection is gone. The session talks back through the nar
 the IM core down to these protocols.
 """
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from twisted.internet.interfaces import IAddress
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
 
+@runtime_checkable
 class ClientConnection(Protocol):
     """A client's stream, as the layer above sees it."""
 
@@ -29,6 +30,7 @@ class ClientConnection(Protocol):
         """Send a stream error (RFC 6120 §4.9) and close the connection."""
 
 
+@runtime_checkable
 class BoundSession(Protocol):
     """The session of a bound resource: what the stream hands its stanzas to."""
 
@@ -39,6 +41,7 @@ class BoundSession(Protocol):
         """The connection is gone; nothing can be sent to it any more."""
 
 
+@runtime_checkable
 class SessionOpener(Protocol):
     """The layer above the streams; it opens a session for each bound resource."""
 
