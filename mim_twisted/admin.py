@@ -246,7 +246,7 @@ class AdminService(service.Service):
         self.port: IListeningPort | None = None
         self.listening: defer.Deferred = defer.Deferred()
 
-    def startService(self) -> None:
+    def startService(self) -> defer.Deferred:
         super().startService()
         if len(os.fsencode(self.path)) > MAX_UNIX_SOCKET_PATH:
             # Only the default can be too long (a configured path is checked with the config):
@@ -256,7 +256,7 @@ class AdminService(service.Service):
                 path=self.path,
             )
             self.listening = defer.succeed(None)
-            return
+            return self.listening
         factory = protocol.Factory.forProtocol(lambda: AdminProtocol(self.commands))
         # wantPID: a lock file beside the socket tells a stale socket (removed) from one that a
         # running server holds (the start fails).
@@ -269,6 +269,7 @@ class AdminService(service.Service):
         finally:
             os.umask(umask)
         self.listening.addCallback(self._listening)
+        return self.listening
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port

@@ -19,8 +19,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from cryptography import x509
+from twisted.internet import endpoints
 from twisted.words.protocols.jabber import jid
 
+from mim_twisted import listeners
 from mim_twisted.auth import certs
 from mim_twisted.xmpp import tls
 
@@ -297,11 +299,40 @@ class ServerConfig:
     data_dir: str = option("mim-data", local_path())
 
 
+def listener_endpoint(value: Any, where: _Where) -> str:
+    """A client listener's endpoint string; a backlog is added where it can have one."""
+    wanted = ", ".join(f'"{kind}:..."' for kind in listeners.LISTENER_TYPES)
+    if not isinstance(value, str):
+        raise _CheckError(f"must be an endpoint string: {wanted}")
+    kind, *arguments = listeners.endpoint_arguments(value)
+    if kind not in listeners.LISTENER_TYPES or not arguments:
+        raise _CheckError(f"must be an endpoint string: {wanted}")
+    if kind != "systemd":
+        # Parsing makes the endpoint object without listening (no reactor is needed for that);
+        # systemd's parser would look up the inherited sockets, which only exist under systemd.
+        try:
+            endpoints.serverFromString(None, value)
+        except (ValueError, TypeError) as error:
+            raise _CheckError(f"is not a valid endpoint string ({error})") from None
+    return listeners.with_default_backlog(value)
+
+
+def _endpoint_of_address(listener: Mapping[str, Any]) -> str:
+    return listeners.tcp_endpoint(listener["address"], listener["port"])
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ListenerConfig:
     address: str = option("127.0.0.1", ip_address)
     port: int = option(5222, integer(0, 65535))
     starttls: str = option("required", one_of("required", "optional"))
+    # The old address and port keys are the default: "tcp:PORT:interface=ADDRESS:backlog=1024".
+    endpoint: str = option(_endpoint_of_address, listener_endpoint)
+
+    def __post_init__(self) -> None:
+        moved = (self.address, self.port) != ("127.0.0.1", 5222)
+        if moved and self.endpoint != listeners.tcp_endpoint(self.address, self.port):
+            raise _CheckError("names the address and port: do not set those too", key="endpoint")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -309,8 +309,10 @@ class MetricsService(service.Service):
             # Counted among the storage errors; the scrape goes on with the last known size.
             log.warn("metrics: offline store size unknown: {error}", error=error)
 
-    def startService(self) -> None:
+    def startService(self) -> defer.Deferred:
         super().startService()
+        if self.server.database is not None:
+            self.storage.install(self.server.database)
         root = resource.Resource()
         root.putChild(b"metrics", MetricsPage(self))
         root.putChild(b"health", HealthPage(self))
@@ -318,6 +320,7 @@ class MetricsService(service.Service):
         endpoint = endpoints.serverFromString(self.reactor, self.description)
         self.listening = endpoint.listen(site)
         self.listening.addCallback(self._listening)
+        return self.listening
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port

@@ -8,13 +8,16 @@ import dataclasses
 import os
 import sqlite3
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer, ssl
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -24,7 +27,7 @@ from mim_twisted import hooks, storage
 from mim_twisted.admin import AdminService
 from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
-from mim_twisted.config import Config, ConfigError, changed_keys, load_config
+from mim_twisted.config import Config, ConfigError, ListenerConfig, changed_keys, load_config
 from mim_twisted.im import caps, ping, roster, version
 from mim_twisted.im.caps import CapsService
 from mim_twisted.im.disco import FEATURE_MSGOFFLINE, DiscoService
@@ -36,6 +39,7 @@ from mim_twisted.im.register import RegistrationService
 from mim_twisted.im.roster import RosterService
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import SessionManager
+from mim_twisted.listeners import ClientListener, describe_address
 from mim_twisted.logs import LogOutput
 from mim_twisted.metrics import MetricsService
 from mim_twisted.pubsub.broadcast import Broadcaster
@@ -288,8 +292,119 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
     return PubSub(pool, broadcaster, services, purge, pep)
 
 
+class StorageService(service.Service):
+    """Opens the database when it starts (first of the server's parts) and closes it when it
+    stops (last); `database` is None while it is not open."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.database: IDatabase | None = None
+
+    def startService(self) -> defer.Deferred:
+        super().startService()
+        return defer.ensureDeferred(self._open())
+
+    async def _open(self) -> None:
+        config = self.config
+        self.database = await open_storage(config)
+        log.info(
+            "Storage: {backend} ({where})",
+            backend=config.storage.backend,
+            where=config.sqlite_path if config.storage.backend == "sqlite" else "PostgreSQL",
+        )
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        database, self.database = self.database, None
+        return database.close() if database is not None else defer.succeed(None)
+
+
+class ImCoreService(service.Service):
+    """The IM core (sessions, routing, presence, offline storage), built on the open database.
+
+    It owns the client connections of every listener attached to it: stopping closes them with
+    <system-shutdown/>, then lets the work they leave (unavailable presence, roster writes,
+    messages kept for users now offline) finish before the database goes away.
+    """
+
+    def __init__(self, config: Config, storage: StorageService | None, clock: object) -> None:
+        self.config = config
+        self.storage = storage
+        self.clock = clock
+        self.core: ImCore | None = None
+        self.factories: list[C2SFactory] = []
+        # What hooks into the core once it is built (the event pusher).
+        self.hook_installers: list[Callable[[hooks.Hooks], None]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self.core = build_im_core(self.config, self.storage.database, self.clock)
+        for install in self.hook_installers:
+            install(self.core.hooks)
+
+    def attach(self, factory: C2SFactory) -> None:
+        """Offer the core on a listener's connections, and close them when the core stops."""
+        self.core.install(factory)
+        self.factories.append(factory)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
+        factories, self.factories = self.factories, []
+        await defer.gatherResults([f.disconnect_all(SHUTDOWN_GRACE) for f in factories])
+        if self.core is not None:
+            # Bounded: presence work stuck on the database must not keep the server up for ever.
+            await self.core.presence.idle(timeout=PRESENCE_STOP_TIMEOUT)
+
+
+class PubSubHost(service.Service):
+    """The `pubsub.<domain>` services with their worker pool, broadcaster and offline purge.
+
+    Stopping (before the IM core closes the client connections) refuses new requests, lets the
+    workers answer the queued ones and finishes the notifications under way.
+    """
+
+    def __init__(
+        self, config: Config, storage: StorageService, im: ImCoreService, clock: object
+    ) -> None:
+        self.config = config
+        self.storage = storage
+        self.im = im
+        self.clock = clock
+        self.pubsub: PubSub | None = None
+
+    def startService(self) -> defer.Deferred:
+        super().startService()
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        self.pubsub = build_pubsub(self.config, self.storage.database, self.im.core, self.clock)
+        await self.pubsub.purge.load()
+        self.pubsub.pool.start()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
+        if self.pubsub is None:
+            return
+        await self.pubsub.pool.stop()
+        await self.pubsub.broadcaster.stop()
+
+
 class MimService(service.MultiService):
-    """The whole server: storage, the IM core and the C2S listeners on one reactor.
+    """The whole server: storage, the IM core, PubSub, the operator services and the client
+    listeners, each a child service, on one reactor.
+
+    The children start in that order, each once the one before it has started (the IM core
+    needs the open database, a listener the IM core), and stop in the reverse order, each once
+    the one after it has stopped: listeners stop accepting, PubSub answers what is queued, the
+    IM core closes the connections and finishes their work, and the database closes last.
+    Twisted's MultiService starts its children without waiting and stops them all at once,
+    which is why both loops are written here.
 
     `ready` fires with the service once every listener accepts connections; `ports` holds the
     listening ports (tests read the port number that port 0 was given).
@@ -304,20 +419,68 @@ class MimService(service.MultiService):
         self.reactor = reactor
         self.config = config
         self.log_traffic = log_traffic or config.log.traffic
-        self.ports: list = []
-        self.factories: list[C2SFactory] = []
-        self.database = None
-        self.core: ImCore | None = None
-        self.pubsub: PubSub | None = None
-        # Child services made once storage is open; they stop before the clients are closed.
-        self.admin: AdminService | None = None
-        self.metrics: MetricsService | None = None
+        self.storage = StorageService(config)
+        self.storage.setServiceParent(self)
         self.event_pusher: Any = None  # a RabbitPublisher when [event_pusher.rabbit] is enabled
+        if config.event_pusher.rabbit.enabled:
+            # pika is an optional extra: imported only when the pusher is wanted.
+            from mim_twisted.events.rabbit import RabbitPublisher
+
+            # Started before the IM core (never waiting for the broker) and so stopped after
+            # it: the "offline" events of the closed connections go out first.
+            self.event_pusher = RabbitPublisher(config.event_pusher.rabbit, reactor)
+            self.event_pusher.setServiceParent(self)
+        self.im = ImCoreService(config, self.storage, reactor)
+        if self.event_pusher is not None:
+            self.im.hook_installers.append(self.event_pusher.install)
+        self.im.setServiceParent(self)
+        self.pubsub_host: PubSubHost | None = None
+        if config.pubsub.enabled:
+            self.pubsub_host = PubSubHost(config, self.storage, self.im, reactor)
+            self.pubsub_host.setServiceParent(self)
+        self.admin: AdminService | None = None
+        if config.admin.enabled:
+            self.admin = AdminService(self, config.admin_socket, reactor)
+            self.admin.setServiceParent(self)
+        self.metrics: MetricsService | None = None
+        if config.metrics.enabled:
+            self.metrics = MetricsService(self, config.metrics.endpoint, reactor)
+            self.metrics.setServiceParent(self)
+        # One failure budget for every listener: a guesser gains nothing by switching ports.
+        self.auth_failures = AuthFailureBudget(failure_budget_settings(config))
+        self.listeners: list[ClientListener] = []
+        for listener in config.listeners:
+            client_listener = ClientListener(
+                listener.endpoint, partial(self._client_factory, listener), reactor
+            )
+            client_listener.setServiceParent(self)
+            self.listeners.append(client_listener)
         self.ready: defer.Deferred = defer.Deferred()
+        self._starting: defer.Deferred | None = None
         # Under twistd nobody waits on `ready`: the start is reported to twistd and the exit
         # status instead, and the log goes through `log_output`.
         self.start_report: StartReport | None = None
         self.log_output: LogOutput | None = None
+
+    @property
+    def database(self) -> IDatabase | None:
+        return self.storage.database
+
+    @property
+    def core(self) -> ImCore | None:
+        return self.im.core
+
+    @property
+    def pubsub(self) -> PubSub | None:
+        return self.pubsub_host.pubsub if self.pubsub_host is not None else None
+
+    @property
+    def ports(self) -> list[IListeningPort]:
+        return [listener.port for listener in self.listeners if listener.port is not None]
+
+    @property
+    def factories(self) -> list[C2SFactory]:
+        return list(self.im.factories)
 
     def setServiceParent(self, parent: service.IServiceCollection) -> None:
         super().setServiceParent(parent)
@@ -328,10 +491,10 @@ class MimService(service.MultiService):
     def startService(self) -> None:
         if self.start_report is not None:
             self.start_report.claim()
-        super().startService()
+        service.Service.startService(self)
         self.ready = defer.Deferred()
-        starting = defer.ensureDeferred(self._start())
-        starting.addCallbacks(self._started, self._start_failed)
+        self._starting = defer.ensureDeferred(self._start())
+        self._starting.addCallbacks(self._started, self._start_failed)
 
     def _started(self, result: "MimService") -> None:
         if self.start_report is not None:
@@ -342,69 +505,39 @@ class MimService(service.MultiService):
         config = self.config
         # It holds the database and the self-signed certificate's key: owner only.
         permissions.secure_data_directory(config.data_dir)
-        tls_options = load_tls_options(config)
+        self.tls_options = load_tls_options(config)
         if config.tls.verify_peer and config.tls.allow_self_signed_client:
             log.warn(
                 "tls.allow_self_signed_client: anyone can make a self-signed certificate for"
                 " any JID; SASL EXTERNAL trusts them"
             )
-        self.database = await open_storage(config)
-        log.info(
-            "Storage: {backend} ({where})",
-            backend=config.storage.backend,
-            where=config.sqlite_path if config.storage.backend == "sqlite" else "PostgreSQL",
-        )
-        self.core = build_im_core(config, self.database, self.reactor)
-        if config.event_pusher.rabbit.enabled:
-            # pika is an optional extra: imported only when the pusher is wanted.
-            from mim_twisted.events.rabbit import RabbitPublisher
-
-            self.event_pusher = RabbitPublisher(config.event_pusher.rabbit, self.reactor)
-            self.event_pusher.install(self.core.hooks)
-            # Never waits for the broker: a broker that is down does not delay the start.
-            self.event_pusher.startService()
-        if config.pubsub.enabled:
-            self.pubsub = build_pubsub(config, self.database, self.core, self.reactor)
-            await self.pubsub.purge.load()
-            self.pubsub.pool.start()
-        await self._start_operator_services()
-        # One failure budget for every listener: a guesser gains nothing by switching ports.
-        auth_failures = AuthFailureBudget(failure_budget_settings(config))
-        for listener in config.listeners:
-            factory = C2SFactory(
-                self._c2s_settings(listener, tls_options),
-                accounts=self.database.accounts,
-                im=self.core.router,
-                clock=self.reactor,
-                auth_failures=auth_failures,
-            )
-            self.core.install(factory)
-            self.factories.append(factory)
-            port = self.reactor.listenTCP(listener.port, factory, interface=listener.address)
-            self.ports.append(port)
-            address = port.getHost()
+        for child in list(self):
+            if not self.running:
+                break  # stopped while starting: the rest stays stopped
+            await defer.maybeDeferred(child.startService)
+        if not self.running:
+            return self
+        for listener in self.listeners:
             log.info(
-                "Listening for XMPP clients on {host}:{port} (domains: {domains})",
-                host=address.host,
-                port=address.port,
+                "Listening for XMPP clients on {address} (domains: {domains})",
+                address=describe_address(listener.port.getHost()),
                 domains=", ".join(config.server.domains),
             )
         return self
 
-    async def _start_operator_services(self) -> None:
-        """The admin socket and the metrics endpoint, as configured."""
-        config = self.config
-        if config.admin.enabled:
-            self.admin = AdminService(self, config.admin_socket, self.reactor)
-            self.admin.setServiceParent(self)
-            await self.admin.listening
-        if config.metrics.enabled:
-            self.metrics = MetricsService(self, config.metrics.endpoint, self.reactor)
-            self.metrics.storage.install(self.database)
-            self.metrics.setServiceParent(self)
-            await self.metrics.listening
+    def _client_factory(self, listener: ListenerConfig) -> C2SFactory:
+        database, core = self.database, self.core
+        factory = C2SFactory(
+            self._c2s_settings(listener, self.tls_options),
+            accounts=database.accounts,
+            im=core.router,
+            clock=self.reactor,
+            auth_failures=self.auth_failures,
+        )
+        self.im.attach(factory)
+        return factory
 
-    def _c2s_settings(self, listener: object, tls_options: object) -> C2SSettings:
+    def _c2s_settings(self, listener: ListenerConfig, tls_options: object) -> C2SSettings:
         config = self.config
         mechanisms = tuple(config.auth.mechanisms)
         client_certificates = None
@@ -504,28 +637,18 @@ class MimService(service.MultiService):
                 keys=", ".join(restart),
             )
 
-    @defer.inlineCallbacks
-    def stopService(self):
-        yield super().stopService()
-        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
-        self.ports = []
-        # Close every client connection and let the work it leaves (unavailable presence,
-        # stored state) finish before the database goes away.
-        yield defer.gatherResults([f.disconnect_all(SHUTDOWN_GRACE) for f in self.factories])
-        self.factories = []
-        if self.pubsub is not None:
-            yield self.pubsub.pool.stop()
-            self.pubsub = None
-        if self.core is not None:
-            # Bounded: presence work stuck on the database must not keep the server up for ever.
-            yield self.core.presence.idle(timeout=PRESENCE_STOP_TIMEOUT)
-        if self.event_pusher is not None:
-            # After the clients: their "offline" events go out before the broker connection.
-            yield self.event_pusher.stopService()
-            self.event_pusher = None
-        if self.database is not None:
-            yield self.database.close()
-            self.database = None
+    def stopService(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        service.Service.stopService(self)
+        if self._starting is not None:
+            # A child half started would be stopped before it is up: let the start settle
+            # (it starts no further child once the server is no longer running).
+            await self._starting
+        for child in reversed(list(self)):
+            if child.running:
+                await defer.maybeDeferred(child.stopService)
 
 
 def failure_budget_settings(config: Config) -> FailureBudgetSettings:

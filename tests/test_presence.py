@@ -1,6 +1,7 @@
 """Presence (RFC 6121 §4) and presence subscriptions (§3) between local users, at the stanza level
 through the IM core as tap.py wires it."""
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID
 
@@ -8,7 +9,7 @@ from mim_twisted import hooks
 from mim_twisted.im import presence as presence_module
 from mim_twisted.im.presence import parse_priority
 from mim_twisted.storage.interfaces import OfflineMessage, RosterItem
-from mim_twisted.tap import PRESENCE_STOP_TIMEOUT, MimService
+from mim_twisted.tap import PRESENCE_STOP_TIMEOUT, ImCoreService
 from tests.imsupport import (
     FakeSession,
     HeldStore,
@@ -712,19 +713,22 @@ class QueueTests(HeldRostersTestCase):
         self.assertEqual(len(presences(self.bob.take())), 1)
         self.successResultOf(self.presence.idle())
 
+    def stopped_im_core(self) -> defer.Deferred:
+        """Stop the IM core's service, as the server's stop does, over this test's core."""
+        im = ImCoreService(self.config, None, self.clock)
+        im.core = self.core
+        im.running = True
+        return im.stopService()
+
     def test_stopping_the_server_waits_for_presence_work_at_most_a_while(self) -> None:
-        server = MimService(self.config, reactor=self.clock)
-        server.core = self.core
-        stopped = server.stopService()
+        stopped = self.stopped_im_core()
         self.clock.advance(PRESENCE_STOP_TIMEOUT - 1)
         self.assertNoResult(stopped)
         self.clock.advance(1)
         self.successResultOf(stopped)
 
     def test_stopping_the_server_when_presence_work_ends_in_time(self) -> None:
-        server = MimService(self.config, reactor=self.clock)
-        server.core = self.core
-        stopped = server.stopService()
+        stopped = self.stopped_im_core()
         self.assertNoResult(stopped)
         self.rosters.release()
         self.successResultOf(stopped)

@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -97,12 +97,23 @@ class Broadcaster:
         self.domains = None if domains is None else frozenset(domains)
         self.sync = sync
         self.cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work))
+        # Fan-outs scheduled or being written, and notifications being kept offline: what a
+        # stop waits for.
+        self._in_flight = 0
+        self._idle_waiters: list[defer.Deferred] = []
 
     def __call__(self, event: core.PubSubEvent) -> None:
         if self.sync:
             self._fan_out(event)
         else:
-            self.clock.callLater(0, self._fan_out, event)
+            self._begin()
+            self.clock.callLater(0, self._fan_out_scheduled, event)
+
+    def _fan_out_scheduled(self, event: core.PubSubEvent) -> None:
+        try:
+            self._fan_out(event)
+        finally:
+            self._end()
 
     def _fan_out(self, event: core.PubSubEvent) -> None:
         try:
@@ -119,7 +130,30 @@ class Broadcaster:
             for _ in self._write(fanout):
                 pass
         else:
-            self.cooperator.cooperate(self._write(fanout))
+            self._begin()
+            writing = self.cooperator.cooperate(self._write(fanout)).whenDone()
+            writing.addErrback(_not_written)
+            writing.addBoth(lambda _: self._end())
+
+    def _begin(self) -> None:
+        self._in_flight += 1
+
+    def _end(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def stop(self) -> defer.Deferred:
+        """Finish the notifications under way (kept offline for who is gone meanwhile), then
+        stop the cooperator; fires once done."""
+        idle: defer.Deferred = defer.Deferred()
+        if self._in_flight == 0:
+            idle.callback(None)
+        else:
+            self._idle_waiters.append(idle)
+        return idle.addCallback(lambda _: self.cooperator.stop())
 
     def _write(self, fanout: Fanout) -> Iterator[None]:
         recipients = fanout.recipients
@@ -154,13 +188,19 @@ class Broadcaster:
         if not sessions and fanout.store_offline and self._has_offline_storage(jid):
             message = notification.element
             message["to"] = jid.full()
-            self.offline.keep(jid, message).addErrback(_not_kept, jid)
+            self._begin()
+            keeping = self.offline.keep(jid, message).addErrback(_not_kept, jid)
+            keeping.addBoth(lambda _: self._end())
 
     def _has_offline_storage(self, jid: JID) -> bool:
         """Whether ``jid`` is a bare JID that may be a local account."""
         if jid.user is None or jid.resource is not None:
             return False
         return self.domains is None or jid.host in self.domains
+
+
+def _not_written(failure: Failure) -> None:
+    log.failure("writing PubSub notifications", failure)
 
 
 def _not_kept(failure: Failure, jid: JID) -> None:

@@ -29,6 +29,7 @@ class WorkerPool:
         ]
         self._workers: list[defer.Deferred] = []
         self._stopping = object()
+        self.stopped = False
 
     def queue_index(self, service: str, node: str) -> int:
         """Stable across processes (unlike hash()), so a node keeps its queue."""
@@ -37,8 +38,11 @@ class WorkerPool:
     def submit(self, service: str, node: str, job: Job) -> defer.Deferred:
         """Queue `job` for the node; fires with its result once a worker has run it.
 
-        Raises QueueFull synchronously when the node's queue is full.
+        Raises QueueFull synchronously when the node's queue is full, or the pool is stopping.
         """
+        if self.stopped:
+            # Behind the stop marker it would never run: refused like a full queue (<wait/>).
+            raise QueueFull(f"{service} is stopping")
         done: defer.Deferred = defer.Deferred()
         try:
             self.queues[self.queue_index(service, node)].put((job, done))
@@ -54,7 +58,8 @@ class WorkerPool:
         self._workers = [defer.ensureDeferred(self._work(q)) for q in self.queues]
 
     def stop(self) -> defer.Deferred:
-        """Let the workers finish what is queued, then end them."""
+        """Let the workers finish what is queued, then end them; new requests are refused."""
+        self.stopped = True
         for queue in self.queues:
             queue.size = None  # the stop marker must fit even in a full queue
             queue.put(self._stopping)

@@ -103,10 +103,10 @@ class HealthTests(MetricsTestCase):
     async def test_health_follows_the_database(self) -> None:
         self.assertEqual(await self.get("/health"), (200, b"ok\n"))
         self.server.metrics.probe_timeout = 0.5
-        await self.server.database.close()
+        await self.server.storage.database.close()
         code, body = await self.get("/health")
         self.assertEqual(code, 503)
         self.assertTrue(body.startswith(b"storage: "), body)
         # Healthy again once the database answers again.
-        self.server.database = await open_storage(self.server.config)
+        self.server.storage.database = await open_storage(self.server.config)
         self.assertEqual(await self.get("/health"), (200, b"ok\n"))
