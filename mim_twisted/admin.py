@@ -22,6 +22,7 @@ from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 
 import mim_twisted
 from mim_twisted.config import MAX_UNIX_SOCKET_PATH
+from mim_twisted.listeners import describe_address
 from mim_twisted.xmpp.jids import parse_jid
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def _session_summary(stream: "C2SStream") -> dict[str, Any]:
     peer = stream.peer
     return {
         "jid": stream.jid.full(),
-        "peer": f"[{peer.host}]:{peer.port}" if ":" in peer.host else f"{peer.host}:{peer.port}",
+        "peer": describe_address(peer),
         "since": datetime.fromtimestamp(stream.bound_at, UTC).isoformat(timespec="seconds"),
         "tls": stream.secure,
         "mechanism": stream.sasl.mechanism_name,

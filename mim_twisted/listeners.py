@@ -61,8 +61,9 @@ def describe_address(address: object) -> str:
     if isinstance(address, IPv4Address):
         return f"{address.host}:{address.port}"
     if isinstance(address, UNIXAddress):
-        name = address.name
-        return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        # A client of a UNIX socket has no name of its own.
+        name = address.name or "a UNIX socket"
+        return name.decode(errors="replace") if isinstance(name, bytes) else name
     return str(address)
 
 

@@ -1,7 +1,9 @@
 """The service maker behind `twistd mim`: builds the server's MultiService from a Config.
 
-This is the one place where the parts are wired together. The database is opened (and, where
-allowed, migrated) before any listener accepts a connection.
+This is the one place where the parts are wired together. Each part is a child service of
+MimService (storage, the IM core, PubSub, the admin socket, metrics, one per client listener):
+the database is opened (and, where allowed, migrated) before any listener accepts a connection,
+and closed after the work that the closed connections left has finished.
 """
 
 import dataclasses
@@ -642,10 +644,12 @@ class MimService(service.MultiService):
 
     async def _stop(self) -> None:
         service.Service.stopService(self)
-        if self._starting is not None:
+        if self._starting is not None and not self._starting.called:
             # A child half started would be stopped before it is up: let the start settle
             # (it starts no further child once the server is no longer running).
-            await self._starting
+            settled: defer.Deferred = defer.Deferred()
+            self._starting.addBoth(lambda result: (settled.callback(None), result)[1])
+            await settled
         for child in reversed(list(self)):
             if child.running:
                 await defer.maybeDeferred(child.stopService)

@@ -107,6 +107,33 @@ class ValueTests(unittest.TestCase):
                 ("localhost", 5222, "required"),
             ],
         )
+        # The address and port keys are the short form of an endpoint string with a backlog.
+        self.assertEqual(
+            [item.endpoint for item in config.listeners],
+            [
+                "tcp:0:interface=127.0.0.1:backlog=1024",
+                "tcp6:5222:interface=\\:\\:1:backlog=1024",
+                "tcp:5222:interface=localhost:backlog=1024",
+            ],
+        )
+
+    def test_listener_endpoints(self) -> None:
+        config = self.load(
+            '[[listeners]]\nendpoint = "tcp:5222:interface=127.0.0.1"\n'
+            '[[listeners]]\nendpoint = "unix:/tmp/mim.sock:mode=600"\n'
+            '[[listeners]]\nendpoint = "tcp6:5223:backlog=4096"\n'
+            '[[listeners]]\nendpoint = "systemd:domain=INET:index=0"\n'
+        )
+        self.assertEqual(
+            [item.endpoint for item in config.listeners],
+            [
+                # The same string as the default address and port give.
+                "tcp:5222:interface=127.0.0.1:backlog=1024",
+                "unix:/tmp/mim.sock:mode=600:backlog=1024",
+                "tcp6:5223:backlog=4096",  # a backlog written stays
+                "systemd:domain=INET:index=0",  # systemd's unit sets its backlog
+            ],
+        )
 
     def test_mechanism_order_kept(self) -> None:
         config = self.load('[auth]\nmechanisms = ["PLAIN", "SCRAM-SHA-1"]\n')
@@ -188,6 +215,25 @@ class ErrorTests(unittest.TestCase):
         self.assertError('[storage.sqlite]\npaht = "x"\n', 'unknown key "storage.sqlite.paht"')
         self.assertError(
             "[[listeners]]\nport = 1\n[[listeners]]\nprot = 2\n", 'unknown key "listeners[1].prot"'
+        )
+
+    def test_listener_endpoint(self) -> None:
+        wanted = 'must be an endpoint string: "tcp:...", "tcp6:...", "unix:...", "systemd:..."'
+        self.assertError(
+            '[[listeners]]\nendpoint = "ssl:5223"\n',
+            f'listeners[0].endpoint: {wanted} (got "ssl:5223")',
+        )
+        self.assertError(
+            "[[listeners]]\nendpoint = 5222\n", f"listeners[0].endpoint: {wanted} (got 5222)"
+        )
+        self.assertError(
+            '[[listeners]]\nendpoint = "tcp:http"\n',
+            "listeners[0].endpoint: is not a valid endpoint string (invalid literal for int()"
+            " with base 10: 'http') (got \"tcp:http\")",
+        )
+        self.assertError(
+            '[[listeners]]\nport = 5223\nendpoint = "tcp:5222"\n',
+            "listeners[0].endpoint: names the address and port: do not set those too",
         )
 
     def test_wrong_type(self) -> None:

@@ -25,6 +25,7 @@ from zope.interface import implementer
 from mim_twisted.auth.certs import CertificateIdentities, ExternalSettings, certificate_identities
 from mim_twisted.auth.scram import DEFAULT_ITERATIONS
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
+from mim_twisted.listeners import describe_address
 from mim_twisted.xmpp import bind, namespaces, traffic
 from mim_twisted.xmpp.connection import BoundSession, SessionOpener
 from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
@@ -485,7 +486,7 @@ class C2SStream(protocol.Protocol):
         if self.jid is not None:
             return self.jid.full()
         peer = getattr(self, "peer", None)
-        return f"{peer.host}:{peer.port}" if peer is not None else "?"
+        return describe_address(peer) if peer is not None else "?"
 
 
 _NOT_COUNTED = object()
