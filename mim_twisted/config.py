@@ -448,6 +448,13 @@ class PubSubConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ModulesConfig:
+    """One switch per IM extension that clients ask for at login; all on by default."""
+
+    carbons: bool = option(True, boolean)  # XEP-0280 Message Carbons
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LogConfig:
     traffic: bool = option(False, boolean)
     level: str = option("info", one_of("debug", "info", "warn", "error"))
@@ -563,6 +570,7 @@ class Config:
     storage: StorageConfig = option({}, table(StorageConfig))
     limits: LimitsConfig = option({}, table(LimitsConfig))
     pubsub: PubSubConfig = option({}, table(PubSubConfig))
+    modules: ModulesConfig = option({}, table(ModulesConfig))
     log: LogConfig = option({}, table(LogConfig))
     admin: AdminConfig = option({}, table(AdminConfig))
     metrics: MetricsConfig = option({}, table(MetricsConfig))

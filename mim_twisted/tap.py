@@ -32,6 +32,7 @@ from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
 from mim_twisted.config import Config, ConfigError, ListenerConfig, changed_keys, load_config
 from mim_twisted.im import caps, ping, roster, version
 from mim_twisted.im.caps import CapsService
+from mim_twisted.im.carbons import Carbons
 from mim_twisted.im.disco import FEATURE_MSGOFFLINE, DiscoService
 from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.messages import MessageRouter
@@ -213,6 +214,8 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
         iterations=config.auth.scram_iterations,
     )
     registration.install(router, disco)
+    if config.modules.carbons:
+        Carbons(sessions).install(router, messages, disco, hook_table)
     caps_service = CapsService(router)
     presence.caps_listeners.append(caps_service.presence_received)
     hook_table.add(hooks.SESSION_ENDED, caps_service.session_ended)

@@ -39,6 +39,7 @@ class FakeSession:
         self.caps_features: frozenset[str] | None = None
         self.held_messages: list[domish.Element] | None = None
         self.holds = 0
+        self.carbons = False
         self.sent: list[domish.Element] = []
         self.stream_errors: list[str] = []
         self.closed = False  # as on C2SStream: once closed, nothing more is sent

@@ -9,6 +9,7 @@ exist (§8.5.1). Errors are never answered, and go nowhere but to an exact full 
 """
 
 from collections import Counter
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -41,6 +42,9 @@ class MessageRouter:
         self.hooks = hooks_table
         # Messages by outcome, for the metrics: "delivered" (per session), "offline", "bounced".
         self.outcomes: Counter[str] = Counter()
+        # Called with (sessions, message) for each delivery to sessions of one account, e.g. by
+        # carbons, which copy the message to the account's other sessions.
+        self.delivery_listeners: list[Callable[[list[Session], domish.Element], None]] = []
 
     def route(
         self, sender: Session, message: domish.Element, recipient: JID
@@ -125,6 +129,8 @@ class MessageRouter:
                 session.send(data)
             else:
                 waiting.append(message)  # behind the stored messages still on their way
+        for listener in self.delivery_listeners:
+            listener(sessions, message)
         if self.hooks.has_handlers(hooks.MESSAGE_DELIVERED):
             for session in sessions:
                 self.hooks.run(hooks.MESSAGE_DELIVERED, session, message)

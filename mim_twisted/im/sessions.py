@@ -42,6 +42,7 @@ class Session:
         # routed to it wait here, behind them; `holds` counts the releases still to come.
         self.held_messages: list[domish.Element] | None = None
         self.holds = 0
+        self.carbons = False  # XEP-0280: it gets copies of its account's chats (carbons.py)
 
     @property
     def closed(self) -> bool:
