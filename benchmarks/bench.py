@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -112,18 +113,118 @@ def create_accounts_command(argv: list[str]) -> int:
 # -- servers ---------------------------------------------------------------------------------
 
 
+def rabbitmq_pid() -> int:
+    """The local RabbitMQ's Erlang VM (other Erlang VMs, such as ejabberd's, may run too)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != "beam.smp":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"rabbit" in f.read():
+                    return int(entry)
+    raise SystemExit("--event-pusher: no RabbitMQ process found (is rabbitmq-server running?)")
+
+
+class BrokerSink:
+    """Exchanges of their own on the local RabbitMQ for a server with the event pusher on, and
+    a queue bound to them that keeps the newest 10,000 events (no consumer: its CPU would count
+    against the run), so that the broker routes and stores every event as it would for a
+    consumer."""
+
+    def __init__(self) -> None:
+        suffix = secrets.token_hex(4)
+        self.exchanges = [f"{name}-bench-{suffix}" for name in ("presence", "chat_msg", "gc_msg")]
+        self.queue = f"events-bench-{suffix}"
+
+    def _channel(self):
+        import pika
+
+        connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+        return connection, connection.channel()
+
+    def prepare(self) -> str:
+        connection, channel = self._channel()
+        arguments = {"x-max-length": 10000, "x-overflow": "drop-head"}
+        channel.queue_declare(self.queue, arguments=arguments)
+        for exchange in self.exchanges:
+            channel.exchange_declare(exchange, exchange_type="topic")
+            channel.queue_bind(self.queue, exchange, routing_key="#")
+        connection.close()
+        presence, chat, groupchat = self.exchanges
+        return (
+            "[event_pusher.rabbit]\nenabled = true\n"
+            f'presence_exchange = {{ name = "{presence}" }}\n'
+            f'chat_msg_exchange = {{ name = "{chat}" }}\n'
+            f'groupchat_msg_exchange = {{ name = "{groupchat}" }}\n'
+        )
+
+    def cleanup(self) -> None:
+        connection, channel = self._channel()
+        channel.queue_delete(self.queue)
+        for exchange in self.exchanges:
+            channel.exchange_delete(exchange)
+        connection.close()
+
+
+class CounterSampler:
+    """Samples the event pusher's counters every 0.25 s while a load run goes on."""
+
+    def __init__(self, server: "MimServer") -> None:
+        self.server = server
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.25):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                self.samples.append((time.monotonic(), self.server.counters()))
+
+    def figures(self) -> dict:
+        """Events/s confirmed by the broker from the first to the last change of the count,
+        and what was dropped or still held at the end."""
+        self.done.set()
+        self.thread.join()
+        self.samples.append((time.monotonic(), self.server.counters()))
+        confirmed = [(t, c.get("event_pusher_confirmed", 0)) for t, c in self.samples]
+        changes = [i for i in range(1, len(confirmed)) if confirmed[i][1] != confirmed[i - 1][1]]
+        rate = None
+        if len(changes) >= 2:
+            first, last = confirmed[changes[0] - 1], confirmed[changes[-1]]
+            rate = round((last[1] - first[1]) / (last[0] - first[0]), 1)
+        end = self.samples[-1][1]
+        start = self.samples[0][1] if len(self.samples) > 1 else {}
+        return {
+            "pusher_events_per_s": rate,
+            "pusher_peak_buffered": max(c.get("event_pusher_buffered", 0) for _, c in self.samples),
+            "pusher_dropped": end.get("event_pusher_dropped", 0)
+            - start.get("event_pusher_dropped", 0),
+        }
+
+
 class MimServer:
     name = "mim-twisted"
 
-    def __init__(self, storage: str, workdir: Path, args: argparse.Namespace) -> None:
+    def __init__(
+        self, storage: str, workdir: Path, args: argparse.Namespace, pusher: bool = False
+    ) -> None:
         self.storage = storage
         self.workdir = workdir
         self.args = args
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.database: str | None = None
-        self.label = f"mim-twisted/{storage}"
+        self.label = f"mim-twisted/{storage}" + ("+pusher" if pusher else "")
         self.db_processes = ["postgres"] if storage == "postgresql" else []
+        # With the event pusher on, RabbitMQ's CPU is counted with the database's, not as
+        # another process's (which would discard the run).
+        self.pusher = BrokerSink() if pusher else None
+        if pusher:
+            self.db_processes.append(str(rabbitmq_pid()))
 
     def prepare(self, accounts: int) -> None:
         storage = f'backend = "{self.storage}"\nauto_migrate = true\n'
@@ -139,13 +240,14 @@ class MimServer:
         limits = ""
         if self.args.concurrency > 100:
             limits = f"[limits]\nmax_unbound_per_address = {2 * self.args.concurrency}\n"
+        pusher = self.pusher.prepare() if self.pusher is not None else ""
         config = self.workdir / "mim.toml"
         config.write_text(
             f'[server]\ndomains = ["{DOMAIN}"]\ndata_dir = "data"\n'
             f'[[listeners]]\naddress = "127.0.0.1"\nport = {self.port}\n'
             f"[storage]\n{storage}"
             f"[pubsub]\nworkers = {self.args.pubsub_workers}\n"
-            f"{limits}"
+            f"{limits}{pusher}"
             f"{self.args.extra_config}\n"
         )
         self.config = config
@@ -175,7 +277,24 @@ class MimServer:
             stop(self.process)
             self.log.close()
 
+    def counters(self) -> dict[str, int]:
+        """The server's counters (`mimctl stats`), straight from its admin socket."""
+        with socket.socket(socket.AF_UNIX) as admin:
+            admin.settimeout(5)
+            admin.connect(str(self.workdir / "data" / "admin.sock"))
+            admin.sendall(b'{"command": "stats"}\n')
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = admin.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        return json.loads(answer)["result"]
+
     def cleanup(self) -> None:
+        if self.pusher is not None:
+            with contextlib.suppress(Exception):
+                self.pusher.cleanup()
         if self.database:
             with contextlib.suppress(Exception):
                 _pg_admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
@@ -376,6 +495,7 @@ def run_load(server, scenario: str, argv: list[str], args: argparse.Namespace) -
     discarded = 0
     while len(results) < args.runs and discarded <= 2 * args.runs:
         wait_for_quiet(args)
+        sampler = CounterSampler(server) if getattr(server, "pusher", None) else None
         try:
             done = subprocess.run(
                 command, capture_output=True, text=True, timeout=args.scenario_timeout
@@ -384,6 +504,8 @@ def run_load(server, scenario: str, argv: list[str], args: argparse.Namespace) -
             return {"error": f"no result in {args.scenario_timeout} s"}
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         figures = json.loads(lines[-1]) if lines else {"error": "no output"}
+        if sampler is not None:
+            figures.update(sampler.figures())
         if done.returncode != 0 or "error" in figures:
             print(done.stderr[-3000:], file=sys.stderr, flush=True)
             print("  ", lines[-1] if lines else "no output", flush=True)
@@ -404,9 +526,9 @@ def run_load(server, scenario: str, argv: list[str], args: argparse.Namespace) -
     return {**summary["median"], "runs": len(results), "discarded": discarded}
 
 
-def bench_one(server_class, storage: str, args: argparse.Namespace) -> dict:
+def bench_one(server_class, storage: str, args: argparse.Namespace, **options: bool) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="mim-bench-"))
-    server = server_class(storage, workdir, args)
+    server = server_class(storage, workdir, args, **options)
     print(f"## {server.label}: {workdir}, port {server.port}", flush=True)
     results = {}
     try:
@@ -468,6 +590,28 @@ def table(all_results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def pusher_summary(all_results: dict[str, dict]) -> list[str]:
+    """The event pusher's figures, and the chat rate with it against without it."""
+    lines = []
+    for target, results in all_results.items():
+        figures = results.get("messages", {})
+        if "pusher_events_per_s" not in figures:
+            continue
+        rate = figures.get("messages_per_s")
+        line = (
+            f"{target}: {_fmt(figures['pusher_events_per_s'])} events/s confirmed by RabbitMQ"
+            f" for {_fmt(rate)} msg/s (2 events a message), peak buffered"
+            f" {_fmt(figures.get('pusher_peak_buffered'))}, dropped"
+            f" {_fmt(figures.get('pusher_dropped'))}"
+        )
+        without = all_results.get(target.removesuffix("+pusher"), {}).get("messages", {})
+        if rate and without.get("messages_per_s"):
+            change = 100 * (rate / without["messages_per_s"] - 1)
+            line += f"; chat rate {change:+.1f} % against the pusher off"
+        lines.append(line)
+    return lines
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
@@ -488,6 +632,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--pubsub-workers", type=int, default=4, help="mim: [pubsub] workers")
     add("--pg-pool", type=int, default=4, help="mim: [storage.postgresql] pool_size")
     add("--extra-config", default="", help="mim: TOML appended to the config")
+    add("--event-pusher", choices=["off", "on", "both"], default="off", help="mim: the event "
+        "pusher to the local RabbitMQ (both: a server without it, then one with it)")  # fmt: skip
     add("--quick", action="store_true", help="small and short: a smoke test")
     add("--keep", action="store_true", help="keep the temporary directories")
     add("--scenario-timeout", type=float, default=1800.0)
@@ -521,14 +667,22 @@ def main(argv: list[str]) -> int:
         server_class = ProsodyServer
         storages = [args.storage]
     all_results = {}
+    pusher = {"off": [False], "on": [True], "both": [False, True]}[args.event_pusher]
     for storage in storages:
-        all_results[f"{server_class.name}/{storage}"] = bench_one(server_class, storage, args)
+        if server_class is not MimServer:
+            all_results[f"{server_class.name}/{storage}"] = bench_one(server_class, storage, args)
+            continue
+        for on in pusher:
+            target = f"{server_class.name}/{storage}" + ("+pusher" if on else "")
+            all_results[target] = bench_one(server_class, storage, args, pusher=on)
     print()
     print(
         f"Medians of {args.runs} run(s), SASL {args.mechanism}; the load generator and the server"
         f" share one machine ({os.cpu_count()} cores)."
     )
     print(table(all_results))
+    for line in pusher_summary(all_results):
+        print(line)
     if args.output:
         Path(args.output).write_text(json.dumps(all_results, indent=2) + "\n")
     return 0

@@ -472,7 +472,8 @@ def _process_cpu(pid: int, ticks: int) -> float | None:
 
 
 def _pids_named(names: list[str]) -> list[int]:
-    pids = []
+    """The processes with these names (/proc/PID/comm); a name of digits is a pid."""
+    pids = [int(name) for name in names if name.isdigit()]
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -997,7 +998,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds for one run")
     parser.add_argument("--server-pid", type=int, help="report the server's CPU use too")
     parser.add_argument(
-        "--db-process", action="append", help="process name of a database server (e.g. postgres)"
+        "--db-process", action="append", help="name or pid of a database process (e.g. postgres)"
         " whose CPU use is reported as db_cpu_pct; repeatable"
     )  # fmt: skip
     opts = parser.parse_args(argv)

@@ -14,13 +14,15 @@ closed after preparing it failed, trips its state machine.)
 
 import random
 import socket
+from collections import deque
 from typing import Any
 
 import pika
 import pika.exceptions
+import pika.spec
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from twisted.application import internet, service
-from twisted.internet import defer, endpoints, protocol, ssl, task
+from twisted.internet import defer, endpoints, error, protocol, ssl, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -56,12 +58,70 @@ class _BrokerConnection(TwistedProtocolConnection):
         self.publisher = publisher
         self.lost: defer.Deferred = defer.Deferred()
 
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(_BatchedWrites(transport, self.publisher.reactor))
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        # The publisher first: closing the channel fails the deliveries in flight, which must
-        # not be sent again on it.
+        # The publisher first: nothing more is sent on the channel that closes.
         self.publisher.connection_lost(self, reason)
         super().connectionLost(reason)
         self.lost.callback(None)
+
+
+class _BatchedWrites:
+    """A transport whose writes of one reactor turn go out together.
+
+    pika writes each frame on its own, three per event (method, header, body); gathered, a
+    burst of events costs one write instead of three per event."""
+
+    def __init__(self, transport: Any, reactor: Any) -> None:
+        self._transport = transport
+        self._reactor = reactor
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._reactor.callLater(0, self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and self._transport.connected:
+            self._transport.writeSequence(pending)
+
+    def loseConnection(self) -> None:
+        self._flush()
+        self._transport.loseConnection()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _Deliveries:
+    """One channel's publishing state: the raw pika channel under the Twisted wrapper, and the
+    event behind each delivery tag not yet confirmed.
+
+    pika's TwistedChannel makes a Deferred per publish and looks through every unconfirmed
+    delivery at each ack; the hot path uses the channel under it instead."""
+
+    def __init__(self, channel: TwistedChannel) -> None:
+        self.channel = channel._channel
+        self.last_tag = 0  # delivery tags count the channel's publishes from 1
+        self.unconfirmed: deque[tuple[int, int]] = deque()  # (delivery tag, event sequence)
+
+    def settled(self, tag: int, multiple: bool) -> list[int]:
+        """The sequences of the events that an ack or nack of `tag` settles."""
+        unconfirmed = self.unconfirmed
+        if multiple:
+            sequences = []
+            while unconfirmed and unconfirmed[0][0] <= tag:
+                sequences.append(unconfirmed.popleft()[1])
+            return sequences
+        for index, (unconfirmed_tag, sequence) in enumerate(unconfirmed):
+            if unconfirmed_tag == tag:
+                del unconfirmed[index]
+                return [sequence]
+        return []
 
 
 class _BrokerFactory(protocol.Factory):
@@ -98,6 +158,7 @@ class RabbitPublisher(service.Service):
         self.buffer: EventBuffer[Event] = EventBuffer(limit, in_flight_window(limit))
         self.connection: _BrokerConnection | None = None
         self.channel: TwistedChannel | None = None
+        self._deliveries: _Deliveries | None = None
         self._connecting: defer.Deferred | None = None
 
     # -- the XMPP side ---------------------------------------------------------------------
@@ -152,9 +213,9 @@ class RabbitPublisher(service.Service):
                 await self._prepare(connection)
             except defer.CancelledError:
                 raise
-            except Exception as error:
+            except Exception as problem:
                 failures += 1
-                self._not_ready(error, connection, failures)
+                self._not_ready(problem, connection, failures)
                 await task.deferLater(self.reactor, self.retry_policy(failures), lambda: None)
                 continue
             failures = 0
@@ -171,13 +232,20 @@ class RabbitPublisher(service.Service):
             settings.groupchat_msg_exchange,
         ):
             await channel.exchange_declare(exchange=exchange.name, exchange_type=exchange.type)
-        if settings.confirms:
-            await channel.confirm_delivery()
         # A channel closed by the broker (an error of ours) takes the connection with it, so
         # that a new one is made.
         channel.on_closed.addBoth(lambda _: _disconnect(connection))
+        deliveries = _Deliveries(channel)
+        if settings.confirms:
+            selected: defer.Deferred = defer.Deferred()
+            deliveries.channel.confirm_delivery(
+                lambda frame: self._settled(deliveries, frame), selected.callback
+            )
+            connection.lost.addCallback(_fail_unless_called, selected)
+            await selected
         self.connection = connection
         self.channel = channel
+        self._deliveries = deliveries
 
     def _ready(self) -> None:
         log.info(
@@ -213,6 +281,7 @@ class RabbitPublisher(service.Service):
             return  # one that never became ready: _not_ready said why
         self.connection = None
         self.channel = None
+        self._deliveries = None
         self.buffer.retry_all()
         if self.running:
             log.warn(
@@ -223,30 +292,40 @@ class RabbitPublisher(service.Service):
             )
 
     def _send(self) -> None:
-        channel = self.channel
+        deliveries = self._deliveries
+        if deliveries is None:
+            return
+        channel = deliveries.channel
         buffer = self.buffer
         confirms = self.settings.confirms
-        while channel is self.channel and channel is not None and channel.is_open:
+        sent = False
+        while channel.is_open:
             taken = buffer.take()
             if taken is None:
                 break
             sequence, event = taken
-            sending = channel.basic_publish(event.exchange, event.routing_key, event.body)
+            channel.basic_publish(event.exchange, event.routing_key, event.body)
             if confirms:
-                sending.addCallbacks(self._confirmed, self._refused, (sequence,), None, (sequence,))
+                deliveries.last_tag += 1
+                deliveries.unconfirmed.append((deliveries.last_tag, sequence))
             else:
                 buffer.confirm(sequence)
-                self._burst_over()
+                sent = True
+        if sent:
+            self._burst_over()
 
-    def _confirmed(self, _: object, sequence: int) -> None:
-        self.buffer.confirm(sequence)
+    def _settled(self, deliveries: _Deliveries, frame: Any) -> None:
+        """An ack (the broker has the events) or a nack (it could not take them: they are
+        sent again)."""
+        if deliveries is not self._deliveries:
+            return  # a channel gone since: its events are pending again
+        method = frame.method
+        settle = (
+            self.buffer.retry if isinstance(method, pika.spec.Basic.Nack) else self.buffer.confirm
+        )
+        for sequence in deliveries.settled(method.delivery_tag, method.multiple):
+            settle(sequence)
         self._burst_over()
-        self._send()
-
-    def _refused(self, failure: Failure, sequence: int) -> None:
-        # A nack (the broker could not take it) or a closed channel: send it again, on this
-        # channel if it is still open, else on the next connection's.
-        self.buffer.retry(sequence)
         self._send()
 
     def _burst_over(self) -> None:
@@ -285,6 +364,12 @@ class RabbitPublisher(service.Service):
     def stopService(self) -> defer.Deferred:
         super().stopService()
         return defer.ensureDeferred(self._stop())
+
+
+def _fail_unless_called(_: object, waiting: defer.Deferred) -> None:
+    # The connection went before the broker answered: no answer will come.
+    if not waiting.called:
+        waiting.errback(error.ConnectionLost("the connection went during its set-up"))
 
 
 def _disconnect(connection: _BrokerConnection) -> None:
