@@ -104,8 +104,8 @@ class _Deliveries:
     pika's TwistedChannel makes a Deferred per publish and looks through every unconfirmed
     delivery at each ack; the hot path uses the channel under it instead."""
 
-    def __init__(self, channel: TwistedChannel) -> None:
-        self.channel = channel._channel
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel  # a pika.channel.Channel
         self.last_tag = 0  # delivery tags count the channel's publishes from 1
         self.unconfirmed: deque[tuple[int, int]] = deque()  # (delivery tag, event sequence)
 
@@ -235,7 +235,7 @@ class RabbitPublisher(service.Service):
         # A channel closed by the broker (an error of ours) takes the connection with it, so
         # that a new one is made.
         channel.on_closed.addBoth(lambda _: _disconnect(connection))
-        deliveries = _Deliveries(channel)
+        deliveries = _Deliveries(channel._channel)
         if settings.confirms:
             selected: defer.Deferred = defer.Deferred()
             deliveries.channel.confirm_delivery(
