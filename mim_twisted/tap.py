@@ -48,6 +48,7 @@ from mim_twisted.metrics import MetricsService
 from mim_twisted.pubsub.broadcast import Broadcaster
 from mim_twisted.pubsub.config import GENERIC_NODE_DEFAULTS, ServiceLimits
 from mim_twisted.pubsub.core import PubSubService, Relation
+from mim_twisted.pubsub.observers import Observer, PubSubObservers
 from mim_twisted.pubsub.pep import PepService
 from mim_twisted.pubsub.protocol import PubSubComponent
 from mim_twisted.pubsub.purge import OfflinePurge
@@ -233,10 +234,21 @@ class PubSub:
     services: dict[str, PubSubService]
     purge: OfflinePurge
     pep: PepService | None
+    observers: PubSubObservers
 
 
-def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: object) -> PubSub:
+def build_pubsub(
+    config: Config,
+    database: IDatabase,
+    core: ImCore,
+    clock: object,
+    observers: PubSubObservers | None = None,
+) -> PubSub:
+    """The PubSub services; their events go to ``observers`` (made here if not given), after
+    the offline purge and the broadcaster have been added to them."""
     settings = config.pubsub
+    if observers is None:
+        observers = PubSubObservers()
     pool = WorkerPool(settings.workers, settings.max_queue_length)
     broadcaster = Broadcaster(
         core.sessions,
@@ -251,10 +263,9 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
     rosters = database.rosters
     services: dict[str, PubSubService] = {}
     purge = OfflinePurge(services, pool, core.sessions)
-
-    def broadcast(event: object) -> None:
-        purge.observe(event)
-        broadcaster(event)
+    # The purge first: it must know of a node before the notifications of it are written.
+    observers.add(purge.observe)
+    observers.add(broadcaster)
 
     async def relation(owner: str, requester: str) -> Relation:
         """What the owner's roster says about the requester (presence and roster models)."""
@@ -273,7 +284,7 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
             service_key=host,
             defaults=GENERIC_NODE_DEFAULTS,
             limits=limits,
-            broadcaster=broadcast,
+            broadcaster=observers,
             relation=relation,
         )
         core.router.components[host] = PubSubComponent(host, services[host], pool)
@@ -294,7 +305,7 @@ def build_pubsub(config: Config, database: IDatabase, core: ImCore, clock: objec
             relation=relation,
         )
         pep.install(core.router, core.disco, core.hooks)
-    return PubSub(pool, broadcaster, services, purge, pep)
+    return PubSub(pool, broadcaster, services, purge, pep, observers)
 
 
 class StorageService(service.Service):
@@ -379,13 +390,17 @@ class PubSubHost(service.Service):
         self.im = im
         self.clock = clock
         self.pubsub: PubSub | None = None
+        # Made now, so that observers can be added before the services exist.
+        self.observers = PubSubObservers()
 
     def startService(self) -> defer.Deferred:
         super().startService()
         return defer.ensureDeferred(self._start())
 
     async def _start(self) -> None:
-        self.pubsub = build_pubsub(self.config, self.storage.database, self.im.core, self.clock)
+        self.pubsub = build_pubsub(
+            self.config, self.storage.database, self.im.core, self.clock, self.observers
+        )
         await self.pubsub.purge.load()
         self.pubsub.pool.start()
 
@@ -466,6 +481,12 @@ class MimService(service.MultiService):
         # status instead, and the log goes through `log_output`.
         self.start_report: StartReport | None = None
         self.log_output: LogOutput | None = None
+
+    def add_pubsub_observer(self, observer: Observer) -> None:
+        """Have ``observer`` called with every event of the `pubsub.<domain>` services."""
+        if self.pubsub_host is None:
+            raise ValueError("PubSub is not enabled (pubsub.enabled = false)")
+        self.pubsub_host.observers.add(observer)
 
     @property
     def database(self) -> IDatabase | None:

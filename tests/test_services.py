@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from mim_twisted.admin import AdminService
 from mim_twisted.config import load_config
 from mim_twisted.listeners import DEFAULT_BACKLOG, ClientListener
+from mim_twisted.pubsub import core
 from mim_twisted.tap import ImCoreService, MimService, PubSubHost, StorageService
 from tests.wire import STREAM_FEATURES, STREAMS, parse_server_output
 
@@ -219,3 +220,14 @@ class EndpointTests(ServerServicesTestCase):
         endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
         features = (await self.stream_features(endpoint)).elements[0]
         self.assertEqual(features.tag, STREAM_FEATURES)
+
+
+class PubSubObserverTests(ServerServicesTestCase):
+    async def test_an_observer_added_before_the_start_hears_the_services(self) -> None:
+        server = self.make_server()
+        heard: list[object] = []
+        server.add_pubsub_observer(heard.append)
+        await self.start(server)
+        service = server.pubsub.services["pubsub.localhost"]
+        await service.create("alice@localhost", "news")
+        self.assertEqual([type(event) for event in heard], [core.NodeCreated])
