@@ -34,6 +34,7 @@ from mim_twisted.im import caps, ping, roster, version
 from mim_twisted.im.caps import CapsService
 from mim_twisted.im.carbons import Carbons
 from mim_twisted.im.disco import FEATURE_MSGOFFLINE, DiscoService
+from mim_twisted.im.last import LastActivityService
 from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.messages import MessageRouter
 from mim_twisted.im.offline import OfflineDelivery
@@ -217,6 +218,9 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
     registration.install(router, disco)
     if config.modules.carbons:
         Carbons(sessions).install(router, messages, disco, hook_table)
+    if config.modules.last:
+        last = LastActivityService(database.last_activity, database.rosters, sessions, clock)
+        last.install(router, disco, hook_table)
     caps_service = CapsService(router)
     presence.caps_listeners.append(caps_service.presence_received)
     hook_table.add(hooks.SESSION_ENDED, caps_service.session_ended)

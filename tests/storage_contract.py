@@ -13,9 +13,11 @@ from mim_twisted.storage.interfaces import (
     AccountNotFound,
     IAccountStore,
     IDatabase,
+    ILastActivityStore,
     IOfflineStore,
     IPubSubStore,
     IRosterStore,
+    LastActivity,
     NodeExists,
     NodeNotFound,
     OfflineMessage,
@@ -48,6 +50,7 @@ class StorageContract:
         self.rosters = self.database.rosters
         self.offline = self.database.offline
         self.pubsub = self.database.pubsub
+        self.last_activity = self.database.last_activity
 
     async def register(self, *accounts: tuple[str, str]) -> None:
         for domain, username in accounts:
@@ -481,6 +484,35 @@ def item(n: int, publisher: str = "alice@example.org/desk") -> PubSubItem:
 
 def subscription(jid: str, subid: str, state: str = "subscribed", **options) -> PubSubSubscription:
     return PubSubSubscription(jid=jid, subid=subid, state=state, options=options)
+
+
+class LastActivityStoreContract(StorageContract):
+    def test_last_activity_store_provides_interface(self) -> None:
+        self.assertTrue(verifyObject(ILastActivityStore, self.last_activity))
+
+    async def test_set_replaces_and_get_reads(self) -> None:
+        await self.register(ALICE, BOB)
+        self.assertIsNone(await self.last_activity.get_last_activity(*ALICE))
+        await self.last_activity.set_last_activity(*ALICE, LastActivity(1_700_000_000, "Gone"))
+        await self.last_activity.set_last_activity(*ALICE, LastActivity(1_800_000_000, ""))
+        await self.last_activity.set_last_activity(*BOB, LastActivity(5, "Zzz \u263e"))
+        self.assertEqual(
+            await self.last_activity.get_last_activity(*ALICE), LastActivity(1_800_000_000, "")
+        )
+        self.assertEqual(
+            await self.last_activity.get_last_activity(*BOB), LastActivity(5, "Zzz \u263e")
+        )
+
+    async def test_nothing_kept_for_an_unknown_account(self) -> None:
+        await self.last_activity.set_last_activity(*NOBODY, LastActivity(1, "x"))
+        self.assertIsNone(await self.last_activity.get_last_activity(*NOBODY))
+
+    async def test_removed_with_the_account(self) -> None:
+        await self.register(ALICE)
+        await self.last_activity.set_last_activity(*ALICE, LastActivity(1, "x"))
+        await self.accounts.remove_account(*ALICE)
+        await self.register(ALICE)
+        self.assertIsNone(await self.last_activity.get_last_activity(*ALICE))
 
 
 class PubSubStoreContract(StorageContract):

@@ -5,7 +5,6 @@ import dataclasses
 from twisted.trial import unittest
 from twisted.words.xish import domish
 
-from mim_twisted.config import ModulesConfig
 from mim_twisted.im.carbons import NS_CARBONS, NS_FORWARD, eligible
 from mim_twisted.im.disco import NS_DISCO_INFO
 from tests.imsupport import FakeSession, ImCoreTestCase, error_condition, parse
@@ -112,7 +111,9 @@ class EnableTests(CarbonsTestCase):
         self.assertIn(NS_CARBONS, features)
 
     def test_switched_off_in_the_config(self) -> None:
-        self.config = dataclasses.replace(self.config, modules=ModulesConfig(carbons=False))
+        self.config = dataclasses.replace(
+            self.config, modules=dataclasses.replace(self.config.modules, carbons=False)
+        )
         self.build()
         desk = self.online("alice@localhost/desk")
         self.assertEqual(error_condition(self.enable(desk)), "service-unavailable")

@@ -29,6 +29,7 @@ from tests.storage_contract import (
     OWNER,
     SERVICE,
     AccountStoreContract,
+    LastActivityStoreContract,
     OfflineStoreContract,
     PubSubStoreContract,
     RosterStoreContract,
@@ -41,14 +42,24 @@ BACKENDS = ("sqlite", "postgresql")
 
 
 class MemoryStorageTests(
-    AccountStoreContract, RosterStoreContract, OfflineStoreContract, PubSubStoreContract, TestCase
+    AccountStoreContract,
+    RosterStoreContract,
+    OfflineStoreContract,
+    PubSubStoreContract,
+    LastActivityStoreContract,
+    TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
         return succeed(MemoryDatabase())
 
 
 class SQLiteStorageTests(
-    AccountStoreContract, RosterStoreContract, OfflineStoreContract, PubSubStoreContract, TestCase
+    AccountStoreContract,
+    RosterStoreContract,
+    OfflineStoreContract,
+    PubSubStoreContract,
+    LastActivityStoreContract,
+    TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
         # In a directory that does not exist yet: the database creates it.
@@ -58,7 +69,12 @@ class SQLiteStorageTests(
 
 
 class PostgresStorageTests(
-    AccountStoreContract, RosterStoreContract, OfflineStoreContract, PubSubStoreContract, TestCase
+    AccountStoreContract,
+    RosterStoreContract,
+    OfflineStoreContract,
+    PubSubStoreContract,
+    LastActivityStoreContract,
+    TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
         self.dsn = pgsupport.create_temp_database(self)
@@ -149,6 +165,10 @@ MOTD_UPGRADES = {
     # Runs only after the first has created the table.
     CURRENT + 2: "ALTER TABLE motd ADD COLUMN author TEXT;",
 }
+
+
+# The tables each packaged upgrade script adds: a database at version 1 gets them all.
+PACKAGED_UPGRADE_TABLES = {2: ["last_activity"]}
 
 
 class StatementSplittingTests(SynchronousTestCase):
@@ -249,6 +269,10 @@ class SQLMigrationTests:
     def columns(self, table: str) -> list[str]:
         raise NotImplementedError
 
+    def execute(self, *statements: str) -> None:
+        """Run statements in one transaction with a connection of the test's own."""
+        raise NotImplementedError
+
     def open_with_factory(self, auto_migrate: bool) -> Deferred[IDatabase]:
         def close_at_cleanup(database: IDatabase) -> IDatabase:
             self.addCleanup(database.close)
@@ -306,6 +330,9 @@ class SQLMigrationTests:
             self.columns("pubsub_subscriptions"),
             ["seq", "node_id", "jid", "jid_bare", "subid", "state", "options"],
         )
+        self.assertEqual(
+            self.columns("last_activity"), ["server", "username", "logged_out_at", "status"]
+        )
 
     async def test_upgrade_scripts_run_in_order_and_keep_data(self) -> None:
         await self.open_migrated_to_current()
@@ -315,6 +342,24 @@ class SQLMigrationTests:
         self.assertEqual(await upgraded.schema_version(), CURRENT + 2)
         self.assertEqual(self.columns("motd"), ["id", "body", "author"])
         self.assertTrue(await upgraded.accounts.account_exists("example.org", "alice"))
+
+    async def test_packaged_upgrades_from_version_1(self) -> None:
+        await self.open_migrated_to_current()
+        tables = [
+            table
+            for version in sorted(PACKAGED_UPGRADE_TABLES)
+            for table in PACKAGED_UPGRADE_TABLES[version]
+        ]
+        created = {table: self.columns(table) for table in tables}
+        # Back to version 1, as a database made before the first upgrade.
+        self.execute(
+            *(f"DROP TABLE {table}" for table in reversed(tables)),
+            "UPDATE schema_version SET version = 1",
+        )
+        database = await self.open_at(SCHEMA_DIR)
+        self.assertEqual(await database.migrate(), CURRENT)
+        self.assertEqual({table: self.columns(table) for table in tables}, created)
+        self.assertTrue(await database.accounts.account_exists("example.org", "alice"))
 
     async def test_failing_upgrade_leaves_the_database_as_it_was(self) -> None:
         await self.open_migrated_to_current()
@@ -381,6 +426,15 @@ class SQLiteMigrationTests(SQLMigrationTests, TestCase):
     def columns(self, table: str) -> list[str]:
         return [name for (name,) in self.query("SELECT name FROM pragma_table_info(?)", (table,))]
 
+    def execute(self, *statements: str) -> None:
+        connection = sqlite3.connect(self.path)
+        try:
+            with connection:
+                for statement in statements:
+                    connection.execute(statement)
+        finally:
+            connection.close()
+
     def test_sqlite_without_returning_is_refused(self) -> None:
         self.patch(sqlite3, "sqlite_version_info", (3, 34, 1))
         self.patch(sqlite3, "sqlite_version", "3.34.1")
@@ -421,6 +475,15 @@ class PostgresMigrationTests(SQLMigrationTests, TestCase):
             (table,),
         )
         return [name for (name,) in rows]
+
+    def execute(self, *statements: str) -> None:
+        connection = psycopg2.connect(self.dsn)
+        try:
+            with connection, connection.cursor() as cursor:
+                for statement in statements:
+                    cursor.execute(statement)
+        finally:
+            connection.close()
 
 
 class OpenDatabaseTests(TestCase):

@@ -56,6 +56,7 @@ class IDatabase(Interface):
     rosters = Attribute("The IRosterStore of this database.")
     offline = Attribute("The IOfflineStore of this database.")
     pubsub = Attribute("The IPubSubStore of this database.")
+    last_activity = Attribute("The ILastActivityStore of this database.")
 
     def schema_version():
         """Deferred firing with the installed schema version, 0 for an empty database."""
@@ -187,6 +188,27 @@ class IOfflineStore(Interface):
 
     def count_all():
         """Deferred firing with the number of stored messages of all users (for metrics)."""
+
+
+@dataclass(frozen=True)
+class LastActivity:
+    """When a user last went offline, and the status they left with (XEP-0012)."""
+
+    logged_out_at: int  # Unix time, in seconds
+    status: str = ""
+
+
+class ILastActivityStore(Interface):
+    """The last logout of each account (domain, username); removing the account removes it."""
+
+    def set_last_activity(domain, username, activity):
+        """Keep the LastActivity, replacing the one kept before; Deferred firing with None.
+
+        Nothing is kept for an unknown account.
+        """
+
+    def get_last_activity(domain, username):
+        """Deferred firing with the LastActivity kept, or None."""
 
 
 # A node's affiliations (XEP-0060 §4.1); "none" is stored as no row.

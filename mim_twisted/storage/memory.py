@@ -15,9 +15,11 @@ from mim_twisted.storage.interfaces import (
     AccountNotFound,
     IAccountStore,
     IDatabase,
+    ILastActivityStore,
     IOfflineStore,
     IPubSubStore,
     IRosterStore,
+    LastActivity,
     NodeExists,
     NodeNotFound,
     OfflineMessage,
@@ -150,6 +152,24 @@ class MemoryOfflineStore:
 
     def count_all(self) -> Deferred[int]:
         return succeed(sum(map(len, self._messages.values())))
+
+
+@implementer(ILastActivityStore)
+class MemoryLastActivityStore:
+    def __init__(self, accounts: MemoryAccountStore) -> None:
+        self._accounts = accounts
+        self._activities: dict[tuple[str, str], LastActivity] = {}
+        accounts.remove_with_account(self._activities)
+
+    def set_last_activity(
+        self, domain: str, username: str, activity: LastActivity
+    ) -> Deferred[None]:
+        if self._accounts.is_registered(domain, username):
+            self._activities[domain, username] = activity
+        return succeed(None)
+
+    def get_last_activity(self, domain: str, username: str) -> Deferred[LastActivity | None]:
+        return succeed(self._activities.get((domain, username)))
 
 
 def _json_copy(value: dict) -> dict:
@@ -360,6 +380,7 @@ class MemoryDatabase:
         self.rosters = MemoryRosterStore(self.accounts)
         self.offline = MemoryOfflineStore(self.accounts)
         self.pubsub = MemoryPubSubStore()
+        self.last_activity = MemoryLastActivityStore(self.accounts)
         self.accounts.on_removed.append(self.pubsub.delete_service_nodes)
 
     def schema_version(self) -> Deferred[int]:

@@ -29,9 +29,11 @@ from mim_twisted.storage.interfaces import (
     AccountExists,
     AccountNotFound,
     IAccountStore,
+    ILastActivityStore,
     IOfflineStore,
     IPubSubStore,
     IRosterStore,
+    LastActivity,
     NodeExists,
     NodeNotFound,
     OfflineMessage,
@@ -106,6 +108,15 @@ COUNT_ALL_OFFLINE_MESSAGES = "SELECT count(*) FROM offline_messages"
 DELETE_OFFLINE_MESSAGES = (
     "DELETE FROM offline_messages WHERE server = ? AND username = ?"
     " RETURNING id, sender, stanza, stored_at"
+)
+
+UPSERT_LAST_ACTIVITY = (
+    "INSERT INTO last_activity (server, username, logged_out_at, status) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (server, username)"
+    " DO UPDATE SET logged_out_at = excluded.logged_out_at, status = excluded.status"
+)
+SELECT_LAST_ACTIVITY = (
+    "SELECT logged_out_at, status FROM last_activity WHERE server = ? AND username = ?"
 )
 
 INSERT_NODE = (
@@ -387,6 +398,22 @@ class SQLOfflineStore(_SQLStore):
     def count_all(self) -> Transaction[int]:
         rows = yield COUNT_ALL_OFFLINE_MESSAGES, ()
         return rows[0][0]
+
+
+@implementer(ILastActivityStore)
+class SQLLastActivityStore(_SQLStore):
+    @transaction
+    def set_last_activity(
+        self, domain: str, username: str, activity: LastActivity
+    ) -> Transaction[None]:
+        if (yield LOCK_ACCOUNT, (domain, username)):
+            row = (domain, username, activity.logged_out_at, activity.status)
+            yield UPSERT_LAST_ACTIVITY, row
+
+    @transaction
+    def get_last_activity(self, domain: str, username: str) -> Transaction[LastActivity | None]:
+        rows = yield SELECT_LAST_ACTIVITY, (domain, username)
+        return LastActivity(int(rows[0][0]), rows[0][1]) if rows else None
 
 
 def _bare(jid: str) -> str:
