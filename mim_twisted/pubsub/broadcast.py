@@ -14,7 +14,7 @@ name that has no account is logged without a traceback.
 """
 
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
@@ -134,6 +134,17 @@ class Broadcaster:
             writing = self.cooperator.cooperate(self._write(fanout)).whenDone()
             writing.addErrback(_not_written)
             writing.addBoth(lambda _: self._end())
+
+    async def send_when_found(self, finding: Awaitable[Fanout | None]) -> None:
+        """Send a notification whose recipients are still being found (PEP reads the owner's
+        roster first): a stop waits for it as for any fan-out under way."""
+        self._begin()
+        try:
+            fanout = await finding
+            if fanout is not None:
+                self.send(fanout)
+        finally:
+            self._end()
 
     def _begin(self) -> None:
         self._in_flight += 1

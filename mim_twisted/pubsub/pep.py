@@ -34,7 +34,7 @@ from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.pubsub import core
-from mim_twisted.pubsub.broadcast import Broadcaster, Recipient, fanout_of
+from mim_twisted.pubsub.broadcast import Broadcaster, Fanout, Recipient, fanout_of
 from mim_twisted.pubsub.config import PEP_NODE_DEFAULTS, ServiceLimits
 from mim_twisted.pubsub.protocol import PubSubComponent
 from mim_twisted.pubsub.queues import QueueFull, WorkerPool
@@ -214,19 +214,21 @@ class PepService:
 
     def _event(self, event: core.PubSubEvent) -> None:
         if isinstance(event, core.NodeEvent):
-            defer.ensureDeferred(self._notify(event)).addErrback(
+            sending = self.broadcaster.send_when_found(self._fanout(event))
+            defer.ensureDeferred(sending).addErrback(
                 _log_failure, "notifying the event of {owner}", event.service
             )
         else:
             self.broadcaster(event)
 
-    async def _notify(self, event: core.NodeEvent) -> None:
+    async def _fanout(self, event: core.NodeEvent) -> Fanout | None:
+        """The event's notification with every recipient, explicit and implicit."""
         async with self._order.hold(event.service):
             fanout = fanout_of(event)
             if fanout is None:
-                return
+                return None
             implicit = await self._implicit_recipients(event, fanout.recipients)
-            self.broadcaster.send(replace(fanout, recipients=fanout.recipients + implicit))
+            return replace(fanout, recipients=fanout.recipients + implicit)
 
     async def _implicit_recipients(
         self, event: core.NodeEvent, explicit: list[Recipient]
