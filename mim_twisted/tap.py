@@ -375,8 +375,15 @@ class ImCoreService(service.Service):
         factories, self.factories = self.factories, []
         await defer.gatherResults([f.disconnect_all(SHUTDOWN_GRACE) for f in factories])
         if self.core is not None:
-            # Bounded: presence work stuck on the database must not keep the server up for ever.
+            # Bounded: work stuck on the database must not keep the server up for ever.
+            routing = self.core.router.routing.idle()
+            routing.addTimeout(PRESENCE_STOP_TIMEOUT, self.clock, onTimeoutCancel=_gave_up)
+            await routing
             await self.core.presence.idle(timeout=PRESENCE_STOP_TIMEOUT)
+
+
+def _gave_up(result: object, timeout: float) -> None:
+    log.warn("Stopping: messages still being routed after {timeout} s are left", timeout=timeout)
 
 
 class PubSubHost(service.Service):

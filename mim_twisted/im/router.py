@@ -32,6 +32,7 @@ from mim_twisted.im.messages import MessageRouter
 from mim_twisted.im.presence import PresenceService
 from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stanzas import reply_error
+from mim_twisted.inflight import InFlight
 from mim_twisted.storage.interfaces import log_request_failure
 from mim_twisted.xmpp.connection import ClientConnection
 from mim_twisted.xmpp.jids import parse_jid
@@ -70,6 +71,9 @@ class Router:
         # goes to `handler(session, stanza, recipient)`.
         self.components: dict[str, Callable[[Session, domish.Element, JID], None]] = {}
         self._queries: dict[str, tuple[str, defer.Deferred]] = {}
+        # Messages still being routed (to the database: offline storage, account lookups),
+        # which a stop lets finish before the database closes.
+        self.routing = InFlight()
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -106,6 +110,7 @@ class Router:
             routing = self.messages.route(session, stanza, recipient)
             if routing is not None:
                 routing.addErrback(self._routing_failed, session, stanza)
+                self.routing.track(routing)
         else:
             target = self.sessions.session(recipient)
             if target is not None:
