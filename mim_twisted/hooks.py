@@ -5,6 +5,7 @@ any Deferred a handler returns. A handler that fails is logged and the next one 
 broken extension never breaks delivery. `run` never fails.
 """
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -46,13 +47,33 @@ class Hooks:
         return bool(self._handlers.get(name))
 
     def run(self, name: str, *args: Any) -> defer.Deferred:
-        """Run the handlers of `name` in order; fires with None when all have finished."""
+        """Run the handlers of `name` in order; fires with None when all have finished.
+
+        Handlers run here and now until one returns something to wait for; only then does a
+        coroutine take over (the message path runs hooks for every message, and most handlers
+        return nothing)."""
         handlers = self._handlers.get(name)
         if not handlers:
             return defer.succeed(None)
-        return defer.ensureDeferred(self._run(name, [h for _, _, h in handlers], args))
+        handlers = [h for _, _, h in handlers]
+        for index, handler in enumerate(handlers):
+            try:
+                result = handler(*args)
+            except Exception:
+                log.failure("hook {hook} handler {handler!r} failed", hook=name, handler=handler)
+                continue
+            if isinstance(result, defer.Deferred) or inspect.isawaitable(result):
+                rest = handlers[index + 1 :]
+                return defer.ensureDeferred(self._wait(name, handler, result, rest, args))
+        return defer.succeed(None)
 
-    async def _run(self, name: str, handlers: list[Handler], args: tuple) -> None:
+    async def _wait(
+        self, name: str, handler: Handler, waiting: Any, handlers: list[Handler], args: tuple
+    ) -> None:
+        try:
+            await waiting
+        except Exception:
+            log.failure("hook {hook} handler {handler!r} failed", hook=name, handler=handler)
         for handler in handlers:
             try:
                 await defer.maybeDeferred(handler, *args)
