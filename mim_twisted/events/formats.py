@@ -29,8 +29,12 @@ class Event(NamedTuple):
     body: bytes
 
 
+# UTF-8 JSON without spaces, as MongooseIM's jiffy writes it; made once, not per event.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def json_body(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(fields).encode("utf-8")
 
 
 def message_body(message: domish.Element) -> str | None:
