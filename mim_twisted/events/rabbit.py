@@ -65,7 +65,8 @@ class _BrokerConnection(TwistedProtocolConnection):
         # The publisher first: nothing more is sent on the channel that closes.
         self.publisher.connection_lost(self, reason)
         super().connectionLost(reason)
-        self.lost.callback(None)
+        if not self.lost.called:  # cancelled when the service stopped waiting on it
+            self.lost.callback(None)
 
 
 class _BatchedWrites:
@@ -257,14 +258,14 @@ class RabbitPublisher(service.Service):
         self._send()
 
     def _not_ready(
-        self, error: Exception, connection: _BrokerConnection | None, failures: int
+        self, problem: Exception, connection: _BrokerConnection | None, failures: int
     ) -> None:
         # The first failure in a row, then every tenth: an outage is not a log flood.
         if failures == 1 or failures % 10 == 0:
-            if isinstance(error, pika.exceptions.AMQPConnectionError):
+            if isinstance(problem, pika.exceptions.AMQPConnectionError):
                 reason = "the broker closed the connection (username, password, virtual_host?)"
             else:
-                reason = str(error) or type(error).__name__
+                reason = str(problem) or type(problem).__name__
             log.warn(
                 "Event pusher: RabbitMQ at {host}:{port} not usable (attempt {attempt}):"
                 " {reason}; events are buffered meanwhile",

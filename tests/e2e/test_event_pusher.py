@@ -11,6 +11,7 @@ import statistics
 import time
 
 from twisted.internet import utils
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.words.protocols.jabber.jid import JID
 
 from tests.e2e.harness import Client, ServerTestCase, eventually, wait_for
@@ -336,3 +337,25 @@ class BrokerDownAtStartTests(EventPusherTestCase):
         await self.consumer.quiet()
         self.assertEqual(self.chat_bodies(), self.expected("early", 10))
         self.assertEqual(len(self.consumer.deliveries), 22)
+
+
+class WrongCredentialsTests(EventPusherTestCase):
+    async def setUp(self) -> None:
+        # Before the server starts: its first attempt may fail at once.
+        self.logged: list[str] = []
+        observer = lambda event: self.logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        await super().setUp()
+
+    def pusher_config(self) -> str:
+        return super().pusher_config() + 'password = "not the password"\n'
+
+    async def test_the_server_runs_and_holds_the_events(self) -> None:
+        logged = self.logged
+        await self.online("alice@localhost/home")
+        await eventually(lambda: any("not usable (attempt" in line for line in logged))
+        self.assertIsNone(self.pusher.channel)
+        self.assertEqual(len(self.pusher.buffer), 1)
+        [line] = [line for line in logged if "not usable" in line]
+        self.assertIn("username, password, virtual_host?", line)
