@@ -38,7 +38,8 @@ def nack(tag: int, multiple: bool = False) -> SimpleNamespace:
 class PublisherTests(unittest.TestCase):
     def setUp(self) -> None:
         config = load_config(write(self, "[event_pusher.rabbit]\nmax_buffered_events = 6\n"))
-        self.publisher = RabbitPublisher(config.event_pusher.rabbit, Clock())
+        self.clock = Clock()
+        self.publisher = RabbitPublisher(config.event_pusher.rabbit, self.clock)
         self.channel = FakeChannel()
         self.deliveries = _Deliveries(self.channel)
         # As once a connection is prepared.
@@ -46,8 +47,12 @@ class PublisherTests(unittest.TestCase):
         self.publisher._deliveries = self.deliveries
 
     def publish(self, *bodies: bytes) -> None:
+        before = list(self.channel.published)
         for body in bodies:
             self.publisher.publish(Event("chat_msg", "a@localhost.chat_msg_sent", body))
+        # The events of one reactor turn go out together, at its end.
+        self.assertEqual(self.channel.published, before)
+        self.clock.advance(0)
 
     def test_acks_free_the_window_in_order(self) -> None:
         self.publish(b"1", b"2", b"3", b"4")

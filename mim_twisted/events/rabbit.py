@@ -160,6 +160,7 @@ class RabbitPublisher(service.Service):
         self.connection: _BrokerConnection | None = None
         self.channel: TwistedChannel | None = None
         self._deliveries: _Deliveries | None = None
+        self._send_scheduled = False
         self._connecting: defer.Deferred | None = None
 
     # -- the XMPP side ---------------------------------------------------------------------
@@ -177,8 +178,11 @@ class RabbitPublisher(service.Service):
                 limit=self.buffer.limit,
                 state="connected" if self.channel is not None else "unreachable",
             )
-        if self.channel is not None:
-            self._send()
+        if self.channel is not None and not self._send_scheduled:
+            # Once at the end of the reactor turn for all the events of the turn: the broker
+            # gets them together and confirms them together (one ack for many).
+            self._send_scheduled = True
+            self.reactor.callLater(0, self._send)
 
     # -- the broker side -------------------------------------------------------------------
 
@@ -293,6 +297,7 @@ class RabbitPublisher(service.Service):
             )
 
     def _send(self) -> None:
+        self._send_scheduled = False
         deliveries = self._deliveries
         if deliveries is None:
             return
