@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pika.spec
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mim_twisted.config import load_config
@@ -86,6 +87,18 @@ class PublisherTests(unittest.TestCase):
         # The oldest pending ones went: 3, 4, 5 and 6; 7, 8 and 9 follow the first three.
         self.assertEqual(self.channel.published[3:], [b"7", b"8", b"9"])
         self.assertEqual(buffer.burst_dropped, 0)  # the burst is over, and was logged
+
+    def test_a_burst_of_drops_is_logged_once_when_it_starts_and_once_when_it_ends(self) -> None:
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.publish(*[str(n).encode() for n in range(20)])
+        self.publisher._settled(self.deliveries, ack(3, multiple=True))
+        self.publish(b"later")  # room again: no new burst
+        warnings = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("the buffer is full (6 events, broker connected)", warnings[0])
+        self.assertIn("14 events dropped while the buffer was full (14 since start)", warnings[1])
 
 
 class PieceTests(unittest.TestCase):

@@ -14,6 +14,7 @@ from twisted.internet import utils
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.words.protocols.jabber.jid import JID
 
+from mim_twisted.admin import server_counters
 from tests.e2e.harness import Client, ServerTestCase, eventually, wait_for
 from tests.rabbitsupport import BrokerRelay, Consumer, require_broker, unique
 
@@ -171,6 +172,17 @@ class EventTests(EventPusherTestCase):
         await eventually(lambda: len(self.pusher.buffer) == 0)
         buffer = self.pusher.buffer
         self.assertEqual((buffer.published, buffer.confirmed, buffer.dropped), (1, 1, 0))
+        # As `mimctl stats` shows them.
+        counters = server_counters(self.server)
+        self.assertEqual(
+            {key: value for key, value in counters.items() if key.startswith("event_pusher")},
+            {
+                "event_pusher_buffered": 0,
+                "event_pusher_confirmed": 1,
+                "event_pusher_dropped": 0,
+                "event_pusher_published": 1,
+            },
+        )
 
 
 class CustomExchangeTests(EventPusherTestCase):
