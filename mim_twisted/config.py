@@ -452,6 +452,7 @@ class ModulesConfig:
     """One switch per IM extension that clients ask for at login; all on by default."""
 
     carbons: bool = option(True, boolean)  # XEP-0280 Message Carbons
+    blocking: bool = option(True, boolean)  # XEP-0191 Blocking Command
     last: bool = option(True, boolean)  # XEP-0012 Last Activity
 
 

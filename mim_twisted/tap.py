@@ -31,6 +31,7 @@ from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
 from mim_twisted.config import Config, ConfigError, ListenerConfig, changed_keys, load_config
 from mim_twisted.im import caps, ping, roster, version
+from mim_twisted.im.blocking import BlockingService
 from mim_twisted.im.caps import CapsService
 from mim_twisted.im.carbons import Carbons
 from mim_twisted.im.disco import FEATURE_MSGOFFLINE, DiscoService
@@ -218,6 +219,11 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
     registration.install(router, disco)
     if config.modules.carbons:
         Carbons(sessions).install(router, messages, disco, hook_table)
+    if config.modules.blocking:
+        blocking = BlockingService(
+            domains, database.block_lists, database.rosters, sessions, presence
+        )
+        blocking.install(router, disco)
     if config.modules.last:
         last = LastActivityService(database.last_activity, database.rosters, sessions, clock)
         last.install(router, disco, hook_table)

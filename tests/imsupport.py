@@ -40,6 +40,7 @@ class FakeSession:
         self.held_messages: list[domish.Element] | None = None
         self.holds = 0
         self.carbons = False
+        self.block_list_requested = False
         self.sent: list[domish.Element] = []
         self.stream_errors: list[str] = []
         self.closed = False  # as on C2SStream: once closed, nothing more is sent

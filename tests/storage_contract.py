@@ -12,6 +12,7 @@ from mim_twisted.storage.interfaces import (
     AccountExists,
     AccountNotFound,
     IAccountStore,
+    IBlockListStore,
     IDatabase,
     ILastActivityStore,
     IOfflineStore,
@@ -51,6 +52,7 @@ class StorageContract:
         self.offline = self.database.offline
         self.pubsub = self.database.pubsub
         self.last_activity = self.database.last_activity
+        self.block_lists = self.database.block_lists
 
     async def register(self, *accounts: tuple[str, str]) -> None:
         for domain, username in accounts:
@@ -513,6 +515,61 @@ class LastActivityStoreContract(StorageContract):
         await self.accounts.remove_account(*ALICE)
         await self.register(ALICE)
         self.assertIsNone(await self.last_activity.get_last_activity(*ALICE))
+
+
+class BlockListStoreContract(StorageContract):
+    def test_block_list_store_provides_interface(self) -> None:
+        self.assertTrue(verifyObject(IBlockListStore, self.block_lists))
+
+    async def test_block_reports_what_was_new(self) -> None:
+        await self.register(ALICE, BOB)
+        self.assertEqual(await self.block_lists.get_block_list(*ALICE), [])
+        added = await self.block_lists.block(*ALICE, ["eve@example.com", "example.net"])
+        self.assertEqual(added, ["eve@example.com", "example.net"])
+        added = await self.block_lists.block(
+            *ALICE, ["example.net", "mallory@example.com/phone", "mallory@example.com/phone"]
+        )
+        self.assertEqual(added, ["mallory@example.com/phone"])
+        self.assertEqual(
+            await self.block_lists.get_block_list(*ALICE),
+            ["eve@example.com", "example.net", "mallory@example.com/phone"],
+        )
+        self.assertEqual(await self.block_lists.get_block_list(*BOB), [])
+
+    async def test_unblock_reports_what_was_blocked(self) -> None:
+        await self.register(ALICE, BOB)
+        await self.block_lists.block(*ALICE, ["a@example.com", "b@example.com", "c@example.com"])
+        await self.block_lists.block(*BOB, ["a@example.com"])
+        removed = await self.block_lists.unblock(*ALICE, ["c@example.com", "a@example.com", "x"])
+        self.assertEqual(removed, ["a@example.com", "c@example.com"])
+        self.assertEqual(await self.block_lists.get_block_list(*ALICE), ["b@example.com"])
+        self.assertEqual(await self.block_lists.get_block_list(*BOB), ["a@example.com"])
+
+    async def test_unblock_all(self) -> None:
+        await self.register(ALICE, BOB)
+        await self.block_lists.block(*ALICE, ["b@example.com", "a@example.com"])
+        await self.block_lists.block(*BOB, ["a@example.com"])
+        self.assertEqual(
+            await self.block_lists.unblock_all(*ALICE), ["a@example.com", "b@example.com"]
+        )
+        self.assertEqual(await self.block_lists.unblock_all(*ALICE), [])
+        self.assertEqual(await self.block_lists.get_block_list(*ALICE), [])
+        self.assertEqual(await self.block_lists.get_block_list(*BOB), ["a@example.com"])
+
+    async def test_unknown_account(self) -> None:
+        await self.assertFailure(
+            self.block_lists.block(*NOBODY, ["a@example.com"]), AccountNotFound
+        )
+        self.assertEqual(await self.block_lists.get_block_list(*NOBODY), [])
+        self.assertEqual(await self.block_lists.unblock(*NOBODY, ["a@example.com"]), [])
+        self.assertEqual(await self.block_lists.unblock_all(*NOBODY), [])
+
+    async def test_removed_with_the_account(self) -> None:
+        await self.register(ALICE)
+        await self.block_lists.block(*ALICE, ["a@example.com"])
+        await self.accounts.remove_account(*ALICE)
+        await self.register(ALICE)
+        self.assertEqual(await self.block_lists.get_block_list(*ALICE), [])
 
 
 class PubSubStoreContract(StorageContract):

@@ -29,6 +29,7 @@ from tests.storage_contract import (
     OWNER,
     SERVICE,
     AccountStoreContract,
+    BlockListStoreContract,
     LastActivityStoreContract,
     OfflineStoreContract,
     PubSubStoreContract,
@@ -47,6 +48,7 @@ class MemoryStorageTests(
     OfflineStoreContract,
     PubSubStoreContract,
     LastActivityStoreContract,
+    BlockListStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -59,6 +61,7 @@ class SQLiteStorageTests(
     OfflineStoreContract,
     PubSubStoreContract,
     LastActivityStoreContract,
+    BlockListStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -74,6 +77,7 @@ class PostgresStorageTests(
     OfflineStoreContract,
     PubSubStoreContract,
     LastActivityStoreContract,
+    BlockListStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -168,7 +172,7 @@ MOTD_UPGRADES = {
 
 
 # The tables each packaged upgrade script adds: a database at version 1 gets them all.
-PACKAGED_UPGRADE_TABLES = {2: ["last_activity"]}
+PACKAGED_UPGRADE_TABLES = {2: ["last_activity"], 3: ["block_list"]}
 
 
 class StatementSplittingTests(SynchronousTestCase):
@@ -333,6 +337,7 @@ class SQLMigrationTests:
         self.assertEqual(
             self.columns("last_activity"), ["server", "username", "logged_out_at", "status"]
         )
+        self.assertEqual(self.columns("block_list"), ["server", "username", "jid"])
 
     async def test_upgrade_scripts_run_in_order_and_keep_data(self) -> None:
         await self.open_migrated_to_current()

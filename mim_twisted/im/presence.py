@@ -104,6 +104,9 @@ class PresenceService:
         self.max_queued = MAX_QUEUED_PRESENCES
         self.max_directed = MAX_DIRECTED_PRESENCES
         self.caps_listeners: list = []  # callables(session, presence) seeing each broadcast
+        # (a user's full JID, a contact's JID): whether broadcast presence between them is
+        # blocked by either (XEP-0191, blocking.py); nothing is, without blocking.
+        self.presence_blocked: Callable[[JID, JID], bool] = lambda user, contact: False
         # Per session with work under way: what waits behind the item being handled.
         self._queues: dict[Session, deque[tuple[Work, tuple]]] = {}
         self._idle_waiters: list[defer.Deferred] = []
@@ -313,7 +316,9 @@ class PresenceService:
         """To contacts with a from/both subscription and to all the user's own resources."""
         for item in items:
             if item.subscription in ("from", "both"):
-                self._deliver(presence, parse_jid(item.jid))
+                contact = parse_jid(item.jid)
+                if not self.presence_blocked(session.jid, contact):
+                    self._deliver(presence, contact)
         self._deliver(presence, session.jid.userhostJID())
 
     def _send_contacts_presence(self, session: Session, items: list[RosterItem]) -> None:
@@ -322,6 +327,8 @@ class PresenceService:
             if item.subscription not in ("to", "both"):
                 continue
             for contact_session in self.available_sessions(parse_jid(item.jid)):
+                if self.presence_blocked(session.jid, contact_session.jid):
+                    continue
                 presence = contact_session.presence
                 presence["to"] = session.jid.full()
                 session.send(presence.toXml(defaultUri="jabber:client"))
@@ -459,6 +466,11 @@ class PresenceService:
                 cancellation["from"] = owner.full()
                 cancellation["to"] = contact.full()
                 await self._inbound_subscription(contact, owner, kind, cancellation)
+
+    def announce(self, owner: JID, contact: JID, kind: str) -> None:
+        """Send the owner's presence ("available") or its end ("unavailable") to a contact, as
+        blocking does when the contact is blocked or unblocked."""
+        self._send_presence_of(owner, contact, kind)
 
     def _send_presence_of(self, owner: JID, contact: JID, kind: str) -> None:
         """Send the owner's current presence ("available") or its end ("unavailable")."""

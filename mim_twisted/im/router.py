@@ -41,6 +41,9 @@ from mim_twisted.xmpp.stanza_errors import error_response
 log = Logger()
 
 IqHandler = Callable[[Session, domish.Element, JID], "domish.Element | defer.Deferred | None"]
+# `gate(session, stanza, recipient)`: True when it has refused the stanza (and answered it),
+# False to let it be routed, or a Deferred of either when it must ask the database first.
+Gate = Callable[[Session, domish.Element, JID], "bool | defer.Deferred[bool]"]
 
 
 class IqTimeout(Exception):
@@ -74,6 +77,10 @@ class Router:
         # Messages still being routed (to the database: offline storage, account lookups),
         # which a stop lets finish before the database closes.
         self.routing = InFlight()
+        # What every stanza with a recipient passes before it is routed (blocking, XEP-0191).
+        # A stanza waiting for a gate's Deferred is routed when it fires: the stanzas waiting
+        # for the same answer keep their order.
+        self.gates: list[Gate] = []
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -97,6 +104,37 @@ class Router:
         except (InvalidFormat, UnicodeError):
             reply_error(session, stanza, "jid-malformed")
             return
+        if to and self.gates:
+            self._pass_gates(session, stanza, recipient, 0)
+        else:
+            self._dispatch(session, stanza, recipient)
+
+    def _pass_gates(
+        self, session: Session, stanza: domish.Element, recipient: JID, first: int
+    ) -> None:
+        for index in range(first, len(self.gates)):
+            verdict = self.gates[index](session, stanza, recipient)
+            if isinstance(verdict, defer.Deferred):
+                verdict.addCallback(self._gate_answered, session, stanza, recipient, index + 1)
+                verdict.addErrback(self._routing_failed, session, stanza)
+                self.routing.track(verdict)  # it waits for the database too
+                return
+            if verdict:
+                return
+        self._dispatch(session, stanza, recipient)
+
+    def _gate_answered(
+        self,
+        refused: bool,
+        session: Session,
+        stanza: domish.Element,
+        recipient: JID,
+        following: int,
+    ) -> None:
+        if not refused:
+            self._pass_gates(session, stanza, recipient, following)
+
+    def _dispatch(self, session: Session, stanza: domish.Element, recipient: JID) -> None:
         component = self.components.get(recipient.host)
         if component is not None:
             component(session, stanza, recipient)
@@ -120,7 +158,7 @@ class Router:
 
     @staticmethod
     def _routing_failed(failure: Failure, session: Session, stanza: domish.Element) -> None:
-        log_request_failure(log, failure, "routing a message from {jid}", jid=session.jid.full())
+        log_request_failure(log, failure, "routing a stanza from {jid}", jid=session.jid.full())
         reply_error(session, stanza, "internal-server-error")
 
     def _handle_iq(self, session: Session, iq: domish.Element, target: JID) -> None:

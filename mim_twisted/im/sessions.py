@@ -43,6 +43,7 @@ class Session:
         self.held_messages: list[domish.Element] | None = None
         self.holds = 0
         self.carbons = False  # XEP-0280: it gets copies of its account's chats (carbons.py)
+        self.block_list_requested = False  # XEP-0191: it gets block list pushes once it has asked
 
     @property
     def closed(self) -> bool:

@@ -57,6 +57,7 @@ class IDatabase(Interface):
     offline = Attribute("The IOfflineStore of this database.")
     pubsub = Attribute("The IPubSubStore of this database.")
     last_activity = Attribute("The ILastActivityStore of this database.")
+    block_lists = Attribute("The IBlockListStore of this database.")
 
     def schema_version():
         """Deferred firing with the installed schema version, 0 for an empty database."""
@@ -209,6 +210,26 @@ class ILastActivityStore(Interface):
 
     def get_last_activity(domain, username):
         """Deferred firing with the LastActivity kept, or None."""
+
+
+class IBlockListStore(Interface):
+    """Each account's block list (XEP-0191): normalised JIDs (full, bare, domain or
+    domain/resource). Every answer is sorted by code point; removing the account removes it."""
+
+    def get_block_list(domain, username):
+        """Deferred firing with the blocked JIDs; an unknown account has none."""
+
+    def block(domain, username, jids):
+        """Add the JIDs; Deferred firing with those that were not blocked yet.
+
+        Fails with AccountNotFound for an unknown account.
+        """
+
+    def unblock(domain, username, jids):
+        """Remove the JIDs; Deferred firing with those that were blocked."""
+
+    def unblock_all(domain, username):
+        """Empty the block list; Deferred firing with the JIDs that were in it."""
 
 
 # A node's affiliations (XEP-0060 §4.1); "none" is stored as no row.

@@ -14,6 +14,7 @@ from mim_twisted.storage.interfaces import (
     AccountExists,
     AccountNotFound,
     IAccountStore,
+    IBlockListStore,
     IDatabase,
     ILastActivityStore,
     IOfflineStore,
@@ -170,6 +171,34 @@ class MemoryLastActivityStore:
 
     def get_last_activity(self, domain: str, username: str) -> Deferred[LastActivity | None]:
         return succeed(self._activities.get((domain, username)))
+
+
+@implementer(IBlockListStore)
+class MemoryBlockListStore:
+    def __init__(self, accounts: MemoryAccountStore) -> None:
+        self._accounts = accounts
+        self._lists: dict[tuple[str, str], set[str]] = {}
+        accounts.remove_with_account(self._lists)
+
+    def get_block_list(self, domain: str, username: str) -> Deferred[list[str]]:
+        return succeed(sorted(self._lists.get((domain, username), ())))
+
+    def block(self, domain: str, username: str, jids: Iterable[str]) -> Deferred[list[str]]:
+        if not self._accounts.is_registered(domain, username):
+            return fail(AccountNotFound(f"{username}@{domain}"))
+        blocked = self._lists.setdefault((domain, username), set())
+        added = sorted(set(jids) - blocked)
+        blocked.update(added)
+        return succeed(added)
+
+    def unblock(self, domain: str, username: str, jids: Iterable[str]) -> Deferred[list[str]]:
+        blocked = self._lists.get((domain, username), set())
+        removed = sorted(blocked & set(jids))
+        blocked.difference_update(removed)
+        return succeed(removed)
+
+    def unblock_all(self, domain: str, username: str) -> Deferred[list[str]]:
+        return succeed(sorted(self._lists.pop((domain, username), ())))
 
 
 def _json_copy(value: dict) -> dict:
@@ -381,6 +410,7 @@ class MemoryDatabase:
         self.offline = MemoryOfflineStore(self.accounts)
         self.pubsub = MemoryPubSubStore()
         self.last_activity = MemoryLastActivityStore(self.accounts)
+        self.block_lists = MemoryBlockListStore(self.accounts)
         self.accounts.on_removed.append(self.pubsub.delete_service_nodes)
 
     def schema_version(self) -> Deferred[int]:

@@ -29,6 +29,7 @@ from mim_twisted.storage.interfaces import (
     AccountExists,
     AccountNotFound,
     IAccountStore,
+    IBlockListStore,
     ILastActivityStore,
     IOfflineStore,
     IPubSubStore,
@@ -118,6 +119,16 @@ UPSERT_LAST_ACTIVITY = (
 SELECT_LAST_ACTIVITY = (
     "SELECT logged_out_at, status FROM last_activity WHERE server = ? AND username = ?"
 )
+
+SELECT_BLOCKED = "SELECT jid FROM block_list WHERE server = ? AND username = ?"
+INSERT_BLOCKED = (
+    "INSERT INTO block_list (server, username, jid) VALUES (?, ?, ?)"
+    " ON CONFLICT DO NOTHING RETURNING jid"
+)
+DELETE_BLOCKED = (
+    "DELETE FROM block_list WHERE server = ? AND username = ? AND jid = ? RETURNING jid"
+)
+DELETE_ALL_BLOCKED = "DELETE FROM block_list WHERE server = ? AND username = ? RETURNING jid"
 
 INSERT_NODE = (
     "INSERT INTO pubsub_nodes (service, name, config, created_at) VALUES (?, ?, ?, ?)"
@@ -414,6 +425,39 @@ class SQLLastActivityStore(_SQLStore):
     def get_last_activity(self, domain: str, username: str) -> Transaction[LastActivity | None]:
         rows = yield SELECT_LAST_ACTIVITY, (domain, username)
         return LastActivity(int(rows[0][0]), rows[0][1]) if rows else None
+
+
+@implementer(IBlockListStore)
+class SQLBlockListStore(_SQLStore):
+    # Sorted here, not by ORDER BY, whose order depends on the database's collation.
+
+    @transaction
+    def get_block_list(self, domain: str, username: str) -> Transaction[list[str]]:
+        rows = yield SELECT_BLOCKED, (domain, username)
+        return sorted(jid for (jid,) in rows)
+
+    @transaction
+    def block(self, domain: str, username: str, jids: Iterable[str]) -> Transaction[list[str]]:
+        if not (yield LOCK_ACCOUNT, (domain, username)):
+            raise AccountNotFound(f"{username}@{domain}")
+        added = []
+        for jid in sorted(set(jids)):
+            if (yield INSERT_BLOCKED, (domain, username, jid)):
+                added.append(jid)
+        return added
+
+    @transaction
+    def unblock(self, domain: str, username: str, jids: Iterable[str]) -> Transaction[list[str]]:
+        removed = []
+        for jid in sorted(set(jids)):
+            if (yield DELETE_BLOCKED, (domain, username, jid)):
+                removed.append(jid)
+        return removed
+
+    @transaction
+    def unblock_all(self, domain: str, username: str) -> Transaction[list[str]]:
+        rows = yield DELETE_ALL_BLOCKED, (domain, username)
+        return sorted(jid for (jid,) in rows)
 
 
 def _bare(jid: str) -> str:

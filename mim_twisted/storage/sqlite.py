@@ -117,6 +117,7 @@ class SQLiteDatabase:
         self.offline = sql.SQLOfflineStore(self._run)
         self.pubsub = sql.SQLPubSubStore(self._run)
         self.last_activity = sql.SQLLastActivityStore(self._run)
+        self.block_lists = sql.SQLBlockListStore(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
         return self._run_interaction(_execute, make_transaction)

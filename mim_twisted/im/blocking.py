@@ -1,0 +1,298 @@
+"""XEP-0191 Blocking Command: each account's block list, and routing that honours it both ways.
+
+A user reads the list (<blocklist/>), adds JIDs (<block/>) and removes some or all of them
+(<unblock/>); each change is stored, then pushed to every resource of the user that has read
+the list (§3.3-§3.5). A newly blocked contact is sent unavailable presence from the user's
+available resources; an unblocked contact that is subscribed to the user's presence is sent
+it again.
+
+An item blocks a JID as a XEP-0016 item would (`blocks`): a full JID only that resource, a bare
+JID the account and all its resources, a domain (or domain/resource) everything from there.
+Every stanza a local session sends passes `gate` before it is routed:
+- to a JID on the sender's own list: refused with <not-acceptable/> and
+  <blocked xmlns='urn:xmpp:blocking:errors'/> (§3.7);
+- to a local account whose list holds the sender: not delivered (§3.6); a message or an IQ
+  get/set is answered with <service-unavailable/>, as if the account did not exist, and
+  anything else is dropped without a word.
+Broadcast presence does not pass the gate; the presence layer asks `presence_blocked` for each
+contact instead.
+
+The lists of the accounts in use are kept in memory (`BlockLists`), so that routing asks the
+database only the first time it meets an account.
+"""
+
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.words.protocols.jabber import error, xmlstream
+from twisted.words.protocols.jabber.jid import JID, InvalidFormat
+from twisted.words.xish import domish
+
+from mim_twisted.im.locks import KeyedLock
+from mim_twisted.im.sessions import Session, SessionManager
+from mim_twisted.storage.interfaces import IBlockListStore, IRosterStore
+from mim_twisted.xmpp.jids import parse_jid
+from mim_twisted.xmpp.stanza_errors import error_response
+
+if TYPE_CHECKING:
+    from mim_twisted.im.disco import DiscoService
+    from mim_twisted.im.presence import PresenceService
+    from mim_twisted.im.router import Router
+
+NS_BLOCKING = "urn:xmpp:blocking"
+NS_BLOCKING_ERRORS = "urn:xmpp:blocking:errors"
+
+MAX_BLOCKED_JIDS = 1000  # per account: a list beyond it is refused with resource-constraint
+MAX_CACHED_LISTS = 10000  # accounts whose list is kept in memory, the least recently used go
+
+
+def blocks(block_list: frozenset[str], jid: JID) -> bool:
+    """Whether a list blocks `jid`: its full JID, bare JID, domain/resource or domain."""
+    candidates = {jid.full(), jid.userhost(), jid.host}
+    if jid.resource is not None:
+        candidates.add(f"{jid.host}/{jid.resource}")
+    return not block_list.isdisjoint(candidates)
+
+
+class BlockLists:
+    """The block lists of the accounts in use, read from the store once and kept up to date.
+
+    `get` answers at once for a list in memory and otherwise with a Deferred; the callers that
+    wait for one account's list are answered in the order they asked.
+    """
+
+    def __init__(self, store: IBlockListStore, size: int = MAX_CACHED_LISTS) -> None:
+        self.store = store
+        self.size = size
+        self._lists: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._waiting: dict[str, list[defer.Deferred]] = {}
+        # Bumped by each `put`, so that a read that started before it does not undo it.
+        self._versions: dict[str, int] = {}
+
+    def cached(self, account: JID) -> frozenset[str] | None:
+        return self._lists.get(account.userhost())
+
+    def get(self, account: JID) -> "frozenset[str] | defer.Deferred[frozenset[str]]":
+        key = account.userhost()
+        block_list = self._lists.get(key)
+        if block_list is not None:
+            self._lists.move_to_end(key)
+            return block_list
+        waiter: defer.Deferred = defer.Deferred()
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._waiting[key] = [waiter]
+        # The waiter is in the list first: a store may answer at once.
+        reading = self.store.get_block_list(account.host, account.user)
+        reading.addBoth(self._read, key, self._versions.get(key, 0))
+        return waiter
+
+    def _read(self, result: list[str] | Failure, key: str, version: int) -> None:
+        waiting = self._waiting.pop(key)
+        if isinstance(result, Failure):
+            for waiter in waiting:
+                waiter.errback(result)
+            return
+        block_list = frozenset(result)
+        if self._versions.get(key, 0) == version:
+            self._keep(key, block_list)
+        else:
+            block_list = self._lists.get(key, block_list)
+        for waiter in waiting:
+            waiter.callback(block_list)
+
+    def put(self, account: JID, block_list: frozenset[str]) -> None:
+        """The list as just stored."""
+        key = account.userhost()
+        self._versions[key] = self._versions.get(key, 0) + 1
+        self._keep(key, block_list)
+
+    def _keep(self, key: str, block_list: frozenset[str]) -> None:
+        self._lists[key] = block_list
+        self._lists.move_to_end(key)
+        while len(self._lists) > self.size:
+            evicted, _ = self._lists.popitem(last=False)
+            self._versions.pop(evicted, None)
+
+
+class BlockingService:
+    def __init__(
+        self,
+        domains: frozenset[str],
+        store: IBlockListStore,
+        rosters: IRosterStore,
+        sessions: SessionManager,
+        presence: "PresenceService",
+    ) -> None:
+        self.domains = domains
+        self.store = store
+        self.rosters = rosters
+        self.sessions = sessions
+        self.presence = presence
+        self.lists = BlockLists(store)
+        self.locks = KeyedLock()  # one change of an account's list at a time
+        self.max_blocked = MAX_BLOCKED_JIDS  # read at start, so that a test may lower it
+
+    def install(self, router: "Router", disco: "DiscoService") -> None:
+        for name in ("blocklist", "block", "unblock"):
+            router.account_iq[NS_BLOCKING, name] = self.handle_iq
+        router.gates.append(self.gate)
+        self.presence.presence_blocked = self.presence_blocked
+        disco.add_server_feature(NS_BLOCKING)
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def _local_account(self, jid: JID) -> bool:
+        return jid.user is not None and jid.host in self.domains
+
+    def gate(
+        self, session: Session, stanza: domish.Element, recipient: JID
+    ) -> "bool | defer.Deferred[bool]":
+        """True when the stanza is refused (and answered as it should be), else False."""
+        owner = session.jid.userhostJID()
+        if recipient.userhostJID() == owner:
+            return False
+        if recipient.user is None and recipient.host in self.domains:
+            return False  # the server itself
+        lists = [self.lists.get(owner)]
+        if self._local_account(recipient):
+            lists.append(self.lists.get(recipient.userhostJID()))
+        if any(isinstance(block_list, defer.Deferred) for block_list in lists):
+            waiting = defer.gatherResults(
+                [b if isinstance(b, defer.Deferred) else defer.succeed(b) for b in lists],
+                consumeErrors=True,
+            )
+            waiting.addCallback(lambda known: self._judge(session, stanza, recipient, *known))
+            return waiting
+        return self._judge(session, stanza, recipient, *lists)
+
+    def _judge(
+        self,
+        session: Session,
+        stanza: domish.Element,
+        recipient: JID,
+        own: frozenset[str],
+        theirs: frozenset[str] = frozenset(),
+    ) -> bool:
+        kind = stanza.getAttribute("type")
+        answerable = kind not in ("error", "result")
+        if blocks(own, recipient):
+            if answerable:
+                refusal = error.StanzaError(
+                    "not-acceptable",
+                    text="You have blocked this contact",
+                    appCondition=domish.Element((NS_BLOCKING_ERRORS, "blocked")),
+                )
+                session.send(error_response(refusal, stanza))
+            return True
+        if blocks(theirs, session.jid):
+            if answerable and stanza.name in ("message", "iq"):
+                session.send(error_response(error.StanzaError("service-unavailable"), stanza))
+            return True
+        return False
+
+    def presence_blocked(self, user: JID, contact: JID) -> bool:
+        """Whether broadcast presence between a user's session and a contact is blocked, by
+        either of them. Lists not in memory count as empty: every session that sends or is
+        sent presence has passed the gate, which read its account's list."""
+        own = self.lists.cached(user) or frozenset()
+        theirs = self.lists.cached(contact) or frozenset()
+        return blocks(own, contact) or blocks(theirs, user)
+
+    # -- the IQ handler -----------------------------------------------------------------------
+
+    async def handle_iq(
+        self, session: Session, iq: domish.Element, target: JID
+    ) -> domish.Element | None:
+        owner = session.jid.userhostJID()
+        if target != owner:
+            raise error.StanzaError("forbidden", text="Only its owner may use a block list")
+        request = next(iq.elements())
+        kind = iq.getAttribute("type")
+        if request.name == "blocklist":
+            if kind != "get":
+                raise error.StanzaError("bad-request", text="The block list is read with 'get'")
+            block_list = await _known(self.lists.get(owner))
+            session.block_list_requested = True
+            result = xmlstream.toResponse(iq, "result")
+            reply = result.addElement((NS_BLOCKING, "blocklist"))
+            for jid in sorted(block_list):
+                reply.addElement("item")["jid"] = jid
+            return result
+        if kind != "set":
+            raise error.StanzaError("bad-request", text="The block list is changed with 'set'")
+        jids = _item_jids(request)
+        if request.name == "block":
+            if not jids:
+                raise error.StanzaError("bad-request", text="Nothing to block")
+            await self._block(owner, jids)
+        else:
+            await self._unblock(owner, jids)
+        self._push(owner, request.name, jids)
+        return None
+
+    async def _block(self, owner: JID, jids: list[str]) -> None:
+        async with self.locks.hold(owner.userhost()):
+            current = await _known(self.lists.get(owner))
+            if len(current.union(jids)) > self.max_blocked:
+                raise error.StanzaError(
+                    "resource-constraint", text=f"At most {self.max_blocked} blocked JIDs"
+                )
+            added = await self.store.block(owner.host, owner.user, jids)
+            self.lists.put(owner, current.union(added))
+        for jid in added:
+            # §3.3: the contact no longer sees the user's presence.
+            self.presence.announce(owner, parse_jid(jid), "unavailable")
+
+    async def _unblock(self, owner: JID, jids: list[str]) -> None:
+        async with self.locks.hold(owner.userhost()):
+            current = await _known(self.lists.get(owner))
+            if jids:
+                removed = await self.store.unblock(owner.host, owner.user, jids)
+            else:
+                removed = await self.store.unblock_all(owner.host, owner.user)
+            self.lists.put(owner, current.difference(removed))
+        for jid in removed:
+            contact = parse_jid(jid)
+            if contact.user is None:
+                continue  # a domain: no one's presence subscription
+            item = await self.rosters.get_item(owner.host, owner.user, contact.userhost())
+            if item is not None and item.subscription in ("from", "both"):
+                self.presence.announce(owner, contact, "available")
+
+    def _push(self, owner: JID, name: str, jids: Iterable[str]) -> None:
+        """§3.3, §3.4: the change, to every resource that has read the list."""
+        for session in self.sessions.sessions_of(owner):
+            if not session.block_list_requested:
+                continue
+            push = domish.Element((None, "iq"))
+            push["type"] = "set"
+            push["id"] = "push-" + secrets.token_hex(6)
+            push["to"] = session.jid.full()
+            change = push.addElement((NS_BLOCKING, name))
+            for jid in jids:
+                change.addElement("item")["jid"] = jid
+            session.send(push)
+
+
+def _item_jids(request: domish.Element) -> list[str]:
+    """The normalised JIDs of a <block/> or <unblock/>; jid-malformed for a bad one."""
+    jids = []
+    for item in request.elements(NS_BLOCKING, "item"):
+        try:
+            jids.append(parse_jid(item.getAttribute("jid", "")).full())
+        except (InvalidFormat, UnicodeError):
+            raise error.StanzaError("jid-malformed") from None
+    return list(dict.fromkeys(jids))
+
+
+async def _known(block_list: "frozenset[str] | defer.Deferred[frozenset[str]]") -> frozenset[str]:
+    if isinstance(block_list, defer.Deferred):
+        return await block_list
+    return block_list
