@@ -104,6 +104,14 @@ class EventSourceTests(unittest.TestCase):
         )  # a chat state notification, for instance
         self.assertEqual(self.events, [])
 
+    def test_no_event_when_the_routing_key_would_be_too_long(self) -> None:
+        long_user = FakeSession(f"{'x' * 250}@localhost/home")
+        self.hooks.run(hooks.USER_AVAILABLE, long_user)
+        self.assertEqual(self.events, [])
+        short_enough = FakeSession(f"{'x' * 245}@localhost/home")  # 255 bytes with the domain
+        self.hooks.run(hooks.USER_AVAILABLE, short_enough)
+        self.assertEqual(len(self.events), 1)
+
     def test_unicode_body_is_utf8_json(self) -> None:
         stanza = message("chat", "grüße ✓", "bob@localhost", "alice@localhost/home")
         self.hooks.run(hooks.MESSAGE_SENT, self.alice, stanza)

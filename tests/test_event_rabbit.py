@@ -15,17 +15,21 @@ from mim_twisted.config import load_config
 from mim_twisted.events.formats import Event
 from mim_twisted.events.rabbit import RabbitPublisher, _BatchedWrites, _Deliveries, in_flight_window
 from tests.test_config import write
+from tests.test_event_amqp import decode_all
 
 
 class FakeChannel:
-    """What the publisher uses of pika's Channel."""
+    """What the publisher uses of pika's Channel, and the bodies of the frames written for it."""
+
+    channel_number = 1
 
     def __init__(self) -> None:
         self.is_open = True
         self.published: list[bytes] = []
 
-    def basic_publish(self, exchange: str, routing_key: str, body: bytes) -> None:
-        self.published.append(body)
+    def write(self, frames: bytes) -> None:
+        [_, _, body] = decode_all(frames)
+        self.published.append(body.fragment)
 
 
 def ack(tag: int, multiple: bool = False) -> SimpleNamespace:
@@ -42,7 +46,7 @@ class PublisherTests(unittest.TestCase):
         self.clock = Clock()
         self.publisher = RabbitPublisher(config.event_pusher.rabbit, self.clock)
         self.channel = FakeChannel()
-        self.deliveries = _Deliveries(self.channel)
+        self.deliveries = _Deliveries(self.channel, self.channel.write)
         # As once a connection is prepared.
         self.publisher.channel = object()
         self.publisher._deliveries = self.deliveries

@@ -11,12 +11,17 @@ import json
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import InvalidFormat
 from twisted.words.xish import domish
 
 from mim_twisted import hooks
 from mim_twisted.config import RabbitConfig
 from mim_twisted.xmpp.jids import parse_jid
+
+log = Logger()
+
+MAX_ROUTING_KEY = 255
 
 # Before any other handler of the same hooks, so that a handler that waits cannot reorder what
 # happened (a message's "sent" event always comes before its "recv" event).
@@ -79,7 +84,7 @@ class EventSource:
 
     def _presence(self, session: Any, present: bool) -> None:
         body = json_body({"user_id": session.jid.full(), "present": present})
-        self.publish(Event(self.presence.name, session.jid.userhost(), body))
+        self._emit(self.presence.name, session.jid.userhost(), body)
 
     def message_sent(self, session: Any, message: domish.Element) -> None:
         """A local user sent a message: routing key the sender's, to = the address written."""
@@ -97,8 +102,7 @@ class EventSource:
         body = json_body(
             {"from_user_id": session.jid.full(), "to_user_id": recipient, "message": text}
         )
-        key = f"{session.jid.userhost()}.{exchange.sent_topic}"
-        self.publish(Event(exchange.name, key, body))
+        self._emit(exchange.name, f"{session.jid.userhost()}.{exchange.sent_topic}", body)
 
     def message_delivered(self, session: Any, message: domish.Element) -> None:
         """A message was written to a local session: routing key the recipient's."""
@@ -116,5 +120,14 @@ class EventSource:
         body = json_body(
             {"from_user_id": sender, "to_user_id": session.jid.full(), "message": text}
         )
-        key = f"{session.jid.userhost()}.{exchange.recv_topic}"
-        self.publish(Event(exchange.name, key, body))
+        self._emit(exchange.name, f"{session.jid.userhost()}.{exchange.recv_topic}", body)
+
+    def _emit(self, exchange: str, routing_key: str, body: bytes) -> None:
+        # AMQP routing keys hold 255 bytes; a JID may be longer (1023 bytes a part).
+        if len(routing_key) > MAX_ROUTING_KEY and len(routing_key.encode()) > MAX_ROUTING_KEY:
+            log.warn(
+                "Event pusher: no event for {key}: a routing key holds at most 255 bytes",
+                key=routing_key[:80] + "...",
+            )
+            return
+        self.publish(Event(exchange, routing_key, body))

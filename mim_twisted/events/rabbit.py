@@ -15,6 +15,7 @@ closed after preparing it failed, trips its state machine.)
 import random
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -28,6 +29,7 @@ from twisted.python.failure import Failure
 
 from mim_twisted import hooks
 from mim_twisted.config import RabbitConfig
+from mim_twisted.events.amqp import publish_frames, short_string
 from mim_twisted.events.buffer import EventBuffer
 from mim_twisted.events.formats import Event, EventSource
 
@@ -99,14 +101,16 @@ class _BatchedWrites:
 
 
 class _Deliveries:
-    """One channel's publishing state: the raw pika channel under the Twisted wrapper, and the
-    event behind each delivery tag not yet confirmed.
+    """One channel's publishing state: the raw pika channel under the Twisted wrapper, where its
+    frames are written, and the event behind each delivery tag not yet confirmed.
 
     pika's TwistedChannel makes a Deferred per publish and looks through every unconfirmed
-    delivery at each ack; the hot path uses the channel under it instead."""
+    delivery at each ack, and pika's basic_publish marshals generically; the hot path writes
+    the frames itself (mim_twisted.events.amqp) and tracks the delivery tags."""
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, write: Callable[[bytes], None]) -> None:
         self.channel = channel  # a pika.channel.Channel
+        self.write = write
         self.last_tag = 0  # delivery tags count the channel's publishes from 1
         self.unconfirmed: deque[tuple[int, int]] = deque()  # (delivery tag, event sequence)
 
@@ -161,6 +165,7 @@ class RabbitPublisher(service.Service):
         self.channel: TwistedChannel | None = None
         self._deliveries: _Deliveries | None = None
         self._send_scheduled = False
+        self._exchange_names: dict[str, bytes] = {}  # as AMQP shortstrs
         self._connecting: defer.Deferred | None = None
 
     # -- the XMPP side ---------------------------------------------------------------------
@@ -240,7 +245,8 @@ class RabbitPublisher(service.Service):
         # A channel closed by the broker (an error of ours) takes the connection with it, so
         # that a new one is made.
         channel.on_closed.addBoth(lambda _: _disconnect(connection))
-        deliveries = _Deliveries(channel._channel)
+        # Through the same transport as pika's own frames, so they keep their order.
+        deliveries = _Deliveries(channel._channel, connection.transport.write)
         if settings.confirms:
             selected: defer.Deferred = defer.Deferred()
             deliveries.channel.confirm_delivery(
@@ -302,6 +308,9 @@ class RabbitPublisher(service.Service):
         if deliveries is None:
             return
         channel = deliveries.channel
+        number = channel.channel_number
+        write = deliveries.write
+        exchanges = self._exchange_names
         buffer = self.buffer
         confirms = self.settings.confirms
         sent = False
@@ -310,7 +319,10 @@ class RabbitPublisher(service.Service):
             if taken is None:
                 break
             sequence, event = taken
-            channel.basic_publish(event.exchange, event.routing_key, event.body)
+            exchange = exchanges.get(event.exchange)
+            if exchange is None:
+                exchange = exchanges[event.exchange] = short_string(event.exchange)
+            write(publish_frames(number, exchange, short_string(event.routing_key), event.body))
             if confirms:
                 deliveries.last_tag += 1
                 deliveries.unconfirmed.append((deliveries.last_tag, sequence))
