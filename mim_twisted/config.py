@@ -454,6 +454,13 @@ class ModulesConfig:
     carbons: bool = option(True, boolean)  # XEP-0280 Message Carbons
     blocking: bool = option(True, boolean)  # XEP-0191 Blocking Command
     last: bool = option(True, boolean)  # XEP-0012 Last Activity
+    stream_management: bool = option(True, boolean)  # XEP-0198 Stream Management
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StreamManagementConfig:
+    resume_timeout: float = option(300.0, number(0, inclusive=False))
+    max_unacked: int = option(1000, integer(1))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -573,6 +580,7 @@ class Config:
     limits: LimitsConfig = option({}, table(LimitsConfig))
     pubsub: PubSubConfig = option({}, table(PubSubConfig))
     modules: ModulesConfig = option({}, table(ModulesConfig))
+    stream_management: StreamManagementConfig = option({}, table(StreamManagementConfig))
     log: LogConfig = option({}, table(LogConfig))
     admin: AdminConfig = option({}, table(AdminConfig))
     metrics: MetricsConfig = option({}, table(MetricsConfig))

@@ -30,7 +30,7 @@ from mim_twisted.admin import AdminService
 from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
 from mim_twisted.config import Config, ConfigError, ListenerConfig, changed_keys, load_config
-from mim_twisted.im import caps, ping, roster, version
+from mim_twisted.im import caps, ping, roster, stream_management, version
 from mim_twisted.im.blocking import BlockingService
 from mim_twisted.im.caps import CapsService
 from mim_twisted.im.carbons import Carbons
@@ -44,6 +44,7 @@ from mim_twisted.im.register import RegistrationService
 from mim_twisted.im.roster import RosterService
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import SessionManager
+from mim_twisted.im.stream_management import StreamManagement, StreamManagementSettings
 from mim_twisted.listeners import ClientListener, describe_address
 from mim_twisted.logs import LogOutput
 from mim_twisted.metrics import MetricsService
@@ -178,6 +179,8 @@ class ImCore:
         """Offer the core's stream features and pre-authentication requests on a listener."""
         factory.bound_features.extend(roster.stream_features())
         factory.bound_features.append(caps.server_caps_element(self.disco.server_info()))
+        if self.router.stream_management is not None:
+            factory.bound_features.append(stream_management.stream_feature())
         self.registration.install_stream(factory)
 
 
@@ -203,6 +206,16 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
     roster_service.on_remove = presence.roster_item_removed
     messages = MessageRouter(sessions, database.accounts, offline, hook_table)
     router = Router(domains, sessions, clock, presence, messages, hook_table)
+    if config.modules.stream_management:
+        router.stream_management = StreamManagement(
+            StreamManagementSettings(
+                resume_timeout=config.stream_management.resume_timeout,
+                max_unacked=config.stream_management.max_unacked,
+            ),
+            sessions,
+            offline,
+            clock,
+        )
     router.account_iq[roster.NS_ROSTER, "query"] = roster_service.handle_iq
     disco = DiscoService(database.accounts, database.rosters)
     disco.install(router)

@@ -8,7 +8,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from mim_twisted.auth.scram import derive_all
-from mim_twisted.config import load_config
+from mim_twisted.config import Config, load_config
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.tap import build_im_core
 from mim_twisted.xmpp.c2s import CLOSE_GRACE, C2SFactory, C2SSettings
@@ -52,7 +52,7 @@ class StreamTestCase(unittest.TestCase):
         self.successResultOf(
             self.database.accounts.create_account("localhost", "alice", derive_all("secret"))
         )
-        core = build_im_core(load_config(None), self.database, self.clock)
+        self.core = core = build_im_core(self.config(), self.database, self.clock)
         self.sessions = core.sessions
         values = {
             "domains": frozenset({"localhost"}),
@@ -73,6 +73,9 @@ class StreamTestCase(unittest.TestCase):
             im=core.router,
             clock=self.clock,
         )
+
+    def config(self) -> Config:
+        return load_config(None)
 
     def connect(self) -> tuple:
         stream = self.factory.buildProtocol(None)
@@ -508,6 +511,9 @@ class NamespaceTests(StreamTestCase):
 
 class StartTlsNamespaceTests(StreamTestCase):
     settings = {"tls_options": object(), "starttls_required": True}
+
+    def config(self) -> Config:
+        return load_config(None)
 
     def connect(self) -> tuple:
         stream = self.factory.buildProtocol(None)

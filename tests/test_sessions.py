@@ -82,7 +82,7 @@ class OpenedSessionTests(ImCoreTestCase):
         )
         self.assertTrue(old.closed)
         self.assertIs(self.core.sessions.session(JID("alice@localhost/desk")), new)
-        old.connection_lost()
+        old.connection_lost(old.connection)
         self.assertIs(self.core.sessions.session(JID("alice@localhost/desk")), new)
 
     def test_a_lost_connection_ends_the_session_for_everyone(self) -> None:
@@ -93,7 +93,7 @@ class OpenedSessionTests(ImCoreTestCase):
             self.stanza(session, presence_xml())
         self.successResultOf(self.core.presence.idle())
         alice.connection.closed = True
-        alice.connection_lost()
+        alice.connection_lost(alice.connection)
         self.successResultOf(self.core.presence.idle())
         self.assertIsNone(self.core.sessions.session(alice.jid))
         last = bob.connection.sent[-1]

@@ -32,6 +32,7 @@ from mim_twisted.im.messages import MessageRouter
 from mim_twisted.im.presence import PresenceService
 from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stanzas import reply_error
+from mim_twisted.im.stream_management import StreamManagement, failed
 from mim_twisted.inflight import InFlight
 from mim_twisted.storage.interfaces import log_request_failure
 from mim_twisted.xmpp.connection import ClientConnection
@@ -73,6 +74,8 @@ class Router:
         # Services on their own domain (pubsub.<domain>): every stanza addressed to that domain
         # goes to `handler(session, stanza, recipient)`.
         self.components: dict[str, Callable[[Session, domish.Element, JID], None]] = {}
+        # XEP-0198, when enabled: acknowledgements, detached sessions and their resumption.
+        self.stream_management: StreamManagement | None = None
         self._queries: dict[str, tuple[str, defer.Deferred]] = {}
         # Messages still being routed (to the database: offline storage, account lookups),
         # which a stop lets finish before the database closes.
@@ -90,10 +93,24 @@ class Router:
         self.sessions.bind(session)
         return session
 
+    def resume_session(
+        self, connection: ClientConnection, user: JID, request: domish.Element
+    ) -> Session | None:
+        """<resume/> (XEP-0198) on a stream authenticated as `user`: the session it resumes,
+        or None when there is none (the stream was told why)."""
+        if self.stream_management is None:
+            connection.send(failed("feature-not-implemented"))
+            return None
+        return self.stream_management.resume(connection, user, request)
+
     def close_session(self, session: Session) -> None:
-        """The session's connection is gone: out of the table, then unavailable to everyone."""
+        """The session is over: out of the table, then unavailable to everyone; what it did not
+        acknowledge (XEP-0198) is undelivered."""
+        session.ended = True
         self.sessions.unbind(session)
         self.session_ended(session)
+        if self.stream_management is not None:
+            self.stream_management.session_ended(session)
 
     # -- IQ -------------------------------------------------------------------------------
 

@@ -16,18 +16,27 @@ from typing import TYPE_CHECKING
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
+from mim_twisted.im.stream_management import failed
+from mim_twisted.xmpp import bind
 from mim_twisted.xmpp.connection import ClientConnection
 
 if TYPE_CHECKING:
     from mim_twisted.im.router import Router
+    from mim_twisted.im.stream_management import StanzaLedger
 
 
 class Session:
-    """One bound resource of a local account (the stream layer's `BoundSession`)."""
+    """One bound resource of a local account (the stream layer's `BoundSession`).
+
+    With stream management (XEP-0198) it may outlive its connection: `connection` is None while
+    it is detached, waiting for its client to resume it on another one.
+    """
 
     def __init__(self, connection: ClientConnection, jid: JID, router: "Router") -> None:
-        self.connection = connection
+        self.connection: ClientConnection | None = connection
+        self._secure = connection.secure
         self.jid = jid
+        self.ended = False  # over for good: unbound and unavailable
         self._router = router
         self.presence: domish.Element | None = None  # the last available broadcast presence
         self.priority = 0
@@ -44,34 +53,86 @@ class Session:
         self.holds = 0
         self.carbons = False  # XEP-0280: it gets copies of its account's chats (carbons.py)
         self.block_list_requested = False  # XEP-0191: it gets block list pushes once it has asked
+        # XEP-0198 (StreamManagement): the counts once the client has enabled it, and the id it
+        # resumes with if it asked for resumption.
+        self.ledger: StanzaLedger | None = None
+        self.resumption_id: str | None = None
+        self.ack_requested = False  # an <r/> is out, not yet answered
 
     @property
     def closed(self) -> bool:
-        """Closing or gone: whatever would be sent to it now would be lost."""
+        """Closing or gone: whatever would be sent to it now would be lost. A detached session
+        is not closed: what is sent to it waits for its client to resume."""
+        if self.connection is None:
+            return self.ended
         return self.connection.closed
 
     @property
     def secure(self) -> bool:
-        return self.connection.secure
+        return self._secure
 
     def send(self, stanza: domish.Element | bytes | str) -> None:
-        self.connection.send(stanza)
+        counted = self.ledger is not None and not self.closed
+        if self.connection is not None:
+            self.connection.send(stanza)
+        if counted:
+            # After the stanza: an ack request it triggers must follow it.
+            self._router.stream_management.stanza_sent(self, stanza)
+
+    def send_nonza(self, element: domish.Element) -> None:
+        """Stream management's own elements: not stanzas, so neither counted nor kept."""
+        if self.connection is not None:
+            self.connection.send(element)
 
     def stream_error(self, condition: str, text: str | None = None) -> None:
-        """End the session with a stream error (RFC 6120 §4.9) that closes its connection."""
-        self.connection.stream_error(condition, text)
+        """End the session with a stream error (RFC 6120 §4.9) that closes its connection;
+        a detached session, which has none, ends at once."""
+        if self.connection is None:
+            self.end()
+        else:
+            self.connection.stream_error(condition, text)
 
     def replaced(self) -> None:
         """Another connection bound the same full JID: close this one with <conflict/>."""
         self.stream_error("conflict", "Replaced by a new connection")
 
+    def attach(self, connection: ClientConnection) -> None:
+        """Stream management resumed the session on `connection`."""
+        self.connection = connection
+        self._secure = connection.secure
+        self.ack_requested = False
+
+    def end(self) -> None:
+        """Over for good: unbound, then unavailable to everyone."""
+        if not self.ended:
+            self._router.close_session(self)
+
     # -- what the stream calls (BoundSession) ------------------------------------------------
 
     def stanza_received(self, stanza: domish.Element) -> None:
+        if self.ledger is not None:
+            self.ledger.stanza_handled()
+        if stanza.name == "iq" and bind.is_session_request(stanza):
+            # RFC 3921's session establishment: a no-op kept for older clients.
+            self.send(bind.session_result(stanza))
+            return
         self._router.route_from_client(self, stanza)
 
-    def connection_lost(self) -> None:
-        self._router.close_session(self)
+    def management_received(self, element: domish.Element) -> None:
+        management = self._router.stream_management
+        if management is None:
+            self.send_nonza(failed("feature-not-implemented"))
+        else:
+            management.element_received(self, element)
+
+    def connection_lost(self, connection: ClientConnection, *, abrupt: bool = False) -> None:
+        if connection is not self.connection:
+            return  # one it was resumed away from
+        if abrupt and self.ledger is not None and self.ledger.resumable:
+            self.connection = None
+            self._router.stream_management.detach(self)
+        else:
+            self.end()
 
 
 class SessionManager:

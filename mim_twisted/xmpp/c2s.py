@@ -91,6 +91,7 @@ class C2SStream(protocol.Protocol):
         self.bound_at: float | None = None  # clock.seconds() when the resource was bound
         self.tls_established = False
         self.closed = False
+        self._closing = False  # closed by a stream end or error, not broken off
         self._parser: StreamParser | None = None
         self._header_sent = False
         self._auth_timer = None
@@ -230,7 +231,7 @@ class C2SStream(protocol.Protocol):
                 problem=check.problem,
             )
         if self.session is not None:
-            self.session.connection_lost()
+            self.session.connection_lost(self, abrupt=not self._closing)
         log.debug("{peer} disconnected", peer=self.log_name())
 
     # -- output ----------------------------------------------------------------------------
@@ -293,6 +294,7 @@ class C2SStream(protocol.Protocol):
         """Close the connection after what was written: at once on plain TCP, after the
         close_notify exchange on TLS, and in any case within CLOSE_GRACE seconds."""
         self.closed = True
+        self._closing = True
         transport = self.transport
         # TLS (TLSMemoryBIOProtocol) does not shut down while a producer is registered.
         transport.unregisterProducer()
@@ -375,11 +377,31 @@ class C2SStream(protocol.Protocol):
                 self.sasl.handle(element)
         elif element.uri == namespaces.CLIENT and element.name in STANZA_NAMES:
             self._on_stanza_before_bind(element)
+        elif element.uri == namespaces.SM:
+            self._on_management(element)
         elif element.uri == namespaces.STREAMS and element.name == "error":
             log.info("{peer} sent a stream error", peer=self.log_name())
             self._on_stream_end()
         else:
             self.stream_error("unsupported-stanza-type", f"Unexpected <{element.name}/>")
+
+    def _on_management(self, element: domish.Element) -> None:
+        """Stream management (XEP-0198): after binding the session's business; <resume/>
+        instead of binding."""
+        if self.jid is not None:
+            self.session.management_received(element)
+        elif self.username is None:
+            self.stream_error("not-authorized", "Authenticate first")
+        elif element.name == "resume":
+            user = JID(tuple=(self.username, self.domain, None))
+            session = self.factory.im.resume_session(self, user, element)
+            if session is not None:
+                self._session_opened(session.jid, session)
+                log.info("{peer} resumed {jid}", peer=self.log_name(), jid=self.jid.full())
+        else:
+            failed = domish.Element((namespaces.SM, "failed"))
+            failed.addElement((namespaces.STANZAS, "unexpected-request"))
+            self.send(failed)
 
     def _start_tls(self) -> None:
         if self.secure or self.settings.tls_options is None or self.username is not None:
@@ -452,13 +474,16 @@ class C2SStream(protocol.Protocol):
 
     def bound(self, jid: JID) -> None:
         """Resource binding succeeded: the session is open for routing."""
+        self._session_opened(jid, self.factory.im.open_session(self, jid))
+        log.info("{peer} bound {jid}", peer=self.log_name(), jid=jid.full())
+
+    def _session_opened(self, jid: JID, session: BoundSession) -> None:
         self.jid = jid
+        self.session = session
         self.bound_at = self.factory.clock.seconds()
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self.factory.forget_unbound(self)
-        self.session = self.factory.im.open_session(self, jid)
-        log.info("{peer} bound {jid}", peer=self.log_name(), jid=jid.full())
 
     def _on_stanza(self, stanza: domish.Element) -> None:
         if stanza.name not in STANZA_NAMES:
@@ -466,9 +491,6 @@ class C2SStream(protocol.Protocol):
             return
         stanza["from"] = self.jid.full()
         self.factory.stanzas_in[stanza.name] += 1
-        if stanza.name == "iq" and bind.is_session_request(stanza):
-            self.send(bind.session_result(stanza))
-            return
         try:
             self.session.stanza_received(stanza)
         except Exception:

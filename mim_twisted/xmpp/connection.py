@@ -37,8 +37,13 @@ class BoundSession(Protocol):
     def stanza_received(self, stanza: domish.Element) -> None:
         """A stanza from the client, its 'from' stamped with the session's full JID."""
 
-    def connection_lost(self) -> None:
-        """The connection is gone; nothing can be sent to it any more."""
+    def management_received(self, element: domish.Element) -> None:
+        """A stream management element (XEP-0198: <enable/>, <r/>, <a/>) from the client."""
+
+    def connection_lost(self, connection: ClientConnection, *, abrupt: bool = False) -> None:
+        """`connection` is gone; nothing can be sent to it any more. `abrupt`: it broke
+        without the stream being closed by either side, so its client may come back and
+        resume the session (XEP-0198)."""
 
 
 @runtime_checkable
@@ -47,3 +52,9 @@ class SessionOpener(Protocol):
 
     def open_session(self, connection: ClientConnection, jid: JID) -> BoundSession:
         """The client bound `jid` on `connection`: a session that takes its stanzas."""
+
+    def resume_session(
+        self, connection: ClientConnection, user: JID, request: domish.Element
+    ) -> BoundSession | None:
+        """An XEP-0198 <resume/> on `connection`, authenticated as the bare JID `user`: the
+        session it resumes (told so and sent what it missed), or None (told why)."""

@@ -1,4 +1,5 @@
-"""XML namespaces of the XMPP core protocols (RFC 6120, RFC 6121) used by the stream layer."""
+"""XML namespaces of the XMPP core protocols (RFC 6120, RFC 6121) and of XEP-0198 stream
+management, used by the stream layer."""
 
 STREAMS = "http://etherx.jabber.org/streams"
 CLIENT = "jabber:client"
@@ -8,3 +9,4 @@ BIND = "urn:ietf:params:xml:ns:xmpp-bind"
 SESSION = "urn:ietf:params:xml:ns:xmpp-session"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
+SM = "urn:xmpp:sm:3"  # XEP-0198
