@@ -131,6 +131,21 @@ class ServerCollector:
         for outcome in ("delivered", "offline", "bounced"):
             messages.add_metric([outcome], outcomes.get(outcome, 0))
         yield messages
+        management = core.router.stream_management if core is not None else None
+        if management is not None:
+            resumptions = CounterMetricFamily(
+                "mim_stream_resumptions",
+                "XEP-0198 resumptions by result (failed: unknown, expired or refused)",
+                labels=["result"],
+            )
+            resumptions.add_metric(["resumed"], management.resumptions)
+            resumptions.add_metric(["failed"], management.failed_resumptions)
+            yield resumptions
+            yield CounterMetricFamily(
+                "mim_stream_resumption_timeouts",
+                "Detached sessions that ended because their client did not resume them in time",
+                value=management.timeouts,
+            )
 
     def _pubsub(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

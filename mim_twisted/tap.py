@@ -393,6 +393,9 @@ class ImCoreService(service.Service):
     async def _drain(self) -> None:
         factories, self.factories = self.factories, []
         await defer.gatherResults([f.disconnect_all(SHUTDOWN_GRACE) for f in factories])
+        if self.core is not None and self.core.router.stream_management is not None:
+            # Sessions waiting to be resumed end too; their unacknowledged messages are stored.
+            await self.core.router.stream_management.stop()
         if self.core is not None:
             # Bounded: work stuck on the database must not keep the server up for ever.
             routing = self.core.router.routing.idle()

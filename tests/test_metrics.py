@@ -58,6 +58,9 @@ class CollectorTests(unittest.TestCase):
                 ),
                 router=SimpleNamespace(
                     messages=SimpleNamespace(outcomes=Counter(delivered=5)),
+                    stream_management=SimpleNamespace(
+                        resumptions=3, failed_resumptions=1, timeouts=2
+                    ),
                     components={"pubsub.localhost": SimpleNamespace(results=Counter(ok=2))},
                 ),
             ),
@@ -90,6 +93,9 @@ class CollectorTests(unittest.TestCase):
         self.assertEqual(value("mim_tls_handshake_failures_total"), 8)
         self.assertEqual(value("mim_messages_routed_total", outcome="delivered"), 5)
         self.assertEqual(value("mim_messages_routed_total", outcome="bounced"), 0)
+        self.assertEqual(value("mim_stream_resumptions_total", result="resumed"), 3)
+        self.assertEqual(value("mim_stream_resumptions_total", result="failed"), 1)
+        self.assertEqual(value("mim_stream_resumption_timeouts_total"), 2)
         self.assertEqual(value("mim_pubsub_requests_total", result="ok"), 3)  # PEP's too
         self.assertEqual(value("mim_pubsub_requests_total", result="error"), 1)
         self.assertEqual(value("mim_pubsub_queue_length", queue="1"), 3)

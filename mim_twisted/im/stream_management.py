@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.words.protocols.jabber import error
@@ -145,6 +146,7 @@ class StreamManagement:
         self.clock = clock
         self._resumable: dict[str, Session] = {}  # by stream management id
         self._timers: dict[Session, IDelayedCall] = {}  # resumption deadlines, ack requests
+        self._keeping: set[defer.Deferred] = set()  # undelivered messages being stored offline
         # Counted for the metrics.
         self.resumptions = 0
         self.timeouts = 0
@@ -302,6 +304,13 @@ class StreamManagement:
         return session
 
     # -- the end of a session ----------------------------------------------------------------
+
+    def stop(self) -> defer.Deferred:
+        """The server stops (after its connections are closed): detached sessions end now, and
+        the returned Deferred fires once what they leave undelivered is stored."""
+        for session in [s for s in self._resumable.values() if s.connection is None]:
+            session.end()
+        return defer.DeferredList(list(self._keeping)).addCallback(lambda _: None)
 
     def session_ended(self, session: "Session") -> None:
         """The session is over (unbound, unavailable): what it did not acknowledge was not
