@@ -215,6 +215,7 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
             sessions,
             offline,
             clock,
+            router.routing,
         )
     router.account_iq[roster.NS_ROSTER, "query"] = roster_service.handle_iq
     disco = DiscoService(database.accounts, database.rosters)
@@ -395,7 +396,7 @@ class ImCoreService(service.Service):
         await defer.gatherResults([f.disconnect_all(SHUTDOWN_GRACE) for f in factories])
         if self.core is not None and self.core.router.stream_management is not None:
             # Sessions waiting to be resumed end too; their unacknowledged messages are stored.
-            await self.core.router.stream_management.stop()
+            self.core.router.stream_management.stop()
         if self.core is not None:
             # Bounded: work stuck on the database must not keep the server up for ever.
             routing = self.core.router.routing.idle()

@@ -18,13 +18,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.words.protocols.jabber import error
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
+from mim_twisted.inflight import InFlight
 from mim_twisted.xmpp.connection import ClientConnection
 from mim_twisted.xmpp.namespaces import SM, STANZAS
 from mim_twisted.xmpp.stanza_errors import error_response
@@ -139,6 +139,7 @@ class StreamManagement:
         sessions: "SessionManager",
         offline: "OfflineDelivery",
         clock: IReactorTime,
+        in_flight: InFlight,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -146,7 +147,7 @@ class StreamManagement:
         self.clock = clock
         self._resumable: dict[str, Session] = {}  # by stream management id
         self._timers: dict[Session, IDelayedCall] = {}  # resumption deadlines, ack requests
-        self._keeping: set[defer.Deferred] = set()  # undelivered messages being stored offline
+        self.in_flight = in_flight  # undelivered messages being stored, which a stop waits for
         # Counted for the metrics.
         self.resumptions = 0
         self.timeouts = 0
@@ -305,12 +306,11 @@ class StreamManagement:
 
     # -- the end of a session ----------------------------------------------------------------
 
-    def stop(self) -> defer.Deferred:
-        """The server stops (after its connections are closed): detached sessions end now, and
-        the returned Deferred fires once what they leave undelivered is stored."""
+    def stop(self) -> None:
+        """The server stops (after its connections are closed): detached sessions end now;
+        what they leave undelivered is stored under `in_flight`."""
         for session in [s for s in self._resumable.values() if s.connection is None]:
             session.end()
-        return defer.DeferredList(list(self._keeping)).addCallback(lambda _: None)
 
     def session_ended(self, session: "Session") -> None:
         """The session is over (unbound, unavailable): what it did not acknowledge was not
