@@ -443,6 +443,12 @@ def scenarios(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
         elif name == "messages":
             argv = ["--clients", str(args.message_clients), "--duration", str(args.duration)]
             out.append(("messages", name, argv))
+        elif name == "pep":
+            for size in args.pep_sizes:
+                users, contacts = size.split("x")
+                argv = ["--clients", users, "--contacts", contacts]
+                argv += ["--duration", str(args.duration)]
+                out.append((f"pep {size}", name, argv))
         else:
             for window in args.pubsub_windows:
                 argv = ["--clients", str(args.subscribers), "--items", str(args.items)]
@@ -532,7 +538,10 @@ def bench_one(server_class, storage: str, args: argparse.Namespace, **options: b
     print(f"## {server.label}: {workdir}, port {server.port}", flush=True)
     results = {}
     try:
-        server.prepare(max(args.login_clients, args.message_clients, args.subscribers + 1))
+        pep_users = [int(size.split("x")[0]) for size in args.pep_sizes]
+        server.prepare(
+            max(args.login_clients, args.message_clients, args.subscribers + 1, *pep_users)
+        )
         server.start()
         for label, scenario, argv in scenarios(args):
             results[label] = run_load(server, scenario, argv, args)
@@ -558,6 +567,7 @@ FIGURES = {  # scenario -> (rate figure, latency figure, unit)
     "login": ("logins_per_s", "latency_ms", "logins/s"),
     "messages": ("messages_per_s", "latency_ms", "msg/s"),
     "pubsub-fanout": ("notifications_per_s", "publish_to_last_ms", "notif/s"),
+    "pep": ("notifications_per_s", "publish_to_notification_ms", "notif/s"),
 }
 
 
@@ -629,6 +639,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--subscribers", type=int, default=1000)
     add("--items", type=int, default=100)
     add("--pubsub-windows", type=int, nargs="+", default=[1, 4], help="items in flight")
+    add("--pep-sizes", nargs="+", default=["50x10", "1000x20"], help="pep: USERSxCONTACTS, "
+        "users in a ring with that many mutual contacts each")  # fmt: skip
     add("--pubsub-workers", type=int, default=4, help="mim: [pubsub] workers")
     add("--pg-pool", type=int, default=4, help="mim: [storage.postgresql] pool_size")
     add("--extra-config", default="", help="mim: TOML appended to the config")
@@ -648,6 +660,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.runs, args.login_clients, args.message_clients = 1, 50, 10
         args.duration, args.subscribers, args.items = 3.0, 20, 10
+        args.pep_sizes = ["20x4"]
     return args
 
 

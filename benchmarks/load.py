@@ -20,6 +20,13 @@ pubsub-fanout
     Figures: notifications delivered/s and the latency from publish to the last (and first)
     subscriber's notification, per item.
 
+pep
+    N users in a ring, each with --contacts K mutual contacts (its K/2 neighbours on each side)
+    made through real subscription exchanges, each announcing entity caps (XEP-0115, a correct
+    sha-1 ver) with urn:xmpp:omemo:2:devices+notify and answering the server's disco#info;
+    then every user publishes its OMEMO device list flat out (--window publishes in flight
+    each). Figures: publishes/s, notifications/s and the latency from publish to notification.
+
 Accounts are <prefix><i>@<domain> for i = --first-user .. with one --password; create them
 before (benchmarks/bench.py does). Every run prints one JSON line; with --runs R the runs are
 repeated and a last JSON line gives the median, min and max of every figure. Every phase has a
@@ -61,6 +68,13 @@ TAG_FEATURES = f"{{{NS_STREAMS}}}features"
 TAG_STREAM_ERROR = f"{{{NS_STREAMS}}}error"
 TAG_MESSAGE = f"{{{NS_CLIENT}}}message"
 TAG_IQ = f"{{{NS_CLIENT}}}iq"
+TAG_PRESENCE = f"{{{NS_CLIENT}}}presence"
+NS_REGISTER = "jabber:iq:register"
+NS_ROSTER = "jabber:iq:roster"
+NS_CAPS = "http://jabber.org/protocol/caps"
+NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+NS_OMEMO = "urn:xmpp:omemo:2"
+OMEMO_DEVICES = "urn:xmpp:omemo:2:devices"
 PATH_EVENT_ITEM = f"{{{NS_EVENT}}}event/{{{NS_EVENT}}}items/{{{NS_EVENT}}}item"
 
 now = time.perf_counter
@@ -392,6 +406,8 @@ async def _login(
             )
             conn.restart(domain)
             features = await conn.next()
+        if opts.register:
+            await register(conn, username, opts.password)
         offered = [m.text for m in features.iter(f"{{{NS_SASL}}}mechanism")]
         if opts.mechanism not in offered:
             raise XmppError(f"{opts.mechanism} not offered (offered: {offered})")
@@ -421,8 +437,25 @@ async def _login(
         raise
 
 
+async def register(conn: XmppConnection, username: str, password: str) -> None:
+    """XEP-0077 in-band registration before SASL (for servers whose accounts are not made by
+    bench.py); an existing account (conflict) is fine."""
+    conn.send(
+        f"<iq type='set' id='reg'><query xmlns='{NS_REGISTER}'>"
+        f"<username>{escape(username)}</username><password>{escape(password)}</password>"
+        "</query></iq>"
+    )
+    while True:
+        reply = await conn.next()
+        if reply.tag == TAG_IQ and reply.get("id") == "reg":
+            break
+    error = _iq_error(reply)
+    if error and "conflict" not in error:
+        raise XmppError(f"registration of {username} failed: {error}")
+
+
 async def login_many(
-    opts: argparse.Namespace, indexes: list[int], resource_name: str
+    opts: argparse.Namespace, indexes: list[int], resource_name: str, presence: bool = True
 ) -> tuple[list[Client], list[str]]:
     """Log in many clients, at most opts.concurrency at a time; the clients and the errors."""
     semaphore = asyncio.Semaphore(opts.concurrency)
@@ -432,7 +465,7 @@ async def login_many(
     async def one(position: int, index: int) -> None:
         async with semaphore:
             try:
-                clients[position] = await login(opts, index, resource_name)
+                clients[position] = await login(opts, index, resource_name, presence)
             except (OSError, XmppError, TimeoutError, ssl.SSLError) as e:
                 errors.append(f"{opts.user_prefix}{index}: {type(e).__name__}: {e}")
 
@@ -874,10 +907,215 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
     }
 
 
+# -- PEP: a ring of contacts publishing OMEMO device lists ------------------------------------
+
+CAPS_IDENTITY = "client/bot//load.py"
+CAPS_FEATURES = (NS_CAPS, NS_DISCO_INFO, OMEMO_DEVICES + "+notify")
+
+
+def caps_ver() -> str:
+    """The XEP-0115 sha-1 ver of the load client's disco#info (CAPS_IDENTITY, CAPS_FEATURES)."""
+    text = CAPS_IDENTITY + "<" + "".join(f"{feature}<" for feature in sorted(CAPS_FEATURES))
+    return base64.b64encode(hashlib.sha1(text.encode()).digest()).decode()
+
+
+class PepRing:
+    """What the PEP scenario counts: subscriptions approved, publishes answered, notifications
+    received while measuring, and the latency from each publish to each of its notifications."""
+
+    def __init__(self) -> None:
+        self.approved = 0
+        self.measuring = False
+        self.published = 0
+        self.publish_errors: list[str] = []
+        self.notifications = 0
+        self.latencies: list[float] = []
+        self.sent_at: dict[str, float] = {}
+
+    def notified(self, label: str | None) -> None:
+        sent_at = self.sent_at.get(label or "")
+        if sent_at is None or not self.measuring:
+            return
+        self.notifications += 1
+        self.latencies.append(now() - sent_at)
+
+
+def _pep_handler(client: Client, ring: PepRing, caps_node: str) -> Callable[[ET.Element], None]:
+    def on_stanza(element: ET.Element) -> None:
+        tag, kind = element.tag, element.get("type")
+        if tag == TAG_MESSAGE:
+            device = element.find(f"{PATH_EVENT_ITEM}/{{{NS_OMEMO}}}devices/{{{NS_OMEMO}}}device")
+            if device is not None:
+                ring.notified(device.get("label"))
+        elif tag == TAG_PRESENCE and kind == "subscribe":
+            client.send(f"<presence type='subscribed' to={quoteattr(element.get('from', ''))}/>")
+        elif tag == TAG_PRESENCE and kind == "subscribed":
+            ring.approved += 1
+        elif tag == TAG_IQ and kind in ("get", "set"):
+            _answer_iq(client, element, caps_node)
+
+    return on_stanza
+
+
+def _answer_iq(client: Client, iq: ET.Element, caps_node: str) -> None:
+    """The server's disco#info query (entity caps) and roster pushes; anything else: an error."""
+    to = quoteattr(iq.get("from") or client.bare)
+    iq_id = quoteattr(iq.get("id", ""))
+    query = iq.find(f"{{{NS_DISCO_INFO}}}query")
+    if query is not None and iq.get("type") == "get":
+        node = query.get("node")
+        node_attr = f" node={quoteattr(node)}" if node else ""
+        category, kind, _, name = CAPS_IDENTITY.split("/")
+        features = "".join(f"<feature var={quoteattr(f)}/>" for f in CAPS_FEATURES)
+        client.send(
+            f"<iq type='result' id={iq_id} to={to}><query xmlns='{NS_DISCO_INFO}'{node_attr}>"
+            f"<identity category='{category}' type='{kind}' name='{name}'/>{features}"
+            "</query></iq>"
+        )
+    elif iq.find(f"{{{NS_ROSTER}}}query") is not None and iq.get("type") == "set":
+        client.send(f"<iq type='result' id={iq_id} to={to}/>")
+    else:
+        client.send(
+            f"<iq type='error' id={iq_id} to={to}><error type='cancel'>"
+            "<service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+        )
+
+
+def _device_list_publish(index: int, label: str, options: bool) -> str:
+    publish_options = ""
+    if options:
+        # What OMEMO clients send: the device list is readable by anyone (XEP-0384 §5.3.2).
+        publish_options = (
+            "<publish-options><x xmlns='jabber:x:data' type='submit'>"
+            "<field var='FORM_TYPE' type='hidden'>"
+            "<value>http://jabber.org/protocol/pubsub#publish-options</value></field>"
+            "<field var='pubsub#access_model'><value>open</value></field></x></publish-options>"
+        )
+    return (
+        f"<pubsub xmlns='{NS_PUBSUB}'><publish node='{OMEMO_DEVICES}'><item id='current'>"
+        f"<devices xmlns='{NS_OMEMO}'><device id='{index}' label='{label}'/></devices>"
+        f"</item></publish>{publish_options}</pubsub>"
+    )
+
+
+def _emptying_roster(client: Client, timeout: float) -> Callable[[], Awaitable]:
+    async def empty() -> None:
+        roster = await asyncio.wait_for(
+            client.iq("get", None, f"<query xmlns='{NS_ROSTER}'/>"), timeout
+        )
+        for item in roster.iter(f"{{{NS_ROSTER}}}item"):
+            remove = f"<query xmlns='{NS_ROSTER}'><item jid={quoteattr(item.get('jid', ''))}"
+            remove += " subscription='remove'/></query>"
+            await asyncio.wait_for(client.iq("set", None, remove), timeout)
+
+    return empty
+
+
+async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
+    users, half = opts.clients, opts.contacts // 2
+    if users <= opts.contacts:
+        raise XmppError("--clients must exceed --contacts")
+    indexes = list(range(opts.first_user, opts.first_user + users))
+    clients, errors = await login_many(
+        opts, indexes, f"pep-{run}-{secrets.token_hex(3)}", presence=False
+    )
+    try:
+        if errors:
+            raise XmppError(f"{len(errors)} logins failed, first: {errors[0]}")
+        clients.sort(key=lambda c: c.index)
+        # An earlier run left contacts (a server answers a request for a subscription it has
+        # with no 'subscribed'): every run starts from empty rosters.
+        await _bounded(opts.concurrency, [_emptying_roster(c, opts.timeout) for c in clients])
+        ring = PepRing()
+        caps_node = "urn:mim-twisted:load"
+        ver = caps_ver()
+        for client in clients:
+            client.on_stanza = _pep_handler(client, ring, caps_node)
+            client.send(
+                f"<presence><c xmlns='{NS_CAPS}' hash='sha-1' node='{caps_node}' ver='{ver}'/>"
+                "</presence>"
+            )
+        # Each user asks its K/2 neighbours on each side; their clients approve: K mutual
+        # contacts each, through the servers' subscription handling.
+        exchange_started = now()
+        for position, client in enumerate(clients):
+            for step in range(1, half + 1):
+                for other in (clients[(position + step) % users], clients[position - step]):
+                    client.send(f"<presence type='subscribe' to={quoteattr(other.bare)}/>")
+        expected = users * 2 * half
+        deadline = now() + opts.timeout
+        while ring.approved < expected and now() < deadline:
+            await asyncio.sleep(0.05)
+        if ring.approved < expected:
+            raise XmppError(f"only {ring.approved} of {expected} subscriptions approved")
+        exchange_seconds = now() - exchange_started
+        await asyncio.sleep(opts.settle)
+
+        def publish_loop(client: Client) -> Callable[[], Awaitable]:
+            async def loop() -> None:
+                sequence = 0
+                while not stop.is_set():
+                    sequence += 1
+                    label = f"{client.index}.{sequence}"
+                    ring.sent_at[label] = now()
+                    reply = await asyncio.wait_for(
+                        client.iq(
+                            "set", None, _device_list_publish(client.index, label, opts.options)
+                        ),
+                        opts.timeout,
+                    )
+                    error = _iq_error(reply)
+                    if error:
+                        ring.publish_errors.append(error)
+                    elif ring.measuring:
+                        ring.published += 1
+
+            return loop
+
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.ensure_future(publish_loop(client)())
+            for client in clients
+            for _ in range(opts.window)
+        ]
+        await asyncio.sleep(opts.warmup)
+        meter = CpuMeter(opts.server_pid, opts.db_process)
+        ring.measuring = True
+        started = now()
+        await asyncio.sleep(opts.duration)
+        ring.measuring = False
+        elapsed = now() - started
+        cpu = meter.figures()
+        stop.set()
+        done, pending = await asyncio.wait(tasks, timeout=opts.timeout)
+        for task in pending:
+            task.cancel()
+        failures = [t.exception() for t in done if not t.cancelled() and t.exception()]
+        if failures:
+            raise XmppError(f"{len(failures)} publishers failed, first: {failures[0]!r}")
+    finally:
+        await close_all(clients)
+    return {
+        "scenario": "pep",
+        "clients": users,
+        "contacts": opts.contacts,
+        "window": opts.window,
+        "subscriptions_per_s": round(expected / exchange_seconds, 1),
+        "seconds": round(elapsed, 3),
+        "publishes_per_s": round(ring.published / elapsed, 1),
+        "notifications_per_s": round(ring.notifications / elapsed, 1),
+        "notifications_per_publish": round(ring.notifications / max(ring.published, 1), 2),
+        "publish_to_notification_ms": percentiles(ring.latencies),
+        "publish_errors": len(ring.publish_errors),
+        **cpu,
+    }
+
+
 SCENARIOS = {
     "login": scenario_login,
     "messages": scenario_messages,
     "pubsub-fanout": scenario_pubsub,
+    "pep": scenario_pep,
 }
 
 
@@ -908,7 +1146,7 @@ def _nest(flat: dict[str, float]) -> dict:
 # What a run was asked to do rather than what it measured: copied, not summarised.
 PARAMETERS = (
     "clients", "concurrency", "mechanism", "pairs", "window", "body_bytes", "payload_bytes",
-    "items", "subscribers",
+    "items", "subscribers", "contacts",
 )  # fmt: skip
 
 
@@ -981,6 +1219,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--payload-size", type=int, default=128, help="pubsub: payload characters")
     parser.add_argument("--body", default="The quick brown fox jumps over the lazy dog. ")
     parser.add_argument("--to-full-jid", action="store_true", help="address full JIDs, not bare")
+    parser.add_argument("--contacts", type=int, default=10, help="pep: contacts per user (even)")
+    parser.add_argument(
+        "--no-options", dest="options", action="store_false",
+        help="pep: publish without publish-options (access model open)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--register", action="store_true", help="register each account in-band (XEP-0077) first"
+    )
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between runs")
     parser.add_argument("--user-prefix", default="load")
@@ -1003,7 +1249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     opts = parser.parse_args(argv)
     if opts.window is None:
-        opts.window = 1 if opts.scenario == "pubsub-fanout" else 10
+        opts.window = 1 if opts.scenario in ("pubsub-fanout", "pep") else 10
     if min(opts.clients, opts.concurrency, opts.window, opts.runs, opts.items) < 1:
         parser.error("--clients, --concurrency, --window, --runs and --items must be positive")
     _check_loopback(opts.host)
