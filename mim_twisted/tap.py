@@ -51,12 +51,12 @@ from mim_twisted.metrics import MetricsService
 from mim_twisted.pubsub.broadcast import Broadcaster
 from mim_twisted.pubsub.config import GENERIC_NODE_DEFAULTS, ServiceLimits
 from mim_twisted.pubsub.core import PubSubService, Relation
+from mim_twisted.pubsub.nodecache import NodeCache
 from mim_twisted.pubsub.observers import Observer, PubSubObservers
 from mim_twisted.pubsub.pep import PepService
 from mim_twisted.pubsub.protocol import PubSubComponent
 from mim_twisted.pubsub.purge import OfflinePurge
 from mim_twisted.pubsub.queues import WorkerPool
-from mim_twisted.pubsub.subscribers import SubscriberCache
 from mim_twisted.signals import ReloadOnHangup
 from mim_twisted.startreport import StartReport
 from mim_twisted.storage import permissions
@@ -282,8 +282,8 @@ def build_pubsub(
         domains=frozenset(config.server.domains),
     )
     limits = ServiceLimits(settings.max_items_limit, settings.max_payload_size)
-    # One store for both: the subscriber lists a publication notifies are kept in memory.
-    store = SubscriberCache(database.pubsub)
+    # One store for both: what a publication reads of a node is kept in memory.
+    store = NodeCache(database.pubsub)
     rosters = database.rosters
     services: dict[str, PubSubService] = {}
     purge = OfflinePurge(services, pool, core.sessions)

@@ -1,16 +1,17 @@
-"""The in-memory subscriber lists in front of the PubSub store: the store contract still holds
-through it, a node's list is read from the store once, changes written through it keep it
-right, and a read overtaken by a change is not kept."""
+"""The node cache in front of the PubSub store: the store contract still holds through it, a
+node's subscriber list (and configuration and affiliations) is read from the store once,
+changes written through it keep it right, a read overtaken by a change is not kept, and a
+publication then reads nothing of the node."""
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mim_twisted.pubsub import core
 from mim_twisted.pubsub.config import GENERIC_NODE_DEFAULTS, ServiceLimits
-from mim_twisted.pubsub.subscribers import SubscriberCache
+from mim_twisted.pubsub.nodecache import NodeCache
 from mim_twisted.storage.interfaces import IDatabase, PubSubSubscription
 from mim_twisted.storage.memory import MemoryDatabase, MemoryPubSubStore
-from tests.storage_contract import PubSubStoreContract
+from tests.storage_contract import PubSubStoreContract, item
 
 SERVICE = "pubsub.example.org"
 OWNER = "owner@example.org"
@@ -19,7 +20,7 @@ OWNER = "owner@example.org"
 class CachedStoreContractTests(PubSubStoreContract, TestCase):
     def open_empty_database(self) -> Deferred[IDatabase]:
         database = MemoryDatabase()
-        database.pubsub = SubscriberCache(database.pubsub)
+        database.pubsub = NodeCache(database.pubsub)
         return succeed(database)
 
 
@@ -29,8 +30,17 @@ class CountingStore(MemoryPubSubStore):
     def __init__(self) -> None:
         super().__init__()
         self.reads = 0
+        self.node_reads = 0  # of the node and its affiliations
         self.hold = False
         self.held: list[tuple[Deferred, Deferred]] = []
+
+    def get_node(self, service: str, name: str) -> Deferred:
+        self.node_reads += 1
+        return super().get_node(service, name)
+
+    def get_affiliations(self, service: str, name: str) -> Deferred:
+        self.node_reads += 1
+        return super().get_affiliations(service, name)
 
     def get_subscriptions(self, service: str, name: str) -> Deferred:
         self.reads += 1
@@ -46,10 +56,10 @@ def subscription(jid: str, subid: str = "s") -> PubSubSubscription:
     return PubSubSubscription(jid, subid)
 
 
-class SubscriberCacheTests(SynchronousTestCase):
+class NodeCacheTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.store = CountingStore()
-        self.cache = SubscriberCache(self.store, max_nodes=2)
+        self.cache = NodeCache(self.store, max_nodes=2)
         self.successResultOf(self.cache.create_node(SERVICE, "news", {}, OWNER))
 
     def subscriptions(self, node: str = "news") -> list[str]:
@@ -74,7 +84,7 @@ class SubscriberCacheTests(SynchronousTestCase):
 
     def test_read_once_after_a_restart(self) -> None:
         self.successResultOf(self.cache.add_subscription(SERVICE, "news", subscription("a@x")))
-        restarted = SubscriberCache(self.store)
+        restarted = NodeCache(self.store)
         for _ in range(3):
             found = self.successResultOf(restarted.get_subscriptions(SERVICE, "news"))
             self.assertEqual([s.jid for s in found], ["a@x"])
@@ -82,7 +92,7 @@ class SubscriberCacheTests(SynchronousTestCase):
         self.assertEqual((restarted.statistics.hits, restarted.statistics.misses), (2, 1))
 
     def test_a_read_overtaken_by_a_change_is_not_kept(self) -> None:
-        restarted = SubscriberCache(self.store)
+        restarted = NodeCache(self.store)
         self.store.hold = True
         reading = restarted.get_subscriptions(SERVICE, "news")
         self.successResultOf(restarted.add_subscription(SERVICE, "news", subscription("a@x")))
@@ -102,6 +112,27 @@ class SubscriberCacheTests(SynchronousTestCase):
         self.subscriptions("a")  # "a" was dropped for "c" (two lists at most)
         self.assertEqual(self.store.reads, 2)
 
+    def test_configuration_and_affiliations_written_through_it(self) -> None:
+        self.successResultOf(self.cache.get_node(SERVICE, "news"))
+        self.successResultOf(self.cache.set_node_config(SERVICE, "news", {"x": ["a"]}))
+        self.successResultOf(self.cache.set_affiliation(SERVICE, "news", "m@x", "member"))
+        self.successResultOf(self.cache.set_affiliation(SERVICE, "news", OWNER, "none"))
+        node = self.successResultOf(self.cache.get_node(SERVICE, "news"))
+        node.config["x"].append("b")  # what is handed out is a copy
+        node = self.successResultOf(self.cache.get_node(SERVICE, "news"))
+        self.assertEqual(node.config, {"x": ["a"]})
+        affiliations = self.successResultOf(self.cache.get_affiliations(SERVICE, "news"))
+        self.assertEqual(affiliations, {"m@x": "member"})
+        self.assertEqual(
+            affiliations, self.successResultOf(self.store.get_affiliations(SERVICE, "news"))
+        )
+
+    def test_a_node_deleted_behind_it_is_dropped_at_the_first_failed_write(self) -> None:
+        self.successResultOf(self.cache.get_node(SERVICE, "news"))
+        self.successResultOf(self.store.delete_node(SERVICE, "news"))  # e.g. with its account
+        self.failureResultOf(self.cache.publish_item(SERVICE, "news", item(1), 1))
+        self.assertIsNone(self.successResultOf(self.cache.get_node(SERVICE, "news")))
+
     def test_a_failed_write_drops_the_list(self) -> None:
         self.subscriptions()
         failure = self.cache.add_subscription(SERVICE, "nonode", subscription("a@x"))
@@ -110,12 +141,12 @@ class SubscriberCacheTests(SynchronousTestCase):
         self.assertEqual(self.store.reads, 0)
 
 
-class PublishReadsNoSubscriptionsTests(TestCase):
-    """The publish path over the cache: no subscription read per publication."""
+class PublishReadsNothingTests(TestCase):
+    """The publish path over the cache: no read of the node per publication."""
 
-    async def test_publications_after_the_first_read_nothing(self) -> None:
+    async def test_publications_read_nothing_of_the_node(self) -> None:
         store = CountingStore()
-        cache = SubscriberCache(store)
+        cache = NodeCache(store)
         events: list = []
         service = core.PubSubService(
             cache,
@@ -127,8 +158,10 @@ class PublishReadsNoSubscriptionsTests(TestCase):
         await service.create(OWNER, "news")
         for n in range(50):
             await service.subscribe(f"u{n}@x/r", "news", f"u{n}@x")
+        await service.publish(OWNER, "news", "first", "<p xmlns='urn:p'/>")
+        node_reads = store.node_reads  # the node's creation time, once
         for n in range(10):
             await service.publish(OWNER, "news", f"i{n}", "<p xmlns='urn:p'/>")
-        self.assertEqual(store.reads, 0)
+        self.assertEqual((store.reads, store.node_reads), (0, node_reads))
         published = [e for e in events if isinstance(e, core.ItemPublished)]
-        self.assertEqual([len(e.subscriptions) for e in published], [50] * 10)
+        self.assertEqual([len(e.subscriptions) for e in published], [50] * 11)
