@@ -106,6 +106,15 @@ class AccountStoreContract(StorageContract):
             await self.accounts.list_accounts("example.org"), ["a-c", "ab", "bob", "zoë", "émile"]
         )
 
+    async def test_four_byte_characters_round_trip(self) -> None:
+        # Outside the BMP: MySQL's "utf8" (3 bytes a character) would refuse or mangle them.
+        await self.accounts.create_account("example.org", "𝄞mily😀", credentials("🔑"))
+        self.assertEqual(
+            await self.accounts.get_credentials("example.org", "𝄞mily😀"), credentials("🔑")
+        )
+        self.assertFalse(await self.accounts.account_exists("example.org", "𝄞mily😁"))
+        self.assertEqual(await self.accounts.list_accounts("example.org"), ["𝄞mily😀"])
+
     async def test_list_accounts_per_domain(self) -> None:
         await self.accounts.create_account("example.org", "alice", credentials("a"))
         await self.accounts.create_account("example.com", "bob", credentials("b"))
@@ -171,6 +180,16 @@ NOBODY = ("example.org", "nobody")
 class RosterStoreContract(StorageContract):
     def test_roster_store_provides_interface(self) -> None:
         self.assertTrue(verifyObject(IRosterStore, self.rosters))
+
+    async def test_four_byte_characters_round_trip(self) -> None:
+        await self.register(ALICE)
+        contact = RosterItem(jid="😀@example.com", name="Grinning 😀", groups=("🎉", "家族"))
+        await self.rosters.put_item(*ALICE, contact)
+        self.assertEqual(
+            await self.rosters.get_item(*ALICE, "😀@example.com"),
+            dataclasses.replace(contact, groups=("家族", "🎉")),
+        )
+        self.assertIsNone(await self.rosters.get_item(*ALICE, "😁@example.com"))
 
     async def test_empty_roster_is_version_0(self) -> None:
         await self.register(ALICE)
@@ -357,6 +376,14 @@ def message(n: int) -> OfflineMessage:
 class OfflineStoreContract(StorageContract):
     def test_offline_store_provides_interface(self) -> None:
         self.assertTrue(verifyObject(IOfflineStore, self.offline))
+
+    async def test_four_byte_characters_round_trip(self) -> None:
+        await self.register(ALICE)
+        sent = dataclasses.replace(
+            message(1), sender="😀@example.com/𝄞", stanza="<message><body>🎉</body></message>"
+        )
+        await self.offline.store(*ALICE, sent, 10)
+        self.assertEqual(await self.offline.pop_all(*ALICE), [sent])
 
     async def test_store_then_pop_all_oldest_first(self) -> None:
         await self.register(ALICE)
@@ -645,6 +672,22 @@ class PubSubStoreContract(StorageContract):
         )
         self.assertEqual((await self.pubsub.get_node(SERVICE, "news")).config, CONFIG)
         self.assertEqual(await self.pubsub.get_affiliations(SERVICE, "news"), {OWNER: "owner"})
+
+    async def test_four_byte_characters_round_trip(self) -> None:
+        await self.pubsub.create_node(SERVICE, "🎉news", CONFIG, "😀@example.org")
+        published = PubSubItem(
+            item_id="𝄞1", payload="<entry xmlns='urn:example'>🎉 𝄞</entry>", publisher="😀@x/📱"
+        )
+        await self.pubsub.publish_item(SERVICE, "🎉news", published, 10)
+        (stored,) = await self.pubsub.get_items(SERVICE, "🎉news", item_ids=["𝄞1"])
+        self.assertEqual(
+            (stored.item_id, stored.payload, stored.publisher),
+            (published.item_id, published.payload, published.publisher),
+        )
+        self.assertEqual(
+            await self.pubsub.affiliations_of(SERVICE, "😀@example.org"), {"🎉news": "owner"}
+        )
+        self.assertIsNone(await self.pubsub.get_node(SERVICE, "🎊news"))
 
     async def test_concurrent_creations_of_a_node_one_wins(self) -> None:
         owners = [f"owner{n}@example.org" for n in range(5)]

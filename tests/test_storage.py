@@ -6,12 +6,13 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import psycopg2
+import pymysql
 from psycopg2.errors import LockNotAvailable
 from psycopg2.extensions import make_dsn
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mim_twisted.storage import open_database
+from mim_twisted.storage import open_database, sql
 from mim_twisted.storage.interfaces import IDatabase, RosterItem, SchemaOutdated, SchemaTooNew
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.storage.migrations import (
@@ -21,9 +22,10 @@ from mim_twisted.storage.migrations import (
     plan,
     split_statements,
 )
+from mim_twisted.storage.mysql import MySQLDatabase, mysql_statement
 from mim_twisted.storage.postgres import PostgresDatabase
 from mim_twisted.storage.sqlite import SQLiteDatabase
-from tests import pgsupport
+from tests import mysqlsupport, pgsupport
 from tests.storage_contract import (
     ALICE,
     OWNER,
@@ -39,7 +41,7 @@ from tests.storage_contract import (
     message,
 )
 
-BACKENDS = ("sqlite", "postgresql")
+BACKENDS = ("sqlite", "postgresql", "mysql")
 
 
 class MemoryStorageTests(
@@ -148,6 +150,140 @@ class PostgresStorageTests(
             await self.assertFailure(write(), LockNotAvailable)
 
 
+class MySQLStorageTests(
+    AccountStoreContract, RosterStoreContract, OfflineStoreContract, PubSubStoreContract, TestCase
+):
+    def open_empty_database(self) -> Deferred[IDatabase]:
+        self.options = mysqlsupport.create_temp_database(self)
+        return self.open(pool_size=2)
+
+    def open(self, pool_size: int, **options: object) -> Deferred[MySQLDatabase]:
+        database = MySQLDatabase({**self.options, **options}, pool_size)
+        self.addCleanup(database.close)
+        return database.start()
+
+    def hold_row_lock(self, statement: str, parameters: tuple) -> None:
+        """Take a row lock with a connection of the test's own, held until the test ends."""
+        holder = mysqlsupport.connect(database=self.options["database"], autocommit=False)
+        self.addCleanup(holder.close)
+        with holder.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute(statement, parameters)
+
+    async def test_changes_to_an_account_data_wait_for_its_row(self) -> None:
+        # What keeps concurrent changes from racing (the offline limit, the roster version): each
+        # takes the account's row lock, so while another transaction holds it, they wait, here
+        # not at all (innodb_lock_wait_timeout 0).
+        await self.register(ALICE)
+        self.hold_row_lock(
+            "SELECT 1 FROM users WHERE server = %s AND username = %s FOR UPDATE", ALICE
+        )
+        impatient = await self.open(1, init_command="SET innodb_lock_wait_timeout = 0")
+        changes = [
+            lambda: impatient.offline.store(*ALICE, message(1), 10),
+            lambda: impatient.offline.pop_all(*ALICE),
+            lambda: impatient.rosters.put_item(*ALICE, RosterItem(jid="bob@example.com")),
+            lambda: impatient.rosters.remove_item(*ALICE, "bob@example.com"),
+        ]
+        for change in changes:
+            error = await self.assertFailure(change(), pymysql.err.OperationalError)
+            self.assertEqual(error.args[0], pymysql.constants.ER.LOCK_WAIT_TIMEOUT)
+
+    async def test_concurrent_publishes_keep_max_items(self) -> None:
+        # Over several connections, so that the transactions overlap: without the node's row
+        # lock, each would trim by what it saw before the others committed.
+        database = await self.open(pool_size=4)
+        await database.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        for _ in range(5):
+            await gatherResults(
+                [database.pubsub.publish_item(SERVICE, "news", item(n), 2) for n in range(12)]
+            )
+            items = await database.pubsub.get_items(SERVICE, "news")
+            self.assertEqual(len(items), 2)
+            self.assertGreater(items[0].modified_at, items[1].modified_at)
+
+    async def test_writes_to_a_node_wait_for_its_row(self) -> None:
+        # What keeps concurrent writes to a node from racing (trimming, the order of
+        # modified_at): each takes the node's row lock, so while another transaction holds it,
+        # they wait, here not at all.
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        self.hold_row_lock(
+            "SELECT 1 FROM pubsub_nodes WHERE service = %s AND name = %s FOR UPDATE",
+            (SERVICE, "news"),
+        )
+        impatient = await self.open(1, init_command="SET innodb_lock_wait_timeout = 0")
+        writes = [
+            lambda: impatient.pubsub.publish_item(SERVICE, "news", item(1), 10),
+            lambda: impatient.pubsub.purge_items(SERVICE, "news"),
+            lambda: impatient.pubsub.set_affiliation(SERVICE, "news", "bob@example.org", "member"),
+        ]
+        for write in writes:
+            error = await self.assertFailure(write(), pymysql.err.OperationalError)
+            self.assertEqual(error.args[0], pymysql.constants.ER.LOCK_WAIT_TIMEOUT)
+
+    async def test_tables_are_innodb_in_utf8mb4_binary(self) -> None:
+        await self.register(ALICE)
+        connection = mysqlsupport.connect(database=self.options["database"])
+        self.addCleanup(connection.close)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT DISTINCT engine, table_collation FROM information_schema.tables"
+                " WHERE table_schema = DATABASE()"
+            )
+            self.assertEqual(cursor.fetchall(), (("InnoDB", "utf8mb4_bin"),))
+            cursor.execute(
+                "SELECT DISTINCT character_set_name FROM information_schema.columns"
+                " WHERE table_schema = DATABASE() AND character_set_name IS NOT NULL"
+            )
+            self.assertEqual(set(cursor.fetchall()), {("utf8mb4",), ("ascii",)})
+
+
+class MySQLStatementTests(SynchronousTestCase):
+    """sql.py's statements in MySQL's dialect (mim_twisted/storage/mysql.py)."""
+
+    def test_every_statement_of_sql_py_translates(self) -> None:
+        statements = [
+            value
+            for name, value in vars(sql).items()
+            if name.isupper()
+            and isinstance(value, str)
+            and value.lstrip().startswith(("SELECT", "INSERT", "UPDATE", "DELETE"))
+        ]
+        self.assertGreater(len(statements), 30)
+        for statement in statements:
+            translated = mysql_statement(statement)
+            if translated.run is None:
+                self.assertNotIn("?", translated.text)
+                self.assertNotIn("RETURNING", translated.text)
+                self.assertNotIn("ON CONFLICT", translated.text)
+
+    def test_upsert_becomes_on_duplicate_key_update(self) -> None:
+        self.assertEqual(
+            mysql_statement(sql.UPSERT_AFFILIATION).text,
+            "INSERT INTO pubsub_affiliations (node_id, jid, affiliation) VALUES (%s, %s, %s)"
+            " ON DUPLICATE KEY UPDATE affiliation = VALUES(affiliation)",
+        )
+
+    def test_insert_or_nothing_returning_id(self) -> None:
+        translated = mysql_statement(sql.INSERT_NODE)
+        self.assertEqual(
+            translated.text,
+            "INSERT INTO pubsub_nodes (service, name, config, created_at) VALUES (%s, %s, %s, %s)",
+        )
+        self.assertTrue(translated.no_row_on_duplicate)
+
+    def test_literal_percent_is_not_a_placeholder(self) -> None:
+        self.assertEqual(
+            mysql_statement("SELECT 1 FROM t WHERE a LIKE '5%' AND b = ?").text,
+            "SELECT 1 FROM t WHERE a LIKE '5%%' AND b = %s",
+        )
+
+    def test_untranslatable_returning_is_refused(self) -> None:
+        self.assertRaises(
+            NotImplementedError, mysql_statement, "UPDATE t SET a = a + 1 RETURNING a"
+        )
+
+
 def write_schema_dir(path: str, upgrades: dict[int, str]) -> Path:
     """A schema directory at ``path``: the packaged schema with ``upgrades`` (version: SQL, the
     same for every backend) as upgrade scripts and, as the convention wants, in the full schema."""
@@ -207,6 +343,7 @@ class PlanTests(SynchronousTestCase):
             return {entry.name for entry in directory.iterdir()} if directory.is_dir() else set()
 
         self.assertEqual(script_names("sqlite"), script_names("postgresql"))
+        self.assertEqual(script_names("sqlite"), script_names("mysql"))
 
     def test_newest_version_is_the_highest_upgrade_script(self) -> None:
         schema_dir = write_schema_dir(self.mktemp(), MOTD_UPGRADES)
@@ -261,8 +398,10 @@ class SQLMigrationTests:
     """
 
     backend: str
-    location: dict[str, str]
+    location: dict[str, object]
     driver_error: type[Exception]
+    # The type of a text column that a key may cover (MySQL indexes no TEXT).
+    key_text = "TEXT"
 
     def open_at(self, schema_dir: Traversable) -> Deferred[IDatabase]:
         raise NotImplementedError
@@ -385,8 +524,8 @@ class SQLMigrationTests:
     async def test_foreign_keys_cascade_from_users(self) -> None:
         database = await self.open_migrated_to_current()
         notes = {
-            CURRENT
-            + 1: "CREATE TABLE notes (server TEXT NOT NULL, username TEXT NOT NULL, body TEXT,"
+            CURRENT + 1: f"CREATE TABLE notes (server {self.key_text} NOT NULL,"
+            f" username {self.key_text} NOT NULL, body TEXT,"
             " FOREIGN KEY (server, username) REFERENCES users (server, username)"
             " ON DELETE CASCADE);"
             " INSERT INTO notes (server, username, body) SELECT server, username, 'hi' FROM users;"
@@ -491,6 +630,51 @@ class PostgresMigrationTests(SQLMigrationTests, TestCase):
             connection.close()
 
 
+class MySQLMigrationTests(SQLMigrationTests, TestCase):
+    backend = "mysql"
+    driver_error = pymysql.err.MySQLError
+    key_text = "VARCHAR(255)"
+
+    def setUp(self) -> None:
+        self.options = mysqlsupport.create_temp_database(self)
+        self.location = {"mysql_options": self.options}
+
+    def open_at(self, schema_dir: Traversable) -> Deferred[IDatabase]:
+        database = MySQLDatabase(self.options, pool_size=1, schema_dir=schema_dir)
+        self.addCleanup(database.close)
+        return database.start()
+
+    def query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        connection = mysqlsupport.connect(database=self.options["database"])
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, parameters)
+                return list(cursor.fetchall())
+        finally:
+            connection.close()
+
+    def columns(self, table: str) -> list[str]:
+        rows = self.query(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = DATABASE() AND table_name = %s ORDER BY ordinal_position",
+            (table,),
+        )
+        return [name for (name,) in rows]
+
+    async def test_failing_upgrade_leaves_the_database_as_it_was(self) -> None:
+        # MySQL commits each CREATE TABLE at once: the version stays, the table stays too.
+        await self.open_migrated_to_current()
+        broken = {CURRENT + 1: MOTD_UPGRADES[CURRENT + 1] + "\nSELECT * FROM no_such_table;"}
+        upgraded = await self.open_at(write_schema_dir(self.mktemp(), broken))
+        await self.assertFailure(upgraded.migrate(), self.driver_error)
+        self.assertEqual(await upgraded.schema_version(), CURRENT)
+        self.assertEqual(self.columns("motd"), ["id", "body"])
+
+    async def test_concurrent_migrations_run_once(self) -> None:
+        first, second = await self.open_at(SCHEMA_DIR), await self.open_at(SCHEMA_DIR)
+        self.assertEqual(await gatherResults([first.migrate(), second.migrate()]), [CURRENT] * 2)
+
+
 class OpenDatabaseTests(TestCase):
     async def test_memory_database_is_born_current(self) -> None:
         database = await open_database("memory", auto_migrate=False)
@@ -498,15 +682,22 @@ class OpenDatabaseTests(TestCase):
         self.assertEqual(await database.schema_version(), CURRENT)
 
     async def test_unknown_backend(self) -> None:
-        error = await self.assertFailure(open_database("mysql", auto_migrate=True), ValueError)
-        self.assertIn("'mysql'", str(error))
+        error = await self.assertFailure(open_database("oracle", auto_migrate=True), ValueError)
+        self.assertIn("'oracle'", str(error))
 
     async def test_backend_without_its_location(self) -> None:
         await self.assertFailure(open_database("sqlite", auto_migrate=True), ValueError)
         await self.assertFailure(open_database("postgresql", auto_migrate=True), ValueError)
+        await self.assertFailure(open_database("mysql", auto_migrate=True), ValueError)
 
     async def test_unreachable_postgresql_fails_without_leaking_connections(self) -> None:
         # Port 1 refuses at once; trial reports a connection left in the reactor as an error.
         dsn = "host=127.0.0.1 port=1 user=root dbname=postgres connect_timeout=2"
         opening = open_database("postgresql", postgresql_dsn=dsn, pool_size=2, auto_migrate=True)
         await self.assertFailure(opening, psycopg2.OperationalError)
+
+    async def test_unreachable_mysql_fails_without_leaking_threads(self) -> None:
+        # Port 1 refuses at once; the pool's threads are stopped again.
+        options = {"host": "127.0.0.1", "port": 1, "user": "root"}
+        opening = open_database("mysql", mysql_options=options, pool_size=2, auto_migrate=True)
+        await self.assertFailure(opening, pymysql.err.OperationalError)
