@@ -396,33 +396,73 @@ class PostgreSQLConfig:
     pool_size: int = option(4, integer(1, 100))
 
 
+def non_empty_text(value: Any, where: _Where) -> str:
+    if not isinstance(value, str) or not value:
+        raise _CheckError("must be a non-empty string")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MySQLConfig:
+    host: str = option("127.0.0.1", non_empty_text)
+    port: int = option(3306, integer(1, 65535))
+    # When set, the server is reached through this socket and host and port are not used.
+    unix_socket: str = option("", local_path(optional=True))
+    database: str = option("mim", non_empty_text)
+    user: str = option("mim", non_empty_text)
+    password: str = option("", text)
+    pool_size: int = option(4, integer(1, 100))
+
+    def connect_options(self) -> dict[str, Any]:
+        """PyMySQL's connect() keyword arguments for this database."""
+        options: dict[str, Any] = {
+            "database": self.database,
+            "user": self.user,
+            "password": self.password,
+        }
+        if self.unix_socket:
+            options["unix_socket"] = self.unix_socket
+        else:
+            options.update(host=self.host, port=self.port)
+        return options
+
+
 def _migrate_embedded_only(storage: Mapping[str, Any]) -> bool:
-    # The embedded database belongs to this server alone; a shared PostgreSQL schema is
+    # The embedded database belongs to this server alone; a shared PostgreSQL or MySQL schema is
     # upgraded only when an operator says so (mimctl migrate).
     return storage["backend"] == "sqlite"
 
 
-# The modules of the "postgresql" extra (pip install 'mim-twisted[postgresql]').
-POSTGRESQL_DRIVER = ("psycopg2", "txpostgres")
+# The modules of each database server's extra (pip install 'mim-twisted[postgresql]').
+DRIVERS = {"postgresql": ("psycopg2", "txpostgres"), "mysql": ("pymysql",)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StorageConfig:
-    backend: str = option("sqlite", one_of("sqlite", "postgresql"))
+    backend: str = option("sqlite", one_of("sqlite", "postgresql", "mysql"))
     auto_migrate: bool = option(_migrate_embedded_only, boolean)
     sqlite: SQLiteConfig = option({}, table(SQLiteConfig))
     postgresql: PostgreSQLConfig = option({}, table(PostgreSQLConfig))
+    mysql: MySQLConfig = option({}, table(MySQLConfig))
 
     def __post_init__(self) -> None:
-        if self.backend != "postgresql":
-            return
-        missing = [name for name in POSTGRESQL_DRIVER if importlib.util.find_spec(name) is None]
+        driver = DRIVERS.get(self.backend, ())
+        missing = [name for name in driver if importlib.util.find_spec(name) is None]
         if missing:
             raise _CheckError(
-                f'"postgresql" needs {", ".join(missing)}, which are not installed:'
-                " pip install 'mim-twisted[postgresql]'",
+                f'"{self.backend}" needs {", ".join(missing)}, which are not installed:'
+                f" pip install 'mim-twisted[{self.backend}]'",
                 key="backend",
             )
+
+    @property
+    def pool_size(self) -> int:
+        """The connection pool size of the backend in use (1 for SQLite's one connection)."""
+        if self.backend == "mysql":
+            return self.mysql.pool_size
+        if self.backend == "postgresql":
+            return self.postgresql.pool_size
+        return 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -237,6 +237,11 @@ def _listener(address: str, port: int) -> str:
 def _storage_location(config: Config) -> str:
     if config.storage.backend == "sqlite":
         return config.sqlite_path
+    if config.storage.backend == "mysql":
+        # The summary may end up in a ticket or a chat: never show the password.
+        options = config.storage.mysql.connect_options()
+        options.pop("password")
+        return " ".join(f"{key}={value}" for key, value in options.items())
     # Only with the "postgresql" extra installed, which the config check has made sure of.
     import psycopg2
     from psycopg2.extensions import parse_dsn
@@ -273,7 +278,8 @@ async def migrate(config: Config, args: argparse.Namespace, stdin: TextIO, out: 
         config.storage.backend,
         config.sqlite_path,
         config.storage.postgresql.dsn,
-        config.storage.postgresql.pool_size,
+        config.storage.pool_size,
+        mysql_options=config.storage.mysql.connect_options(),
     )
     async with _opened(connecting) as database:
         installed = await database.schema_version()

@@ -80,15 +80,27 @@ class TLSFilesError(Exception):
 
 
 def _database_errors() -> tuple[type[Exception], ...]:
-    # psycopg2 is installed only with the "postgresql" extra.
+    # psycopg2 and PyMySQL are installed only with the "postgresql" and "mysql" extras.
+    errors: list[type[Exception]] = [sqlite3.Error]
     try:
         import psycopg2
+
+        errors.append(psycopg2.Error)
     except ImportError:
-        return (sqlite3.Error,)
-    return (sqlite3.Error, psycopg2.Error)
+        pass
+    try:
+        import pymysql
+
+        errors.append(pymysql.err.MySQLError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 DATABASE_ERRORS = _database_errors()
+
+# What the start log calls a database server (SQLite is named by its file).
+STORAGE_NAMES = {"postgresql": "PostgreSQL", "mysql": "MySQL"}
 
 # Start failures an operator can fix from the message alone: no traceback for these.
 EXPECTED_START_ERRORS = (
@@ -157,7 +169,8 @@ def open_storage(config: Config) -> defer.Deferred:
         config.storage.backend,
         sqlite_path=config.sqlite_path,
         postgresql_dsn=config.storage.postgresql.dsn,
-        pool_size=config.storage.postgresql.pool_size,
+        mysql_options=config.storage.mysql.connect_options(),
+        pool_size=config.storage.pool_size,
         auto_migrate=config.storage.auto_migrate,
     )
 
@@ -350,7 +363,7 @@ class StorageService(service.Service):
         log.info(
             "Storage: {backend} ({where})",
             backend=config.storage.backend,
-            where=config.sqlite_path if config.storage.backend == "sqlite" else "PostgreSQL",
+            where=STORAGE_NAMES.get(config.storage.backend, config.sqlite_path),
         )
 
     def stopService(self) -> defer.Deferred:

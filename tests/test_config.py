@@ -51,6 +51,11 @@ class DefaultTests(unittest.TestCase):
         self.assertEqual(config.sqlite_path, os.path.join(data_dir, "mim.sqlite3"))
         self.assertEqual(config.storage.postgresql.dsn, "host=127.0.0.1 dbname=mim")
         self.assertEqual(config.storage.postgresql.pool_size, 4)
+        self.assertEqual(
+            config.storage.mysql.connect_options(),
+            {"host": "127.0.0.1", "port": 3306, "database": "mim", "user": "mim", "password": ""},
+        )
+        self.assertEqual(config.storage.mysql.pool_size, 4)
         self.assertEqual(config.limits.max_stanza_size, 262144)
         self.assertEqual(config.limits.auth_timeout, 30.0)
         self.assertEqual(config.limits.max_outgoing_buffer, 4194304)
@@ -164,9 +169,27 @@ class ValueTests(unittest.TestCase):
 
     def test_auto_migrate_follows_backend(self) -> None:
         self.assertFalse(self.load('[storage]\nbackend = "postgresql"\n').storage.auto_migrate)
+        self.assertFalse(self.load('[storage]\nbackend = "mysql"\n').storage.auto_migrate)
         config = self.load('[storage]\nbackend = "postgresql"\nauto_migrate = true\n')
         self.assertTrue(config.storage.auto_migrate)
         self.assertFalse(self.load("[storage]\nauto_migrate = false\n").storage.auto_migrate)
+
+    def test_mysql_over_a_unix_socket(self) -> None:
+        config = self.load(
+            '[storage]\nbackend = "mysql"\n'
+            '[storage.mysql]\nunix_socket = "/run/mysqld/mysqld.sock"\n'
+            'database = "chat"\nuser = "mim"\npassword = "secret"\npool_size = 8\n'
+        )
+        self.assertEqual(
+            config.storage.mysql.connect_options(),
+            {
+                "unix_socket": "/run/mysqld/mysqld.sock",
+                "database": "chat",
+                "user": "mim",
+                "password": "secret",
+            },
+        )
+        self.assertEqual(config.storage.pool_size, 8)
 
 
 class PathTests(unittest.TestCase):
@@ -260,8 +283,8 @@ class ErrorTests(unittest.TestCase):
 
     def test_bad_enum(self) -> None:
         self.assertError(
-            '[storage]\nbackend = "mysql"\n',
-            'storage.backend: must be one of "sqlite", "postgresql" (got "mysql")',
+            '[storage]\nbackend = "oracle"\n',
+            'storage.backend: must be one of "sqlite", "postgresql", "mysql" (got "oracle")',
         )
         self.assertError(
             '[auth]\nmechanisms = ["PLAIN", "DIGEST-MD5"]\n',
@@ -305,6 +328,17 @@ class ErrorTests(unittest.TestCase):
         self.assertError(
             "[storage.postgresql]\npool_size = 101\n",
             "storage.postgresql.pool_size: must be an integer 1..100 (got 101)",
+        )
+        self.assertError(
+            "[storage.mysql]\npool_size = 0\n",
+            "storage.mysql.pool_size: must be an integer 1..100 (got 0)",
+        )
+        self.assertError(
+            "[storage.mysql]\nport = 0\n", "storage.mysql.port: must be an integer 1..65535 (got 0)"
+        )
+        self.assertError(
+            '[storage.mysql]\ndatabase = ""\n',
+            'storage.mysql.database: must be a non-empty string (got "")',
         )
 
     def test_bad_domain(self) -> None:
@@ -541,7 +575,7 @@ class EventPusherConfigTests(unittest.TestCase):
 
 class DriverTests(unittest.TestCase):
     def test_postgresql_without_its_driver(self) -> None:
-        self.patch(config_module, "POSTGRESQL_DRIVER", ("psycopg2", "mim_no_such_driver"))
+        self.patch(config_module, "DRIVERS", {"postgresql": ("psycopg2", "mim_no_such_driver")})
         path = write(self, '[storage]\nbackend = "postgresql"\n')
         with self.assertRaises(ConfigError) as caught:
             load_config(path)
@@ -551,6 +585,21 @@ class DriverTests(unittest.TestCase):
             " installed: pip install 'mim-twisted[postgresql]'",
         )
 
+    def test_mysql_without_its_driver(self) -> None:
+        self.patch(config_module, "DRIVERS", {"mysql": ("mim_no_such_driver",)})
+        path = write(self, '[storage]\nbackend = "mysql"\n')
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertEqual(
+            str(caught.exception),
+            f'{path}: storage.backend: "mysql" needs mim_no_such_driver, which are not'
+            " installed: pip install 'mim-twisted[mysql]'",
+        )
+
     def test_sqlite_needs_no_driver(self) -> None:
-        self.patch(config_module, "POSTGRESQL_DRIVER", ("mim_no_such_driver",))
+        self.patch(
+            config_module,
+            "DRIVERS",
+            {"postgresql": ("mim_no_such_driver",), "mysql": ("mim_no_such_driver",)},
+        )
         self.assertEqual(load_config(None).storage.backend, "sqlite")

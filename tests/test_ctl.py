@@ -2,6 +2,7 @@
 
 import getpass
 import io
+import json
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ from mim_twisted.auth.scram import HASHES, ScramCredentials, verify_password
 from mim_twisted.config import load_config
 from mim_twisted.storage import migrations
 from mim_twisted.tap import open_storage
+from tests import mysqlsupport
 from tests.ci import unavailable
 
 CONFIG = """\
@@ -158,6 +160,14 @@ class AccountTests(CtlTestCase):
         self.assertTrue(stderr.startswith("mimctl: postgresql database: "), stderr)
         self.assertEqual(stderr.count("\n"), 1)
 
+    async def test_mysql_unreachable(self) -> None:
+        with open(self.config_path, "a") as f:
+            f.write('[storage]\nbackend = "mysql"\n[storage.mysql]\nport = 1\n')
+        status, stdout, stderr = await self.mimctl("migrate")
+        self.assertEqual((status, stdout), (1, ""))
+        self.assertTrue(stderr.startswith("mimctl: mysql database: Can't connect to"), stderr)
+        self.assertTrue(stderr.endswith(" (error 2003)\n"), stderr)
+
     async def test_unregister(self) -> None:
         await self.with_password("register", "alice@localhost", "pass")
         self.assertEqual(
@@ -228,16 +238,27 @@ class CheckConfigTests(CtlTestCase):
         self.assertIn("host=db.example", stdout)
         self.assertNotIn("hunter2", stdout)
 
+    async def test_mysql_password_not_shown(self) -> None:
+        with open(self.config_path, "a") as f:
+            f.write(
+                '[storage]\nbackend = "mysql"\n'
+                '[storage.mysql]\nhost = "db.example"\npassword = "hunter2"\n'
+            )
+        status, stdout, _ = await self.mimctl("check-config")
+        self.assertEqual(status, 0)
+        self.assertIn("  storage: mysql, database=mim user=mim host=db.example port=3306\n", stdout)
+        self.assertNotIn("hunter2", stdout)
+
     def test_invalid_file(self) -> None:
         with open(self.config_path, "a") as f:
-            f.write('[storage]\nbackend = "mysql"\n')
+            f.write('[storage]\nbackend = "oracle"\n')
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         self.assertEqual(ctl.main(["-c", self.config_path, "check-config"]), 1)
         self.assertEqual(
             stderr.getvalue(),
             f'mimctl: {self.config_path}: storage.backend: must be one of "sqlite", '
-            '"postgresql" (got "mysql")\n',
+            '"postgresql", "mysql" (got "oracle")\n',
         )
 
 
@@ -263,6 +284,19 @@ class MigrateTests(CtlTestCase):
             await self.with_password("register", "alice@localhost", "pass"),
             (0, "registered alice@localhost\n", ""),
         )
+
+
+class MySQLMigrateTests(MigrateTests):
+    """mimctl migrate, and the account commands after it, on MySQL (the server never migrates
+    it by itself)."""
+
+    def setUp(self) -> None:
+        options = mysqlsupport.create_temp_database(self)
+        self.config_text = CONFIG + (
+            '[storage]\nbackend = "mysql"\n[storage.mysql]\n'
+            + "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
+        )
+        super().setUp()
 
 
 class ConsoleScriptTests(CtlTestCase):

@@ -27,6 +27,7 @@ from pymysql.constants import CLIENT, ER
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mim_twisted.storage.interfaces import StorageUnavailable
@@ -75,6 +76,11 @@ _LOST_CODES = frozenset(
 # Also PyMySQL errors, which mimctl reports in one line.
 class DatabaseUnavailable(pymysql.err.OperationalError, StorageUnavailable):
     """MySQL cannot be reached now; nothing of the request was committed."""
+
+
+class CannotConnect(pymysql.err.OperationalError):
+    """The first connection failed (refused, access denied, no such database); str() is one
+    line."""
 
 
 class OutcomeUnknown(pymysql.err.OperationalError, StorageUnavailable):
@@ -167,8 +173,11 @@ class ConnectionPool:
         """Start the threads and make a first connection; fails with its error if it fails."""
         self._threads.start()
 
-        def failed(failure):
+        def failed(failure: Failure) -> Failure:
             self.close()
+            error = failure.value
+            if isinstance(error, pymysql.err.MySQLError) and len(error.args) == 2:
+                return Failure(CannotConnect(f"{_one_line(error)} (error {error.args[0]})"))
             return failure
 
         opening = deferToThreadPool(self._reactor, self._threads, self._open_first)

@@ -84,14 +84,15 @@ class TwistdTests(unittest.TestCase):
     async def test_bad_config_stops_the_start_with_one_line(self) -> None:
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
-            f.write('[storage]\nbackend = "mysql"\n')
+            f.write('[storage]\nbackend = "oracle"\n')
         out, err, code = await getProcessOutputAndValue(
             TWISTD, ["-n", "--pidfile=", "mim", "-c", path], env=os.environ
         )
         self.assertNotEqual(code, 0)
         self.assertEqual(
             err.decode().strip(),
-            f'mim: {path}: storage.backend: must be one of "sqlite", "postgresql" (got "mysql")',
+            f'mim: {path}: storage.backend: must be one of "sqlite", "postgresql", "mysql"'
+            ' (got "oracle")',
         )
 
     async def test_start_and_login(self) -> None:
