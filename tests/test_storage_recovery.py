@@ -1,7 +1,9 @@
-"""Storage that recovers: SQLite waits out another process's lock, PostgreSQL reconnects.
+"""Storage that recovers: SQLite waits out another process's lock, PostgreSQL and MySQL
+reconnect.
 
-Issue 8, item 3. A PostgreSQL restart cannot be done to the shared test cluster, so the tests
-terminate the server processes of their own database, which is what the clients of a restart see.
+Issue 8, item 3. A restart cannot be done to the shared test servers, so the tests terminate the
+server processes (PostgreSQL) or connections (MySQL's KILL) of their own database, which is what
+the clients of a restart see.
 """
 
 import os
@@ -10,17 +12,21 @@ import time
 from collections.abc import Callable
 
 import psycopg2
+import pymysql
 from psycopg2.extensions import make_dsn, parse_dsn
 from twisted.internet import reactor, task
+from twisted.internet.defer import gatherResults
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
+from mim_twisted.storage import mysqlpool
 from mim_twisted.storage.interfaces import StorageUnavailable
+from mim_twisted.storage.mysql import MySQLDatabase
 from mim_twisted.storage.pgpool import ConnectionPool, DatabaseUnavailable, OutcomeUnknown, Session
 from mim_twisted.storage.postgres import PostgresDatabase
 from mim_twisted.storage.sqlite import SQLiteDatabase
-from tests import pgsupport
+from tests import mysqlsupport, pgsupport
 from tests.storage_contract import ALICE, credentials, message
 
 
@@ -83,11 +89,11 @@ class SQLiteBusyTests(TestCase):
         self.assertFalse(await database.accounts.account_exists(*ALICE))
 
 
-class PostgresProxy:
-    """A TCP relay to PostgreSQL on a loopback port, which a test takes down and brings back."""
+class DatabaseProxy:
+    """A TCP relay to a database server on a loopback port, which a test takes down and brings
+    back."""
 
-    def __init__(self, test: TestCase, dsn: str) -> None:
-        parameters = parse_dsn(dsn)
+    def __init__(self, test: TestCase, host: str, port: int) -> None:
         self.relays: set[portforward.ProxyServer] = set()
         relays = self.relays
 
@@ -100,13 +106,10 @@ class PostgresProxy:
                 relays.discard(self)
                 super().connectionLost(reason)
 
-        self.factory = portforward.ProxyFactory(
-            parameters.get("host", "127.0.0.1"), int(parameters.get("port", 5432))
-        )
+        self.factory = portforward.ProxyFactory(host, port)
         self.factory.protocol = Relay
         self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.port = self.listening.getHost().port
-        self.dsn = make_dsn(dsn, host="127.0.0.1", port=self.port)
         test.addCleanup(self.take_down)
 
     async def take_down(self) -> None:
@@ -123,6 +126,14 @@ class PostgresProxy:
 
     def bring_back(self) -> None:
         self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+
+class PostgresProxy(DatabaseProxy):
+    def __init__(self, test: TestCase, dsn: str) -> None:
+        parameters = parse_dsn(dsn)
+        host, port = parameters.get("host", "127.0.0.1"), int(parameters.get("port", 5432))
+        super().__init__(test, host, port)
+        self.dsn = make_dsn(dsn, host="127.0.0.1", port=self.port)
 
 
 class PostgresRecoveryTests(TestCase):
@@ -287,3 +298,163 @@ class PostgresRecoveryTests(TestCase):
         database = PostgresDatabase(proxy.dsn, 2)
         with self.assertRaises(psycopg2.OperationalError):
             await database.start()
+
+
+class MySQLRecoveryTests(TestCase):
+    async def open(self, pool_size: int = 2, **options: object) -> MySQLDatabase:
+        self.options = mysqlsupport.create_temp_database(self)
+        database = MySQLDatabase(
+            {**self.options, **options},
+            pool_size,
+            reconnect_delay=0.05,
+            max_reconnect_delay=0.2,
+            connect_timeout=2,
+            outage_wait=0.3,
+        )
+        self.addCleanup(database.close)
+        await database.start()
+        await database.migrate()
+        await database.accounts.create_account(*ALICE, credentials("1"))
+        return database
+
+    async def open_behind_proxy(self) -> tuple[DatabaseProxy, MySQLDatabase]:
+        """A database reached through a DatabaseProxy, with ALICE registered."""
+        server = mysqlsupport.server_options()
+        proxy = DatabaseProxy(self, server["host"], server["port"])
+        database = await self.open(host="127.0.0.1", port=proxy.port)
+        return proxy, database
+
+    async def open_pool(self) -> mysqlpool.ConnectionPool:
+        """A pool of one connection, alone on its database, which has a table ``done``."""
+        self.options = mysqlsupport.create_temp_database(self)
+        pool = mysqlpool.ConnectionPool(self.options, 1, reconnect_delay=0.05)
+        self.addCleanup(pool.close)
+        await pool.start()
+        await pool.run(lambda session: session.execute("CREATE TABLE done (x int)"))
+        return pool
+
+    def assertOneOutage(self, log: LogCapture) -> None:
+        self.assertEqual(len(log.starting("MySQL connection lost: ")), 1, log.messages)
+        self.assertEqual(len(log.starting("MySQL connection restored after ")), 1)
+
+    async def test_a_read_on_dead_connections_is_retried(self) -> None:
+        log = LogCapture(self)
+        database = await self.open()
+        # Two requests at once, so that both connections are open.
+        await gatherResults([database.accounts.account_exists(*ALICE) for _ in range(2)])
+        self.assertEqual(mysqlsupport.terminate_connections(self.options), 2)
+        self.assertEqual(
+            await gatherResults([database.accounts.account_exists(*ALICE) for _ in range(2)]),
+            [True, True],
+        )
+        await until(lambda: log.starting("MySQL connection restored"))
+        self.assertOneOutage(log)
+        self.assertEqual(await database.accounts.list_accounts(ALICE[0]), [ALICE[1]])
+
+    async def test_a_write_in_flight_is_run_again_once(self) -> None:
+        # The write waits for a row lock that another client holds when its connection dies:
+        # nothing was committed, so it runs again, and is stored once.
+        database = await self.open(pool_size=1)
+        holder = mysqlsupport.connect(database=self.options["database"], autocommit=False)
+        self.addCleanup(holder.close)
+        with holder.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute(
+                "SELECT 1 FROM users WHERE server = %s AND username = %s FOR UPDATE", ALICE
+            )
+        storing = database.offline.store(*ALICE, message(1), 10)
+        await until(lambda: self.waiting_for_lock() == 1)
+        mysqlsupport.terminate_connections(self.options, sparing=(holder.thread_id(),))
+        holder.rollback()
+        await storing
+        self.assertEqual(await database.offline.count(*ALICE), 1)
+
+    def waiting_for_lock(self) -> int:
+        watcher = mysqlsupport.connect()
+        try:
+            with watcher.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM information_schema.innodb_trx"
+                    " WHERE trx_state = 'LOCK WAIT'"
+                )
+                return cursor.fetchone()[0]
+        finally:
+            watcher.close()
+
+    async def test_a_write_that_lost_its_connection_at_commit_is_reported_not_repeated(
+        self,
+    ) -> None:
+        log = LogCapture(self)
+        pool = await self.open_pool()
+        runs = []
+
+        def insert_then_lose_the_connection(session: mysqlpool.Session) -> None:
+            runs.append(1)
+            session.execute("INSERT INTO done (x) VALUES (1)")
+            # Dead before COMMIT is sent: the pool cannot know that the server did not commit.
+            mysqlsupport.terminate_connections(self.options)
+
+        with self.assertRaises(mysqlpool.OutcomeUnknown) as raised:
+            await pool.run(insert_then_lose_the_connection)
+        self.assertIsInstance(raised.exception, StorageUnavailable)
+        self.assertEqual(runs, [1])
+        self.assertEqual(await pool.run(self.count_done), 0)
+        self.assertOneOutage(log)
+
+    def count_done(self, session: mysqlpool.Session) -> int:
+        return session.execute("SELECT count(*) FROM done")[0][0]
+
+    async def test_a_read_that_lost_its_connection_at_commit_runs_again(self) -> None:
+        pool = await self.open_pool()
+        runs = []
+
+        def read_then_lose_the_connection(session: mysqlpool.Session) -> int:
+            runs.append(1)
+            count = self.count_done(session)
+            if len(runs) == 1:
+                mysqlsupport.terminate_connections(self.options)
+            return count
+
+        self.assertEqual(await pool.run(read_then_lose_the_connection), 0)
+        self.assertEqual(runs, [1, 1])
+
+    async def test_requests_fail_soon_while_unreachable_and_work_when_it_is_back(self) -> None:
+        log = LogCapture(self)
+        proxy, database = await self.open_behind_proxy()
+        await proxy.take_down()
+        for _ in range(3):
+            started = time.monotonic()
+            with self.assertRaises(mysqlpool.DatabaseUnavailable) as raised:
+                await database.accounts.account_exists(*ALICE)
+            # After trying to connect for outage_wait.
+            self.assertTrue(0.1 < time.monotonic() - started < 1, time.monotonic() - started)
+            self.assertRegex(
+                str(raised.exception), r"^MySQL is unreachable: Can't connect to MySQL server"
+            )
+            self.assertIsInstance(raised.exception, StorageUnavailable)
+        proxy.bring_back()
+        self.assertTrue(await database.accounts.account_exists(*ALICE))
+        self.assertOneOutage(log)
+        [restored] = log.starting("MySQL connection restored")
+        self.assertRegex(restored, r"^MySQL connection restored after \d+\.\d s$")
+
+    async def test_a_request_waits_out_a_short_outage(self) -> None:
+        log = LogCapture(self)
+        proxy, database = await self.open_behind_proxy()
+        await proxy.take_down()
+        asking = database.accounts.account_exists(*ALICE)
+        await task.deferLater(reactor, 0.1)
+        proxy.bring_back()
+        self.assertTrue(await asking)
+        self.assertOneOutage(log)
+
+    async def test_start_fails_while_unreachable(self) -> None:
+        server = mysqlsupport.server_options()
+        proxy = DatabaseProxy(self, server["host"], server["port"])
+        await proxy.take_down()
+        database = MySQLDatabase({**server, "host": "127.0.0.1", "port": proxy.port}, 2)
+        with self.assertRaises(pymysql.err.OperationalError) as raised:
+            await database.start()
+        self.assertRegex(
+            str(raised.exception), r"^Can't connect to MySQL server .* \(error 2003\)$"
+        )

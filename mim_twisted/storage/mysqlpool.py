@@ -166,6 +166,10 @@ class ConnectionPool:
         self._closed = False
         # Since when the server is known unreachable (monotonic seconds), None when it is not.
         self._outage_since: float | None = None
+        # The outages so far, and in which of them each open connection was made: a connection
+        # older than the latest outage that turns out dead is no news, and not logged again.
+        self._outages = 0
+        self._made_after: dict[pymysql.connections.Connection, int] = {}
 
     # On the reactor's thread.
 
@@ -200,7 +204,7 @@ class ConnectionPool:
         with self._lock:
             idle, self._idle = list(self._idle), collections.deque()
         for connection in idle:
-            connection.close()
+            self._discard(connection)
 
     def _log(self, level: str, message: str, **fields: object) -> None:
         # twisted.logger's observers expect the reactor's thread.
@@ -225,7 +229,14 @@ class ConnectionPool:
         except BaseException:
             connection.close()
             raise
+        with self._lock:
+            self._made_after[connection] = self._outages
         return connection
+
+    def _discard(self, connection: pymysql.connections.Connection) -> None:
+        with self._lock:
+            self._made_after.pop(connection, None)
+        connection.close()
 
     def _open_first(self) -> None:
         connection = self._connect()
@@ -258,18 +269,26 @@ class ConnectionPool:
             if not self._closed:
                 self._idle.append(connection)
                 return
-        connection.close()
+        self._discard(connection)
+
+    def _lost(self, connection: pymysql.connections.Connection, error: BaseException) -> None:
+        with self._lock:
+            made_after = self._made_after.get(connection)
+        self._discard(connection)
+        if made_after == self._outages:
+            self._outage_began(error)
 
     def _outage_began(self, error: BaseException) -> None:
         with self._lock:
             if self._outage_since is not None:
                 return
             self._outage_since = time.monotonic()
+            self._outages += 1
             # A restart has killed the idle connections too: the next requests connect anew
             # rather than each discover a dead one.
             idle, self._idle = list(self._idle), collections.deque()
         for connection in idle:
-            connection.close()
+            self._discard(connection)
         self._log("warn", "MySQL connection lost: {reason}; reconnecting", reason=_one_line(error))
 
     def _outage_ended(self) -> None:
@@ -314,8 +333,7 @@ class ConnectionPool:
             connection.commit()
         except Exception as error:
             if _is_lost(error):
-                connection.close()
-                self._outage_began(error)
+                self._lost(connection, error)
                 # Before COMMIT nothing was committed; a transaction that only read may run again.
                 wrote = session is not None and session.wrote
                 raise _ConnectionLost(error, retryable=not (committing and wrote)) from None
@@ -330,6 +348,6 @@ class ConnectionPool:
         except Exception:
             # The request's own error is what its caller needs; a connection that cannot roll
             # back is of no further use.
-            connection.close()
+            self._discard(connection)
             return
         self._release(connection)

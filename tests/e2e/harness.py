@@ -19,8 +19,8 @@ from mim_twisted.auth.scram import derive_all
 from mim_twisted.config import load_config
 from mim_twisted.tap import MimService
 from mim_twisted.xmpp.tls import SELF_SIGNED_NAME
+from tests import mysqlsupport, pgsupport
 from tests.ci import unavailable
-from tests.pgsupport import create_temp_database
 
 TIMEOUT = 15.0
 
@@ -40,7 +40,8 @@ async def wait_for(awaitable: Any, timeout: float = TIMEOUT) -> Any:
 class ServerTestCase(unittest.TestCase):
     """Starts a server per test; `extra_config` is TOML appended to the generated config.
 
-    `storage` picks the backend: "sqlite", or "postgresql" in a database made for the test.
+    `storage` picks the backend: "sqlite", or "postgresql" or "mysql" in a database made for
+    the test.
     """
 
     extra_config = ""
@@ -69,11 +70,16 @@ class ServerTestCase(unittest.TestCase):
             "[auth]\nfailure_delay = 0.0\n"
         )
         if self.storage == "postgresql":
-            dsn = create_temp_database(self)
+            dsn = pgsupport.create_temp_database(self)
             config += (
                 '[storage]\nbackend = "postgresql"\nauto_migrate = true\n'
                 f"[storage.postgresql]\ndsn = {json.dumps(dsn)}\npool_size = 2\n"
             )
+        elif self.storage == "mysql":
+            options = mysqlsupport.create_temp_database(self)
+            config += '[storage]\nbackend = "mysql"\nauto_migrate = true\n[storage.mysql]\n'
+            config += "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
+            config += "pool_size = 2\n"
         return config
 
     async def register(self, user: str, password: str) -> None:
