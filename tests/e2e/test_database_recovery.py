@@ -1,13 +1,14 @@
-"""The server on PostgreSQL after the database ended its connections, as a restart does.
+"""The server on PostgreSQL or MySQL after the database ended its connections, as a restart
+does.
 
-The test cluster is shared, so the test terminates the server processes of its own database
-instead of restarting PostgreSQL; the clients of a restart see the same.
+The test servers are shared, so the tests end the connections of their own database instead of
+restarting the server; the clients of a restart see the same.
 """
 
 from slixmpp.xmlstream import ET
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tests import pgsupport
+from tests import mysqlsupport, pgsupport
 from tests.e2e.harness import Client, ServerTestCase, wait_for
 
 PASSWORD = "survives restarts"
@@ -17,6 +18,7 @@ NS_EVENT = "http://jabber.org/protocol/pubsub#event"
 
 class DatabaseRecoveryTests(ServerTestCase):
     storage = "postgresql"
+    outage_log = "PostgreSQL connection lost: "
 
     async def setUp(self) -> None:
         self.messages: list[str] = []
@@ -35,7 +37,10 @@ class DatabaseRecoveryTests(ServerTestCase):
         # A few seconds at most: the harness allows 15.
         client.xmpp.connect("127.0.0.1", self.port)
         self.assertEqual(await wait_for(client.outcome, timeout=5), "session_start")
+        # Available once the server has read the roster: its own presence comes back then.
+        available = client.next_event("presence_available", lambda p: p["from"] == jid)
         client.xmpp.send_presence()
+        await wait_for(available, timeout=5)
         return client
 
     def terminate_backends(self) -> None:
@@ -60,7 +65,7 @@ class DatabaseRecoveryTests(ServerTestCase):
         )
         self.assertEqual(item.get("id"), "1")
         # One line for the outage, whatever number of requests met it.
-        outage = [m for m in self.messages if m.startswith("PostgreSQL connection lost: ")]
+        outage = [m for m in self.messages if m.startswith(self.outage_log)]
         self.assertEqual(len(outage), 1, self.messages)
 
     async def test_messages_between_online_users_flow_meanwhile(self) -> None:
@@ -70,3 +75,12 @@ class DatabaseRecoveryTests(ServerTestCase):
         received = bob.next_event("message")
         alice.xmpp.send_message(mto="bob@localhost/desk", mbody="hello", mtype="chat")
         self.assertEqual((await wait_for(received, timeout=5))["body"], "hello")
+
+
+class DatabaseRecoveryOnMySQLTests(DatabaseRecoveryTests):
+    storage = "mysql"
+    outage_log = "MySQL connection lost: "
+
+    def terminate_backends(self) -> None:
+        options = self.server.config.storage.mysql.connect_options()
+        self.assertGreater(mysqlsupport.terminate_connections(options), 0)

@@ -171,3 +171,7 @@ class InstantMessagingTests(ServerTestCase):
 
 class InstantMessagingOnPostgreSQLTests(InstantMessagingTests):
     storage = "postgresql"
+
+
+class InstantMessagingOnMySQLTests(InstantMessagingTests):
+    storage = "mysql"

@@ -99,6 +99,10 @@ class MetricsOnPostgreSQLTests(MetricsTests):
     storage = "postgresql"
 
 
+class MetricsOnMySQLTests(MetricsTests):
+    storage = "mysql"
+
+
 class HealthTests(MetricsTestCase):
     async def test_health_follows_the_database(self) -> None:
         self.assertEqual(await self.get("/health"), (200, b"ok\n"))

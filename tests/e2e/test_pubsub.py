@@ -276,6 +276,10 @@ class PubSubOnPostgreSQLTests(PubSubTests):
     storage = "postgresql"
 
 
+class PubSubOnMySQLTests(PubSubTests):
+    storage = "mysql"
+
+
 class BackPressureTests(ServerTestCase):
     extra_config = "[pubsub]\nworkers = 1\nmax_queue_length = 2\n"
 
