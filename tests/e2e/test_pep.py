@@ -2,7 +2,7 @@
 on login and on a new subscription, retract, max_items, item ids, publish-options and the
 owner's second resource.
 
-Every test runs on SQLite and again on PostgreSQL (the subclass at the end).
+Every test runs on SQLite and again on PostgreSQL and MySQL (the subclasses at the end).
 """
 
 import asyncio
@@ -187,3 +187,7 @@ class PepTests(ServerTestCase):
 
 class PepOnPostgreSQLTests(PepTests):
     storage = "postgresql"
+
+
+class PepOnMySQLTests(PepTests):
+    storage = "mysql"
