@@ -151,7 +151,12 @@ class PostgresStorageTests(
 
 
 class MySQLStorageTests(
-    AccountStoreContract, RosterStoreContract, OfflineStoreContract, PubSubStoreContract, TestCase
+    AccountStoreContract,
+    RosterStoreContract,
+    OfflineStoreContract,
+    PubSubStoreContract,
+    LastActivityStoreContract,
+    TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
         self.options = mysqlsupport.create_temp_database(self)
@@ -660,6 +665,16 @@ class MySQLMigrationTests(SQLMigrationTests, TestCase):
             (table,),
         )
         return [name for (name,) in rows]
+
+    def execute(self, *statements: str) -> None:
+        connection = mysqlsupport.connect(database=self.options["database"], autocommit=False)
+        try:
+            with connection.cursor() as cursor:
+                for statement in statements:
+                    cursor.execute(statement)
+            connection.commit()
+        finally:
+            connection.close()
 
     async def test_failing_upgrade_leaves_the_database_as_it_was(self) -> None:
         # MySQL commits each CREATE TABLE at once: the version stays, the table stays too.

@@ -216,6 +216,7 @@ class MySQLDatabase:
         self.rosters = sql.SQLRosterStore(self._run)
         self.offline = sql.SQLOfflineStore(self._run)
         self.pubsub = sql.SQLPubSubStore(self._run)
+        self.last_activity = sql.SQLLastActivityStore(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
         return self._pool.run(_sql_transaction(make_transaction))

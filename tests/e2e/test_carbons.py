@@ -1,6 +1,6 @@
 """XEP-0280 Message Carbons between two resources of one account, with slixmpp's xep_0280.
 
-Every test runs on SQLite and again on PostgreSQL (the subclass at the end).
+Every test runs on SQLite and again on PostgreSQL and MySQL (the subclasses at the end).
 """
 
 from twisted.words.protocols.jabber.jid import JID
@@ -70,3 +70,7 @@ class CarbonsTests(ServerTestCase):
 
 class CarbonsOnPostgreSQLTests(CarbonsTests):
     storage = "postgresql"
+
+
+class CarbonsOnMySQLTests(CarbonsTests):
+    storage = "mysql"

@@ -1,6 +1,6 @@
 """XEP-0012 Last Activity with slixmpp's xep_0012: a contact who logged out, and the uptime.
 
-Every test runs on SQLite and again on PostgreSQL (the subclass at the end).
+Every test runs on SQLite and again on PostgreSQL and MySQL (the subclasses at the end).
 """
 
 import asyncio
@@ -71,3 +71,7 @@ class LastActivityTests(ServerTestCase):
 
 class LastActivityOnPostgreSQLTests(LastActivityTests):
     storage = "postgresql"
+
+
+class LastActivityOnMySQLTests(LastActivityTests):
+    storage = "mysql"

@@ -6,7 +6,7 @@ the other through +notify), once as strangers (it is fetched from the `open` nod
 slixmpp-omemo's own `encrypt_message` only encrypts for the legacy namespace (it lacks SCE), so
 the message is encrypted and decrypted with its session manager under urn:xmpp:omemo:2.
 
-Every test runs on SQLite and again on PostgreSQL (the subclass at the end).
+Every test runs on SQLite and again on PostgreSQL and MySQL (the subclasses at the end).
 """
 
 import asyncio
@@ -208,3 +208,7 @@ class OmemoTests(ServerTestCase):
 
 class OmemoOnPostgreSQLTests(OmemoTests):
     storage = "postgresql"
+
+
+class OmemoOnMySQLTests(OmemoTests):
+    storage = "mysql"
