@@ -156,6 +156,7 @@ class MySQLStorageTests(
     OfflineStoreContract,
     PubSubStoreContract,
     LastActivityStoreContract,
+    BlockListStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -276,6 +277,40 @@ class MySQLStatementTests(SynchronousTestCase):
             "INSERT INTO pubsub_nodes (service, name, config, created_at) VALUES (%s, %s, %s, %s)",
         )
         self.assertTrue(translated.no_row_on_duplicate)
+
+    def test_insert_returning_inserted_values(self) -> None:
+        translated = mysql_statement(
+            "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING RETURNING b, 1"
+        )
+        self.assertEqual(translated.text, "INSERT INTO t (a, b) VALUES (%s, %s)")
+        self.assertEqual(translated.rows(None, [], ("x", "y")), [("y", 1)])
+
+    def test_update_returning_1_counts_matched_rows(self) -> None:
+        translated = mysql_statement("UPDATE t SET a = ? WHERE b = ? RETURNING 1")
+        self.assertEqual(translated.text, "UPDATE t SET a = %s WHERE b = %s")
+
+        class Cursor:
+            rowcount = 2
+
+        self.assertEqual(translated.rows(Cursor(), [], ("x", "y")), [(1,), (1,)])
+
+    def test_delete_returning_columns_reads_them_first(self) -> None:
+        statements = []
+
+        class Session:
+            def execute(self, statement: str, parameters: tuple) -> list[tuple]:
+                statements.append((statement, parameters))
+                return [("a@example.org",)] if statement.startswith("SELECT") else []
+
+        translated = mysql_statement("DELETE FROM t WHERE s = ? AND u = ? RETURNING jid")
+        self.assertEqual(translated.run(Session(), ("x", "y")), [("a@example.org",)])
+        self.assertEqual(
+            statements,
+            [
+                ("SELECT jid FROM t WHERE s = %s AND u = %s FOR UPDATE", ("x", "y")),
+                ("DELETE FROM t WHERE s = %s AND u = %s", ("x", "y")),
+            ],
+        )
 
     def test_literal_percent_is_not_a_placeholder(self) -> None:
         self.assertEqual(

@@ -7,9 +7,10 @@ it, so each statement is translated once (``mysql_statement``, cached):
 * ``ON CONFLICT (...) DO UPDATE SET c = excluded.c`` becomes ``ON DUPLICATE KEY UPDATE c =
   VALUES(c)``; ``ON CONFLICT DO NOTHING`` becomes a plain INSERT whose duplicate-key error
   means "no row";
-* MySQL has no RETURNING: an INSERT's ``RETURNING 1`` or ``RETURNING id`` is answered from the
-  statement's success and its AUTO_INCREMENT id, and an UPDATE's or DELETE's ``RETURNING 1``
-  from its row count;
+* MySQL has no RETURNING: an INSERT's is answered from its success, its AUTO_INCREMENT id
+  (``RETURNING id``) and the values it inserted (``RETURNING jid``); an UPDATE's or DELETE's
+  ``RETURNING 1`` from its row count; a DELETE's other columns are read first by a SELECT of
+  the same rows FOR UPDATE;
 * the few statements beyond these rules have their MySQL form in ``_REWRITTEN``.
 
 A statement none of these covers is refused when first translated (tests/test_storage.py
@@ -48,11 +49,11 @@ _RETURNING = re.compile(r" RETURNING (.*)$")
 @dataclasses.dataclass(frozen=True)
 class MySQLStatement:
     """How a statement of sql.py runs on MySQL: ``text`` with ``%s`` placeholders, then the
-    rows it stands for made from the cursor and the rows it gave (``rows``); or ``run``
-    instead, for a rewritten one."""
+    rows it stands for made from the cursor, the rows it gave and its parameters (``rows``);
+    or ``run`` instead, for a rewritten one."""
 
     text: str
-    rows: Callable[[Any, list[tuple]], list[tuple]] = lambda cursor, rows: rows
+    rows: Callable[[Any, list[tuple], tuple], list[tuple]] = lambda cursor, rows, parameters: rows
     # A duplicate key means "no row", as ON CONFLICT DO NOTHING does.
     no_row_on_duplicate: bool = False
     run: Callable[[Session, tuple], list[tuple]] | None = None
@@ -119,16 +120,55 @@ _REWRITTEN: dict[str, Callable[[Session, tuple], list[tuple]]] = {
 }
 
 
-def _returned_rows(
-    verb: str, returning: str, statement: str
-) -> Callable[[Any, list[tuple]], list[tuple]]:
-    if verb == "INSERT" and returning == "1":
-        return lambda cursor, rows: [(1,)]
-    if verb == "INSERT" and returning == "id":
-        return lambda cursor, rows: [(cursor.lastrowid,)]
-    if verb in ("UPDATE", "DELETE") and returning == "1":
-        return lambda cursor, rows: [(1,)] * cursor.rowcount
-    raise NotImplementedError(f"no MySQL translation for RETURNING {returning}: {statement}")
+_INSERT_COLUMNS = re.compile(r"^INSERT INTO \w+ \(([^)]*)\) VALUES \(([?, ]*)\)")
+_DELETE = re.compile(r"^DELETE FROM (\w+)( WHERE .*)?$")
+RowsMaker = Callable[[Any, list[tuple], tuple], list[tuple]]
+
+
+def _inserted_rows(text: str, returning: list[str], statement: str) -> RowsMaker:
+    """The row an INSERT of one row returns: ``1``, its AUTO_INCREMENT ``id``, or the values
+    it inserted, which are its parameters."""
+    match = _INSERT_COLUMNS.match(text)
+    columns = [c.strip() for c in match.group(1).split(",")] if match else []
+    # Per returned column: the index of its parameter, or "1", or "id".
+    sources: list[int | str] = []
+    for name in returning:
+        if name in columns:
+            sources.append(columns.index(name))
+        elif name in ("1", "id"):
+            sources.append(name)
+        else:
+            raise NotImplementedError(f"no MySQL translation for RETURNING {name}: {statement}")
+
+    def value(source: int | str, cursor: Any, parameters: tuple) -> object:
+        if source == "1":
+            return 1
+        return cursor.lastrowid if source == "id" else parameters[source]
+
+    return lambda cursor, rows, parameters: [
+        tuple(value(source, cursor, parameters) for source in sources)
+    ]
+
+
+def _counted_rows(cursor: Any, rows: list[tuple], parameters: tuple) -> list[tuple]:
+    """What ``RETURNING 1`` returns: a row per row the statement matched."""
+    return [(1,)] * cursor.rowcount
+
+
+def _deleting_rows(text: str, returning: str) -> Callable[[Session, tuple], list[tuple]]:
+    """A DELETE that returns columns of the rows it deletes: the rows are read and locked
+    first, so that no other transaction changes them before they go."""
+    table, where = _DELETE.match(text).groups()
+    select = _placeholders(f"SELECT {returning} FROM {table}{where or ''} FOR UPDATE")
+    delete = _placeholders(text)
+
+    def run(session: Session, parameters: tuple) -> list[tuple]:
+        rows = session.execute(select, parameters)
+        if rows:
+            session.execute(delete, parameters)
+        return rows
+
+    return run
 
 
 @functools.cache
@@ -146,8 +186,16 @@ def mysql_statement(statement: str) -> MySQLStatement:
         raise NotImplementedError(f"no MySQL translation for this ON CONFLICT: {statement}")
     rows = MySQLStatement.rows
     if returning := _RETURNING.search(text):
-        text = text[: returning.start()]
-        rows = _returned_rows(text.split(None, 1)[0].upper(), returning.group(1), statement)
+        text, returned = text[: returning.start()], returning.group(1)
+        verb = text.split(None, 1)[0].upper()
+        if verb == "INSERT":
+            rows = _inserted_rows(text, [c.strip() for c in returned.split(",")], statement)
+        elif verb in ("UPDATE", "DELETE") and returned == "1":
+            rows = _counted_rows
+        elif verb == "DELETE" and _DELETE.match(text):
+            return MySQLStatement(statement, run=_deleting_rows(text, returned))
+        else:
+            raise NotImplementedError(f"no MySQL translation for RETURNING {returned}: {statement}")
     return MySQLStatement(_placeholders(text), rows, no_row_on_duplicate)
 
 
@@ -164,7 +212,7 @@ def execute(session: Session, statement: str, parameters: tuple) -> list[tuple]:
         if translated.no_row_on_duplicate and error.args[0] == ER.DUP_ENTRY:
             return []
         raise
-    return translated.rows(session.cursor, rows)
+    return translated.rows(session.cursor, rows, parameters)
 
 
 def _sql_transaction(make_transaction: sql.TransactionFactory[T]) -> Callable[[Session], T]:
@@ -217,6 +265,7 @@ class MySQLDatabase:
         self.offline = sql.SQLOfflineStore(self._run)
         self.pubsub = sql.SQLPubSubStore(self._run)
         self.last_activity = sql.SQLLastActivityStore(self._run)
+        self.block_lists = sql.SQLBlockListStore(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
         return self._pool.run(_sql_transaction(make_transaction))

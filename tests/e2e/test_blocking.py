@@ -1,7 +1,7 @@
 """XEP-0191 Blocking Command with slixmpp's xep_0191: a blocked contact's messages and presence
 are not delivered, the block list is pushed to the other resource and kept across a restart.
 
-Every test runs on SQLite and again on PostgreSQL (the subclass at the end).
+Every test runs on SQLite and again on PostgreSQL and MySQL (the subclasses at the end).
 """
 
 import asyncio
@@ -102,3 +102,7 @@ class BlockingTests(ServerTestCase):
 
 class BlockingOnPostgreSQLTests(BlockingTests):
     storage = "postgresql"
+
+
+class BlockingOnMySQLTests(BlockingTests):
+    storage = "mysql"

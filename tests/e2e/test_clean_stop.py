@@ -88,3 +88,7 @@ class CleanStopTests(ServerTestCase):
 
 class CleanStopOnPostgreSQLTests(CleanStopTests):
     storage = "postgresql"
+
+
+class CleanStopOnMySQLTests(CleanStopTests):
+    storage = "mysql"
