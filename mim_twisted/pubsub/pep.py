@@ -295,13 +295,20 @@ class PepService:
                     if session.message_priority is not None:
                         self._spawn_last_items(session, owner.userhost())
             return
-        service = self.service(owner.userhost())
-        try:
-            done = self.pool.submit(owner.userhost(), "", lambda: service.recheck_access(item.jid))
-        except QueueFull:
-            log.warn("PEP of {owner} too busy to recheck {jid}", owner=owner, jid=item.jid)
+        defer.ensureDeferred(self._recheck(owner.userhost(), item.jid)).addErrback(
+            _log_failure, "rechecking PEP subscriptions for {owner}", owner.full()
+        )
+
+    async def _recheck(self, owner: str, contact: str) -> None:
+        """Recheck the contact's subscriptions in a queue, if it has any: most contacts have
+        none, and a subscription exchange must not fill the queues with work that finds none."""
+        if not await self.store.subscriptions_of(owner, contact):
             return
-        done.addErrback(_log_failure, "rechecking PEP subscriptions for {owner}", owner.full())
+        service = self.service(owner)
+        try:
+            await self.pool.submit(owner, "", lambda: service.recheck_access(contact))
+        except QueueFull:
+            log.warn("PEP of {owner} too busy to recheck {jid}", owner=owner, jid=contact)
 
     def _spawn_last_items(self, session: Session, only_owner: str | None) -> None:
         defer.ensureDeferred(self._send_last_items(session, only_owner)).addErrback(
