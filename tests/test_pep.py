@@ -18,6 +18,7 @@ NS_PUBSUB = "http://jabber.org/protocol/pubsub"
 NS_EVENT = NS_PUBSUB + "#event"
 NS_ERRORS = NS_PUBSUB + "#errors"
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+NS_DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 NS_DELAY = "urn:xmpp:delay"
 DEVICES = "urn:xmpp:omemo:2:devices"
 NODE = "urn:xmpp:caps-test"
@@ -203,6 +204,24 @@ class RoutingTests(PepTestCase):
             )
             self.assertEqual(answer["type"], "error", body)
         self.assertFalse(alice.closed)
+
+    def test_disco_items_lists_the_nodes_the_requester_may_read(self) -> None:
+        self.subscribe("bob", "alice")  # bob sees alice's presence
+        alice = self.online("alice@localhost/desk")
+        bob = self.online("bob@localhost/phone")
+        self.ask(alice, publish("urn:presence-node", "1"))
+        self.ask(
+            alice,
+            publish("urn:closed-node", "1", options=publish_options(access_model="whitelist")),
+        )
+        query = f"<iq type='get' id='i' to='alice@localhost'><query xmlns='{NS_DISCO_ITEMS}'/></iq>"
+
+        def nodes(session) -> list[str]:
+            answer = next(self.ask(session, query).elements(NS_DISCO_ITEMS, "query"))
+            return [item["node"] for item in answer.elements(NS_DISCO_ITEMS, "item")]
+
+        self.assertEqual(nodes(alice), ["urn:closed-node", "urn:presence-node"])
+        self.assertEqual(nodes(bob), ["urn:presence-node"])
 
     def test_disco_info_shows_pep(self) -> None:
         alice = self.online("alice@localhost/desk")
