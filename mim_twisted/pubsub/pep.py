@@ -14,7 +14,7 @@ availability: when its available presence arrives with known caps, when its caps
 later, and when a contact's presence subscription is approved, with an XEP-0203 delay.
 """
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -74,6 +74,9 @@ PEP_FEATURES = (
     "retrieve-subscriptions",
     "subscribe",
 )
+
+# Account services kept made; each is small and holds no state of its own.
+MAX_SERVICES = 100_000
 
 # The affiliations that pass a whitelist node (XEP-0060 §4.5).
 _WHITELISTED = frozenset({"owner", "publisher", "member"})
@@ -154,7 +157,9 @@ class PepService:
         self.broadcaster = broadcaster
         self.limits = limits
         self.relation = relation
-        self._components: dict[str, PubSubComponent] = {}
+        # Account -> its request handler, the least recently used dropped beyond
+        # MAX_SERVICES: any JID on a served domain can be asked, an account or not.
+        self._components: OrderedDict[str, PubSubComponent] = OrderedDict()
         self._in_flight: dict[Session, int] = {}
         self.results: Counter[str] = Counter()
         # Notifications of one owner's nodes leave in the order of its events, although each
@@ -182,7 +187,9 @@ class PepService:
     def component(self, owner: str) -> PubSubComponent:
         """The request handler of the account ``owner`` (a bare JID)."""
         component = self._components.get(owner)
-        if component is None:
+        if component is not None:
+            self._components.move_to_end(owner)
+        else:
             service = core.PubSubService(
                 self.store,
                 service_key=owner,
@@ -196,6 +203,9 @@ class PepService:
                 owner, service, self.pool, in_flight=self._in_flight, results=self.results
             )
             self._components[owner] = component
+            if len(self._components) > MAX_SERVICES:
+                # Holds no state of its own (nodes live in the store): made again when needed.
+                self._components.popitem(last=False)
         return component
 
     def service(self, owner: str) -> core.PubSubService:
