@@ -495,12 +495,19 @@ class ModulesConfig:
     blocking: bool = option(True, boolean)  # XEP-0191 Blocking Command
     last: bool = option(True, boolean)  # XEP-0012 Last Activity
     stream_management: bool = option(True, boolean)  # XEP-0198 Stream Management
+    private: bool = option(True, boolean)  # XEP-0049 Private XML Storage
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StreamManagementConfig:
     resume_timeout: float = option(300.0, number(0, inclusive=False))
     max_unacked: int = option(1000, integer(1))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivateConfig:
+    # Bytes of serialised XML all of an account's fragments take together.
+    max_size: int = option(65536, integer(1))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -621,6 +628,7 @@ class Config:
     pubsub: PubSubConfig = option({}, table(PubSubConfig))
     modules: ModulesConfig = option({}, table(ModulesConfig))
     stream_management: StreamManagementConfig = option({}, table(StreamManagementConfig))
+    private: PrivateConfig = option({}, table(PrivateConfig))
     log: LogConfig = option({}, table(LogConfig))
     admin: AdminConfig = option({}, table(AdminConfig))
     metrics: MetricsConfig = option({}, table(MetricsConfig))

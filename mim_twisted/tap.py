@@ -40,6 +40,7 @@ from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.messages import MessageRouter
 from mim_twisted.im.offline import OfflineDelivery
 from mim_twisted.im.presence import PresenceService
+from mim_twisted.im.private import PrivateStorage
 from mim_twisted.im.register import RegistrationService
 from mim_twisted.im.roster import RosterService
 from mim_twisted.im.router import Router
@@ -254,6 +255,8 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
     if config.modules.last:
         last = LastActivityService(database.last_activity, database.rosters, sessions, clock)
         last.install(router, disco, hook_table)
+    if config.modules.private:
+        PrivateStorage(database.private, config.private.max_size).install(router, disco)
     caps_service = CapsService(router)
     presence.caps_listeners.append(caps_service.presence_received)
     hook_table.add(hooks.SESSION_ENDED, caps_service.session_ended)

@@ -16,6 +16,7 @@ from mim_twisted.storage.interfaces import (
     IDatabase,
     ILastActivityStore,
     IOfflineStore,
+    IPrivateStore,
     IPubSubStore,
     IRosterStore,
     LastActivity,
@@ -53,6 +54,7 @@ class StorageContract:
         self.pubsub = self.database.pubsub
         self.last_activity = self.database.last_activity
         self.block_lists = self.database.block_lists
+        self.private = self.database.private
 
     async def register(self, *accounts: tuple[str, str]) -> None:
         for domain, username in accounts:
@@ -489,6 +491,88 @@ class OfflineStoreContract(StorageContract):
         )
         self.assertEqual(sorted(results), [False] * 6 + [True] * 4)
         self.assertEqual(await self.offline.count(*ALICE), 4)
+
+
+BOOKMARKS = "storage:bookmarks"
+BOOKMARKS_XML = (
+    "<storage xmlns='storage:bookmarks'><conference jid='café@muc.example.org' name='☕'/>"
+    "</storage>"
+)
+PREFS = "exodus:prefs"
+PREFS_XML = "<exodus xmlns='exodus:prefs'><defaultnick>Hamlet</defaultnick></exodus>"
+
+
+class PrivateStoreContract(StorageContract):
+    def test_private_store_provides_interface(self) -> None:
+        self.assertTrue(verifyObject(IPrivateStore, self.private))
+
+    async def test_set_then_get_by_namespace(self) -> None:
+        await self.register(ALICE)
+        fragments = {BOOKMARKS: BOOKMARKS_XML, PREFS: PREFS_XML}
+        self.assertTrue(await self.private.set_fragments(*ALICE, fragments, 10000))
+        self.assertEqual(await self.private.get_fragments(*ALICE, [BOOKMARKS, PREFS]), fragments)
+        self.assertEqual(await self.private.get_fragments(*ALICE, [PREFS]), {PREFS: PREFS_XML})
+
+    async def test_nothing_stored(self) -> None:
+        await self.register(ALICE)
+        self.assertEqual(await self.private.get_fragments(*ALICE, [BOOKMARKS]), {})
+        self.assertEqual(await self.private.get_fragments(*NOBODY, [BOOKMARKS]), {})
+
+    async def test_set_replaces_only_its_namespaces(self) -> None:
+        await self.register(ALICE)
+        await self.private.set_fragments(
+            *ALICE, {BOOKMARKS: BOOKMARKS_XML, PREFS: PREFS_XML}, 10000
+        )
+        empty = "<storage xmlns='storage:bookmarks'/>"
+        await self.private.set_fragments(*ALICE, {BOOKMARKS: empty}, 10000)
+        self.assertEqual(
+            await self.private.get_fragments(*ALICE, [BOOKMARKS, PREFS]),
+            {BOOKMARKS: empty, PREFS: PREFS_XML},
+        )
+
+    async def test_fragments_are_per_account(self) -> None:
+        await self.register(ALICE, ALICE_ELSEWHERE)
+        await self.private.set_fragments(*ALICE, {PREFS: PREFS_XML}, 10000)
+        self.assertEqual(await self.private.get_fragments(*ALICE_ELSEWHERE, [PREFS]), {})
+
+    async def test_limit_counts_the_bytes_of_all_namespaces(self) -> None:
+        await self.register(ALICE)
+        size = len(BOOKMARKS_XML.encode("utf-8"))  # "é" and "☕" take more than one byte each
+        self.assertTrue(await self.private.set_fragments(*ALICE, {BOOKMARKS: BOOKMARKS_XML}, size))
+        # Replacing a namespace counts its new size only.
+        self.assertTrue(await self.private.set_fragments(*ALICE, {BOOKMARKS: BOOKMARKS_XML}, size))
+        self.assertFalse(await self.private.set_fragments(*ALICE, {PREFS: PREFS_XML}, size))
+        self.assertEqual(await self.private.get_fragments(*ALICE, [PREFS]), {})
+        # Nothing of a refused set is stored, not even what would fit.
+        two = {BOOKMARKS: "<storage xmlns='storage:bookmarks'/>", PREFS: PREFS_XML * 3}
+        self.assertFalse(await self.private.set_fragments(*ALICE, two, size))
+        self.assertEqual(
+            await self.private.get_fragments(*ALICE, [BOOKMARKS]), {BOOKMARKS: BOOKMARKS_XML}
+        )
+
+    async def test_set_for_unknown_account(self) -> None:
+        await self.assertFailure(
+            self.private.set_fragments(*NOBODY, {PREFS: PREFS_XML}, 10000), AccountNotFound
+        )
+
+    async def test_removing_the_account_removes_its_fragments(self) -> None:
+        await self.register(ALICE)
+        await self.private.set_fragments(*ALICE, {PREFS: PREFS_XML}, 10000)
+        await self.accounts.remove_account(*ALICE)
+        await self.register(ALICE)
+        self.assertEqual(await self.private.get_fragments(*ALICE, [PREFS]), {})
+
+    async def test_concurrent_sets_respect_the_limit(self) -> None:
+        await self.register(ALICE)
+        fragment = "<x xmlns='urn:example'/>"
+        limit = len(fragment) * 4
+        results = await gatherResults(
+            [
+                self.private.set_fragments(*ALICE, {f"urn:example:{n}": fragment}, limit)
+                for n in range(10)
+            ]
+        )
+        self.assertEqual(sorted(results), [False] * 6 + [True] * 4)
 
 
 # A PubSub service and a PEP service (the owner's bare JID), which may both have a node "news".

@@ -34,6 +34,7 @@ from tests.storage_contract import (
     BlockListStoreContract,
     LastActivityStoreContract,
     OfflineStoreContract,
+    PrivateStoreContract,
     PubSubStoreContract,
     RosterStoreContract,
     credentials,
@@ -51,6 +52,7 @@ class MemoryStorageTests(
     PubSubStoreContract,
     LastActivityStoreContract,
     BlockListStoreContract,
+    PrivateStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -64,6 +66,7 @@ class SQLiteStorageTests(
     PubSubStoreContract,
     LastActivityStoreContract,
     BlockListStoreContract,
+    PrivateStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -80,6 +83,7 @@ class PostgresStorageTests(
     PubSubStoreContract,
     LastActivityStoreContract,
     BlockListStoreContract,
+    PrivateStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -157,6 +161,7 @@ class MySQLStorageTests(
     PubSubStoreContract,
     LastActivityStoreContract,
     BlockListStoreContract,
+    PrivateStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -348,7 +353,7 @@ MOTD_UPGRADES = {
 
 
 # The tables each packaged upgrade script adds: a database at version 1 gets them all.
-PACKAGED_UPGRADE_TABLES = {2: ["last_activity"], 3: ["block_list"]}
+PACKAGED_UPGRADE_TABLES = {2: ["last_activity"], 3: ["block_list"], 4: ["private_storage"]}
 
 
 class StatementSplittingTests(SynchronousTestCase):
@@ -517,6 +522,10 @@ class SQLMigrationTests:
             self.columns("last_activity"), ["server", "username", "logged_out_at", "status"]
         )
         self.assertEqual(self.columns("block_list"), ["server", "username", "jid"])
+        self.assertEqual(
+            self.columns("private_storage"),
+            ["server", "username", "namespace", "fragment", "size"],
+        )
 
     async def test_upgrade_scripts_run_in_order_and_keep_data(self) -> None:
         await self.open_migrated_to_current()

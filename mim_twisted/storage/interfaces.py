@@ -58,6 +58,7 @@ class IDatabase(Interface):
     pubsub = Attribute("The IPubSubStore of this database.")
     last_activity = Attribute("The ILastActivityStore of this database.")
     block_lists = Attribute("The IBlockListStore of this database.")
+    private = Attribute("The IPrivateStore of this database.")
 
     def schema_version():
         """Deferred firing with the installed schema version, 0 for an empty database."""
@@ -230,6 +231,30 @@ class IBlockListStore(Interface):
 
     def unblock_all(domain, username):
         """Empty the block list; Deferred firing with the JIDs that were in it."""
+
+
+def fragment_size(fragment: str) -> int:
+    """The size of a stored XML fragment: the bytes of its UTF-8 encoding."""
+    return len(fragment.encode("utf-8"))
+
+
+class IPrivateStore(Interface):
+    """XEP-0049 private XML of (domain, username): one serialised fragment per namespace.
+
+    A fragment's size is the length in bytes of its UTF-8 encoding. Removing the account removes
+    its fragments.
+    """
+
+    def get_fragments(domain, username, namespaces):
+        """Deferred firing with {namespace: fragment} of those of ``namespaces`` stored."""
+
+    def set_fragments(domain, username, fragments, limit):
+        """Store ``fragments`` ({namespace: fragment}), each replacing the one of its namespace,
+        unless the account's fragments would then take more than ``limit`` bytes in all.
+
+        Deferred firing with True if stored, False (nothing changed) if over the limit; checked
+        and written atomically. Fails with AccountNotFound for an unknown account.
+        """
 
 
 # A node's affiliations (XEP-0060 §4.1); "none" is stored as no row.

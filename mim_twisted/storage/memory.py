@@ -18,6 +18,7 @@ from mim_twisted.storage.interfaces import (
     IDatabase,
     ILastActivityStore,
     IOfflineStore,
+    IPrivateStore,
     IPubSubStore,
     IRosterStore,
     LastActivity,
@@ -30,6 +31,7 @@ from mim_twisted.storage.interfaces import (
     RosterItem,
     check_affiliation,
     check_subscription_state,
+    fragment_size,
     next_modified_at,
 )
 
@@ -199,6 +201,31 @@ class MemoryBlockListStore:
 
     def unblock_all(self, domain: str, username: str) -> Deferred[list[str]]:
         return succeed(sorted(self._lists.pop((domain, username), ())))
+
+
+@implementer(IPrivateStore)
+class MemoryPrivateStore:
+    def __init__(self, accounts: MemoryAccountStore) -> None:
+        self._accounts = accounts
+        self._fragments: dict[tuple[str, str], dict[str, str]] = {}
+        accounts.remove_with_account(self._fragments)
+
+    def get_fragments(
+        self, domain: str, username: str, namespaces: Iterable[str]
+    ) -> Deferred[dict[str, str]]:
+        stored = self._fragments.get((domain, username), {})
+        return succeed({ns: stored[ns] for ns in namespaces if ns in stored})
+
+    def set_fragments(
+        self, domain: str, username: str, fragments: Mapping[str, str], limit: int
+    ) -> Deferred[bool]:
+        if not self._accounts.is_registered(domain, username):
+            return fail(AccountNotFound(f"{username}@{domain}"))
+        after = {**self._fragments.get((domain, username), {}), **fragments}
+        if sum(map(fragment_size, after.values())) > limit:
+            return succeed(False)
+        self._fragments[domain, username] = after
+        return succeed(True)
 
 
 def _json_copy(value: dict) -> dict:
@@ -411,6 +438,7 @@ class MemoryDatabase:
         self.pubsub = MemoryPubSubStore()
         self.last_activity = MemoryLastActivityStore(self.accounts)
         self.block_lists = MemoryBlockListStore(self.accounts)
+        self.private = MemoryPrivateStore(self.accounts)
         self.accounts.on_removed.append(self.pubsub.delete_service_nodes)
 
     def schema_version(self) -> Deferred[int]:

@@ -32,6 +32,7 @@ from mim_twisted.storage.interfaces import (
     IBlockListStore,
     ILastActivityStore,
     IOfflineStore,
+    IPrivateStore,
     IPubSubStore,
     IRosterStore,
     LastActivity,
@@ -44,6 +45,7 @@ from mim_twisted.storage.interfaces import (
     RosterItem,
     check_affiliation,
     check_subscription_state,
+    fragment_size,
     next_modified_at,
 )
 
@@ -129,6 +131,18 @@ DELETE_BLOCKED = (
     "DELETE FROM block_list WHERE server = ? AND username = ? AND jid = ? RETURNING jid"
 )
 DELETE_ALL_BLOCKED = "DELETE FROM block_list WHERE server = ? AND username = ? RETURNING jid"
+
+SELECT_PRIVATE_SIZES = (
+    "SELECT namespace, size FROM private_storage WHERE server = ? AND username = ?"
+)
+SELECT_PRIVATE_FRAGMENT = (
+    "SELECT fragment FROM private_storage WHERE server = ? AND username = ? AND namespace = ?"
+)
+UPSERT_PRIVATE_FRAGMENT = (
+    "INSERT INTO private_storage (server, username, namespace, fragment, size)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (server, username, namespace)"
+    " DO UPDATE SET fragment = excluded.fragment, size = excluded.size"
+)
 
 INSERT_NODE = (
     "INSERT INTO pubsub_nodes (service, name, config, created_at) VALUES (?, ?, ?, ?)"
@@ -458,6 +472,37 @@ class SQLBlockListStore(_SQLStore):
     def unblock_all(self, domain: str, username: str) -> Transaction[list[str]]:
         rows = yield DELETE_ALL_BLOCKED, (domain, username)
         return sorted(jid for (jid,) in rows)
+
+
+@implementer(IPrivateStore)
+class SQLPrivateStore(_SQLStore):
+    @transaction
+    def get_fragments(
+        self, domain: str, username: str, namespaces: Iterable[str]
+    ) -> Transaction[dict[str, str]]:
+        fragments = {}
+        for namespace in namespaces:
+            rows = yield SELECT_PRIVATE_FRAGMENT, (domain, username, namespace)
+            if rows:
+                fragments[namespace] = rows[0][0]
+        return fragments
+
+    @transaction
+    def set_fragments(
+        self, domain: str, username: str, fragments: Mapping[str, str], limit: int
+    ) -> Transaction[bool]:
+        # Under the account's lock, concurrent stores add up one after the other: none passes
+        # the limit.
+        if not (yield LOCK_ACCOUNT, (domain, username)):
+            raise AccountNotFound(f"{username}@{domain}")
+        sizes = dict((yield SELECT_PRIVATE_SIZES, (domain, username)))
+        sizes.update((namespace, fragment_size(text)) for namespace, text in fragments.items())
+        if sum(sizes.values()) > limit:
+            return False
+        for namespace, text in fragments.items():
+            row = (domain, username, namespace, text, sizes[namespace])
+            yield UPSERT_PRIVATE_FRAGMENT, row
+        return True
 
 
 def _bare(jid: str) -> str:
