@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 import mim_twisted
 from mim_twisted.auth.scram import derive_all
-from mim_twisted.storage import open_database
+from mim_twisted.storage import migrations, open_database
 from mim_twisted.xmpp.tls import SELF_SIGNED_NAME, generate_self_signed, load_certificates
 from tests.e2e.harness import (
     STREAM_HEADER,
@@ -276,7 +276,7 @@ class StartFailureTests(unittest.TestCase):
             directory,
             config,
             "mim: could not start: the database schema is at version 0, this code needs"
-            " version 1: run `mimctl migrate`",
+            f" version {migrations.newest_version()}: run `mimctl migrate`",
         )
 
 
