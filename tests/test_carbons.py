@@ -61,6 +61,9 @@ class EligibilityTests(unittest.TestCase):
     def test_messages_between_own_resources_are_not_copied(self) -> None:
         self.check("<message type='chat' to='alice@localhost/phone'/>", False)
         self.check("<message type='chat' to='Alice@localhost'/>", False)
+        message = parse("<message type='chat'><body>to oneself</body></message>")
+        message["from"] = "alice@localhost/desk"
+        self.assertFalse(eligible(message))
 
 
 class CarbonsTestCase(ImCoreTestCase):

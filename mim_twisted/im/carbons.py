@@ -38,8 +38,9 @@ def eligible(message: domish.Element) -> bool:
         return False
     if any(uri == NS_CARBONS for uri, _ in children):
         return False
-    if _bare(message.getAttribute("from")) == _bare(message.getAttribute("to")):
-        return False  # between the account's own resources: each of them is a party
+    to = message.getAttribute("to")
+    if to is None or _bare(message.getAttribute("from")) == _bare(to):
+        return False  # to the account itself (no 'to' is its bare JID): each resource is a party
     kind = message.getAttribute("type", "normal")
     if kind == "chat":
         return True
