@@ -603,3 +603,23 @@ class DriverTests(unittest.TestCase):
             {"postgresql": ("mim_no_such_driver",), "mysql": ("mim_no_such_driver",)},
         )
         self.assertEqual(load_config(None).storage.backend, "sqlite")
+
+
+class ModulesConfigTests(unittest.TestCase):
+    """[modules]: one switch per IM extension, all on by default."""
+
+    assertError = ErrorTests.assertError
+
+    def test_defaults(self) -> None:
+        modules = load_config(None).modules
+        self.assertEqual((modules.carbons, modules.blocking, modules.last), (True, True, True))
+
+    def test_switched_off(self) -> None:
+        path = write(self, "[modules]\ncarbons = false\nlast = false\n")
+        modules = load_config(path).modules
+        self.assertEqual((modules.carbons, modules.blocking, modules.last), (False, True, False))
+
+    def test_not_a_boolean(self) -> None:
+        self.assertError(
+            '[modules]\nblocking = "yes"\n', 'modules.blocking: must be true or false (got "yes")'
+        )
