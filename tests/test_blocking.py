@@ -6,6 +6,7 @@ from twisted.trial import unittest
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
+from mim_twisted import hooks
 from mim_twisted.im import blocking
 from mim_twisted.im.blocking import NS_BLOCKING, NS_BLOCKING_ERRORS, blocks
 from mim_twisted.im.disco import NS_DISCO_INFO
@@ -254,3 +255,34 @@ class RoutingTests(BlockingTestCase):
         self.assertEqual(bob.take(), [])
         held.release_all()
         self.assertEqual([str(m.body) for m in bob.take()], ["0", "1", "2"])
+
+    def test_a_sessions_stanzas_wait_behind_one_held_at_the_gate(self) -> None:
+        held = HeldStore(self.database.block_lists)
+        self.database.block_lists = held
+        self.build()
+        sent: list[str] = []
+        self.core.hooks.add(
+            hooks.MESSAGE_SENT, lambda session, message: sent.append(str(message.body))
+        )
+        alice = self.connect("alice@localhost/desk")
+        bob = self.connect("bob@localhost/phone")
+        carol = self.connect("carol@localhost/home")
+        self.send(alice, "<message to='bob@localhost/phone' type='chat'><body>0</body></message>")
+        held.release_all()  # alice's and bob's lists
+        self.send(alice, "<message to='carol@localhost/home' type='chat'><body>1</body></message>")
+        self.send(alice, "<message to='bob@localhost/phone' type='chat'><body>2</body></message>")
+        self.assertEqual(sent, ["0"])
+        held.release_all()  # carol's
+        self.assertEqual(sent, ["0", "1", "2"])
+        self.assertEqual([str(m.body) for m in bob.take()], ["0", "2"])
+        self.assertEqual([str(m.body) for m in carol.take()], ["1"])
+
+    def test_a_bounded_wait(self) -> None:
+        held = HeldStore(self.database.block_lists)
+        self.database.block_lists = held
+        self.build()
+        self.core.router.max_held = 1
+        alice = self.connect("alice@localhost/desk")
+        for n in range(3):
+            self.send(alice, f"<message to='bob@localhost' type='chat'><body>{n}</body></message>")
+        self.assertEqual(alice.stream_errors, ["policy-violation"])

@@ -11,12 +11,17 @@ answers on behalf of the sender's own account. A handler is called as
 empty result, or a Deferred of either; it raises StanzaError for an error reply. A request no
 handler claims is answered with <service-unavailable/>, so nothing is silently dropped.
 
+Every stanza with a 'to' passes the `gates` first (blocking, XEP-0191), which may refuse it.
+A gate that must ask the database holds the stanza, and the session's later stanzas wait behind
+it, so that a session's stanzas are routed in the order they came (RFC 6120 §10.1).
+
 Responses that clients send to the server's own requests (e.g. the disco#info query of entity
 caps) complete the Deferred returned by `query`. Services on a domain of their own (PubSub at
 `pubsub.<domain>`) receive every stanza addressed to that domain through `components`.
 """
 
 import secrets
+from collections import deque
 from collections.abc import Callable
 
 from twisted.internet import defer
@@ -40,6 +45,9 @@ from mim_twisted.xmpp.jids import parse_jid
 from mim_twisted.xmpp.stanza_errors import error_response
 
 log = Logger()
+
+# Stanzas of one session that may wait behind one held at a gate; beyond: policy-violation.
+MAX_HELD_STANZAS = 1000
 
 IqHandler = Callable[[Session, domish.Element, JID], "domish.Element | defer.Deferred | None"]
 # `gate(session, stanza, recipient)`: True when it has refused the stanza (and answered it),
@@ -84,6 +92,9 @@ class Router:
         # A stanza waiting for a gate's Deferred is routed when it fires: the stanzas waiting
         # for the same answer keep their order.
         self.gates: list[Gate] = []
+        # Per session whose stanza waits at a gate: its stanzas received since, in order.
+        self._held: dict[Session, deque[domish.Element]] = {}
+        self.max_held = MAX_HELD_STANZAS
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -115,30 +126,59 @@ class Router:
     # -- IQ -------------------------------------------------------------------------------
 
     def route_from_client(self, session: Session, stanza: domish.Element) -> None:
+        held = self._held.get(session)
+        if held is not None:
+            # An earlier stanza waits at a gate: this one waits behind it (RFC 6120 §10.1).
+            if len(held) >= self.max_held:
+                session.stream_error("policy-violation", "Too many stanzas waiting")
+                return
+            held.append(stanza)
+            return
+        waiting = self._route(session, stanza)
+        if waiting is not None:
+            self._hold_behind(session, waiting, deque())
+
+    def _route(self, session: Session, stanza: domish.Element) -> defer.Deferred | None:
+        """Route a stanza; a Deferred when it waits at a gate, fired once it has passed."""
         to = stanza.getAttribute("to")
         try:
             recipient = parse_jid(to) if to else session.jid.userhostJID()
         except (InvalidFormat, UnicodeError):
             reply_error(session, stanza, "jid-malformed")
-            return
+            return None
         if to and self.gates:
-            self._pass_gates(session, stanza, recipient, 0)
-        else:
-            self._dispatch(session, stanza, recipient)
+            return self._pass_gates(session, stanza, recipient, 0)
+        self._dispatch(session, stanza, recipient)
+        return None
+
+    def _hold_behind(
+        self, session: Session, waiting: defer.Deferred, held: deque[domish.Element]
+    ) -> None:
+        """Hold the session's next stanzas in `held` until `waiting` fires."""
+        self._held[session] = held
+        waiting.addBoth(self._release_held, session)
+        self.routing.track(waiting)  # what it waits for is the database
+
+    def _release_held(self, result: object, session: Session) -> None:
+        held = self._held.pop(session)
+        while held:
+            waiting = self._route(session, held.popleft())
+            if waiting is not None:
+                self._hold_behind(session, waiting, held)
+                return
 
     def _pass_gates(
         self, session: Session, stanza: domish.Element, recipient: JID, first: int
-    ) -> None:
+    ) -> defer.Deferred | None:
         for index in range(first, len(self.gates)):
             verdict = self.gates[index](session, stanza, recipient)
             if isinstance(verdict, defer.Deferred):
                 verdict.addCallback(self._gate_answered, session, stanza, recipient, index + 1)
-                verdict.addErrback(self._routing_failed, session, stanza)
-                self.routing.track(verdict)  # it waits for the database too
-                return
+                return verdict.addErrback(self._routing_failed, session, stanza)
             if verdict:
-                return
+                return None
         self._dispatch(session, stanza, recipient)
+        return None
 
     def _gate_answered(
         self,
@@ -147,9 +187,11 @@ class Router:
         stanza: domish.Element,
         recipient: JID,
         following: int,
-    ) -> None:
-        if not refused:
-            self._pass_gates(session, stanza, recipient, following)
+    ) -> defer.Deferred | None:
+        if refused:
+            return None
+        # A Deferred returned here holds up the first one until the next gates are passed.
+        return self._pass_gates(session, stanza, recipient, following)
 
     def _dispatch(self, session: Session, stanza: domish.Element, recipient: JID) -> None:
         component = self.components.get(recipient.host)
