@@ -496,6 +496,7 @@ class ModulesConfig:
     last: bool = option(True, boolean)  # XEP-0012 Last Activity
     stream_management: bool = option(True, boolean)  # XEP-0198 Stream Management
     private: bool = option(True, boolean)  # XEP-0049 Private XML Storage
+    csi: bool = option(True, boolean)  # XEP-0352 Client State Indication
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,7 @@ from mim_twisted.admin import AdminService
 from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
 from mim_twisted.config import Config, ConfigError, ListenerConfig, changed_keys, load_config
-from mim_twisted.im import caps, ping, roster, stream_management, version
+from mim_twisted.im import caps, client_state, ping, roster, stream_management, version
 from mim_twisted.im.blocking import BlockingService
 from mim_twisted.im.caps import CapsService
 from mim_twisted.im.carbons import Carbons
@@ -195,6 +195,8 @@ class ImCore:
         factory.bound_features.append(caps.server_caps_element(self.disco.server_info()))
         if self.router.stream_management is not None:
             factory.bound_features.append(stream_management.stream_feature())
+        if self.router.client_state_indication:
+            factory.bound_features.append(client_state.stream_feature())
         self.registration.install_stream(factory)
 
 
@@ -220,6 +222,7 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
     roster_service.on_remove = presence.roster_item_removed
     messages = MessageRouter(sessions, database.accounts, offline, hook_table)
     router = Router(domains, sessions, clock, presence, messages, hook_table)
+    router.client_state_indication = config.modules.csi
     if config.modules.stream_management:
         router.stream_management = StreamManagement(
             StreamManagementSettings(

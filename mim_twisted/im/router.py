@@ -84,6 +84,7 @@ class Router:
         self.components: dict[str, Callable[[Session, domish.Element, JID], None]] = {}
         # XEP-0198, when enabled: acknowledgements, detached sessions and their resumption.
         self.stream_management: StreamManagement | None = None
+        self.client_state_indication = False  # XEP-0352: sessions take <active/>, <inactive/>
         self._queries: dict[str, tuple[str, defer.Deferred]] = {}
         # Messages still being routed (to the database: offline storage, account lookups),
         # which a stop lets finish before the database closes.

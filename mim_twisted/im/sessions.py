@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
+from mim_twisted.im.client_state import NS_CSI, ClientState
 from mim_twisted.im.stream_management import failed
 from mim_twisted.xmpp import bind
 from mim_twisted.xmpp.connection import ClientConnection
+from mim_twisted.xmpp.namespaces import SM
 
 if TYPE_CHECKING:
     from mim_twisted.im.router import Router
@@ -58,6 +60,8 @@ class Session:
         self.ledger: StanzaLedger | None = None
         self.resumption_id: str | None = None
         self.ack_requested = False  # an <r/> is out, not yet answered
+        # XEP-0352 (client_state.py): created when the client first says it is inactive.
+        self.client_state: ClientState | None = None
 
     @property
     def closed(self) -> bool:
@@ -72,6 +76,22 @@ class Session:
         return self._secure
 
     def send(self, stanza: domish.Element | bytes | str) -> None:
+        state = self.client_state
+        if state is not None and state.inactive:
+            held = state.hold(stanza)
+            if held is None:
+                return  # not worth sending to an inactive client
+            if held:
+                if state.overflowing():
+                    self._write_all(state.release())
+                return
+        self._write(stanza)
+
+    def _write_all(self, stanzas: list[domish.Element | bytes | str]) -> None:
+        for stanza in stanzas:
+            self._write(stanza)
+
+    def _write(self, stanza: domish.Element | bytes | str) -> None:
         counted = self.ledger is not None and not self.closed
         if self.connection is not None:
             self.connection.send(stanza)
@@ -118,12 +138,32 @@ class Session:
             return
         self._router.route_from_client(self, stanza)
 
-    def management_received(self, element: domish.Element) -> None:
-        management = self._router.stream_management
-        if management is None:
-            self.send_nonza(failed("feature-not-implemented"))
+    def nonza_received(self, element: domish.Element) -> None:
+        if element.uri == SM:
+            management = self._router.stream_management
+            if management is None:
+                self.send_nonza(failed("feature-not-implemented"))
+            else:
+                management.element_received(self, element)
+        elif (
+            element.uri == NS_CSI
+            and element.name in ("active", "inactive")
+            and self._router.client_state_indication
+        ):
+            self.set_client_state(active=element.name == "active")
         else:
-            management.element_received(self, element)
+            self.stream_error("unsupported-stanza-type", f"Unexpected <{element.name}/>")
+
+    def set_client_state(self, *, active: bool) -> None:
+        """XEP-0352: <active/> sends what was held back while inactive."""
+        state = self.client_state
+        if state is None:
+            if active:
+                return
+            state = self.client_state = ClientState()
+        state.inactive = not active
+        if active:
+            self._write_all(state.release())
 
     def connection_lost(self, connection: ClientConnection, *, abrupt: bool = False) -> None:
         if connection is not self.connection:

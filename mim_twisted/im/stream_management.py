@@ -297,6 +297,8 @@ class StreamManagement:
             connection.send(stanza)
         if session.ledger.unacked:
             self._request_ack(session)
+        # A new stream starts active (XEP-0352): what an inactive client was spared follows.
+        session.set_client_state(active=True)
         log.info(
             "{jid} resumed, {count} stanzas sent again",
             jid=session.jid.full(),

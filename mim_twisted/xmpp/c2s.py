@@ -377,20 +377,20 @@ class C2SStream(protocol.Protocol):
                 self.sasl.handle(element)
         elif element.uri == namespaces.CLIENT and element.name in STANZA_NAMES:
             self._on_stanza_before_bind(element)
-        elif element.uri == namespaces.SM:
-            self._on_management(element)
         elif element.uri == namespaces.STREAMS and element.name == "error":
             log.info("{peer} sent a stream error", peer=self.log_name())
             self._on_stream_end()
+        elif self.jid is not None:
+            # Stream management, client state indication: the session's business.
+            self.session.nonza_received(element)
+        elif element.uri == namespaces.SM:
+            self._resume(element)
         else:
             self.stream_error("unsupported-stanza-type", f"Unexpected <{element.name}/>")
 
-    def _on_management(self, element: domish.Element) -> None:
-        """Stream management (XEP-0198): after binding the session's business; <resume/>
-        instead of binding."""
-        if self.jid is not None:
-            self.session.management_received(element)
-        elif self.username is None:
+    def _resume(self, element: domish.Element) -> None:
+        """Stream management (XEP-0198) before binding: <resume/> instead of binding."""
+        if self.username is None:
             self.stream_error("not-authorized", "Authenticate first")
         elif element.name == "resume":
             user = JID(tuple=(self.username, self.domain, None))

@@ -37,8 +37,9 @@ class BoundSession(Protocol):
     def stanza_received(self, stanza: domish.Element) -> None:
         """A stanza from the client, its 'from' stamped with the session's full JID."""
 
-    def management_received(self, element: domish.Element) -> None:
-        """A stream management element (XEP-0198: <enable/>, <r/>, <a/>) from the client."""
+    def nonza_received(self, element: domish.Element) -> None:
+        """A top-level element from the client that is not a stanza: XEP-0198 stream management
+        (<enable/>, <r/>, <a/>), XEP-0352 client state (<active/>, <inactive/>), or unknown."""
 
     def connection_lost(self, connection: ClientConnection, *, abrupt: bool = False) -> None:
         """`connection` is gone; nothing can be sent to it any more. `abrupt`: it broke
