@@ -528,6 +528,7 @@ class MimService(service.MultiService):
             )
             client_listener.setServiceParent(self)
             self.listeners.append(client_listener)
+        self.tls_options: ssl.CertificateOptions | None = None  # loaded at start, for listeners
         self.ready: defer.Deferred = defer.Deferred()
         self._starting: defer.Deferred | None = None
         # Under twistd nobody waits on `ready`: the start is reported to twistd and the exit
