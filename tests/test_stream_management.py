@@ -8,6 +8,7 @@ import dataclasses
 from twisted.trial import unittest
 from twisted.words.protocols.jabber.jid import JID
 
+from mim_twisted import hooks
 from mim_twisted.auth.scram import derive_all
 from mim_twisted.config import Config, load_config
 from mim_twisted.im.stream_management import (
@@ -153,10 +154,16 @@ class EnableTests(StreamManagementTestCase):
         tags = [element.tag for element in self.elements(transport)]
         self.assertEqual(tags, [CLIENT + "iq", sm("enabled"), sm("failed")])
 
-    def test_ack_before_enable_fails(self) -> None:
+    def test_ack_before_enable_or_resume_after_binding_fails(self) -> None:
         stream, transport = self.bind("alice", "home")
         stream.dataReceived(f"<r xmlns='{SM}'/>".encode())
         self.assertEqual([e.tag for e in self.elements(transport)], [sm("failed")])
+        stream.dataReceived(f"<enable xmlns='{SM}' resume='true'/>".encode())
+        stream.dataReceived(f"<resume xmlns='{SM}' previd='x' h='0'/>".encode())
+        self.assertEqual([e.tag for e in self.elements(transport)], [sm("enabled"), sm("failed")])
+        stream.dataReceived(f"<nonsense xmlns='{SM}'/>".encode())
+        output = parse_server_output(transport.value())
+        self.assertEqual(output.stream_error(), "unsupported-stanza-type")
 
 
 class AckTests(StreamManagementTestCase):
@@ -218,6 +225,20 @@ class ResumptionTests(StreamManagementTestCase):
         session = self.sessions.session(JID("alice@localhost/home"))
         self.assertIsNotNone(session)
         self.assertIsNotNone(session.presence)
+
+    def test_the_session_ends_for_hooks_only_when_it_times_out(self) -> None:
+        # The event pusher's "offline" event comes from USER_UNAVAILABLE.
+        ended, unavailable = [], []
+        self.core.hooks.add(hooks.SESSION_ENDED, ended.append)
+        self.core.hooks.add(hooks.USER_UNAVAILABLE, lambda s, presence: unavailable.append(s))
+        alice, _ = self.online("alice", "home")
+        self.drop(alice)
+        self.successResultOf(self.core.presence.idle())
+        self.assertEqual((ended, unavailable), ([], []))
+        self.clock.advance(self.resume_timeout)
+        self.successResultOf(self.core.presence.idle())
+        self.assertEqual([session.jid.full() for session in ended], ["alice@localhost/home"])
+        self.assertEqual(unavailable, ended)
 
     def test_resume_sends_what_was_not_acknowledged(self) -> None:
         alice, alice_out = self.online("alice", "home")

@@ -160,12 +160,13 @@ class StreamManagement:
         ledger = session.ledger
         if element.name == "enable":
             self._enable(session, element)
-        elif ledger is None:
-            session.send_nonza(failed("unexpected-request"))
-        elif element.name == "r":
+        elif element.name == "r" and ledger is not None:
             session.send_nonza(sm_element("a", h=str(ledger.handled)))
-        elif element.name == "a":
+        elif element.name == "a" and ledger is not None:
             self._acknowledged(session, element)
+        elif element.name in ("r", "a", "resume"):
+            # Acks before <enable/>; <resume/> on a stream that has bound a resource.
+            session.send_nonza(failed("unexpected-request"))
         else:
             session.stream_error("unsupported-stanza-type", f"Unexpected <{element.name}/>")
 
