@@ -5,6 +5,10 @@ walks those declarations, so a new key is one line. The embedded default is the 
 so every default passes through the same checks (and path resolution) as a value from a file.
 Problems are reported as a ConfigError whose text is one line: the file, the dotted key, what
 is wrong.
+
+The extensions that ``[extensions.NAME]`` tables enable are installed (into a scratch registry)
+before anything else is checked, so that ``auth.mechanisms`` and ``auth.sasl_external`` accept
+the names of the SASL mechanisms and verification methods they add.
 """
 
 import dataclasses
@@ -23,9 +27,11 @@ from twisted.internet import endpoints
 from twisted.words.protocols.jabber import jid
 
 from mim_twisted import listeners
-from mim_twisted.auth import certs
+from mim_twisted.extensions import ExtensionError, ServerRegistry, install_extensions
 from mim_twisted.xmpp import tls
+from mim_twisted.xmpp.sasl.negotiation import CERTIFICATE_MECHANISMS
 
+# The default of auth.mechanisms.
 SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")
 
 
@@ -49,6 +55,8 @@ class _KeyedError(Exception):
 class _Where(NamedTuple):
     key: str  # dotted key of the value being checked, for messages and nested keys
     base: str  # directory that relative paths are resolved against
+    # What the built-ins and the enabled extensions registered: the names checks accept.
+    registry: ServerRegistry
 
 
 _Check = Callable[[Any, _Where], Any]
@@ -94,7 +102,7 @@ def _make(cls: type, raw: Mapping[str, Any], where: _Where, **extra: Any) -> Any
         else:
             value = default
         try:
-            values[name] = field.metadata["check"](value, _Where(key, where.base))
+            values[name] = field.metadata["check"](value, where._replace(key=key))
         except _CheckError as error:
             raise _KeyedError(f"{key}: {error} (got {_show(value)})") from None
     try:
@@ -214,10 +222,27 @@ def certificate_files(value: Any, where: _Where) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def verification_methods(value: Any, where: _Where) -> tuple[str, ...]:
-    """SASL EXTERNAL verification methods: built-in ones and those plugins registered."""
-    known = tuple(certs.VERIFICATION_METHODS)
+def sasl_mechanism_names(value: Any, where: _Where) -> tuple[str, ...]:
+    """SASL mechanisms: built-in ones and those extensions registered. EXTERNAL is not listed:
+    tls.verify_peer decides whether it is offered."""
+    known = [name for name in where.registry.sasl_mechanisms if name not in CERTIFICATE_MECHANISMS]
     return subset_of(*known)(value, where)
+
+
+def verification_methods(value: Any, where: _Where) -> tuple[str, ...]:
+    """SASL EXTERNAL verification methods: built-in ones and those extensions registered."""
+    return subset_of(*where.registry.verification_methods)(value, where)
+
+
+def extension_tables(value: Any, where: _Where) -> dict[str, dict[str, Any]]:
+    """[extensions.NAME] tables: the settings of each enabled extension, by name."""
+    if not isinstance(value, dict):
+        raise _CheckError("must be a table of [extensions.NAME] tables")
+    for name, settings in value.items():
+        if not isinstance(settings, dict):
+            key = _join(where.key, name)
+            raise _KeyedError(f"{key}: must be a table, written [{key}] (got {_show(settings)})")
+    return value
 
 
 def cipher_string(value: Any, where: _Where) -> str:
@@ -283,7 +308,7 @@ def array_of_tables(cls: type) -> _Check:
         if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
             raise _CheckError(f"must be a non-empty array of tables, written [[{where.key}]]")
         return tuple(
-            _make(cls, item, _Where(f"{where.key}[{index}]", where.base))
+            _make(cls, item, where._replace(key=f"{where.key}[{index}]"))
             for index, item in enumerate(value)
         )
 
@@ -367,7 +392,7 @@ class CommonNameConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AuthConfig:
-    mechanisms: tuple[str, ...] = option(list(SASL_MECHANISMS), subset_of(*SASL_MECHANISMS))
+    mechanisms: tuple[str, ...] = option(list(SASL_MECHANISMS), sasl_mechanism_names)
     allow_plain_without_tls: bool = option(False, boolean)
     scram_iterations: int = option(4096, integer(4096))
     max_failures: int = option(3, integer(1))
@@ -634,6 +659,7 @@ class Config:
     admin: AdminConfig = option({}, table(AdminConfig))
     metrics: MetricsConfig = option({}, table(MetricsConfig))
     event_pusher: EventPusherConfig = option({}, table(EventPusherConfig))
+    extensions: dict[str, dict[str, Any]] = option({}, extension_tables)
 
     @property
     def data_dir(self) -> str:
@@ -676,17 +702,31 @@ def load_config(path: str | None) -> Config:
     """Read the TOML file at ``path`` into a checked Config; None gives the embedded default.
 
     Relative paths are resolved against the file's directory (the current directory for the
-    default). Raises ConfigError, whose text is one line naming the file and the key.
+    default). The enabled extensions are installed into a scratch registry first, so that the
+    names they register are known to the checks. Raises ConfigError, whose text is one line
+    naming the file and the key.
     """
+    registry = ServerRegistry()
     if path is None:
-        return _make(Config, {}, _Where("", os.getcwd()), source=None)
+        return _make(Config, {}, _Where("", os.getcwd(), registry), source=None)
     document = _read(path)
+    where = _Where("", os.path.dirname(os.path.abspath(path)), registry)
     try:
-        return _make(
-            Config, document, _Where("", os.path.dirname(os.path.abspath(path))), source=path
+        enabled = _check_value(
+            extension_tables, document.get("extensions", {}), where, "extensions"
         )
-    except _KeyedError as error:
+        install_extensions(registry, enabled)
+        return _make(Config, document, where, source=path)
+    except (_KeyedError, ExtensionError) as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+def _check_value(check: _Check, value: Any, where: _Where, key: str) -> Any:
+    """``check`` of the value of one top-level key, outside _make."""
+    try:
+        return check(value, where._replace(key=key))
+    except _CheckError as error:
+        raise _KeyedError(f"{key}: {error} (got {_show(value)})") from None
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

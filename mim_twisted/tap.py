@@ -30,6 +30,7 @@ from mim_twisted.admin import AdminService
 from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
 from mim_twisted.config import Config, ConfigError, ListenerConfig, changed_keys, load_config
+from mim_twisted.extensions import ServerRegistry, install_extensions
 from mim_twisted.im import caps, client_state, ping, roster, stream_management, version
 from mim_twisted.im.blocking import BlockingService
 from mim_twisted.im.caps import CapsService
@@ -53,7 +54,7 @@ from mim_twisted.pubsub.broadcast import Broadcaster
 from mim_twisted.pubsub.config import GENERIC_NODE_DEFAULTS, ServiceLimits
 from mim_twisted.pubsub.core import PubSubService, Relation
 from mim_twisted.pubsub.nodecache import NodeCache
-from mim_twisted.pubsub.observers import Observer, PubSubObservers
+from mim_twisted.pubsub.observers import PubSubObservers
 from mim_twisted.pubsub.pep import PepService
 from mim_twisted.pubsub.protocol import PubSubComponent
 from mim_twisted.pubsub.purge import OfflinePurge
@@ -200,10 +201,15 @@ class ImCore:
         self.registration.install_stream(factory)
 
 
-def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
+def build_im_core(
+    config: Config, database: IDatabase, clock: object, registry: ServerRegistry | None = None
+) -> ImCore:
+    """The IM core, with what the extensions in ``registry`` added to it."""
+    registry = registry or ServerRegistry()
     domains = frozenset(config.server.domains)
     sessions = SessionManager()
-    hook_table = hooks.Hooks()
+    # Shared with the extensions: their hook handlers are in it already.
+    hook_table = registry.hooks
     offline = OfflineDelivery(database.offline, config.limits.max_offline_messages)
     # One lock per account for the roster items that the roster protocol and presence change.
     roster_locks = KeyedLock()
@@ -263,9 +269,34 @@ def build_im_core(config: Config, database: IDatabase, clock: object) -> ImCore:
     caps_service = CapsService(router)
     presence.caps_listeners.append(caps_service.presence_received)
     hook_table.add(hooks.SESSION_ENDED, caps_service.session_ended)
+    add_extension_handlers(registry, router, disco)
     return ImCore(
         sessions, hook_table, router, roster_service, presence, disco, caps_service, registration
     )
+
+
+def add_extension_handlers(registry: ServerRegistry, router: Router, disco: DiscoService) -> None:
+    """The IQ handlers and disco entries that extensions registered. An extension may not
+    take over a request that the server answers itself (ValueError, which stops the start)."""
+    for table, handlers in (
+        (router.server_iq, registry.server_iq_handlers),
+        (router.account_iq, registry.account_iq_handlers),
+    ):
+        for (namespace, name), handler in handlers.items():
+            if (namespace, name) in table:
+                raise ValueError(
+                    f"an extension's IQ handler for {{{namespace}}}{name} would"
+                    " replace the server's own"
+                )
+            table[namespace, name] = handler
+    for namespace in registry.server_features:
+        disco.add_server_feature(namespace)
+    for namespace in registry.account_features:
+        disco.add_account_feature(namespace)
+    for identity in registry.server_identities:
+        disco.add_server_identity(*identity)
+    for identity in registry.account_identities:
+        disco.add_account_identity(*identity)
 
 
 @dataclass
@@ -386,10 +417,17 @@ class ImCoreService(service.Service):
     messages kept for users now offline) finish before the database goes away.
     """
 
-    def __init__(self, config: Config, storage: StorageService | None, clock: object) -> None:
+    def __init__(
+        self,
+        config: Config,
+        storage: StorageService | None,
+        clock: object,
+        registry: ServerRegistry | None = None,
+    ) -> None:
         self.config = config
         self.storage = storage
         self.clock = clock
+        self.registry = registry
         self.core: ImCore | None = None
         self.factories: list[C2SFactory] = []
         # What hooks into the core once it is built (the event pusher).
@@ -397,7 +435,7 @@ class ImCoreService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.core = build_im_core(self.config, self.storage.database, self.clock)
+        self.core = build_im_core(self.config, self.storage.database, self.clock, self.registry)
         for install in self.hook_installers:
             install(self.core.hooks)
 
@@ -436,12 +474,18 @@ class PubSubHost(service.Service):
     """
 
     def __init__(
-        self, config: Config, storage: StorageService, im: ImCoreService, clock: object
+        self,
+        config: Config,
+        storage: StorageService,
+        im: ImCoreService,
+        clock: object,
+        registry: ServerRegistry | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
         self.im = im
         self.clock = clock
+        self.registry = registry
         self.pubsub: PubSub | None = None
         # Made now, so that observers can be added before the services exist.
         self.observers = PubSubObservers()
@@ -454,6 +498,9 @@ class PubSubHost(service.Service):
         self.pubsub = build_pubsub(
             self.config, self.storage.database, self.im.core, self.clock, self.observers
         )
+        # After the purge and the broadcaster: what extensions (and others) registered.
+        for observer in self.registry.pubsub_observers if self.registry else ():
+            self.observers.add(observer)
         await self.pubsub.purge.load()
         self.pubsub.pool.start()
 
@@ -468,9 +515,13 @@ class PubSubHost(service.Service):
         await self.pubsub.broadcaster.stop()
 
 
-class MimService(service.MultiService):
+class MimService(service.MultiService, ServerRegistry):
     """The whole server: storage, the IM core, PubSub, the operator services and the client
     listeners, each a child service, on one reactor.
+
+    The enabled extensions are installed into it first (its ServerRegistry methods are the
+    extension API); their child services come right after storage and the event pusher, so
+    they run before the IM core starts and until it has finished with the clients' work.
 
     The children start in that order, each once the one before it has started (the IM core
     needs the open database, a listener the IM core), and stop in the reverse order, each once
@@ -486,11 +537,13 @@ class MimService(service.MultiService):
     def __init__(
         self, config: Config, *, log_traffic: bool = False, reactor: object = None
     ) -> None:
-        super().__init__()
+        service.MultiService.__init__(self)
+        ServerRegistry.__init__(self)
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config
+        install_extensions(self, config.extensions)
         self.log_traffic = log_traffic or config.log.traffic
         self.storage = StorageService(config)
         self.storage.setServiceParent(self)
@@ -503,13 +556,15 @@ class MimService(service.MultiService):
             # it: the "offline" events of the closed connections go out first.
             self.event_pusher = RabbitPublisher(config.event_pusher.rabbit, reactor)
             self.event_pusher.setServiceParent(self)
-        self.im = ImCoreService(config, self.storage, reactor)
+        for child in self.extension_services:
+            child.setServiceParent(self)
+        self.im = ImCoreService(config, self.storage, reactor, self)
         if self.event_pusher is not None:
             self.im.hook_installers.append(self.event_pusher.install)
         self.im.setServiceParent(self)
         self.pubsub_host: PubSubHost | None = None
         if config.pubsub.enabled:
-            self.pubsub_host = PubSubHost(config, self.storage, self.im, reactor)
+            self.pubsub_host = PubSubHost(config, self.storage, self.im, reactor, self)
             self.pubsub_host.setServiceParent(self)
         self.admin: AdminService | None = None
         if config.admin.enabled:
@@ -535,12 +590,6 @@ class MimService(service.MultiService):
         # status instead, and the log goes through `log_output`.
         self.start_report: StartReport | None = None
         self.log_output: LogOutput | None = None
-
-    def add_pubsub_observer(self, observer: Observer) -> None:
-        """Have ``observer`` called with every event of the `pubsub.<domain>` services."""
-        if self.pubsub_host is None:
-            raise ValueError("PubSub is not enabled (pubsub.enabled = false)")
-        self.pubsub_host.observers.add(observer)
 
     @property
     def database(self) -> IDatabase | None:
@@ -612,6 +661,7 @@ class MimService(service.MultiService):
             accounts=database.accounts,
             im=core.router,
             clock=self.reactor,
+            mechanism_factory=self.create_sasl_mechanism,
             auth_failures=self.auth_failures,
         )
         self.im.attach(factory)
@@ -652,6 +702,7 @@ class MimService(service.MultiService):
                 common_name_prefix=common_name.prefix,
                 common_name_suffix=common_name.suffix,
                 require_account=config.auth.cert_accounts == "existing",
+                verifiers=self.verification_methods,
             ),
             failure_budget=failure_budget_settings(config),
         )

@@ -13,6 +13,7 @@ from mim_twisted.auth.certs import (
     ExternalSettings,
     Identity,
 )
+from mim_twisted.extensions import ServerRegistry
 from tests.certfactory import Authority, utf8_string
 
 DOMAIN = "localhost"
@@ -134,28 +135,32 @@ def claim(
     methods=("standard",),
     prefix="",
     suffix="",
+    verifiers=certs.BUILTIN_VERIFICATION_METHODS,
 ) -> ExternalClaim:
     return ExternalClaim(
         CertificateIdentities(tuple(xmpp_addrs), common_name),
         authzid,
         DOMAIN,
         SERVED,
-        ExternalSettings(tuple(methods), prefix, suffix),
+        ExternalSettings(tuple(methods), prefix, suffix, verifiers=verifiers),
     )
 
 
 class DecisionTestMixin:
     methods: tuple[str, ...]
+    verifiers = certs.BUILTIN_VERIFICATION_METHODS
 
     def accepts(self, expected: str, **kwargs) -> None:
-        decision = certs.verify_external_identity(claim(methods=self.methods, **kwargs))
+        decision = certs.verify_external_identity(
+            claim(methods=self.methods, verifiers=self.verifiers, **kwargs)
+        )
         self.assertEqual(str(decision.identity), expected)
 
     def refuses(self, condition: str, **kwargs) -> CertificateRefused:
         refused = self.assertRaises(
             CertificateRefused,
             certs.verify_external_identity,
-            claim(methods=self.methods, **kwargs),
+            claim(methods=self.methods, verifiers=self.verifiers, **kwargs),
         )
         self.assertEqual(refused.condition, condition, refused.reason)
         return refused
@@ -360,7 +365,7 @@ class PluginMethodTests(DecisionTestMixin, unittest.TestCase):
     methods = ("serial", "standard")
 
     def setUp(self) -> None:
-        self.patch(certs, "VERIFICATION_METHODS", dict(certs.VERIFICATION_METHODS))
+        self.registry = ServerRegistry()
 
         def serial(claim: ExternalClaim) -> Identity | None:
             if claim.identities.common_name == "employee-7":
@@ -371,7 +376,8 @@ class PluginMethodTests(DecisionTestMixin, unittest.TestCase):
                 raise CertificateRefused("not-authorized", "employee left")
             return None
 
-        certs.register_verification_method("serial", serial)
+        self.registry.add_verification_method("serial", serial)
+        self.verifiers = self.registry.verification_methods
 
     def test_accepts(self) -> None:
         self.accepts("seven@localhost", common_name="employee-7")
@@ -387,7 +393,13 @@ class PluginMethodTests(DecisionTestMixin, unittest.TestCase):
         self.refuses("not-authorized", common_name="elsewhere")
 
     def test_names_are_unique(self) -> None:
-        self.assertRaises(ValueError, certs.register_verification_method, "standard", print)
+        self.assertRaises(ValueError, self.registry.add_verification_method, "standard", print)
+
+    def test_registries_are_per_server(self) -> None:
+        self.assertNotIn("serial", ServerRegistry().verification_methods)
+        self.assertNotIn("serial", certs.BUILTIN_VERIFICATION_METHODS)
+        with self.assertRaises(TypeError):
+            certs.BUILTIN_VERIFICATION_METHODS["serial"] = print  # type: ignore[index]
 
     def test_unknown_condition(self) -> None:
         self.assertRaises(ValueError, CertificateRefused, "forbidden", "no")

@@ -9,6 +9,7 @@ from zope.interface.verify import verifyObject
 
 from mim_twisted.auth.errors import SaslError
 from mim_twisted.auth.scram import derive_all, derive_credentials
+from mim_twisted.extensions import ServerRegistry
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.xmpp import sasl
 from mim_twisted.xmpp.sasl import mechanism as mechanism_module
@@ -41,11 +42,11 @@ class MechanismTestMixin:
 
 
 class FactoryTests(MechanismTestMixin, unittest.TestCase):
-    def test_registered_mechanisms(self) -> None:
+    def test_builtin_mechanisms(self) -> None:
         self.assertEqual(
-            set(sasl.MECHANISMS), {"EXTERNAL", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"}
+            set(sasl.BUILTIN_MECHANISMS), {"EXTERNAL", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"}
         )
-        for name in sasl.MECHANISMS:
+        for name in sasl.BUILTIN_MECHANISMS:
             mechanism = self.mechanism(name)
             self.assertTrue(verifyObject(ISaslMechanism, mechanism))
             self.assertEqual(mechanism.name, name)
@@ -57,9 +58,23 @@ class FactoryTests(MechanismTestMixin, unittest.TestCase):
         error = self.assertRaises(SaslError, self.mechanism, "DIGEST-MD5")
         self.assertEqual(error.condition, "invalid-mechanism")
 
-    def test_registry_is_extensible(self) -> None:
-        self.patch(sasl, "MECHANISMS", {**sasl.MECHANISMS, "X-TEST": PlainMechanism})
-        self.assertIsInstance(self.mechanism("X-TEST"), PlainMechanism)
+    def test_a_server_registry_is_extensible(self) -> None:
+        class TestMechanism(PlainMechanism):
+            name = "X-TEST"
+
+        registry = ServerRegistry()
+        registry.add_sasl_mechanism(TestMechanism)
+        context = SaslContext(DOMAIN, self.accounts, secure=True)
+        self.assertIsInstance(registry.create_sasl_mechanism("X-TEST", context), TestMechanism)
+        # Only that server's: the built-in table and other servers' registries stay as they were.
+        self.assertRaises(SaslError, ServerRegistry().create_sasl_mechanism, "X-TEST", context)
+        self.assertRaises(SaslError, self.mechanism, "X-TEST")
+
+    def test_mechanism_names_are_unique(self) -> None:
+        self.assertRaises(ValueError, ServerRegistry().add_sasl_mechanism, PlainMechanism)
+
+    def test_a_mechanism_implements_the_interface(self) -> None:
+        self.assertRaises(TypeError, ServerRegistry().add_sasl_mechanism, object)
 
 
 class ScramMechanismTestMixin(MechanismTestMixin):

@@ -13,12 +13,13 @@ A verification method is a function ``method(claim: ExternalClaim) -> Identity |
 - or raises CertificateRefused(condition, reason) when it refuses the claim.
 
 The first method that accepts decides. When none accepts, the first refusal is reported, or
-``not-authorized`` when every method returned None. Plugins add methods with
-`register_verification_method` and operators list them in ``auth.sasl_external``.
+``not-authorized`` when every method returned None. Extensions add methods through the
+server's registry (mim_twisted.extensions) and operators list them in ``auth.sasl_external``.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NamedTuple
 
 from cryptography import x509
@@ -67,6 +68,11 @@ class ExternalSettings:
     common_name_prefix: str = ""
     common_name_suffix: str = ""
     require_account: bool = True  # auth.cert_accounts = "existing"
+    # The functions behind the names in ``methods``: the server's registry (built-in and
+    # extension methods). A factory, because the built-in table is defined further down.
+    verifiers: Mapping[str, "VerificationMethod"] = field(
+        default_factory=lambda: BUILTIN_VERIFICATION_METHODS, compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class ExternalClaim:
     authzid: str | None
     domain: str
     domains: frozenset[str]
-    settings: ExternalSettings = ExternalSettings()
+    settings: ExternalSettings = field(default_factory=ExternalSettings)
 
 
 class CertificateRefused(Exception):
@@ -268,21 +274,14 @@ def verify_auth_id(claim: ExternalClaim) -> Identity | None:
     return on_stream_domain(requested_identity(claim), claim, "authzid")
 
 
-VERIFICATION_METHODS: dict[str, VerificationMethod] = {
-    "standard": verify_standard,
-    "common_name": verify_common_name,
-    "auth_id": verify_auth_id,
-}
-
-
-def register_verification_method(name: str, method: VerificationMethod) -> None:
-    """Make ``method`` available to ``auth.sasl_external`` as ``name``.
-
-    Register before the configuration is read (at import time of the plugin that provides it).
-    """
-    if name in VERIFICATION_METHODS:
-        raise ValueError(f"a SASL EXTERNAL verification method {name!r} already exists")
-    VERIFICATION_METHODS[name] = method
+# Read-only: a server's registry starts from a copy (mim_twisted.extensions.ServerRegistry).
+BUILTIN_VERIFICATION_METHODS: Mapping[str, VerificationMethod] = MappingProxyType(
+    {
+        "standard": verify_standard,
+        "common_name": verify_common_name,
+        "auth_id": verify_auth_id,
+    }
+)
 
 
 def verify_external_identity(claim: ExternalClaim) -> ExternalDecision:
@@ -294,7 +293,7 @@ def verify_external_identity(claim: ExternalClaim) -> ExternalDecision:
     refusals: list[CertificateRefused] = []
     for name in claim.settings.methods:
         try:
-            identity = VERIFICATION_METHODS[name](claim)
+            identity = claim.settings.verifiers[name](claim)
             if identity is not None:
                 return ExternalDecision(on_stream_domain(identity, claim, "identity"), name)
         except CertificateRefused as refusal:

@@ -58,6 +58,7 @@ class DiscoService:
         # XEP-0115 §7: the server does caps (its stream feature, the node below, and clients').
         self._server_features = {NS_DISCO_INFO, NS_DISCO_ITEMS, caps.NS_CAPS}
         self._account_features = {NS_DISCO_INFO, NS_DISCO_ITEMS}
+        self._server_identities = [DiscoIdentity("server", "im", SERVER_NAME)]
         self._account_identities = [DiscoIdentity("account", "registered")]
         self._server_items: dict[str, list[DiscoItem]] = {}
         self._account_items: list[ItemsProvider] = []
@@ -68,6 +69,10 @@ class DiscoService:
     def add_server_feature(self, namespace: str) -> None:
         self._server_features.add(namespace)
         self._caps_node = None  # the server's caps hash changes with its features
+
+    def add_server_identity(self, category: str, type: str, name: str | None = None) -> None:
+        self._server_identities.append(DiscoIdentity(category, type, name))
+        self._caps_node = None
 
     def add_account_feature(self, namespace: str) -> None:
         self._account_features.add(namespace)
@@ -95,7 +100,8 @@ class DiscoService:
     def server_info(self) -> DiscoInfo:
         """The server's disco#info, the same for every served domain (its caps hash covers it)."""
         info = DiscoInfo()
-        info.append(DiscoIdentity("server", "im", SERVER_NAME))
+        for identity in self._server_identities:
+            info.append(identity)
         for namespace in sorted(self._server_features):
             info.append(DiscoFeature(namespace))
         return info
