@@ -13,6 +13,7 @@ installing the enabled extensions into a scratch registry first (to learn the na
 mechanisms and methods), so ``install`` may run more than once and must not start anything.
 """
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -134,7 +135,7 @@ class ServerRegistry:
 
     def add_pubsub_observer(self, observer: PubSubObserver) -> None:
         """Call ``observer(event)`` with every event of the PubSub services
-        (mim_twisted.pubsub.core: ItemsPublished, ItemsRetracted, NodePurged, ...)."""
+        (mim_twisted.pubsub.core: NodeCreated, ItemPublished, ItemsRetracted, NodePurged, ...)."""
         self.pubsub_observers.append(observer)
 
 
@@ -172,10 +173,14 @@ def install_extensions(
         key = f"extensions.{name}"
         candidates = available.get(name, [])
         if not candidates:
-            raise ExtensionError(key, f"no extension {name!r} is installed{_listing(available)}")
+            raise ExtensionError(
+                key, f"no extension {json.dumps(name)} is installed{_listing(available)}"
+            )
         if len(candidates) > 1:
             modules = ", ".join(sorted(type(c).__module__ for c in candidates))
-            raise ExtensionError(key, f"several installed extensions are named {name!r}: {modules}")
+            raise ExtensionError(
+                key, f"several installed extensions are named {json.dumps(name)}: {modules}"
+            )
         try:
             candidates[0].install(server, dict(settings))
         except ValueError as error:
@@ -183,5 +188,5 @@ def install_extensions(
 
 
 def _listing(available: Iterable[str]) -> str:
-    names = sorted(available)
-    return f" (installed: {', '.join(names)})" if names else " (none is installed)"
+    names = ", ".join(json.dumps(name) for name in sorted(available))
+    return f" (installed: {names})" if names else " (none is installed)"
