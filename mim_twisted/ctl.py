@@ -269,6 +269,8 @@ async def check_config(
     print(f"  domains: {', '.join(config.server.domains)}", file=out)
     print(f"  listeners: {listeners}", file=out)
     print(f"  storage: {config.storage.backend}, {location}", file=out)
+    if config.extensions:
+        print(f"  extensions: {', '.join(config.extensions)}", file=out)
 
 
 async def migrate(config: Config, args: argparse.Namespace, stdin: TextIO, out: TextIO) -> None:

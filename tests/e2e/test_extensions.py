@@ -9,7 +9,7 @@ from slixmpp.exceptions import IqError
 from slixmpp.xmlstream import ET
 
 from mim_twisted.pubsub.core import ItemPublished, NodeCreated
-from tests.e2e.harness import STREAM_HEADER, Client, ServerTestCase, wait_for
+from tests.e2e.harness import STREAM_HEADER, Client, ServerTestCase, eventually, wait_for
 from tests.e2e.test_external import ExternalTestCase
 from tests.extensionsupport import (
     DROPIN,
@@ -186,9 +186,8 @@ class RecorderTests(ServerTestCase):
         self.assertEqual(self.recorder.service.events, ["started", "stopped"])
 
     async def test_hook(self) -> None:
-        available = self.alice.next_event("presence_available")
         self.alice.xmpp.send_presence()
-        await wait_for(available)
+        await eventually(lambda: self.recorder.available)
         self.assertEqual(self.recorder.available, ["alice@localhost/desk"])
 
     async def test_account_iq_handler_and_disco(self) -> None:
