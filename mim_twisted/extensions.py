@@ -134,7 +134,7 @@ class ServerRegistry:
         self.extension_services.append(child)
 
     def add_pubsub_observer(self, observer: PubSubObserver) -> None:
-        """Call ``observer(event)`` with every event of the PubSub services
+        """Call ``observer(event)`` with every event of the pubsub.<domain> services
         (mim_twisted.pubsub.core: NodeCreated, ItemPublished, ItemsRetracted, NodePurged, ...)."""
         self.pubsub_observers.append(observer)
 
