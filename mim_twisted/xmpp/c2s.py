@@ -216,7 +216,6 @@ class C2SStream(protocol.Protocol):
         self.closed = True
         self.factory.streams.discard(self)
         self.factory.forget_unbound(self)
-        self.lost.callback(None)
         for timer in (self._auth_timer, self._close_timer, self._stanza_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -233,6 +232,9 @@ class C2SStream(protocol.Protocol):
         if self.session is not None:
             self.session.connection_lost(self, abrupt=not self._closing)
         log.debug("{peer} disconnected", peer=self.log_name())
+        # Last: whoever waits for the connection to be gone (the IM core's drain at shutdown)
+        # runs at once, and must find the session's end (unavailable presence) under way.
+        self.lost.callback(None)
 
     # -- output ----------------------------------------------------------------------------
 
