@@ -129,8 +129,9 @@ class ServerRegistry:
     # -- services and events -----------------------------------------------------------------
 
     def add_child_service(self, child: IService) -> None:
-        """Run ``child`` as a service of the server: started once the server is up, stopped
-        before the clients are disconnected and storage is closed."""
+        """Run ``child`` as a service of the server: started once storage is open and before
+        the IM core and the listeners start, stopped after the client connections are closed
+        and their work is done, before storage closes."""
         self.extension_services.append(child)
 
     def add_pubsub_observer(self, observer: PubSubObserver) -> None:

@@ -108,7 +108,8 @@ NS_RECORDER = "urn:example:recorder"
 
 
 class RecorderService(service.Service):
-    """Notes when it starts and stops, and whether storage was still open when it stopped."""
+    """Notes when it starts and stops: "started" once storage is open and before any client
+    connects, "stopped" after the clients' sessions have ended and before storage closes."""
 
     def __init__(self, server: Any) -> None:
         self.server = server
@@ -116,11 +117,14 @@ class RecorderService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.events.append("started")
+        early = self.server.database is None or self.server.ports
+        self.events.append("started too early or late" if early else "started")
 
     def stopService(self) -> None:
         super().stopService()
-        self.events.append("stopped" if self.server.database is not None else "stopped late")
+        core = self.server.core
+        done = self.server.database is not None and core is not None and not len(core.sessions)
+        self.events.append("stopped" if done else "stopped too early or late")
 
 
 @implementer(IMimExtension)
