@@ -2,6 +2,7 @@
 
 import os
 
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -13,9 +14,8 @@ from mim_twisted.extensions import (
     install_extensions,
     installed_extensions,
 )
-from mim_twisted.im.router import Router
 from mim_twisted.storage.memory import MemoryDatabase
-from mim_twisted.tap import build_im_core
+from mim_twisted.tap import ImCore, build_im_core
 from tests.extensionsupport import (
     DROPIN,
     NS_RECORDER,
@@ -158,8 +158,8 @@ class CoreTests(unittest.TestCase):
     def setUp(self) -> None:
         self.registry = ServerRegistry()
 
-    def core(self) -> Router:
-        return build_im_core(load_config(None), MemoryDatabase(), None, self.registry)
+    def core(self) -> ImCore:
+        return build_im_core(load_config(None), MemoryDatabase(), Clock(), self.registry)
 
     def test_handlers_and_disco(self) -> None:
         def handler(session: object, iq: object, target: object) -> None:
