@@ -64,7 +64,8 @@ class ServerRegistry:
     """
 
     def __init__(self) -> None:
-        self.hooks = hooks.Hooks()
+        # (hook name, handler, priority), added to the hook table of each IM core built.
+        self.hook_handlers: list[tuple[str, hooks.Handler, int]] = []
         self.server_iq_handlers: dict[tuple[str, str], IqHandler] = {}
         self.account_iq_handlers: dict[tuple[str, str], IqHandler] = {}
         self.server_features: list[str] = []
@@ -80,10 +81,10 @@ class ServerRegistry:
 
     # -- the IM core -------------------------------------------------------------------------
 
-    def add_hook(self, name: str, handler: Callable[..., Any], priority: int = 50) -> None:
+    def add_hook(self, name: str, handler: hooks.Handler, priority: int = 50) -> None:
         """Run ``handler`` on the named hook (see mim_twisted.hooks for names and arguments);
         lower priorities run first, the built-in handlers have 50."""
-        self.hooks.add(name, handler, priority)
+        self.hook_handlers.append((name, handler, priority))
 
     def add_server_iq_handler(self, namespace: str, name: str, handler: IqHandler) -> None:
         """Answer IQ requests to a served domain whose payload is ``{namespace}name``."""

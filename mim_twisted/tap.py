@@ -208,8 +208,9 @@ def build_im_core(
     registry = registry or ServerRegistry()
     domains = frozenset(config.server.domains)
     sessions = SessionManager()
-    # Shared with the extensions: their hook handlers are in it already.
-    hook_table = registry.hooks
+    hook_table = hooks.Hooks()
+    for name, handler, priority in registry.hook_handlers:
+        hook_table.add(name, handler, priority)
     offline = OfflineDelivery(database.offline, config.limits.max_offline_messages)
     # One lock per account for the roster items that the roster protocol and presence change.
     roster_locks = KeyedLock()
@@ -487,20 +488,18 @@ class PubSubHost(service.Service):
         self.clock = clock
         self.registry = registry
         self.pubsub: PubSub | None = None
-        # Made now, so that observers can be added before the services exist.
-        self.observers = PubSubObservers()
 
     def startService(self) -> defer.Deferred:
         super().startService()
         return defer.ensureDeferred(self._start())
 
     async def _start(self) -> None:
-        self.pubsub = build_pubsub(
-            self.config, self.storage.database, self.im.core, self.clock, self.observers
-        )
-        # After the purge and the broadcaster: what extensions (and others) registered.
+        # New observers at each start: a restarted server must not keep the stopped
+        # broadcaster and purge of its previous run.
+        self.pubsub = build_pubsub(self.config, self.storage.database, self.im.core, self.clock)
+        # After the purge and the broadcaster: what extensions registered.
         for observer in self.registry.pubsub_observers if self.registry else ():
-            self.observers.add(observer)
+            self.pubsub.observers.add(observer)
         await self.pubsub.purge.load()
         self.pubsub.pool.start()
 

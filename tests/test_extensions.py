@@ -177,9 +177,17 @@ class CoreTests(unittest.TestCase):
         self.assertIn(("automation", "x"), info.identities)
         self.assertIn(("server", "im"), info.identities)
 
-    def test_hooks_share_the_core_table(self) -> None:
-        self.registry.add_hook("user_available", print)
-        self.assertIs(self.core().hooks, self.registry.hooks)
+    async def test_hooks_in_each_core(self) -> None:
+        called: list[str] = []
+        self.registry.add_hook("user_available", called.append)
+        first = self.core()
+        # A restarted server builds a new core: its hook table holds the extension's handler
+        # once, and none of the handlers of the first core.
+        second = self.core()
+        self.assertIsNot(first.hooks, second.hooks)
+        await second.hooks.run("user_available", "session")
+        self.assertEqual(called, ["session"])
+        self.assertFalse(second.hooks.has_handlers("no such hook"))
 
     def test_a_handler_may_not_replace_the_servers_own(self) -> None:
         self.registry.add_server_iq_handler("urn:xmpp:ping", "ping", print)
