@@ -522,6 +522,7 @@ class ModulesConfig:
     stream_management: bool = option(True, boolean)  # XEP-0198 Stream Management
     private: bool = option(True, boolean)  # XEP-0049 Private XML Storage
     csi: bool = option(True, boolean)  # XEP-0352 Client State Indication
+    vcard: bool = option(True, boolean)  # XEP-0054 vcard-temp
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -534,6 +535,12 @@ class StreamManagementConfig:
 class PrivateConfig:
     # Bytes of serialised XML all of an account's fragments take together.
     max_size: int = option(65536, integer(1))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VCardConfig:
+    # Bytes of one serialised <vCard/>, its photo included.
+    max_size: int = option(131072, integer(1))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -655,6 +662,7 @@ class Config:
     modules: ModulesConfig = option({}, table(ModulesConfig))
     stream_management: StreamManagementConfig = option({}, table(StreamManagementConfig))
     private: PrivateConfig = option({}, table(PrivateConfig))
+    vcard: VCardConfig = option({}, table(VCardConfig))
     log: LogConfig = option({}, table(LogConfig))
     admin: AdminConfig = option({}, table(AdminConfig))
     metrics: MetricsConfig = option({}, table(MetricsConfig))

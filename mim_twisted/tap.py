@@ -47,6 +47,7 @@ from mim_twisted.im.roster import RosterService
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.im.stream_management import StreamManagement, StreamManagementSettings
+from mim_twisted.im.vcard import VCards
 from mim_twisted.listeners import ClientListener, describe_address
 from mim_twisted.logs import LogOutput
 from mim_twisted.metrics import MetricsService
@@ -267,6 +268,8 @@ def build_im_core(
         last.install(router, disco, hook_table)
     if config.modules.private:
         PrivateStorage(database.private, config.private.max_size).install(router, disco)
+    if config.modules.vcard:
+        VCards(database.vcards, config.vcard.max_size).install(router, disco)
     caps_service = CapsService(router)
     presence.caps_listeners.append(caps_service.presence_received)
     hook_table.add(hooks.SESSION_ENDED, caps_service.session_ended)

@@ -19,6 +19,7 @@ from mim_twisted.storage.interfaces import (
     IPrivateStore,
     IPubSubStore,
     IRosterStore,
+    IVCardStore,
     LastActivity,
     NodeExists,
     NodeNotFound,
@@ -55,6 +56,7 @@ class StorageContract:
         self.last_activity = self.database.last_activity
         self.block_lists = self.database.block_lists
         self.private = self.database.private
+        self.vcards = self.database.vcards
 
     async def register(self, *accounts: tuple[str, str]) -> None:
         for domain, username in accounts:
@@ -573,6 +575,50 @@ class PrivateStoreContract(StorageContract):
             ]
         )
         self.assertEqual(sorted(results), [False] * 6 + [True] * 4)
+
+
+VCARD = "<vCard xmlns='vcard-temp'><FN>Zoë 🎉</FN><NICKNAME>zoe</NICKNAME></vCard>"
+
+
+class VCardStoreContract(StorageContract):
+    def test_vcard_store_provides_interface(self) -> None:
+        self.assertTrue(verifyObject(IVCardStore, self.vcards))
+
+    async def test_set_then_get(self) -> None:
+        await self.register(ALICE)
+        self.assertIsNone(await self.vcards.get_vcard(*ALICE))
+        await self.vcards.set_vcard(*ALICE, VCARD)
+        self.assertEqual(await self.vcards.get_vcard(*ALICE), VCARD)
+
+    async def test_set_replaces_the_vcard(self) -> None:
+        await self.register(ALICE)
+        await self.vcards.set_vcard(*ALICE, VCARD)
+        await self.vcards.set_vcard(*ALICE, "<vCard xmlns='vcard-temp'/>")
+        self.assertEqual(await self.vcards.get_vcard(*ALICE), "<vCard xmlns='vcard-temp'/>")
+
+    async def test_large_vcard_round_trips(self) -> None:
+        await self.register(ALICE)
+        photo = "iVBORw0KGgo" * 20000  # a 220 kB BINVAL
+        vcard = f"<vCard xmlns='vcard-temp'><PHOTO><BINVAL>{photo}</BINVAL></PHOTO></vCard>"
+        await self.vcards.set_vcard(*ALICE, vcard)
+        self.assertEqual(await self.vcards.get_vcard(*ALICE), vcard)
+
+    async def test_vcards_are_per_account(self) -> None:
+        await self.register(ALICE, ALICE_ELSEWHERE, BOB)
+        await self.vcards.set_vcard(*ALICE, VCARD)
+        self.assertIsNone(await self.vcards.get_vcard(*ALICE_ELSEWHERE))
+        self.assertIsNone(await self.vcards.get_vcard(*BOB))
+
+    async def test_unknown_account(self) -> None:
+        self.assertIsNone(await self.vcards.get_vcard(*NOBODY))
+        await self.assertFailure(self.vcards.set_vcard(*NOBODY, VCARD), AccountNotFound)
+
+    async def test_removing_the_account_removes_its_vcard(self) -> None:
+        await self.register(ALICE)
+        await self.vcards.set_vcard(*ALICE, VCARD)
+        await self.accounts.remove_account(*ALICE)
+        await self.register(ALICE)
+        self.assertIsNone(await self.vcards.get_vcard(*ALICE))
 
 
 # A PubSub service and a PEP service (the owner's bare JID), which may both have a node "news".

@@ -623,3 +623,33 @@ class ModulesConfigTests(unittest.TestCase):
         self.assertError(
             '[modules]\nblocking = "yes"\n', 'modules.blocking: must be true or false (got "yes")'
         )
+
+
+class PrivateAndVCardConfigTests(unittest.TestCase):
+    """[modules] private and vcard, and the size limits of their tables."""
+
+    assertError = ErrorTests.assertError
+
+    def test_defaults(self) -> None:
+        config = load_config(None)
+        self.assertEqual((config.modules.private, config.modules.vcard), (True, True))
+        self.assertEqual((config.private.max_size, config.vcard.max_size), (65536, 131072))
+
+    def test_switched_off_and_limits_set(self) -> None:
+        path = write(
+            self,
+            "[modules]\nprivate = false\nvcard = false\n"
+            "[private]\nmax_size = 1000\n[vcard]\nmax_size = 2000\n",
+        )
+        config = load_config(path)
+        self.assertEqual((config.modules.private, config.modules.vcard), (False, False))
+        self.assertEqual((config.private.max_size, config.vcard.max_size), (1000, 2000))
+
+    def test_a_limit_is_a_positive_integer(self) -> None:
+        self.assertError(
+            "[vcard]\nmax_size = 0\n", "vcard.max_size: must be an integer >= 1 (got 0)"
+        )
+        self.assertError(
+            '[private]\nmax_size = "64k"\n',
+            'private.max_size: must be an integer >= 1 (got "64k")',
+        )

@@ -37,6 +37,7 @@ from tests.storage_contract import (
     PrivateStoreContract,
     PubSubStoreContract,
     RosterStoreContract,
+    VCardStoreContract,
     credentials,
     item,
     message,
@@ -53,6 +54,7 @@ class MemoryStorageTests(
     LastActivityStoreContract,
     BlockListStoreContract,
     PrivateStoreContract,
+    VCardStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -67,6 +69,7 @@ class SQLiteStorageTests(
     LastActivityStoreContract,
     BlockListStoreContract,
     PrivateStoreContract,
+    VCardStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -84,6 +87,7 @@ class PostgresStorageTests(
     LastActivityStoreContract,
     BlockListStoreContract,
     PrivateStoreContract,
+    VCardStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -162,6 +166,7 @@ class MySQLStorageTests(
     LastActivityStoreContract,
     BlockListStoreContract,
     PrivateStoreContract,
+    VCardStoreContract,
     TestCase,
 ):
     def open_empty_database(self) -> Deferred[IDatabase]:
@@ -353,7 +358,12 @@ MOTD_UPGRADES = {
 
 
 # The tables each packaged upgrade script adds: a database at version 1 gets them all.
-PACKAGED_UPGRADE_TABLES = {2: ["last_activity"], 3: ["block_list"], 4: ["private_storage"]}
+PACKAGED_UPGRADE_TABLES = {
+    2: ["last_activity"],
+    3: ["block_list"],
+    4: ["private_storage"],
+    5: ["vcards"],
+}
 
 
 class StatementSplittingTests(SynchronousTestCase):
@@ -526,6 +536,7 @@ class SQLMigrationTests:
             self.columns("private_storage"),
             ["server", "username", "namespace", "fragment", "size"],
         )
+        self.assertEqual(self.columns("vcards"), ["server", "username", "vcard"])
 
     async def test_upgrade_scripts_run_in_order_and_keep_data(self) -> None:
         await self.open_migrated_to_current()

@@ -20,6 +20,7 @@ from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
 from mim_twisted.im.sessions import Session
+from mim_twisted.im.stanzas import error_without_request
 from mim_twisted.storage.interfaces import AccountNotFound, IPrivateStore
 
 if TYPE_CHECKING:
@@ -104,9 +105,6 @@ class PrivateStorage:
         except AccountNotFound:
             raise error.StanzaError("item-not-found", text="The account is gone") from None
         if not stored:
-            # Not echoed back, as error replies usually are: the request is the too large part.
-            response = xmlstream.toResponse(iq, "error")
             limit = f"Private XML is limited to {self.max_size} bytes per account"
-            response.addChild(error.StanzaError("not-acceptable", text=limit).getElement())
-            return response
+            return error_without_request(iq, "not-acceptable", limit)
         return None

@@ -59,6 +59,7 @@ class IDatabase(Interface):
     last_activity = Attribute("The ILastActivityStore of this database.")
     block_lists = Attribute("The IBlockListStore of this database.")
     private = Attribute("The IPrivateStore of this database.")
+    vcards = Attribute("The IVCardStore of this database.")
 
     def schema_version():
         """Deferred firing with the installed schema version, 0 for an empty database."""
@@ -255,6 +256,16 @@ class IPrivateStore(Interface):
         Deferred firing with True if stored, False (nothing changed) if over the limit; checked
         and written atomically. Fails with AccountNotFound for an unknown account.
         """
+
+
+class IVCardStore(Interface):
+    """Each account's XEP-0054 vCard, the serialised <vCard/>; removing the account removes it."""
+
+    def get_vcard(domain, username):
+        """Deferred firing with the vCard, or None when none is stored (or no such account)."""
+
+    def set_vcard(domain, username, vcard):
+        """Store the vCard, replacing the one stored before; fails with AccountNotFound."""
 
 
 # A node's affiliations (XEP-0060 §4.1); "none" is stored as no row.

@@ -21,6 +21,7 @@ from mim_twisted.storage.interfaces import (
     IPrivateStore,
     IPubSubStore,
     IRosterStore,
+    IVCardStore,
     LastActivity,
     NodeExists,
     NodeNotFound,
@@ -226,6 +227,23 @@ class MemoryPrivateStore:
             return succeed(False)
         self._fragments[domain, username] = after
         return succeed(True)
+
+
+@implementer(IVCardStore)
+class MemoryVCardStore:
+    def __init__(self, accounts: MemoryAccountStore) -> None:
+        self._accounts = accounts
+        self._vcards: dict[tuple[str, str], str] = {}
+        accounts.remove_with_account(self._vcards)
+
+    def get_vcard(self, domain: str, username: str) -> Deferred[str | None]:
+        return succeed(self._vcards.get((domain, username)))
+
+    def set_vcard(self, domain: str, username: str, vcard: str) -> Deferred[None]:
+        if not self._accounts.is_registered(domain, username):
+            return fail(AccountNotFound(f"{username}@{domain}"))
+        self._vcards[domain, username] = vcard
+        return succeed(None)
 
 
 def _json_copy(value: dict) -> dict:
@@ -439,6 +457,7 @@ class MemoryDatabase:
         self.last_activity = MemoryLastActivityStore(self.accounts)
         self.block_lists = MemoryBlockListStore(self.accounts)
         self.private = MemoryPrivateStore(self.accounts)
+        self.vcards = MemoryVCardStore(self.accounts)
         self.accounts.on_removed.append(self.pubsub.delete_service_nodes)
 
     def schema_version(self) -> Deferred[int]:

@@ -73,6 +73,7 @@ class PostgresDatabase:
         self.last_activity = sql.SQLLastActivityStore(self._run)
         self.block_lists = sql.SQLBlockListStore(self._run)
         self.private = sql.SQLPrivateStore(self._run)
+        self.vcards = sql.SQLVCardStore(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
         return self._pool.run(_sql_transaction(make_transaction))

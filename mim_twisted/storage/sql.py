@@ -35,6 +35,7 @@ from mim_twisted.storage.interfaces import (
     IPrivateStore,
     IPubSubStore,
     IRosterStore,
+    IVCardStore,
     LastActivity,
     NodeExists,
     NodeNotFound,
@@ -142,6 +143,12 @@ UPSERT_PRIVATE_FRAGMENT = (
     "INSERT INTO private_storage (server, username, namespace, fragment, size)"
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (server, username, namespace)"
     " DO UPDATE SET fragment = excluded.fragment, size = excluded.size"
+)
+
+SELECT_VCARD = "SELECT vcard FROM vcards WHERE server = ? AND username = ?"
+UPSERT_VCARD = (
+    "INSERT INTO vcards (server, username, vcard) VALUES (?, ?, ?)"
+    " ON CONFLICT (server, username) DO UPDATE SET vcard = excluded.vcard"
 )
 
 INSERT_NODE = (
@@ -503,6 +510,21 @@ class SQLPrivateStore(_SQLStore):
             row = (domain, username, namespace, text, sizes[namespace])
             yield UPSERT_PRIVATE_FRAGMENT, row
         return True
+
+
+@implementer(IVCardStore)
+class SQLVCardStore(_SQLStore):
+    @transaction
+    def get_vcard(self, domain: str, username: str) -> Transaction[str | None]:
+        rows = yield SELECT_VCARD, (domain, username)
+        return rows[0][0] if rows else None
+
+    @transaction
+    def set_vcard(self, domain: str, username: str, vcard: str) -> Transaction[None]:
+        # Locked, so that a removal of the account cannot slip in before the insert.
+        if not (yield LOCK_ACCOUNT, (domain, username)):
+            raise AccountNotFound(f"{username}@{domain}")
+        yield UPSERT_VCARD, (domain, username, vcard)
 
 
 def _bare(jid: str) -> str:

@@ -119,6 +119,7 @@ class SQLiteDatabase:
         self.last_activity = sql.SQLLastActivityStore(self._run)
         self.block_lists = sql.SQLBlockListStore(self._run)
         self.private = sql.SQLPrivateStore(self._run)
+        self.vcards = sql.SQLVCardStore(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
         return self._run_interaction(_execute, make_transaction)
