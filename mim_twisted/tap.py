@@ -10,7 +10,6 @@ import dataclasses
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -434,14 +433,10 @@ class ImCoreService(service.Service):
         self.registry = registry
         self.core: ImCore | None = None
         self.factories: list[C2SFactory] = []
-        # What hooks into the core once it is built (the event pusher).
-        self.hook_installers: list[Callable[[hooks.Hooks], None]] = []
 
     def startService(self) -> None:
         super().startService()
         self.core = build_im_core(self.config, self.storage.database, self.clock, self.registry)
-        for install in self.hook_installers:
-            install(self.core.hooks)
 
     def attach(self, factory: C2SFactory) -> None:
         """Offer the core on a listener's connections, and close them when the core stops."""
@@ -522,8 +517,9 @@ class MimService(service.MultiService, ServerRegistry):
     listeners, each a child service, on one reactor.
 
     The enabled extensions are installed into it first (its ServerRegistry methods are the
-    extension API); their child services come right after storage and the event pusher, so
-    they run before the IM core starts and until it has finished with the clients' work.
+    extension API), the built-in event pusher before the others; their child services come
+    right after storage, so they run before the IM core starts and until it has finished with
+    the clients' work.
 
     The children start in that order, each once the one before it has started (the IM core
     needs the open database, a listener the IM core), and stop in the reverse order, each once
@@ -545,24 +541,23 @@ class MimService(service.MultiService, ServerRegistry):
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config
+        self.event_pusher: Any = None  # a RabbitPublisher when [event_pusher.rabbit] is enabled
+        if config.event_pusher.rabbit.enabled:
+            # pika is an optional extra: imported only when the pusher is wanted.
+            from mim_twisted.events.rabbit import RabbitEventPusher
+
+            # Installed first: its service starts before the other extensions' and stops after
+            # them, once the IM core has closed the connections and made their "offline" events.
+            pusher = RabbitEventPusher(reactor)
+            pusher.install(self, config.event_pusher.rabbit)
+            self.event_pusher = pusher.publisher
         install_extensions(self, config.extensions)
         self.log_traffic = log_traffic or config.log.traffic
         self.storage = StorageService(config)
         self.storage.setServiceParent(self)
-        self.event_pusher: Any = None  # a RabbitPublisher when [event_pusher.rabbit] is enabled
-        if config.event_pusher.rabbit.enabled:
-            # pika is an optional extra: imported only when the pusher is wanted.
-            from mim_twisted.events.rabbit import RabbitPublisher
-
-            # Started before the IM core (never waiting for the broker) and so stopped after
-            # it: the "offline" events of the closed connections go out first.
-            self.event_pusher = RabbitPublisher(config.event_pusher.rabbit, reactor)
-            self.event_pusher.setServiceParent(self)
         for child in self.extension_services:
             child.setServiceParent(self)
         self.im = ImCoreService(config, self.storage, reactor, self)
-        if self.event_pusher is not None:
-            self.im.hook_installers.append(self.event_pusher.install)
         self.im.setServiceParent(self)
         self.pubsub_host: PubSubHost | None = None
         if config.pubsub.enabled:

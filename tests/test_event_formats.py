@@ -8,7 +8,7 @@ from twisted.words.xish import domish
 
 from mim_twisted import hooks
 from mim_twisted.config import load_config
-from mim_twisted.events.formats import Event, EventSource
+from mim_twisted.events.formats import HOOK_PRIORITY, Event, EventSource
 from tests.test_config import write
 
 
@@ -35,7 +35,8 @@ class EventSourceTests(unittest.TestCase):
         settings = load_config(write(self, self.config)).event_pusher.rabbit
         self.events: list[Event] = []
         self.hooks = hooks.Hooks()
-        EventSource(settings, self.events.append).install(self.hooks)
+        for name, handler in EventSource(settings, self.events.append).handlers():
+            self.hooks.add(name, handler, HOOK_PRIORITY)
         self.alice = FakeSession("alice@localhost/home")
         self.bob = FakeSession("bob@localhost/phone")
 

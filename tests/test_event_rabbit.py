@@ -10,10 +10,19 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
+from mim_twisted import hooks
 from mim_twisted.config import load_config
-from mim_twisted.events.formats import Event
-from mim_twisted.events.rabbit import RabbitPublisher, _BatchedWrites, _Deliveries, in_flight_window
+from mim_twisted.events.formats import HOOK_PRIORITY, Event
+from mim_twisted.events.rabbit import (
+    RabbitEventPusher,
+    RabbitPublisher,
+    _BatchedWrites,
+    _Deliveries,
+    in_flight_window,
+)
+from mim_twisted.extensions import IMimExtension, ServerRegistry
 from tests.test_config import write
 from tests.test_event_amqp import decode_all
 
@@ -122,3 +131,24 @@ class PieceTests(unittest.TestCase):
         batched.loseConnection()  # written before the connection closes
         self.assertEqual(transport.value(), b"methodheaderbody")
         self.assertTrue(transport.disconnecting)
+
+
+class BuiltInExtensionTests(unittest.TestCase):
+    def test_installs_its_hooks_and_its_service_like_any_extension(self) -> None:
+        extension = RabbitEventPusher(Clock())
+        verifyObject(IMimExtension, extension)
+        registry = ServerRegistry()
+        extension.install(registry, load_config(None).event_pusher.rabbit)
+        self.assertEqual(registry.extension_services, [extension.publisher])
+        self.assertEqual(
+            sorted((name, priority) for name, _, priority in registry.hook_handlers),
+            sorted(
+                (name, HOOK_PRIORITY)
+                for name in (
+                    hooks.USER_AVAILABLE,
+                    hooks.USER_UNAVAILABLE,
+                    hooks.MESSAGE_SENT,
+                    hooks.MESSAGE_DELIVERED,
+                )
+            ),
+        )

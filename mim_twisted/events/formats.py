@@ -62,17 +62,14 @@ class EventSource:
             "groupchat": settings.groupchat_msg_exchange,
         }
 
-    def install(self, hooks_table: hooks.Hooks) -> None:
-        hooks_table.add(hooks.USER_AVAILABLE, self.user_available, HOOK_PRIORITY)
-        hooks_table.add(hooks.USER_UNAVAILABLE, self.user_unavailable, HOOK_PRIORITY)
-        hooks_table.add(hooks.MESSAGE_SENT, self.message_sent, HOOK_PRIORITY)
-        hooks_table.add(hooks.MESSAGE_DELIVERED, self.message_delivered, HOOK_PRIORITY)
-
-    def uninstall(self, hooks_table: hooks.Hooks) -> None:
-        hooks_table.remove(hooks.USER_AVAILABLE, self.user_available)
-        hooks_table.remove(hooks.USER_UNAVAILABLE, self.user_unavailable)
-        hooks_table.remove(hooks.MESSAGE_SENT, self.message_sent)
-        hooks_table.remove(hooks.MESSAGE_DELIVERED, self.message_delivered)
+    def handlers(self) -> list[tuple[str, Callable[..., None]]]:
+        """(hook name, handler) for each hook that makes events; add them at HOOK_PRIORITY."""
+        return [
+            (hooks.USER_AVAILABLE, self.user_available),
+            (hooks.USER_UNAVAILABLE, self.user_unavailable),
+            (hooks.MESSAGE_SENT, self.message_sent),
+            (hooks.MESSAGE_DELIVERED, self.message_delivered),
+        ]
 
     # Session JIDs are stringprepped when bound, so their parts are already lowercased.
 

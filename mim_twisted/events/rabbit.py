@@ -26,12 +26,13 @@ from twisted.application import internet, service
 from twisted.internet import defer, endpoints, error, protocol, ssl, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from mim_twisted import hooks
 from mim_twisted.config import RabbitConfig
 from mim_twisted.events.amqp import publish_frames, short_string
 from mim_twisted.events.buffer import EventBuffer
-from mim_twisted.events.formats import Event, EventSource
+from mim_twisted.events.formats import HOOK_PRIORITY, Event, EventSource
+from mim_twisted.extensions import IMimExtension, ServerRegistry
 
 log = Logger()
 
@@ -139,6 +140,26 @@ class _BrokerFactory(protocol.Factory):
         return _BrokerConnection(self.publisher, self.publisher.connection_parameters())
 
 
+@implementer(IMimExtension)
+class RabbitEventPusher:
+    """The event pusher as a built-in extension: installed like any third party's (its hooks
+    and its child service through the ServerRegistry), but configured by [event_pusher.rabbit],
+    MongooseIM's option names, checked with the rest of the config file."""
+
+    name = "event_pusher_rabbit"
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.publisher: RabbitPublisher | None = None
+
+    def install(self, server: ServerRegistry, settings: RabbitConfig) -> None:
+        publisher = RabbitPublisher(settings, self.reactor)
+        for name, handler in EventSource(settings, publisher.publish).handlers():
+            server.add_hook(name, handler, HOOK_PRIORITY)
+        server.add_child_service(publisher)
+        self.publisher = publisher
+
+
 class RabbitPublisher(service.Service):
     """Publishes events to RabbitMQ; `buffer` holds them and counts what happens to them."""
 
@@ -169,10 +190,6 @@ class RabbitPublisher(service.Service):
         self._connecting: defer.Deferred | None = None
 
     # -- the XMPP side ---------------------------------------------------------------------
-
-    def install(self, hooks_table: hooks.Hooks) -> None:
-        """Publish the events of the server's hooks."""
-        EventSource(self.settings, self.publish).install(hooks_table)
 
     def publish(self, event: Event) -> None:
         """Buffer an event and send what may be sent; never waits, never fails."""
