@@ -925,6 +925,7 @@ class PepRing:
 
     def __init__(self) -> None:
         self.approved = 0
+        self.online: set[str] = set()
         self.measuring = False
         self.published = 0
         self.publish_errors: list[str] = []
@@ -951,6 +952,8 @@ def _pep_handler(client: Client, ring: PepRing, caps_node: str) -> Callable[[ET.
             client.send(f"<presence type='subscribed' to={quoteattr(element.get('from', ''))}/>")
         elif tag == TAG_PRESENCE and kind == "subscribed":
             ring.approved += 1
+        elif tag == TAG_PRESENCE and kind is None and element.get("from") == client.jid:
+            ring.online.add(client.jid)  # the server has handled its initial presence
         elif tag == TAG_IQ and kind in ("get", "set"):
             _answer_iq(client, element, caps_node)
 
@@ -1035,6 +1038,11 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
                 f"<presence><c xmlns='{NS_CAPS}' hash='sha-1' node='{caps_node}' ver='{ver}'/>"
                 "</presence>"
             )
+        # A request reaches a client live only once the server has handled its initial
+        # presence (which it echoes); otherwise it waits for the next login.
+        deadline = now() + opts.timeout
+        while len(ring.online) < users and now() < deadline:
+            await asyncio.sleep(0.05)
         # Each user asks its K/2 neighbours on each side; their clients approve: K mutual
         # contacts each, through the servers' subscription handling.
         exchange_started = now()
