@@ -2,7 +2,7 @@
 mid-conversation resumes without losing a message; one that does not come back in time finds
 its messages in offline storage.
 
-Every test runs on SQLite and again on PostgreSQL (the subclass at the end).
+Every test runs on SQLite and again on PostgreSQL and MySQL (the subclasses at the end).
 """
 
 import asyncio
@@ -119,5 +119,13 @@ class ResumptionOnPostgreSQLTests(ResumptionTests):
     storage = "postgresql"
 
 
+class ResumptionOnMySQLTests(ResumptionTests):
+    storage = "mysql"
+
+
 class ResumeTimeoutOnPostgreSQLTests(ResumeTimeoutTests):
     storage = "postgresql"
+
+
+class ResumeTimeoutOnMySQLTests(ResumeTimeoutTests):
+    storage = "mysql"
