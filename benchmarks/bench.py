@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Run the load scenarios against a fresh server and print a summary table.
 
-    .venv/bin/python benchmarks/bench.py [--storage sqlite|postgresql|both] [--runs 3] [--quick]
+    .venv/bin/python benchmarks/bench.py [--storage sqlite|postgresql|mysql|both ...] [--runs 3]
 
 For each storage backend: a temporary directory with a config (a free loopback port, its own
-data_dir, and for PostgreSQL a temporary database on 127.0.0.1:5432 as user root), the accounts
+data_dir, and for PostgreSQL a temporary database on 127.0.0.1:5432 as user root, for MySQL one
+on 127.0.0.1:3306 as user root), the accounts
 created straight through the storage API, the server started with
 `twistd -n --pidfile= mim -c <config>`, then the scenarios of benchmarks/load.py, each repeated
 --runs times (the medians are reported), then the server stopped and everything removed.
@@ -38,6 +39,9 @@ DOMAIN = "localhost"
 PASSWORD = "load-password"
 PREFIX = "load"
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=root dbname=postgres"
+MYSQL_ADMIN = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+# The database server processes whose CPU is reported, per storage backend.
+DB_PROCESSES = {"postgresql": ["postgres"], "mysql": ["mariadbd", "mysqld"]}
 
 
 def free_port() -> int:
@@ -219,7 +223,7 @@ class MimServer:
         self.process: subprocess.Popen | None = None
         self.database: str | None = None
         self.label = f"mim-twisted/{storage}" + ("+pusher" if pusher else "")
-        self.db_processes = ["postgres"] if storage == "postgresql" else []
+        self.db_processes = list(DB_PROCESSES.get(storage, []))
         # With the event pusher on, RabbitMQ's CPU is counted with the database's, not as
         # another process's (which would discard the run).
         self.pusher = BrokerSink() if pusher else None
@@ -233,6 +237,13 @@ class MimServer:
             _pg_admin(f'CREATE DATABASE "{self.database}"')
             dsn = f"host=127.0.0.1 port=5432 user=root dbname={self.database}"
             storage += f'[storage.postgresql]\ndsn = "{dsn}"\npool_size = {self.args.pg_pool}\n'
+        elif self.storage == "mysql":
+            self.database = f"mim_bench_{secrets.token_hex(4)}"
+            _mysql_admin(f"CREATE DATABASE `{self.database}` CHARACTER SET utf8mb4")
+            storage += "[storage.mysql]\n" + "".join(
+                f"{key} = {json.dumps(value)}\n" for key, value in MYSQL_ADMIN.items()
+            )
+            storage += f'database = "{self.database}"\npool_size = {self.args.mysql_pool}\n'
         else:
             storage += '[storage.sqlite]\npath = "data/mim.sqlite3"\n'
         # limits.max_unbound_per_address (default 100) caps the logins in progress from one
@@ -295,9 +306,12 @@ class MimServer:
         if self.pusher is not None:
             with contextlib.suppress(Exception):
                 self.pusher.cleanup()
-        if self.database:
+        if self.database and self.storage == "postgresql":
             with contextlib.suppress(Exception):
                 _pg_admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        elif self.database:
+            with contextlib.suppress(Exception):
+                _mysql_admin(f"DROP DATABASE IF EXISTS `{self.database}`")
 
 
 def _pg_admin(statement: str) -> None:
@@ -306,6 +320,17 @@ def _pg_admin(statement: str) -> None:
     connection = psycopg2.connect(PG_ADMIN_DSN)
     try:
         connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+def _mysql_admin(statement: str) -> None:
+    import pymysql
+
+    connection = pymysql.connect(**MYSQL_ADMIN, autocommit=True)
+    try:
         with connection.cursor() as cursor:
             cursor.execute(statement)
     finally:
@@ -626,8 +651,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--server", choices=["mim", "prosody"], default="mim")
-    add("--storage", default="sqlite", help="mim: sqlite, postgresql or both; prosody: sqlite "
-        "or internal")  # fmt: skip
+    add("--storage", nargs="+", default=["sqlite"], help="mim: one or more of sqlite, "
+        "postgresql, mysql, or both (sqlite and postgresql), run one after the other; prosody: "
+        "sqlite or internal")  # fmt: skip
     add("--scenarios", nargs="+", default=list(FIGURES), choices=list(FIGURES))
     add("--runs", type=int, default=3, help="runs per scenario; the medians are reported")
     add("--mechanism", default=None, help="SASL mechanism (default SCRAM-SHA-256 for mim, "
@@ -643,6 +669,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "users in a ring with that many mutual contacts each")  # fmt: skip
     add("--pubsub-workers", type=int, default=4, help="mim: [pubsub] workers")
     add("--pg-pool", type=int, default=4, help="mim: [storage.postgresql] pool_size")
+    add("--mysql-pool", type=int, default=4, help="mim: [storage.mysql] pool_size")
     add("--extra-config", default="", help="mim: TOML appended to the config")
     add("--event-pusher", choices=["off", "on", "both"], default="off", help="mim: the event "
         "pusher to the local RabbitMQ (both: a server without it, then one with it)")  # fmt: skip
@@ -675,10 +702,14 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.server == "mim":
         server_class = MimServer
-        storages = ["sqlite", "postgresql"] if args.storage == "both" else [args.storage]
+        storages = [
+            name
+            for storage in args.storage
+            for name in (["sqlite", "postgresql"] if storage == "both" else [storage])
+        ]
     else:
         server_class = ProsodyServer
-        storages = [args.storage]
+        storages = args.storage
     all_results = {}
     pusher = {"off": [False], "on": [True], "both": [False, True]}[args.event_pusher]
     for storage in storages:
