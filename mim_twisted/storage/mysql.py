@@ -44,6 +44,11 @@ _UPSERT = re.compile(r" ON CONFLICT \([^)]*\) DO UPDATE SET ")
 _EXCLUDED = re.compile(r"\bexcluded\.(\w+)")
 _DO_NOTHING = " ON CONFLICT DO NOTHING"
 _RETURNING = re.compile(r" RETURNING (.*)$")
+_INSERT_COLUMNS = re.compile(r"^INSERT INTO \w+ \(([^)]*)\) VALUES \([?, ]*\)")
+_DELETE = re.compile(r"^DELETE FROM (\w+)( WHERE .*)?$")
+
+# Makes the rows a statement stands for from its cursor, the rows it gave and its parameters.
+RowsMaker = Callable[[Any, list[tuple], tuple], list[tuple]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +58,7 @@ class MySQLStatement:
     or ``run`` instead, for a rewritten one."""
 
     text: str
-    rows: Callable[[Any, list[tuple], tuple], list[tuple]] = lambda cursor, rows, parameters: rows
+    rows: RowsMaker = lambda cursor, rows, parameters: rows
     # A duplicate key means "no row", as ON CONFLICT DO NOTHING does.
     no_row_on_duplicate: bool = False
     run: Callable[[Session, tuple], list[tuple]] | None = None
@@ -77,23 +82,6 @@ def _increment_roster_version(session: Session, parameters: tuple) -> list[tuple
     )
 
 
-def _delete_offline_messages(session: Session, parameters: tuple) -> list[tuple]:
-    rows = session.execute(
-        "SELECT id, sender, stanza, stored_at FROM offline_messages"
-        " WHERE server = %s AND username = %s FOR UPDATE",
-        parameters,
-    )
-    if rows:
-        # By id, so that a message stored after the SELECT (sql.py's account lock prevents it
-        # anyway) would stay.
-        newest = max(row[0] for row in rows)
-        session.execute(
-            "DELETE FROM offline_messages WHERE server = %s AND username = %s AND id <= %s",
-            (*parameters, newest),
-        )
-    return rows
-
-
 def _trim_items(session: Session, parameters: tuple) -> list[tuple]:
     # MySQL refuses LIMIT in an IN subquery and a subquery on the table a DELETE deletes from.
     # modified_at is unique within a node (it grows with every publication, see sql.py): every
@@ -115,14 +103,8 @@ def _trim_items(session: Session, parameters: tuple) -> list[tuple]:
 # Statements of sql.py that no rule translates.
 _REWRITTEN: dict[str, Callable[[Session, tuple], list[tuple]]] = {
     sql.INCREMENT_ROSTER_VERSION: _increment_roster_version,
-    sql.DELETE_OFFLINE_MESSAGES: _delete_offline_messages,
     sql.TRIM_ITEMS: _trim_items,
 }
-
-
-_INSERT_COLUMNS = re.compile(r"^INSERT INTO \w+ \(([^)]*)\) VALUES \(([?, ]*)\)")
-_DELETE = re.compile(r"^DELETE FROM (\w+)( WHERE .*)?$")
-RowsMaker = Callable[[Any, list[tuple], tuple], list[tuple]]
 
 
 def _inserted_rows(text: str, returning: list[str], statement: str) -> RowsMaker:
@@ -157,7 +139,9 @@ def _counted_rows(cursor: Any, rows: list[tuple], parameters: tuple) -> list[tup
 
 def _deleting_rows(text: str, returning: str) -> Callable[[Session, tuple], list[tuple]]:
     """A DELETE that returns columns of the rows it deletes: the rows are read and locked
-    first, so that no other transaction changes them before they go."""
+    first, so that no other transaction changes them before they go. A row another
+    transaction inserts in between (READ COMMITTED takes no gap locks) would go unreported:
+    sql.py's transactions lock their account's row first where that matters."""
     table, where = _DELETE.match(text).groups()
     select = _placeholders(f"SELECT {returning} FROM {table}{where or ''} FOR UPDATE")
     delete = _placeholders(text)

@@ -55,7 +55,7 @@ DEADLOCK_RETRIES = 3
 # not fit its column instead of truncating it.
 SESSION_SETUP = (
     "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
-    "SET SESSION sql_mode = 'TRADITIONAL,NO_AUTO_VALUE_ON_ZERO'",
+    "SET SESSION sql_mode = 'TRADITIONAL'",
     "SET SESSION time_zone = '+00:00'",
 )
 
