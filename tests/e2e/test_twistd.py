@@ -265,6 +265,21 @@ class StartFailureTests(unittest.TestCase):
             " Is the server running on that host and accepting TCP/IP connections?",
         )
 
+    async def test_mysql_unreachable(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        port = free_port()
+        config = _write_config(
+            directory,
+            f'[server]\ndata_dir = "data"\n[[listeners]]\nport = {free_port()}\n'
+            f'[storage]\nbackend = "mysql"\n[storage.mysql]\nport = {port}\n',
+        )
+        await self.assert_start_fails(
+            directory,
+            config,
+            "mim: could not start: mysql storage: Can't connect to MySQL server on '127.0.0.1'"
+            " ([Errno 111] Connection refused) (error 2003)",
+        )
+
     async def test_schema_needs_migration(self) -> None:
         directory = os.path.abspath(self.mktemp())
         config = _write_config(
@@ -470,10 +485,11 @@ class RunningServerTests(unittest.TestCase):
 
 
 # Runs the rest of the command line as the named console script in an interpreter where the
-# modules of the "postgresql" and "rabbitmq" extras cannot be imported, as after `pip install .`.
+# modules of the "postgresql", "mysql" and "rabbitmq" extras cannot be imported, as after
+# `pip install .`.
 WITHOUT_EXTRAS = (
     "import sys\n"
-    "for name in ('psycopg2', 'txpostgres', 'pika'):\n"
+    "for name in ('psycopg2', 'txpostgres', 'pymysql', 'pika'):\n"
     "    sys.modules[name] = None\n"
     "script = sys.argv.pop(1)\n"
     "if script == 'twistd':\n"
