@@ -1,7 +1,7 @@
 """Client State Indication (XEP-0352) with slixmpp's own plugin: an inactive client gets its
 messages at once and its contacts' presence once it is active again, only the latest.
 
-Every test runs on SQLite and again on PostgreSQL (the subclass at the end).
+Every test runs on SQLite and again on PostgreSQL and MySQL (the subclasses at the end).
 """
 
 import asyncio
@@ -69,3 +69,7 @@ class ClientStateTests(ServerTestCase):
 
 class ClientStateOnPostgreSQLTests(ClientStateTests):
     storage = "postgresql"
+
+
+class ClientStateOnMySQLTests(ClientStateTests):
+    storage = "mysql"
