@@ -261,7 +261,7 @@ def build_im_core(
         blocking = BlockingService(
             domains, database.block_lists, database.rosters, sessions, presence
         )
-        blocking.install(router, disco)
+        blocking.install(router, disco, hook_table)
     if config.modules.last:
         last = LastActivityService(database.last_activity, database.rosters, sessions, clock)
         last.install(router, disco, hook_table)

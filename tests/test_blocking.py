@@ -286,3 +286,29 @@ class RoutingTests(BlockingTestCase):
         for n in range(3):
             self.send(alice, f"<message to='bob@localhost' type='chat'><body>{n}</body></message>")
         self.assertEqual(alice.stream_errors, ["policy-violation"])
+
+    def test_after_a_restart_presence_is_held_to_the_stored_list(self) -> None:
+        # bob's first stanza is his broadcast presence: the gate reads his list all the same.
+        self.successResultOf(
+            self.database.block_lists.block("localhost", "bob", ["alice@localhost"])
+        )
+        self.build()
+        alice = self.online("alice@localhost/desk")
+        bob = self.connect("bob@localhost/phone")
+        self.send(bob, presence_xml())
+        self.assertEqual(
+            [s["from"] for s in bob.take() if s.name == "presence"], ["bob@localhost/phone"]
+        )
+        self.assertEqual(alice.take(), [])
+        self.send(alice, presence_xml(status="back"))
+        self.assertEqual(bob.take(), [])
+
+    def test_a_list_is_forgotten_with_the_accounts_last_session(self) -> None:
+        self.block(self.bob, "alice@localhost")
+        self.disconnect(self.bob)
+        # The account is removed and made again while the server runs: nothing is blocked.
+        self.successResultOf(self.database.accounts.remove_account("localhost", "bob"))
+        self.successResultOf(self.database.accounts.create_account("localhost", "bob", {}))
+        bob = self.online("bob@localhost/phone")
+        self.send(self.alice, "<message to='bob@localhost' type='chat'><body>hi</body></message>")
+        self.assertEqual([str(m.body) for m in bob.take()], ["hi"])

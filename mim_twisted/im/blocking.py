@@ -17,13 +17,13 @@ Every stanza a local session sends passes `gate` before it is routed:
 Broadcast presence does not pass the gate; the presence layer asks `presence_blocked` for each
 contact instead.
 
-The lists of the accounts in use are kept in memory (`BlockLists`), so that routing asks the
-database only the first time it meets an account.
+The lists of the accounts with sessions here are kept in memory (`BlockLists`), read when a
+session sends its first stanza, so that routing asks the database only for accounts with no
+session here.
 """
 
 import secrets
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
@@ -32,6 +32,7 @@ from twisted.words.protocols.jabber import error, xmlstream
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
+from mim_twisted import hooks
 from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.storage.interfaces import IBlockListStore, IRosterStore
@@ -47,7 +48,6 @@ NS_BLOCKING = "urn:xmpp:blocking"
 NS_BLOCKING_ERRORS = "urn:xmpp:blocking:errors"
 
 MAX_BLOCKED_JIDS = 1000  # per account: a list beyond it is refused with resource-constraint
-MAX_CACHED_LISTS = 10000  # accounts whose list is kept in memory, the least recently used go
 
 
 def blocks(block_list: frozenset[str], jid: JID) -> bool:
@@ -62,13 +62,20 @@ class BlockLists:
     """The block lists of the accounts in use, read from the store once and kept up to date.
 
     `get` answers at once for a list in memory and otherwise with a Deferred; the callers that
-    wait for one account's list are answered in the order they asked.
+    wait for one account's list are answered in the order they asked. A list read is kept only
+    while `in_use(account)` says so (the account has sessions here) and is forgotten when they
+    end: an account removed and made again while the server runs starts with the stored list.
     """
 
-    def __init__(self, store: IBlockListStore, size: int = MAX_CACHED_LISTS) -> None:
+    def __init__(
+        self,
+        store: IBlockListStore,
+        in_use: Callable[[JID], bool] = lambda account: True,
+    ) -> None:
         self.store = store
-        self.size = size
-        self._lists: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self.in_use = in_use
+        # As many as the accounts with sessions here, each list at most MAX_BLOCKED_JIDS long.
+        self._lists: dict[str, frozenset[str]] = {}
         self._waiting: dict[str, list[defer.Deferred]] = {}
         # Bumped by each `put`, so that a read that started before it does not undo it.
         self._versions: dict[str, int] = {}
@@ -80,7 +87,6 @@ class BlockLists:
         key = account.userhost()
         block_list = self._lists.get(key)
         if block_list is not None:
-            self._lists.move_to_end(key)
             return block_list
         waiter: defer.Deferred = defer.Deferred()
         waiting = self._waiting.get(key)
@@ -90,10 +96,11 @@ class BlockLists:
         self._waiting[key] = [waiter]
         # The waiter is in the list first: a store may answer at once.
         reading = self.store.get_block_list(account.host, account.user)
-        reading.addBoth(self._read, key, self._versions.get(key, 0))
+        reading.addBoth(self._read, account, self._versions.get(key, 0))
         return waiter
 
-    def _read(self, result: list[str] | Failure, key: str, version: int) -> None:
+    def _read(self, result: list[str] | Failure, account: JID, version: int) -> None:
+        key = account.userhost()
         waiting = self._waiting.pop(key)
         if isinstance(result, Failure):
             for waiter in waiting:
@@ -101,7 +108,8 @@ class BlockLists:
             return
         block_list = frozenset(result)
         if self._versions.get(key, 0) == version:
-            self._keep(key, block_list)
+            if self.in_use(account):
+                self._keep(key, block_list)
         else:
             block_list = self._lists.get(key, block_list)
         for waiter in waiting:
@@ -113,12 +121,17 @@ class BlockLists:
         self._versions[key] = self._versions.get(key, 0) + 1
         self._keep(key, block_list)
 
+    def forget(self, account: JID) -> None:
+        """The account's sessions have ended: its list is read again when next needed."""
+        key = account.userhost()
+        self._lists.pop(key, None)
+        if key in self._waiting:
+            self._versions[key] = self._versions.get(key, 0) + 1  # the read under way is stale
+        else:
+            self._versions.pop(key, None)
+
     def _keep(self, key: str, block_list: frozenset[str]) -> None:
         self._lists[key] = block_list
-        self._lists.move_to_end(key)
-        while len(self._lists) > self.size:
-            evicted, _ = self._lists.popitem(last=False)
-            self._versions.pop(evicted, None)
 
 
 class BlockingService:
@@ -135,16 +148,22 @@ class BlockingService:
         self.rosters = rosters
         self.sessions = sessions
         self.presence = presence
-        self.lists = BlockLists(store)
+        self.lists = BlockLists(store, in_use=lambda account: bool(sessions.sessions_of(account)))
         self.locks = KeyedLock()  # one change of an account's list at a time
         self.max_blocked = MAX_BLOCKED_JIDS  # read at start, so that a test may lower it
 
-    def install(self, router: "Router", disco: "DiscoService") -> None:
+    def install(self, router: "Router", disco: "DiscoService", hooks_table: hooks.Hooks) -> None:
         for name in ("blocklist", "block", "unblock"):
             router.account_iq[NS_BLOCKING, name] = self.handle_iq
         router.gates.append(self.gate)
         self.presence.presence_blocked = self.presence_blocked
+        hooks_table.add(hooks.SESSION_ENDED, self.session_ended)
         disco.add_server_feature(NS_BLOCKING)
+
+    def session_ended(self, session: Session) -> None:
+        owner = session.jid.userhostJID()
+        if not self.sessions.sessions_of(owner):
+            self.lists.forget(owner)
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -156,11 +175,15 @@ class BlockingService:
     ) -> "bool | defer.Deferred[bool]":
         """True when the stanza is refused (and answered as it should be), else False."""
         owner = session.jid.userhostJID()
-        if recipient.userhostJID() == owner:
-            return False
-        if recipient.user is None and recipient.host in self.domains:
-            return False  # the server itself
-        lists = [self.lists.get(owner)]
+        # Read for every session, whatever it sends first: its broadcast presence and the
+        # presence sent to it are checked against the list in memory (`presence_blocked`).
+        own = self.lists.get(owner)
+        if recipient.userhostJID() == owner or (
+            recipient.user is None and recipient.host in self.domains
+        ):
+            # To itself or to the server: never refused.
+            return own.addCallback(lambda _: False) if isinstance(own, defer.Deferred) else False
+        lists = [own]
         if self._local_account(recipient):
             lists.append(self.lists.get(recipient.userhostJID()))
         if any(isinstance(block_list, defer.Deferred) for block_list in lists):
@@ -199,8 +222,8 @@ class BlockingService:
 
     def presence_blocked(self, user: JID, contact: JID) -> bool:
         """Whether broadcast presence between a user's session and a contact is blocked, by
-        either of them. Lists not in memory count as empty: every session that sends or is
-        sent presence has passed the gate, which read its account's list."""
+        either of them. Lists not in memory count as empty: the list of every account with a
+        session that has sent anything is in memory, as the gate read it."""
         own = self.lists.cached(user) or frozenset()
         theirs = self.lists.cached(contact) or frozenset()
         return blocks(own, contact) or blocks(theirs, user)

@@ -11,7 +11,7 @@ answers on behalf of the sender's own account. A handler is called as
 empty result, or a Deferred of either; it raises StanzaError for an error reply. A request no
 handler claims is answered with <service-unavailable/>, so nothing is silently dropped.
 
-Every stanza with a 'to' passes the `gates` first (blocking, XEP-0191), which may refuse it.
+Every stanza passes the `gates` first (blocking, XEP-0191), which may refuse it.
 A gate that must ask the database holds the stanza, and the session's later stanzas wait behind
 it, so that a session's stanzas are routed in the order they came (RFC 6120 §10.1).
 
@@ -89,7 +89,7 @@ class Router:
         # Messages still being routed (to the database: offline storage, account lookups),
         # which a stop lets finish before the database closes.
         self.routing = InFlight()
-        # What every stanza with a recipient passes before it is routed (blocking, XEP-0191).
+        # What every stanza passes before it is routed (blocking, XEP-0191).
         # A stanza waiting for a gate's Deferred is routed when it fires: the stanzas waiting
         # for the same answer keep their order.
         self.gates: list[Gate] = []
@@ -147,7 +147,7 @@ class Router:
         except (InvalidFormat, UnicodeError):
             reply_error(session, stanza, "jid-malformed")
             return None
-        if to and self.gates:
+        if self.gates:
             return self._pass_gates(session, stanza, recipient, 0)
         self._dispatch(session, stanza, recipient)
         return None
