@@ -4,11 +4,11 @@ import secrets
 from typing import TYPE_CHECKING
 
 from twisted.words.protocols.jabber import error, xmlstream
-from twisted.words.protocols.jabber.jid import JID, InvalidFormat
-from twisted.words.protocols.jabber.xmpp_stringprep import resourceprep
+from twisted.words.protocols.jabber.jid import InvalidFormat
 from twisted.words.xish import domish
 
 from mim_twisted.xmpp import namespaces
+from mim_twisted.xmpp.jids import parse_jid, resourceprep_cached, with_resource
 
 if TYPE_CHECKING:
     from mim_twisted.xmpp.c2s import C2SStream
@@ -43,10 +43,11 @@ def bind_resource(stream: "C2SStream", iq: domish.Element) -> None:
     request = _request_child(iq, namespaces.BIND, "bind")
     requested = next((str(c) for c in request.elements(namespaces.BIND, "resource")), "").strip()
     try:
-        resource = resourceprep.prepare(requested) if requested else secrets.token_hex(8)
+        # A generated resource is lowercase hex: already in resourceprep form.
+        resource = resourceprep_cached(requested) if requested else secrets.token_hex(8)
         if len(resource.encode("utf-8")) > MAX_RESOURCE_BYTES:
             raise InvalidFormat("resource too long")
-        jid = JID(tuple=(stream.username, stream.domain, resource))
+        jid = with_resource(parse_jid(f"{stream.username}@{stream.domain}"), resource)
     except (UnicodeError, InvalidFormat, ValueError):
         stream.send(error.StanzaError("bad-request", text="Invalid resource").toResponse(iq))
         return

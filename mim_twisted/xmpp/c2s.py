@@ -447,7 +447,8 @@ class C2SStream(protocol.Protocol):
     def authenticated(self, username: str) -> None:
         """SASL succeeded: the client restarts the stream (RFC 6120 §6.4.6)."""
         self.username = username
-        log.info(
+        # Debug: the "bound" line that follows is the one info line of a successful login.
+        log.debug(
             "{peer} authenticated as {user}@{domain}",
             peer=self.log_name(),
             user=username,

@@ -8,13 +8,13 @@ account's stored credentials.
 from dataclasses import dataclass
 
 from twisted.logger import Logger
-from twisted.words.protocols.jabber.xmpp_stringprep import nodeprep
 from zope.interface import Attribute, Interface
 
 from mim_twisted.auth.certs import CertificateIdentities, ExternalSettings
 from mim_twisted.auth.errors import SaslError
 from mim_twisted.auth.scram import DEFAULT_ITERATIONS, ScramCredentials
 from mim_twisted.storage.interfaces import IAccountStore
+from mim_twisted.xmpp.jids import nodeprep_cached
 
 log = Logger()
 
@@ -91,7 +91,7 @@ class ISaslMechanism(Interface):
 def account_name(username: str) -> str:
     """The account an authentication identity names: its nodeprep form, or not-authorized."""
     try:
-        prepared = nodeprep.prepare(username)
+        prepared = nodeprep_cached(username)
     except UnicodeError:
         raise SaslError("not-authorized") from None
     if not prepared:
