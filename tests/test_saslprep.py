@@ -1,8 +1,11 @@
 """SASLprep against the examples of RFC 4013 §3 and the rules behind them."""
 
+import stringprep
+import unicodedata
+
 from twisted.trial import unittest
 
-from mim_twisted.auth.saslprep import saslprep
+from mim_twisted.auth.saslprep import _PROHIBITED, saslprep
 
 
 class RFC4013ExamplesTests(unittest.TestCase):
@@ -48,3 +51,19 @@ class SaslprepRulesTests(unittest.TestCase):
         # U+0221 was unassigned in Unicode 3.2, the version stringprep uses.
         self.assertRaises(ValueError, saslprep, "a\u0221")
         self.assertEqual(saslprep("a\u0221", allow_unassigned=True), "a\u0221")
+
+
+class PrintableAsciiTests(unittest.TestCase):
+    """The shortcut for printable ASCII agrees with the tables it skips."""
+
+    def test_printable_ascii_is_in_no_table(self) -> None:
+        for char in map(chr, range(0x20, 0x7F)):
+            self.assertFalse(stringprep.in_table_b1(char) or stringprep.in_table_c12(char))
+            self.assertFalse(any(in_table(char) for in_table in _PROHIBITED), repr(char))
+            self.assertFalse(stringprep.in_table_a1(char) or stringprep.in_table_d1(char))
+            self.assertEqual(unicodedata.ucd_3_2_0.normalize("NFKC", char), char)
+            self.assertEqual(saslprep(f"a{char}b"), f"a{char}b")
+
+    def test_ascii_controls_still_prohibited(self) -> None:
+        for char in [*map(chr, range(0x20)), "\x7f"]:
+            self.assertRaises(ValueError, saslprep, f"a{char}b")

@@ -28,6 +28,11 @@ def saslprep(text: str, allow_unassigned: bool = False) -> str:
     ``allow_unassigned`` selects the "query" flavour of stringprep (RFC 3454 §7): true when
     comparing what a client sent, false (the default) for strings about to be stored.
     """
+    # Printable ASCII (SPACE to "~") is in no mapping or prohibited table, NFKC keeps it and it
+    # has no right-to-left character: the usual user name or password is its own SASLprep form,
+    # without the table lookups per character below, a visible part of a login's CPU.
+    if text.isascii() and text.isprintable():
+        return text
     # §2.1 mapping: non-ASCII spaces become SPACE, "commonly mapped to nothing" characters go.
     mapped = "".join(
         " " if stringprep.in_table_c12(char) else char
