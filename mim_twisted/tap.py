@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 import mim_twisted
-from mim_twisted import hooks, storage
+from mim_twisted import gctuning, hooks, storage
 from mim_twisted.admin import AdminService
 from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
@@ -625,6 +625,8 @@ class MimService(service.MultiService, ServerRegistry):
     def _started(self, result: "MimService") -> None:
         if self.start_report is not None:
             self.start_report.started()
+            # Under twistd the process is the server's alone: its garbage collector is too.
+            gctuning.tune_for_server()
         self.ready.callback(result)
 
     async def _start(self) -> "MimService":
