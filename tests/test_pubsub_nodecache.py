@@ -103,6 +103,29 @@ class NodeCacheTests(SynchronousTestCase):
         found = self.successResultOf(restarted.get_subscriptions(SERVICE, "news"))
         self.assertEqual([s.jid for s in found], ["a@x"])
 
+    def test_a_read_begun_during_a_write_and_answered_after_it_is_not_kept(self) -> None:
+        # E.g. the owner takes a member off a whitelist while a contact's login (outside the
+        # node's queue) reads the affiliations from before the change.
+        self.successResultOf(self.cache.set_affiliation(SERVICE, "news", "eve@x", "member"))
+        restarted = NodeCache(self.store)
+        before = self.successResultOf(self.store.get_affiliations(SERVICE, "news"))
+        writing: Deferred = Deferred()
+        self.store.set_affiliation = lambda *args: writing
+        removing = restarted.set_affiliation(SERVICE, "news", "eve@x", "none")
+        stale: Deferred = Deferred()
+        self.store.get_affiliations = lambda *args: stale
+        reading = restarted.get_affiliations(SERVICE, "news")
+        del self.store.set_affiliation, self.store.get_affiliations
+        self.successResultOf(
+            MemoryPubSubStore.set_affiliation(self.store, SERVICE, "news", "eve@x", "none")
+        )
+        writing.callback(None)
+        self.successResultOf(removing)
+        stale.callback(before)  # answered after the write, with what was there before it
+        self.assertEqual(self.successResultOf(reading), {OWNER: "owner", "eve@x": "member"})
+        found = self.successResultOf(restarted.get_affiliations(SERVICE, "news"))
+        self.assertEqual(found, {OWNER: "owner"})
+
     def test_deleted_node_is_forgotten_and_the_least_used_lists_go(self) -> None:
         self.successResultOf(self.cache.delete_node(SERVICE, "news"))
         self.assertEqual(self.subscriptions(), [])  # read from the store: nothing there

@@ -10,9 +10,11 @@ after the store has accepted the write. It starts empty, so after a restart each
 once more from the database.
 
 The core changes nodes only through this store, inside the node's worker queue (see
-`pubsub/queues.py`), so memory and database agree. A read still on its way when the node changes
-is not kept: the next one asks the database again. A write that fails, a publication included,
-drops what is held of the node, since whether it happened is unknown. At most `max_nodes` nodes
+`pubsub/queues.py`), so memory and database agree. Reads are not all in that queue (PEP reads a
+node's affiliations and last item when a contact comes online), so a read that overlaps a write
+to its node, begun before the write or while it is under way, is not kept: it may carry what was
+there before, and the next read asks the database again. A write that fails, a publication
+included, drops what is held of the node, since whether it happened is unknown. At most `max_nodes` nodes
 are kept, the least recently used dropped first. Values are copied on their way in; node
 configurations on their way out too; subscription lists handed out share their options with
 the cache, and are read, never changed (as the core does).
@@ -68,6 +70,9 @@ class NodeCache:
         self.statistics = CacheStatistics()
         self._held: OrderedDict[_Key, _Held] = OrderedDict()
         self._tokens = itertools.count()
+        # Writes not yet answered by the store, per node: kept apart from _held, since a node
+        # may be dropped from it (and read again) while one is under way.
+        self._writing: dict[_Key, int] = {}
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (items, listings, the JID-side lookups) goes straight to the store.
@@ -94,6 +99,8 @@ class NodeCache:
             self.statistics.hits += 1
             return succeed(copy_out(value))
         self.statistics.misses += 1
+        if key in self._writing:
+            return load()  # what it reads may be from before the write: not kept
         token = held.reading[part] = next(self._tokens)
 
         def loaded(result: Any) -> Any:
@@ -134,14 +141,22 @@ class NodeCache:
         held = self._held.get(key)
         if held is not None:
             held.reading.clear()  # a read under way may hold what this changes
+        self._writing[key] = self._writing.get(key, 0) + 1
+
+        def done() -> None:
+            remaining = self._writing.pop(key) - 1
+            if remaining:
+                self._writing[key] = remaining
 
         def written(result: Any) -> Any:
+            done()
             current = self._held.get(key)
             if current is not None and change is not None:
                 change(current)
             return result
 
         def failed(failure: Any) -> Any:
+            done()
             self._held.pop(key, None)
             return failure
 
