@@ -161,6 +161,8 @@ class BlockListTests(BlockingTestCase):
 class RoutingTests(BlockingTestCase):
     """bob blocks alice: nothing from her reaches him, nothing from him reaches her."""
 
+    users = ("alice", "bob", "carol", "dave", "eve")
+
     def setUp(self) -> None:
         super().setUp()
         self.subscribe("alice", "bob")
@@ -176,6 +178,32 @@ class RoutingTests(BlockingTestCase):
             summary(presence),
             ("presence", "unavailable", "bob@localhost/phone", "alice@localhost"),
         )
+
+    def test_only_contacts_subscribed_to_the_user_are_sent_unavailable_presence(self) -> None:
+        # carol sees bob's presence, dave is seen by bob, eve shares nothing with him.
+        self.subscribe("carol", "bob")
+        self.subscribe("bob", "dave")
+        others = [self.online(f"{user}@localhost/desk") for user in ("carol", "dave", "eve")]
+        self.block(self.bob, "carol@localhost", "dave@localhost", "eve@localhost")
+        self.block(self.bob, "localhost/desk")  # a domain/resource entry: carol's and alice's
+        sent = [[summary(stanza) for stanza in session.take()] for session in others]
+        gone = ("presence", "unavailable", "bob@localhost/phone")
+        self.assertEqual(
+            sent, [[(*gone, "carol@localhost"), (*gone, "carol@localhost/desk")], [], []]
+        )
+        self.block(self.bob, "localhost/desk", "dave@localhost", name="unblock")
+        self.assertEqual([session.take() for session in others[1:]], [[], []])
+        # alice's bare JID is not blocked: her desk is sent bob's presence again.
+        self.assertEqual(
+            [summary(stanza) for stanza in self.alice.take()][-1],
+            ("presence", None, "bob@localhost/phone", "alice@localhost/desk"),
+        )
+
+    def test_a_contact_still_blocked_by_another_entry_is_not_sent_presence(self) -> None:
+        self.block(self.bob, "alice@localhost", "localhost")
+        self.forget()
+        self.block(self.bob, "alice@localhost", name="unblock")
+        self.assertEqual(self.alice.take(), [])
 
     def test_incoming_messages_iqs_and_presence_are_not_delivered(self) -> None:
         self.block(self.bob, "alice@localhost")

@@ -3,8 +3,8 @@
 A user reads the list (<blocklist/>), adds JIDs (<block/>) and removes some or all of them
 (<unblock/>); each change is stored, then pushed to every resource of the user that has read
 the list (§3.3-§3.5). A newly blocked contact is sent unavailable presence from the user's
-available resources; an unblocked contact that is subscribed to the user's presence is sent
-it again.
+available resources, and an unblocked one its presence again, when the contact is subscribed
+to the user's presence: a JID the user shares no subscription with is sent nothing.
 
 An item blocks a JID as a XEP-0016 item would (`blocks`): a full JID only that resource, a bare
 JID the account and all its resources, a domain (or domain/resource) everything from there.
@@ -269,9 +269,9 @@ class BlockingService:
                 )
             added = await self.store.block(owner.host, owner.user, jids)
             self.lists.put(owner, current.union(added))
-        for jid in added:
+        for contact in await self._subscribers_covered(owner, added):
             # §3.3: the contact no longer sees the user's presence.
-            self.presence.announce(owner, parse_jid(jid), "unavailable")
+            self.presence.announce(owner, contact, "unavailable")
 
     async def _unblock(self, owner: JID, jids: list[str]) -> None:
         async with self.locks.hold(owner.userhost()):
@@ -280,14 +280,31 @@ class BlockingService:
                 removed = await self.store.unblock(owner.host, owner.user, jids)
             else:
                 removed = await self.store.unblock_all(owner.host, owner.user)
-            self.lists.put(owner, current.difference(removed))
-        for jid in removed:
-            contact = parse_jid(jid)
-            if contact.user is None:
-                continue  # a domain: no one's presence subscription
-            item = await self.rosters.get_item(owner.host, owner.user, contact.userhost())
-            if item is not None and item.subscription in ("from", "both"):
+            remaining = current.difference(removed)
+            self.lists.put(owner, remaining)
+        for contact in await self._subscribers_covered(owner, removed):
+            if not blocks(remaining, contact):  # e.g. its domain is still blocked
                 self.presence.announce(owner, contact, "available")
+
+    async def _subscribers_covered(self, owner: JID, entries: Iterable[str]) -> list[JID]:
+        """The contacts subscribed to the owner's presence ('from' or 'both') that the list
+        entries name: only those are sent the owner's presence or its end, never a JID the owner
+        shares no subscription with. A full JID entry names that resource of the contact, a
+        domain entry every subscribed contact there."""
+        if not entries:
+            return []
+        _, roster = await self.rosters.get_roster(owner.host, owner.user)
+        subscribers = [
+            parse_jid(item.jid) for item in roster if item.subscription in ("from", "both")
+        ]
+        covered: dict[str, JID] = {}
+        for entry in map(parse_jid, entries):
+            for contact in subscribers:
+                if contact.host != entry.host or entry.user not in (None, contact.user):
+                    continue
+                target = JID(tuple=(contact.user, contact.host, entry.resource))
+                covered.setdefault(target.full(), target)
+        return list(covered.values())
 
     def _push(self, owner: JID, name: str, jids: Iterable[str]) -> None:
         """§3.3, §3.4: the change, to every resource that has read the list."""
