@@ -237,7 +237,7 @@ def build_im_core(
                 max_unacked=config.stream_management.max_unacked,
             ),
             sessions,
-            offline,
+            messages,
             clock,
             router.routing,
         )

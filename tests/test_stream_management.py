@@ -5,6 +5,7 @@ session ends for good."""
 
 import dataclasses
 
+from twisted.internet import defer
 from twisted.trial import unittest
 from twisted.words.protocols.jabber.jid import JID
 
@@ -373,3 +374,45 @@ class TimeoutTests(StreamManagementTestCase):
         bodies = [e.findtext(CLIENT + "body") for e in self.elements(other_out)]
         self.assertIn("redirected", bodies)
         self.assertEqual(self.offline_bodies("alice"), [])
+
+    def test_a_stop_waits_for_the_unacked_messages_being_stored(self) -> None:
+        alice, _ = self.online("alice", "home")
+        bob, _ = self.online("bob", "desk")
+        self.clock.advance(ACK_REQUEST_DELAY)
+        bob.dataReceived(chat("alice@localhost/home", "unacked"))
+        store = self.database.offline.store
+        writes: list[defer.Deferred] = []
+
+        def slow_store(*args) -> defer.Deferred:
+            writing = defer.Deferred()
+            writing.addCallback(lambda _: store(*args))
+            writes.append(writing)
+            return writing
+
+        self.patch(self.database.offline, "store", slow_store)
+        alice.dataReceived(b"</stream:stream>")
+        alice.connectionLost()
+        stopped = self.core.router.routing.idle()
+        self.assertNoResult(stopped)  # what the IM core's stop waits for before the database
+        writes[0].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.offline_bodies("alice"), ["unacked"])
+
+    def test_unacked_messages_wait_behind_another_resources_offline_messages(self) -> None:
+        alice, _ = self.online("alice", "home")
+        other, other_out = self.online("alice", "work")
+        bob, _ = self.online("bob", "desk")
+        self.clock.advance(ACK_REQUEST_DELAY)
+        self.read(other_out)
+        bob.dataReceived(chat("alice@localhost/home", "rescued"))
+        # The other resource's stored messages are still on their way to it.
+        self.core.presence.offline.hold(other.session)
+        self.drop(alice)
+        self.clock.advance(self.resume_timeout)
+        messages = [e for e in self.elements(other_out) if e.tag == CLIENT + "message"]
+        self.assertEqual(messages, [])
+        self.successResultOf(
+            defer.ensureDeferred(self.core.presence.offline.release(other.session))
+        )
+        bodies = [e.findtext(CLIENT + "body") for e in self.elements(other_out)]
+        self.assertEqual(bodies, ["rescued"])

@@ -115,6 +115,23 @@ class MessageRouter:
             return keeping.addCallback(self._kept, sender, message)
         return None
 
+    def redeliver(self, bare: JID, message: domish.Element) -> defer.Deferred | None:
+        """A message that a session of `bare` ended without acknowledging (XEP-0198), sent on
+        as if to the bare JID: to the available resources with the highest priority, through
+        the same delivery as a live message (behind their held offline messages, with carbons),
+        or else into offline storage: then the Deferred returned fires with whether it was
+        stored."""
+        available = [
+            s
+            for s in self.sessions.sessions_of(bare)
+            if s.message_priority is not None and s.message_priority >= 0
+        ]
+        if available:
+            top = max(s.message_priority for s in available)
+            self._deliver([s for s in available if s.message_priority == top], message)
+            return None
+        return self.offline.keep(bare, message)
+
     def _kept(self, stored: bool, sender: Session, message: domish.Element) -> None:
         self.outcomes["offline" if stored else "bounced"] += 1
         if not stored:

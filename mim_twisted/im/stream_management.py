@@ -30,7 +30,7 @@ from mim_twisted.xmpp.namespaces import SM, STANZAS
 from mim_twisted.xmpp.stanza_errors import error_response
 
 if TYPE_CHECKING:
-    from mim_twisted.im.offline import OfflineDelivery
+    from mim_twisted.im.messages import MessageRouter
     from mim_twisted.im.sessions import Session, SessionManager
 
 log = Logger()
@@ -137,17 +137,17 @@ class StreamManagement:
         self,
         settings: StreamManagementSettings,
         sessions: "SessionManager",
-        offline: "OfflineDelivery",
+        messages: "MessageRouter",
         clock: IReactorTime,
         in_flight: InFlight,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
-        self.offline = offline
+        self.messages = messages
         self.clock = clock
         self._resumable: dict[str, Session] = {}  # by stream management id
         self._timers: dict[Session, IDelayedCall] = {}  # resumption deadlines, ack requests
-        self.in_flight = in_flight  # undelivered messages being stored, which a stop waits for
+        self.in_flight = in_flight  # undelivered messages being stored: a stop waits for them
         # Counted for the metrics.
         self.resumptions = 0
         self.timeouts = 0
@@ -310,8 +310,9 @@ class StreamManagement:
     # -- the end of a session ----------------------------------------------------------------
 
     def stop(self) -> None:
-        """The server stops (after its connections are closed): detached sessions end now;
-        what they leave undelivered is stored under `in_flight`."""
+        """The server stops (after its connections are closed): detached sessions end now.
+        Storing what they, or the sessions whose connections closed, leave undelivered is
+        tracked in `in_flight`, which the stop waits for before the database closes."""
         for session in [s for s in self._resumable.values() if s.connection is None]:
             session.end()
 
@@ -349,20 +350,12 @@ class StreamManagement:
         # Presence is state, sent again at the next login; results and errors answer nothing.
 
     def _redeliver(self, bare: JID, message: domish.Element) -> None:
-        available = [
-            s
-            for s in self.sessions.sessions_of(bare)
-            if s.message_priority is not None and s.message_priority >= 0
-        ]
-        if available:
-            top = max(s.message_priority for s in available)
-            for session in available:
-                if session.message_priority == top:
-                    session.send(message)
+        keeping = self.messages.redeliver(bare, message)
+        if keeping is None:
             return
-        keeping = self.offline.keep(bare, message)
         keeping.addCallback(self._kept, message)
         keeping.addErrback(lambda failure: log.failure("keeping an undelivered message", failure))
+        self.in_flight.track(keeping)
 
     def _kept(self, stored: bool, message: domish.Element) -> None:
         if not stored:
