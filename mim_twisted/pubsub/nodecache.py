@@ -14,10 +14,10 @@ The core changes nodes only through this store, inside the node's worker queue (
 node's affiliations and last item when a contact comes online), so a read that overlaps a write
 to its node, begun before the write or while it is under way, is not kept: it may carry what was
 there before, and the next read asks the database again. A write that fails, a publication
-included, drops what is held of the node, since whether it happened is unknown. At most `max_nodes` nodes
-are kept, the least recently used dropped first. Values are copied on their way in; node
-configurations on their way out too; subscription lists handed out share their options with
-the cache, and are read, never changed (as the core does).
+included, drops what is held of the node, since whether it happened is unknown. At most
+`max_nodes` nodes are kept, the least recently used dropped first. Values are copied on their
+way in; node configurations on their way out too; subscription lists handed out share their
+options with the cache, and are read, never changed (as the core does).
 
 Another process writing the same database (mimctl, a second server node) is not seen: this is a
 cache of one process, like the caps cache, and PubSub nodes are changed only by the server that
