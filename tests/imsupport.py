@@ -57,7 +57,9 @@ class FakeSession:
     def replaced(self) -> None:
         self.stream_error("conflict")
 
-    def stream_error(self, condition: str, text: str | None = None) -> None:
+    def stream_error(
+        self, condition: str, text: str | None = None, app_condition: domish.Element | None = None
+    ) -> None:
         self.stream_errors.append(condition)
         self.closed = True
 

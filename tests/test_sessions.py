@@ -34,7 +34,9 @@ class FakeConnection:
             stanza = stanza.decode("utf-8")
         self.sent.append(parse(stanza))
 
-    def stream_error(self, condition: str, text: str | None = None) -> None:
+    def stream_error(
+        self, condition: str, text: str | None = None, app_condition: domish.Element | None = None
+    ) -> None:
         self.stream_errors.append((condition, text))
         self.closed = True
 

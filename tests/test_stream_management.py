@@ -195,9 +195,31 @@ class AckTests(StreamManagementTestCase):
 
     def test_acking_more_than_was_sent_is_a_stream_error(self) -> None:
         alice, alice_out = self.online("alice", "home")
-        alice.dataReceived(f"<a xmlns='{SM}' h='7'/>".encode())
+        sent = alice.session.ledger.sent
+        alice.dataReceived(f"<a xmlns='{SM}' h='{sent + 7}'/>".encode())
         output = parse_server_output(alice_out.value())
         self.assertEqual(output.stream_error(), "undefined-condition")
+        too_high = output.elements[-1].find(sm("handled-count-too-high"))
+        self.assertIsNotNone(too_high)
+        self.assertEqual(
+            (too_high.get("h"), too_high.get("send-count")), (str(sent + 7), str(sent))
+        )
+
+    def test_the_error_for_a_stanza_that_failed_is_counted(self) -> None:
+        alice, alice_out = self.online("alice", "home")
+        sent = alice.session.ledger.sent
+
+        def broken(session, stanza) -> None:
+            raise RuntimeError("a bug")
+
+        self.patch(self.core.router, "route_from_client", broken)
+        alice.dataReceived(b"<iq type='get' id='v1'><query xmlns='jabber:iq:version'/></iq>")
+        [answer] = self.elements(alice_out)
+        self.assertEqual((answer.tag, answer.get("type")), (CLIENT + "iq", "error"))
+        self.flushLoggedErrors(RuntimeError)
+        alice.dataReceived(f"<a xmlns='{SM}' h='{sent + 1}'/>".encode())
+        self.assertIsNone(parse_server_output(alice_out.value()).stream_error())
+        self.assertEqual(len(alice.session.ledger.unacked), 0)
 
     def test_too_many_unacked_stanzas_end_the_session(self) -> None:
         self.patch(self, "max_unacked", 3)

@@ -104,13 +104,15 @@ class Session:
         if self.connection is not None:
             self.connection.send(element)
 
-    def stream_error(self, condition: str, text: str | None = None) -> None:
+    def stream_error(
+        self, condition: str, text: str | None = None, app_condition: domish.Element | None = None
+    ) -> None:
         """End the session with a stream error (RFC 6120 §4.9) that closes its connection;
         a detached session, which has none, ends at once."""
         if self.connection is None:
             self.end()
         else:
-            self.connection.stream_error(condition, text)
+            self.connection.stream_error(condition, text, app_condition)
 
     def replaced(self) -> None:
         """Another connection bound the same full JID: close this one with <conflict/>."""

@@ -194,7 +194,10 @@ class StreamManagement:
             session.ledger.acknowledge(h)
         except HandledCountTooHigh as e:
             # XEP-0198 §4: undefined-condition with <handled-count-too-high/>.
-            session.stream_error("undefined-condition", f"<handled-count-too-high/>: {e}")
+            too_high = sm_element(
+                "handled-count-too-high", h=str(e.h), **{"send-count": str(e.sent)}
+            )
+            session.stream_error("undefined-condition", str(e), too_high)
             return
         session.ack_requested = False
         if session.ledger.unacked:

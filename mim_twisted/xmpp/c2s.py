@@ -276,7 +276,9 @@ class C2SStream(protocol.Protocol):
     def stopProducing(self) -> None:
         self.closed = True
 
-    def stream_error(self, condition: str, text: str | None = None) -> None:
+    def stream_error(
+        self, condition: str, text: str | None = None, app_condition: domish.Element | None = None
+    ) -> None:
         """Send a stream error (after our header if not yet sent) and close the connection."""
         if self.closed:
             return
@@ -288,7 +290,7 @@ class C2SStream(protocol.Protocol):
         )
         if not self._header_sent:
             self._send_header(self.domain or sorted(self.settings.domains)[0])
-        self.send(error.StreamError(condition, text).getElement())
+        self.send(error.StreamError(condition, text, appCondition=app_condition).getElement())
         self.send(b"</stream:stream>")
         self._close()
 
@@ -500,7 +502,10 @@ class C2SStream(protocol.Protocol):
             # A bug handling one stanza must not end the session or affect others.
             log.failure("routing a stanza from {jid}", jid=self.jid.full())
             if stanza.getAttribute("type") not in ("error", "result"):
-                self.send(error_response(error.StanzaError("internal-server-error"), stanza))
+                # Through the session: a stanza it sends is one stream management counts.
+                self.session.send(
+                    error_response(error.StanzaError("internal-server-error"), stanza)
+                )
 
     def _auth_timed_out(self) -> None:
         self._auth_timer = None

@@ -26,8 +26,11 @@ class ClientConnection(Protocol):
     def send(self, stanza: domish.Element | bytes | str) -> None:
         """Write an element (in the jabber:client namespace) or serialised data."""
 
-    def stream_error(self, condition: str, text: str | None = None) -> None:
-        """Send a stream error (RFC 6120 §4.9) and close the connection."""
+    def stream_error(
+        self, condition: str, text: str | None = None, app_condition: domish.Element | None = None
+    ) -> None:
+        """Send a stream error (RFC 6120 §4.9), with an application-specific condition if
+        given, and close the connection."""
 
 
 @runtime_checkable
@@ -36,6 +39,10 @@ class BoundSession(Protocol):
 
     def stanza_received(self, stanza: domish.Element) -> None:
         """A stanza from the client, its 'from' stamped with the session's full JID."""
+
+    def send(self, stanza: domish.Element | bytes | str) -> None:
+        """A stanza to the client, sent the way the session sends its own: counted for stream
+        management (XEP-0198), held back from an inactive client (XEP-0352)."""
 
     def nonza_received(self, element: domish.Element) -> None:
         """A top-level element from the client that is not a stanza: XEP-0198 stream management
