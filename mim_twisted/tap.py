@@ -189,6 +189,7 @@ class ImCore:
     disco: DiscoService
     caps: CapsService
     registration: RegistrationService
+    blocking: BlockingService | None = None  # None when the module is off
 
     def install(self, factory: C2SFactory) -> None:
         """Offer the core's stream features and pre-authentication requests on a listener."""
@@ -257,6 +258,7 @@ def build_im_core(
     registration.install(router, disco)
     if config.modules.carbons:
         Carbons(sessions).install(router, messages, disco, hook_table)
+    blocking = None
     if config.modules.blocking:
         blocking = BlockingService(
             domains, database.block_lists, database.rosters, sessions, presence
@@ -274,7 +276,15 @@ def build_im_core(
     hook_table.add(hooks.SESSION_ENDED, caps_service.session_ended)
     add_extension_handlers(registry, router, disco)
     return ImCore(
-        sessions, hook_table, router, roster_service, presence, disco, caps_service, registration
+        sessions,
+        hook_table,
+        router,
+        roster_service,
+        presence,
+        disco,
+        caps_service,
+        registration,
+        blocking,
     )
 
 
@@ -380,6 +390,7 @@ def build_pubsub(
             broadcaster=broadcaster,
             limits=limits,
             relation=relation,
+            blocking=core.blocking,
         )
         pep.install(core.router, core.disco, core.hooks)
     return PubSub(pool, broadcaster, services, purge, pep, observers)

@@ -3,7 +3,9 @@ auto-create with the PEP defaults, publish-options, disco, +notify filtering, th
 presence, on caps learned later and on a new contact, and the pure rules behind them."""
 
 import dataclasses
+from unittest import mock
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -380,3 +382,96 @@ class NotificationTests(PepTestCase):
         self.ask(alice, publish("news", "one", to="pubsub.localhost"))
         self.clock.advance(0)
         self.assertEqual(len(self.notifications(bob)), 1)
+
+
+def block(jid: str) -> str:
+    return (
+        f"<iq type='set' id='b'><block xmlns='urn:xmpp:blocking'><item jid='{jid}'/></block></iq>"
+    )
+
+
+def subscribe_request(owner: str, node: str, jid: str) -> str:
+    return (
+        f"<iq type='set' id='s' to='{owner}'><pubsub xmlns='{NS_PUBSUB}'>"
+        f"<subscribe node='{node}' jid='{jid}'/></pubsub></iq>"
+    )
+
+
+class BlockingTests(PepTestCase):
+    """XEP-0191 holds for PEP both ways: a contact the owner blocked, or one that blocked the
+    owner, gets neither notifications (implicit or explicitly subscribed) nor last items."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.subscribe("bob", "alice")  # bob sees alice's presence ('from' on alice's roster)
+        self.subscribe("carol", "alice")
+
+    def test_a_contact_the_owner_blocked_gets_nothing(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        bob_desk = self.online("bob@localhost/desk")  # explicitly subscribed, no caps
+        carol = self.with_caps("carol@localhost/pc", NODE + "+notify")
+        self.ask(alice, publish(NODE, "one"))
+        answer = self.ask(bob_desk, subscribe_request("alice@localhost", NODE, "bob@localhost"))
+        self.assertEqual(answer["type"], "result")
+        self.assertEqual(self.ask(alice, block("bob@localhost"))["type"], "result")
+        self.forget()
+        self.ask(alice, publish(NODE, "two"))
+        self.clock.advance(0)
+        self.assertEqual(self.notifications(bob), [])
+        self.assertEqual(self.notifications(bob_desk), [])
+        self.assertEqual(
+            [event_items(n) for n in self.notifications(carol)],
+            [("alice@localhost", NODE, ["two"])],
+        )
+        # Nor its last item when it comes online, the owner offline (its list read from the
+        # store).
+        self.disconnect(alice)
+        laptop = self.with_caps("bob@localhost/laptop", NODE + "+notify")
+        self.assertEqual(self.notifications(laptop), [])
+
+    def test_a_contact_that_blocked_the_owner_gets_nothing(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        self.ask(alice, publish(NODE, "one"))
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        answer = self.ask(bob, subscribe_request("alice@localhost", NODE, "bob@localhost"))
+        self.assertEqual(answer["type"], "result")
+        self.assertEqual(self.ask(bob, block("alice@localhost"))["type"], "result")
+        self.forget()
+        self.ask(alice, publish(NODE, "two"))
+        self.clock.advance(0)
+        self.assertEqual(self.notifications(bob), [])
+        laptop = self.with_caps("bob@localhost/laptop", NODE + "+notify")
+        self.assertEqual(self.notifications(laptop), [])
+
+    def test_blocking_one_resource_spares_the_others(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        phone = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        laptop = self.with_caps("bob@localhost/laptop", NODE + "+notify")
+        self.assertEqual(self.ask(alice, block("bob@localhost/phone"))["type"], "result")
+        self.forget()
+        self.ask(alice, publish(NODE, "one"))
+        self.clock.advance(0)
+        self.assertEqual(self.notifications(phone), [])
+        self.assertEqual(len(self.notifications(laptop)), 1)
+
+
+class LastItemBookkeepingTests(PepTestCase):
+    def test_a_session_that_ends_while_its_roster_is_read_is_not_remembered(self) -> None:
+        self.subscribe("bob", "alice")
+        pep = self.pubsub.pep
+        rosters = pep.rosters
+        waiting = []
+
+        def held_roster(host: str, user: str):
+            reading = rosters.get_roster(host, user)
+            gate = defer.Deferred()
+            waiting.append(lambda: reading.chainDeferred(gate))
+            return gate
+
+        pep.rosters = mock.Mock(get_roster=held_roster)
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        self.assertEqual(len(waiting), 1)
+        self.disconnect(bob)
+        waiting.pop()()
+        self.assertEqual(pep._last_sent, {})

@@ -228,6 +228,11 @@ class BlockingService:
         theirs = self.lists.cached(contact) or frozenset()
         return blocks(own, contact) or blocks(theirs, user)
 
+    async def block_list(self, account: JID) -> frozenset[str]:
+        """The account's list, from memory or else from the store: for what is sent on an
+        account's behalf without passing the gate (PEP notifications and last items)."""
+        return await _known(self.lists.get(account))
+
     # -- the IQ handler -----------------------------------------------------------------------
 
     async def handle_iq(

@@ -14,7 +14,7 @@ name that has no account is logged without a traceback.
 """
 
 import secrets
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
@@ -72,6 +72,9 @@ class Fanout:
     notification: Notification
     recipients: list[Recipient]
     store_offline: bool = False  # keep it for bare JIDs with no available resource
+    # Whom it must not reach (XEP-0191 blocking, PEP): asked of each recipient as subscribed
+    # and of each of its sessions.
+    blocked: Callable[[JID], bool] | None = None
 
 
 class Broadcaster:
@@ -178,6 +181,8 @@ class Broadcaster:
             jid = parse_jid(recipient.jid)
         except (InvalidFormat, UnicodeError):
             return
+        if fanout.blocked is not None and fanout.blocked(jid):
+            return
         notification = fanout.notification
         if recipient.subids:
             notification = _with_subids(notification, recipient.subids)
@@ -195,7 +200,8 @@ class Broadcaster:
         if recipient.show_values is not None:
             sessions = [s for s in sessions if _show(s) in recipient.show_values]
         for session in sessions:
-            session.send(notification.to(recipient.jid))
+            if fanout.blocked is None or not fanout.blocked(session.jid):
+                session.send(notification.to(recipient.jid))
         if not sessions and fanout.store_offline and self._has_offline_storage(jid):
             message = notification.element
             message["to"] = jid.full()

@@ -12,22 +12,26 @@ contacts with a `from`/`both` presence subscription whose entity caps ask for `<
 each held to the node's access model. The last item goes to such a resource once per
 availability: when its available presence arrives with known caps, when its caps become known
 later, and when a contact's presence subscription is approved, with an XEP-0203 delay.
+
+Blocking (XEP-0191) holds both ways, as for messages: neither notifications nor last items go
+to a contact the owner has blocked, or to one that has blocked the owner, subscribed or not.
 """
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.words.protocols.jabber.jid import JID
+from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 from wokkel.disco import DiscoItem
 from wokkel.pubsub import NS_PUBSUB, NS_PUBSUB_OWNER
 
 from mim_twisted import hooks
+from mim_twisted.im.blocking import BlockingService, blocks
 from mim_twisted.im.caps import CapsService
 from mim_twisted.im.disco import DiscoService
 from mim_twisted.im.locks import KeyedLock
@@ -147,6 +151,7 @@ class PepService:
         broadcaster: Broadcaster,
         limits: ServiceLimits,
         relation: core.RelationCallback,
+        blocking: BlockingService | None = None,
     ) -> None:
         self.domains = domains
         self.store = store
@@ -157,6 +162,7 @@ class PepService:
         self.broadcaster = broadcaster
         self.limits = limits
         self.relation = relation
+        self.blocking = blocking
         # Account -> its request handler, the least recently used dropped beyond
         # MAX_SERVICES: any JID on a served domain can be asked, an account or not.
         self._components: OrderedDict[str, PubSubComponent] = OrderedDict()
@@ -238,7 +244,50 @@ class PepService:
             if fanout is None:
                 return None
             implicit = await self._implicit_recipients(event, fanout.recipients)
-            return replace(fanout, recipients=fanout.recipients + implicit)
+            recipients = fanout.recipients + implicit
+            blocked = await self._blocked_check(
+                event.service, [r.jid for r in recipients], fanout.store_offline
+            )
+            return replace(fanout, recipients=recipients, blocked=blocked)
+
+    async def _blocked_check(
+        self, owner: str, recipients: Iterable[str], store_offline: bool
+    ) -> Callable[[JID], bool] | None:
+        """Whom the owner's notification must not reach, blocked one way or the other; None
+        when no list in play blocks anything. The lists read are the owner's and those of the
+        local recipients it may reach: with sessions here, or any when kept offline."""
+        if self.blocking is None:
+            return None
+        owner_jid = parse_jid(owner)
+        owner_list = await self.blocking.block_list(owner_jid)
+        lists: dict[str, frozenset[str]] = {}
+        for recipient in recipients:
+            try:
+                account = parse_jid(recipient).userhostJID()
+            except (InvalidFormat, UnicodeError):
+                continue
+            key = account.userhost()
+            if account.user is None or account.host not in self.domains or key in lists:
+                continue
+            if store_offline or self.sessions.sessions_of(account):
+                lists[key] = await self.blocking.block_list(account)
+        if not owner_list and not any(lists.values()):
+            return None
+
+        def blocked(jid: JID) -> bool:
+            if jid.userhost() == owner:
+                return False  # the owner's own resources: never blocked
+            theirs = lists.get(jid.userhost(), frozenset())
+            return blocks(owner_list, jid) or blocks(theirs, owner_jid)
+
+        return blocked
+
+    async def _blocked(self, owner: str, recipient: JID) -> bool:
+        """Whether the owner's items must not reach ``recipient`` (a session's full JID)."""
+        if self.blocking is None or recipient.userhost() == owner:
+            return False
+        check = await self._blocked_check(owner, [recipient.full()], False)
+        return check is not None and check(recipient)
 
     async def _implicit_recipients(
         self, event: core.NodeEvent, explicit: list[Recipient]
@@ -339,6 +388,9 @@ class PepService:
             )
         else:
             owners = [only_owner]
+        if self.sessions.session(session.jid) is not session or session.message_priority is None:
+            # Ended or unavailable meanwhile: an entry made now would never be removed.
+            return
         sent = self._last_sent.setdefault(session, set())
         for owner in owners:
             service = self.service(owner)
@@ -348,6 +400,8 @@ class PepService:
                 # Marked before the reads, so that a second trigger meanwhile skips it.
                 sent.add((owner, node))
                 item = await service.last_published(session.jid.full(), node)
+                if item is not None and await self._blocked(owner, session.jid):
+                    item = None  # as if not allowed
                 if item is None or session.closed:
                     sent.discard((owner, node))  # nothing yet, or not allowed: not sent
                 else:
