@@ -67,6 +67,14 @@ def describe_address(address: object) -> str:
     return str(address)
 
 
+def ip_address_of(address: object) -> str | None:
+    """A peer's IP address, None for a peer that has none (a UNIX socket's clients are all
+    alike): limits kept per address apply only to peers with one."""
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host
+    return None
+
+
 class ClientListener(service.Service):
     """Listens on one endpoint with a factory made when the service starts (once the IM core
     it hands sessions to exists); stopping stops listening and leaves open connections alone.

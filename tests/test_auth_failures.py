@@ -6,7 +6,7 @@ import re
 import xml.etree.ElementTree as ET
 
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, formatEvent
@@ -100,15 +100,17 @@ class AuthFailureBudgetStreamTests(unittest.TestCase):
     def collect_log(self, event: dict) -> None:
         self.logged.append(formatEvent(event))
 
-    def attempt(self, user: str, password: str, host: str = "192.0.2.1") -> str:
+    def attempt(self, user: str, password: str, host: str | None = "192.0.2.1") -> str:
         """Log in on a new connection from ``host``; the SASL answer as a qualified name, with
         the condition for a failure: "{ns}success" or "{ns}failure/{ns}not-authorized"."""
         transport = self.send_auth(user, password, host)
         return self.answer(transport)
 
-    def send_auth(self, user: str, password: str, host: str) -> StringTransport:
+    def send_auth(self, user: str, password: str, host: str | None) -> StringTransport:
+        """None: from a UNIX socket's client."""
         stream = self.factory.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        peer = UNIXAddress(None) if host is None else IPv4Address("TCP", host, 40000)
+        transport = StringTransport(peerAddress=peer)
         stream.makeConnection(transport)
         stream.dataReceived(HEADER)
         transport.clear()
@@ -120,6 +122,18 @@ class AuthFailureBudgetStreamTests(unittest.TestCase):
         if answer.tag == f"{{{SASL}}}failure":
             return f"{answer.tag}/{answer[0].tag}"
         return answer.tag
+
+    def test_unix_socket_clients_share_no_address_budget(self) -> None:
+        not_authorized = f"{{{SASL}}}failure/{{{SASL}}}not-authorized"
+        for user in ("bob", "carol", "dave", "erin", "frank", "bob"):
+            self.assertEqual(self.attempt(user, "wrong", None), not_authorized)
+        self.assertEqual(self.attempt("alice", "secret", None), f"{{{SASL}}}success")
+        # The account budget (3) still counts their failures.
+        self.assertEqual(self.attempt("bob", "wrong", None), not_authorized)
+        self.assertEqual(
+            self.attempt("bob", "secret", None),
+            f"{{{SASL}}}failure/{{{SASL}}}temporary-auth-failure",
+        )
 
     def test_failures_over_several_connections_spend_the_address_budget(self) -> None:
         # Other accounts' budgets (3) are not spent: this is the address's (4).

@@ -129,6 +129,17 @@ class AuthFailureBudgetTests(unittest.TestCase):
         self.assertIsNotNone(budget.refusal("198.51.100.60", ALICE, 60.0))
         self.assertIsNone(budget.refusal("192.0.2.1", ALICE, 60.0))
 
+    def test_a_peer_without_an_ip_address_has_only_the_account_budget(self) -> None:
+        budget = self.budget()
+        # A UNIX socket's clients: no address budget, one guesser locks no one else out.
+        for account in (None, BOB, "carol@localhost", "dave@localhost"):
+            self.fail_logins(budget, 3, None, account)
+        self.assertIsNone(budget.refusal(None, ALICE, 0.0))
+        # The account budget still holds them back, together.
+        self.fail_logins(budget, 5, None, ALICE)
+        self.assertIn("account", budget.refusal(None, ALICE, 0.0))
+        self.assertIsNone(budget.refusal("192.0.2.1", ALICE, 0.0))
+
     def test_budgets_of_zero_are_off(self) -> None:
         budget = self.budget(address_failures=0, account_failures=0)
         for _ in range(100):

@@ -2,7 +2,7 @@
 
 import base64
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -436,6 +436,15 @@ class UnboundPerAddressTests(StreamTestCase):
         self.assertStreamError(refused, "policy-violation")
         _, other = self.connect_from("192.0.2.2")
         self.assertFalse(other.disconnecting)
+
+    def test_unix_socket_clients_are_not_limited_per_address(self) -> None:
+        # They all have the same (empty) address: counting them together would let one client
+        # shut the others out.
+        for _ in range(3):
+            stream = self.factory.buildProtocol(None)
+            transport = StringTransport(peerAddress=UNIXAddress(None))
+            stream.makeConnection(transport)
+            self.assertFalse(transport.disconnecting)
 
     def test_bound_and_closed_connections_free_their_place(self) -> None:
         first, _ = self.connect_from("127.0.0.1")

@@ -7,7 +7,8 @@ guesser simply opens new connections. These budgets remember failures across con
   continuously, in full over ``window`` seconds. While it is spent, every password attempt from
   that address is refused with temporary-auth-failure, before any password is checked. IPv6
   addresses count per /64, the smallest network a host is usually given, so that one host
-  cannot walk through its own addresses.
+  cannot walk through its own addresses. A peer with no IP address (a UNIX socket's client)
+  has no address budget: its clients are all alike, and one guesser would lock out the rest.
 - Per account. Each account may see ``account_failures`` failures (from anywhere) in a burst,
   refilled the same way. While that budget is spent, the account is under attack, and an
   address that has itself failed on this account within the last ``window`` seconds is refused
@@ -106,8 +107,9 @@ class DrainingCounts:
 
 class AuthFailureBudget:
     """The failure budgets of one server, shared by all its listeners. ``address`` is the
-    peer's host as the transport gives it; ``account`` the bare JID tried (None when the
-    attempt never named a valid one)."""
+    peer's IP address (None for a peer with none, which only the account budget limits; such
+    peers count as one address for it); ``account`` the bare JID tried (None when the attempt
+    never named a valid one)."""
 
     def __init__(self, settings: FailureBudgetSettings = FailureBudgetSettings()) -> None:
         self.settings = settings
@@ -118,14 +120,14 @@ class AuthFailureBudget:
             settings.account_failures, settings.window, settings.max_tracked
         )
         # (account, address key) -> time of its last failure, oldest first.
-        self._pairs: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._pairs: OrderedDict[tuple[str, str | None], float] = OrderedDict()
 
-    def refusal(self, address: str, account: str | None, now: float) -> str | None:
+    def refusal(self, address: str | None, account: str | None, now: float) -> str | None:
         """Why an attempt from ``address`` on ``account`` is refused at ``now``; None when it
         may go on. Called before the attempt (``account`` may be unknown yet) and again once
         its outcome is known."""
-        where = address_key(address)
-        if self._addresses.spent(where, now):
+        where = None if address is None else address_key(address)
+        if where is not None and self._addresses.spent(where, now):
             return "too many failed logins from this address"
         if account is not None and self._accounts.spent(account, now):
             last_failure = self._pairs.get((account, where))
@@ -133,10 +135,11 @@ class AuthFailureBudget:
                 return "too many failed logins on this account, this address among them"
         return None
 
-    def record_failure(self, address: str, account: str | None, now: float) -> None:
+    def record_failure(self, address: str | None, account: str | None, now: float) -> None:
         """A wrong password (or an unknown account) from ``address``."""
-        where = address_key(address)
-        self._addresses.add_failure(where, now)
+        where = None if address is None else address_key(address)
+        if where is not None:
+            self._addresses.add_failure(where, now)
         if account is None or self._accounts.capacity <= 0:
             return
         self._accounts.add_failure(account, now)

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from mim_twisted.auth.certs import CertificateIdentities, ExternalSettings, certificate_identities
 from mim_twisted.auth.scram import DEFAULT_ITERATIONS
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
-from mim_twisted.listeners import describe_address
+from mim_twisted.listeners import describe_address, ip_address_of
 from mim_twisted.xmpp import bind, namespaces, traffic
 from mim_twisted.xmpp.connection import BoundSession, SessionOpener
 from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
@@ -574,8 +574,8 @@ class C2SFactory(protocol.ServerFactory):
         self.bound_features: list[domish.Element] = []
         self.secure_preauth_features: list[domish.Element] = []
         self.streams: set[C2SStream] = set()
-        self._unbound: Counter[str | None] = Counter()
-        self._unbound_hosts: dict[C2SStream, str | None] = {}
+        self._unbound: Counter[str] = Counter()
+        self._unbound_hosts: dict[C2SStream, str] = {}
         self.preauth_iq: dict[tuple[str, str], Callable] = {}
         # Counted here, read by the metrics and the admin socket.
         self.stanzas_in: Counter[str] = Counter()
@@ -587,10 +587,13 @@ class C2SFactory(protocol.ServerFactory):
         return C2SStream(self)
 
     # Connections not yet bound cost memory before anyone has proved who they are: each peer
-    # address may hold only `settings.max_unbound_per_address` of them at a time.
+    # address may hold only `settings.max_unbound_per_address` of them at a time. Peers with no
+    # IP address (a UNIX socket's) are not counted: one would hold the place of all the others.
 
     def admit_unbound(self, stream: C2SStream) -> bool:
-        host = getattr(stream.peer, "host", None)
+        host = ip_address_of(stream.peer)
+        if host is None:
+            return True
         if self._unbound[host] >= self.settings.max_unbound_per_address:
             return False
         self._unbound[host] += 1

@@ -7,7 +7,8 @@ and throttles failures: each failed attempt is answered after a delay that doubl
 
 Across connections, wrong passwords count against the server's failure budgets
 (`mim_twisted.auth.throttle`): an address or (account, address) whose budget is spent is
-answered <temporary-auth-failure/>, whatever the password, so the refusal is no oracle. Every
+answered <temporary-auth-failure/>, whatever the password, so the refusal is no oracle. A peer
+with no IP address (on a UNIX socket) has no address budget: only the account's counts. Every
 failure is logged on one line that fail2ban can match:
 ``SASL authentication failed for user alice@localhost from 192.0.2.1: not-authorized (...)``.
 """
@@ -22,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.words.xish import domish
 
 from mim_twisted.auth.errors import SaslError
+from mim_twisted.listeners import ip_address_of
 from mim_twisted.storage.interfaces import log_request_failure
 from mim_twisted.xmpp import namespaces
 from mim_twisted.xmpp.sasl.mechanism import Challenge, SaslContext, Success
@@ -190,7 +192,7 @@ class SaslNegotiation:
                     error = refused
                 else:
                     self.stream.factory.auth_failures.record_failure(
-                        self._address(), account, self.stream.factory.clock.seconds()
+                        ip_address_of(self._peer()), account, self.stream.factory.clock.seconds()
                     )
             self._failed(error)
             return
@@ -201,14 +203,17 @@ class SaslNegotiation:
         """temporary-auth-failure if a failure budget refuses an attempt on ``account`` (a
         bare JID, None when not known yet) from this stream's address now."""
         refusal = self.stream.factory.auth_failures.refusal(
-            self._address(), account, self.stream.factory.clock.seconds()
+            ip_address_of(self._peer()), account, self.stream.factory.clock.seconds()
         )
         if refusal is not None:
             raise SaslError("temporary-auth-failure", f"Try again later: {refusal}")
 
+    def _peer(self) -> object:
+        return getattr(self.stream, "peer", None)
+
     def _address(self) -> str:
-        peer = getattr(self.stream, "peer", None)
-        return str(getattr(peer, "host", "?"))
+        """The peer's address for the log line."""
+        return str(getattr(self._peer(), "host", "?"))
 
     def _failed(self, error: SaslError, mechanism: object = None) -> None:
         mechanism = mechanism or self._mechanism
