@@ -914,6 +914,33 @@ class AccessModelTests(Base):
         await self.fails(self.pubsub.subscribe(BOB, "news", BOB), "forbidden")
         await self.fails(self.pubsub.items(BOB, "news"), "forbidden")
 
+    async def test_a_stricter_access_model_cancels_what_it_no_longer_admits(self) -> None:
+        await self.node()
+        await self.affiliate("news", CAROL, "member")
+        await self.pubsub.subscribe(BOB, "news", BOB)
+        await self.pubsub.subscribe(CAROL, "news", CAROL)
+        await self.pubsub.configure(ALICE, "news", {"pubsub#access_model": "whitelist"})
+        subscribers = [s.jid for s in await self.pubsub.get_subscriptions(ALICE, "news")]
+        self.assertEqual(subscribers, [CAROL])  # the member stays
+        dropped, configured = self.events[-2:]
+        self.assertIsInstance(dropped, SubscriptionChanged)
+        self.assertEqual((dropped.subscription.jid, dropped.subscription.state), (BOB, "none"))
+        # The configuration is notified after, to whom stays subscribed.
+        self.assertIsInstance(configured, NodeConfigured)
+        self.assertEqual([s.jid for s in configured.subscriptions], [CAROL])
+
+    async def test_fewer_roster_groups_cancel_what_they_no_longer_admit(self) -> None:
+        await self.node(access_model="roster", roster_groups_allowed=["friends", "family"])
+        self.relations["alice@localhost", "bob@localhost"] = Relation(groups=frozenset({"family"}))
+        self.relations["alice@localhost", "carol@localhost"] = Relation(
+            groups=frozenset({"friends"})
+        )
+        await self.pubsub.subscribe(BOB, "news", BOB)
+        await self.pubsub.subscribe(CAROL, "news", CAROL)
+        await self.pubsub.configure(ALICE, "news", {"pubsub#roster_groups_allowed": ["friends"]})
+        subscribers = [s.jid for s in await self.pubsub.get_subscriptions(ALICE, "news")]
+        self.assertEqual(subscribers, [CAROL])
+
     async def test_recheck_access(self) -> None:
         await self.node("friends", access_model="presence")
         await self.node("open")

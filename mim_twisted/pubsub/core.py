@@ -221,6 +221,10 @@ class _NodeState:
         return tuple(jid for jid, aff in self.affiliations.items() if aff == "owner")
 
 
+# The configuration fields that decide who may subscribe.
+_ACCESS_FIELDS = ("pubsub#access_model", "pubsub#roster_groups_allowed")
+
+
 def _new_id() -> str:
     # Random, so ids reveal nothing and need no coordination between processes.
     return uuid.uuid4().hex
@@ -447,10 +451,17 @@ class PubSubService:
     async def configure(
         self, actor: str, node: str | None, changes: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Apply a submitted configuration form; the new configuration."""
+        """Apply a submitted configuration form; the new configuration. Subscriptions that a
+        stricter access model no longer admits are cancelled (before the configuration is
+        notified), as after a change of affiliation."""
         state = await self._authorized(actor, node, "configure")
         config = validate_config(changes, state.config, self.limits)
         await self.store.set_node_config(self.service_key, state.name, config)
+        if any(config.get(field) != state.config.get(field) for field in _ACCESS_FIELDS):
+            configured = _NodeState(replace(state.node, config=config), state.affiliations)
+            subscribers = {bare_jid(sub.jid) for sub in await self._node_subscriptions(state.name)}
+            for jid in sorted(subscribers):
+                await self._drop_disallowed_subscriptions(configured, jid)
         await self._node_event(NodeConfigured, state.name, config, config["pubsub#notify_config"])
         return config
 
