@@ -58,16 +58,45 @@ class ClientStateTests(unittest.TestCase):
         )
         self.assertEqual(state.release(), [])
 
-    def test_latest_pep_notification_per_publisher_and_node(self) -> None:
+    def test_latest_pep_notification_per_publisher_node_and_item(self) -> None:
         state = self.inactive()
         for owner, node, item in (
-            ("bob@localhost", "urn:xmpp:avatar:metadata", "1"),
-            ("bob@localhost", "http://jabber.org/protocol/tune", "2"),
-            ("bob@localhost", "urn:xmpp:avatar:metadata", "3"),
+            ("bob@localhost", "urn:xmpp:avatar:metadata", "current"),
+            ("bob@localhost", "http://jabber.org/protocol/tune", "current"),
+            ("bob@localhost", "urn:xmpp:avatar:metadata", "current"),
+            ("carol@localhost", "urn:xmpp:avatar:metadata", "current"),
         ):
             self.assertIs(state.hold(PEP_EVENT.format(owner=owner, node=node, item=item)), True)
-        items = [parse(s).event.items.item["id"] for s in state.release()]
-        self.assertEqual(items, ["2", "3"])
+        held = [parse(s) for s in state.release()]
+        self.assertEqual(
+            [(s["from"], s.event.items["node"]) for s in held],
+            [
+                ("bob@localhost", "http://jabber.org/protocol/tune"),
+                ("bob@localhost", "urn:xmpp:avatar:metadata"),
+                ("carol@localhost", "urn:xmpp:avatar:metadata"),
+            ],
+        )
+
+    def test_each_item_of_a_multi_item_node_and_every_retraction_kept(self) -> None:
+        state = self.inactive()
+        bookmarks = "urn:xmpp:bookmarks:1"
+        retract = PEP_EVENT.replace("<item id='{item}'/>", "<retract id='{item}'/>")
+        for stanza in (
+            PEP_EVENT.format(owner="bob@localhost", node=bookmarks, item="room1"),
+            PEP_EVENT.format(owner="bob@localhost", node=bookmarks, item="room2"),
+            retract.format(owner="bob@localhost", node=bookmarks, item="room1"),
+            retract.format(owner="bob@localhost", node=bookmarks, item="room2"),
+            PEP_EVENT.format(owner="bob@localhost", node=bookmarks, item="room1"),
+        ):
+            self.assertIs(state.hold(stanza), True)
+        events = []
+        for stanza in state.release():
+            [entry] = parse(stanza).event.items.elements()
+            events.append((entry.name, entry["id"]))
+        self.assertEqual(
+            events,
+            [("item", "room2"), ("retract", "room1"), ("retract", "room2"), ("item", "room1")],
+        )
 
     def test_messages_and_requests_go_at_once(self) -> None:
         state = self.inactive()
