@@ -236,6 +236,7 @@ def build_im_core(
             StreamManagementSettings(
                 resume_timeout=config.stream_management.resume_timeout,
                 max_unacked=config.stream_management.max_unacked,
+                max_unacked_bytes=config.limits.max_outgoing_buffer,
             ),
             sessions,
             messages,

@@ -76,7 +76,8 @@ class StreamManagementTestCase(StreamTestCase):
             resume_timeout=self.resume_timeout,
             max_unacked=self.max_unacked,
         )
-        return dataclasses.replace(config, stream_management=options)
+        limits = dataclasses.replace(config.limits, max_outgoing_buffer=65536)
+        return dataclasses.replace(config, stream_management=options, limits=limits)
 
     def authenticate(self, user: str) -> tuple:
         stream, transport = self.connect()
@@ -234,6 +235,18 @@ class AckTests(StreamManagementTestCase):
         alice.connectionLost()
         # Its presence was already acknowledged by nobody: the four messages go offline.
         self.assertEqual(self.offline_bodies("alice"), ["0", "1", "2", "3"])
+
+    def test_too_many_unacked_bytes_end_the_session(self) -> None:
+        alice, _ = self.online("alice", "home")
+        bob, bob_out = self.online("bob", "desk")
+        self.drop(alice)
+        for n in range(16):  # 17 of about 3.9 kB each: over the 64 kB budget, far under 1000
+            bob.dataReceived(chat("alice@localhost/home", f"{n} " + "x" * 3800))
+            self.assertIsNotNone(self.sessions.session(JID("alice@localhost/home")))
+        bob.dataReceived(chat("alice@localhost/home", "16 " + "x" * 3800))
+        self.assertIsNone(self.sessions.session(JID("alice@localhost/home")))
+        bodies = [body.split()[0] for body in self.offline_bodies("alice")]
+        self.assertEqual(bodies, [str(n) for n in range(17)])
 
 
 class ResumptionTests(StreamManagementTestCase):

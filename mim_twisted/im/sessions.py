@@ -93,6 +93,11 @@ class Session:
 
     def _write(self, stanza: domish.Element | bytes | str) -> None:
         counted = self.ledger is not None and not self.closed
+        if counted and not isinstance(stanza, bytes):
+            # Kept serialised: serialised once, and the ledger's budget is in bytes.
+            if isinstance(stanza, domish.Element):
+                stanza = stanza.toXml(defaultUri="jabber:client")
+            stanza = stanza.encode("utf-8")
         if self.connection is not None:
             self.connection.send(stanza)
         if counted:

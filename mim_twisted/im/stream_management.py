@@ -49,6 +49,7 @@ Stanza = domish.Element | bytes | str
 class StreamManagementSettings:
     resume_timeout: float = 300.0  # seconds a detached session waits for its client
     max_unacked: int = 1000  # stanzas a session may hold unacknowledged
+    max_unacked_bytes: int = 4194304  # and their size, serialised
 
 
 class HandledCountTooHigh(Exception):
@@ -68,6 +69,7 @@ class StanzaLedger:
         self.handled = 0  # stanzas from the client, modulo 2^32 (our h)
         self.sent = 0  # stanzas to the client, modulo 2^32
         self.unacked: deque[Stanza] = deque()
+        self.unacked_bytes = 0  # their size, serialised: what they hold in memory
 
     def stanza_handled(self) -> None:
         self.handled = (self.handled + 1) % SEQUENCE_MODULUS
@@ -75,6 +77,7 @@ class StanzaLedger:
     def stanza_sent(self, stanza: Stanza) -> None:
         self.sent = (self.sent + 1) % SEQUENCE_MODULUS
         self.unacked.append(stanza)
+        self.unacked_bytes += stanza_size(stanza)
 
     def acknowledge(self, h: int) -> None:
         """The client has handled `h` stanzas in all: forget those up to there."""
@@ -83,12 +86,20 @@ class StanzaLedger:
         if newly > len(self.unacked):
             raise HandledCountTooHigh(h, self.sent)
         for _ in range(newly):
-            self.unacked.popleft()
+            self.unacked_bytes -= stanza_size(self.unacked.popleft())
 
     def take_unacked(self) -> list[Stanza]:
         unacked = list(self.unacked)
         self.unacked.clear()
+        self.unacked_bytes = 0
         return unacked
+
+
+def stanza_size(stanza: Stanza) -> int:
+    """Bytes or characters; a session serialises what it keeps, so an element is rare here."""
+    if isinstance(stanza, domish.Element):
+        return len(stanza.toXml(defaultUri="jabber:client"))
+    return len(stanza)
 
 
 def sm_element(name: str, **attributes: str) -> domish.Element:
@@ -209,11 +220,16 @@ class StreamManagement:
         """A stanza went to the session (or, detached, waits for it): it is now unacknowledged."""
         ledger = session.ledger
         ledger.stanza_sent(stanza)
-        if len(ledger.unacked) > self.settings.max_unacked:
+        if (
+            len(ledger.unacked) > self.settings.max_unacked
+            or ledger.unacked_bytes > self.settings.max_unacked_bytes
+        ):
             log.info(
-                "{jid}: more than {limit} stanzas unacknowledged, ending the session",
+                "{jid}: more than {limit} stanzas or {size} bytes unacknowledged, ending the "
+                "session",
                 jid=session.jid.full(),
                 limit=self.settings.max_unacked,
+                size=self.settings.max_unacked_bytes,
             )
             # XEP-0198 leaves the policy to the server; a full queue is a resource we ran out of.
             session.stream_error("resource-constraint", "Too many unacknowledged stanzas")
