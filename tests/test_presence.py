@@ -713,6 +713,22 @@ class QueueTests(HeldRostersTestCase):
         self.assertEqual(len(presences(self.bob.take())), 1)
         self.successResultOf(self.presence.idle())
 
+    def test_live_messages_held_for_a_dropped_presence_are_kept(self) -> None:
+        self.patch(presence_module, "log", Logger(observer=lambda event: None))
+        desk = self.connect("alice@localhost/desk")
+        self.send(desk, presence_xml("subscribe", "carol@localhost"))  # waits for the roster
+        self.send(desk, "<presence/>")  # behind it: live messages for desk wait on it
+        self.send(
+            self.bob, "<message to='alice@localhost/desk' type='chat'><body>live</body></message>"
+        )
+        self.assertEqual(desk.take(), [])
+        self.disconnect(desk)  # as the stop closes every connection
+        idle = self.presence.idle(timeout=10)
+        self.clock.advance(10)
+        self.successResultOf(idle)
+        [kept] = self.successResultOf(self.database.offline.pop_all("localhost", "alice"))
+        self.assertEqual(str(parse(kept.stanza).body), "live")
+
     def stopped_im_core(self) -> defer.Deferred:
         """Stop the IM core's service, as the server's stop does, over this test's core."""
         im = ImCoreService(self.config, None, self.clock)

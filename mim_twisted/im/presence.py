@@ -161,8 +161,10 @@ class PresenceService:
     def idle(self, timeout: float | None = None) -> defer.Deferred:
         """Fires (with None) once no presence work is queued or under way, failed work included.
 
-        With a timeout, it fires after that many seconds on the clock at the latest: the work
-        still waiting then is dropped and logged, and the work under way is left to end alone.
+        With a timeout, it fires after that many seconds on the clock (twice that at the latest,
+        if storing held messages takes as long): the work still waiting then is dropped and
+        logged, the live messages held for a dropped available presence are let go (`_abandon`),
+        and the work under way is left to end alone.
         """
         if not self._queues:
             return defer.succeed(None)
@@ -207,10 +209,19 @@ class PresenceService:
                 for waiter in waiters:
                     waiter.callback(None)
 
-    def _abandon(self, result: object, timeout: float) -> None:
-        """idle() timed out: drop what still waits, and say what that was."""
+    def _abandon(self, result: object, timeout: float) -> defer.Deferred:
+        """idle() timed out: drop what still waits, and say what that was.
+
+        A dropped available presence still lets go of the live messages held for it (sent, or
+        kept offline for a session that has closed): they were accepted, and the returned
+        Deferred, which idle() waits for, fires once they are stored.
+        """
         dropped = {session.jid.full(): len(queue) for session, queue in self._queues.items()}
+        releases = []
         for queue in self._queues.values():
+            for work, args in queue:
+                if work == self._handle and args[2]:  # (session, presence, offline_due)
+                    releases.append(self._release_held(args[0]))
             queue.clear()
         log.warn(
             "Presence work unfinished after {timeout}s: {busy} sessions still busy; dropped"
@@ -220,6 +231,19 @@ class PresenceService:
             count=sum(dropped.values()),
             dropped=", ".join(f"{jid}: {count}" for jid, count in sorted(dropped.items())),
         )
+        released = defer.DeferredList(releases)
+        # Bounded too: the database may be what is stuck.
+        released.addTimeout(timeout, self.clock, onTimeoutCancel=lambda result, timeout: None)
+        return released.addCallback(lambda _: None)
+
+    def _release_held(self, session: Session) -> defer.Deferred:
+        releasing = defer.ensureDeferred(self.offline.release(session))
+        releasing.addErrback(
+            lambda failure: log_request_failure(
+                log, failure, "keeping the held messages of {jid}", jid=session.jid.full()
+            )
+        )
+        return releasing
 
     def _gone(self, session: Session) -> bool:
         """The session was unbound or replaced: what it sent is no longer to be acted on."""
