@@ -41,6 +41,7 @@ class FakeSession:
         self.holds = 0
         self.carbons = False
         self.block_list_requested = False
+        self.ledger = None  # no stream management (XEP-0198)
         self.sent: list[domish.Element] = []
         self.stream_errors: list[str] = []
         self.closed = False  # as on C2SStream: once closed, nothing more is sent

@@ -15,6 +15,7 @@ from mim_twisted.config import Config, load_config
 from mim_twisted.im.stream_management import (
     ACK_REQUEST_AFTER,
     ACK_REQUEST_DELAY,
+    OVERFLOW_GRACE,
     HandledCountTooHigh,
     StanzaLedger,
 )
@@ -230,6 +231,9 @@ class AckTests(StreamManagementTestCase):
         self.clock.advance(ACK_REQUEST_DELAY)
         for n in range(4):
             bob.dataReceived(chat("alice@localhost/home", str(n)))
+        self.clock.advance(OVERFLOW_GRACE - 1)
+        self.assertIsNone(parse_server_output(alice_out.value()).stream_error())
+        self.clock.advance(1)
         output = parse_server_output(alice_out.value())
         self.assertEqual(output.stream_error(), "resource-constraint")
         alice.connectionLost()
@@ -244,9 +248,69 @@ class AckTests(StreamManagementTestCase):
             bob.dataReceived(chat("alice@localhost/home", f"{n} " + "x" * 3800))
             self.assertIsNotNone(self.sessions.session(JID("alice@localhost/home")))
         bob.dataReceived(chat("alice@localhost/home", "16 " + "x" * 3800))
+        self.clock.advance(0)  # no one to ask for an acknowledgement: at once
         self.assertIsNone(self.sessions.session(JID("alice@localhost/home")))
         bodies = [body.split()[0] for body in self.offline_bodies("alice")]
         self.assertEqual(bodies, [str(n) for n in range(17)])
+
+
+class LoginBurstTests(StreamManagementTestCase):
+    """Presence and offline messages sent in one go at login, before the client could ack."""
+
+    max_unacked = 3
+
+    def login_with_offline_messages(self, count: int) -> tuple:
+        bob, _ = self.online("bob", "desk")
+        for n in range(count):
+            bob.dataReceived(chat("alice@localhost", str(n)))
+        enable = f"<enable xmlns='{SM}' resume='true'/>".encode()
+        alice, alice_out = self.bind("alice", "home", enable=enable)
+        alice.dataReceived(b"<presence/>")
+        self.successResultOf(self.core.presence.idle())
+        return alice, alice_out
+
+    def test_a_burst_over_the_limit_is_not_the_end_if_the_client_acks(self) -> None:
+        alice, alice_out = self.login_with_offline_messages(5)
+        elements = self.elements(alice_out)
+        bodies = [e.findtext(CLIENT + "body") for e in elements if e.tag == CLIENT + "message"]
+        self.assertEqual(bodies, ["0", "1", "2", "3", "4"])
+        self.assertIn(sm("r"), [e.tag for e in elements])
+        self.clock.advance(OVERFLOW_GRACE - 1)
+        self.acknowledge_all(alice)
+        self.clock.advance(OVERFLOW_GRACE)
+        self.assertIsNone(parse_server_output(alice_out.value()).stream_error())
+        self.assertIs(self.sessions.session(JID("alice@localhost/home")), alice.session)
+
+    def test_a_burst_never_acked_is_stored_once_in_order(self) -> None:
+        alice, alice_out = self.login_with_offline_messages(5)
+        self.clock.advance(OVERFLOW_GRACE)
+        output = parse_server_output(alice_out.value())
+        self.assertEqual(output.stream_error(), "resource-constraint")
+        alice.connectionLost()
+        stored = self.successResultOf(self.database.offline.pop_all("localhost", "alice"))
+        messages = [parse_server_output(record.stanza.encode()).elements[0] for record in stored]
+        bodies = [message.findtext(CLIENT + "body") for message in messages]
+        self.assertEqual(bodies, ["0", "1", "2", "3", "4"])
+        for message in messages:
+            self.assertEqual(len(message.findall("{urn:xmpp:delay}delay")), 1)
+
+    def test_a_detached_session_over_the_limit_during_delivery_stores_each_once(self) -> None:
+        bob, _ = self.online("bob", "desk")
+        for n in range(5):
+            bob.dataReceived(chat("alice@localhost", str(n)))
+        enable = f"<enable xmlns='{SM}' resume='true'/>".encode()
+        alice, _ = self.bind("alice", "home", enable=enable)
+        pop_all = self.database.offline.pop_all
+        reading = defer.Deferred()
+        self.patch(self.database.offline, "pop_all", lambda *args: reading)
+        alice.dataReceived(b"<presence/>")
+        self.drop(alice)  # while the store is read
+        self.patch(self.database.offline, "pop_all", pop_all)
+        reading.callback(self.successResultOf(pop_all("localhost", "alice")))
+        self.clock.advance(0)
+        self.successResultOf(self.core.presence.idle())
+        self.assertIsNone(self.sessions.session(JID("alice@localhost/home")))
+        self.assertEqual(self.offline_bodies("alice"), ["0", "1", "2", "3", "4"])
 
 
 class ResumptionTests(StreamManagementTestCase):

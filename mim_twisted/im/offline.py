@@ -32,6 +32,19 @@ def delay_stamp(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _stamped_by(message: domish.Element, domain: str) -> bool:
+    return any(
+        child.name == "delay" and child.uri == NS_DELAY and child.getAttribute("from") == domain
+        for child in message.elements()
+    )
+
+
+def _taken(session: Session) -> int:
+    """1 if the stanza whose sending closed `session` is in its stream management ledger (it
+    was sent while the session was open), else 0: it was lost with the connection."""
+    return 1 if session.ledger is not None else 0
+
+
 class OfflineDelivery:
     """Stores messages for offline users and hands them over when they come online."""
 
@@ -52,16 +65,19 @@ class OfflineDelivery:
     @staticmethod
     def _record(recipient: JID, message: domish.Element) -> OfflineMessage:
         now = datetime.datetime.now(datetime.UTC)
-        delay = domish.Element((NS_DELAY, "delay"))
-        delay["from"] = recipient.host
-        delay["stamp"] = delay_stamp(now)
         stamped = domish.Element(
             (message.uri, message.name),
             message.defaultUri,
             dict(message.attributes),
             dict(message.localPrefixes),
         )
-        stamped.children = [*message.children, delay]
+        stamped.children = list(message.children)
+        if not _stamped_by(message, recipient.host):
+            # A message stored again (sent from the store, never acknowledged) keeps its
+            # first stamp: the time it was first stored.
+            delay = stamped.addElement((NS_DELAY, "delay"))
+            delay["from"] = recipient.host
+            delay["stamp"] = delay_stamp(now)
         return OfflineMessage(
             sender=message.getAttribute("from", ""),
             stanza=stamped.toXml(defaultUri="jabber:client"),
@@ -91,10 +107,12 @@ class OfflineDelivery:
             return
         waiting, session.held_messages = session.held_messages, None
         for index, message in enumerate(waiting):
-            if not session.closed:
-                session.send(message.toXml(defaultUri="jabber:client").encode("utf-8"))
             if session.closed:
                 await self._keep_undelivered(session.jid, waiting[index:])
+                return
+            session.send(message.toXml(defaultUri="jabber:client").encode("utf-8"))
+            if session.closed:
+                await self._keep_undelivered(session.jid, waiting[index + _taken(session) :])
                 return
 
     async def _keep_undelivered(self, jid: JID, messages: list[domish.Element]) -> None:
@@ -117,16 +135,20 @@ class OfflineDelivery:
         The messages leave the store before they are sent. Those that the session can no longer
         take, because it closed while the store was read or while they were being sent (a
         client too slow to read is cut off by `send`), go back into the store, in their order
-        and ahead of any stored in the meantime.
+        and ahead of any stored in the meantime; not the one whose sending closed it, if the
+        session's stream management ledger took it (it deals with it, as with every stanza the
+        client has not acknowledged).
         """
         jid = session.jid
         async with self.locks.hold(jid.userhost()):
             messages = await self.store.pop_all(jid.host, jid.user)
             for index, message in enumerate(messages):
-                if not session.closed:
-                    session.send(message.stanza)
                 if session.closed:
                     await self._put_back(jid, messages[index:])
+                    return
+                session.send(message.stanza)
+                if session.closed:
+                    await self._put_back(jid, messages[index + _taken(session) :])
                     return
 
     async def _put_back(self, jid: JID, messages: list[OfflineMessage]) -> None:

@@ -41,6 +41,11 @@ SEQUENCE_MODULUS = 2**32
 # stanza.
 ACK_REQUEST_AFTER = 5
 ACK_REQUEST_DELAY = 1.0
+# A session over its limits (StreamManagementSettings) is asked for an acknowledgement and
+# ended only if it is still over them this many seconds later: a burst sent in one go, such
+# as the presence and offline messages at login, reaches the limits before the client could
+# have acknowledged any of it. A detached session, which no one can ask, ends at once.
+OVERFLOW_GRACE = 30.0
 
 Stanza = domish.Element | bytes | str
 
@@ -158,6 +163,7 @@ class StreamManagement:
         self.clock = clock
         self._resumable: dict[str, Session] = {}  # by stream management id
         self._timers: dict[Session, IDelayedCall] = {}  # resumption deadlines, ack requests
+        self._overflow_deadlines: dict[Session, IDelayedCall] = {}  # sessions over the limits
         self.in_flight = in_flight  # undelivered messages being stored: a stop waits for them
         # Counted for the metrics.
         self.resumptions = 0
@@ -211,6 +217,8 @@ class StreamManagement:
             session.stream_error("undefined-condition", str(e), too_high)
             return
         session.ack_requested = False
+        if not self._over_limits(session.ledger):
+            self._cancel_overflow_deadline(session)
         if session.ledger.unacked:
             self._schedule_ack_request(session)
 
@@ -220,26 +228,43 @@ class StreamManagement:
         """A stanza went to the session (or, detached, waits for it): it is now unacknowledged."""
         ledger = session.ledger
         ledger.stanza_sent(stanza)
-        if (
-            len(ledger.unacked) > self.settings.max_unacked
-            or ledger.unacked_bytes > self.settings.max_unacked_bytes
-        ):
-            log.info(
-                "{jid}: more than {limit} stanzas or {size} bytes unacknowledged, ending the "
-                "session",
-                jid=session.jid.full(),
-                limit=self.settings.max_unacked,
-                size=self.settings.max_unacked_bytes,
+        if self._over_limits(ledger) and session not in self._overflow_deadlines:
+            # Ended from the reactor, never inside a send: whoever sends a batch (offline
+            # delivery) sends it all to a session that is still there, its ledger in order.
+            grace = 0.0 if session.connection is None else OVERFLOW_GRACE
+            self._overflow_deadlines[session] = self.clock.callLater(
+                grace, self._overflow_deadline_passed, session
             )
-            # XEP-0198 leaves the policy to the server; a full queue is a resource we ran out of.
-            session.stream_error("resource-constraint", "Too many unacknowledged stanzas")
-            return
         if session.connection is None or session.ack_requested:
             return
         if len(ledger.unacked) >= ACK_REQUEST_AFTER:
             self._request_ack(session)
         else:
             self._schedule_ack_request(session)
+
+    def _over_limits(self, ledger: StanzaLedger) -> bool:
+        return (
+            len(ledger.unacked) > self.settings.max_unacked
+            or ledger.unacked_bytes > self.settings.max_unacked_bytes
+        )
+
+    def _overflow_deadline_passed(self, session: "Session") -> None:
+        del self._overflow_deadlines[session]
+        if session.ledger is None or not self._over_limits(session.ledger):
+            return
+        log.info(
+            "{jid}: more than {limit} stanzas or {size} bytes unacknowledged, ending the session",
+            jid=session.jid.full(),
+            limit=self.settings.max_unacked,
+            size=self.settings.max_unacked_bytes,
+        )
+        # XEP-0198 leaves the policy to the server; a full queue is a resource we ran out of.
+        session.stream_error("resource-constraint", "Too many unacknowledged stanzas")
+
+    def _cancel_overflow_deadline(self, session: "Session") -> None:
+        deadline = self._overflow_deadlines.pop(session, None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
 
     def _schedule_ack_request(self, session: "Session") -> None:
         if session not in self._timers:
@@ -339,6 +364,7 @@ class StreamManagement:
         """The session is over (unbound, unavailable): what it did not acknowledge was not
         delivered."""
         self._cancel_timer(session)
+        self._cancel_overflow_deadline(session)
         if session.resumption_id is not None:
             self._resumable.pop(session.resumption_id, None)
         if session.ledger is None:
