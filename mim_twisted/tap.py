@@ -471,6 +471,10 @@ class ImCoreService(service.Service):
             routing.addTimeout(PRESENCE_STOP_TIMEOUT, self.clock, onTimeoutCancel=_gave_up)
             await routing
             await self.core.presence.idle(timeout=PRESENCE_STOP_TIMEOUT)
+            # What the last presence work started (PEP's last items, say) reads the store too.
+            routing = self.core.router.routing.idle()
+            routing.addTimeout(PRESENCE_STOP_TIMEOUT, self.clock, onTimeoutCancel=_gave_up)
+            await routing
 
 
 def _gave_up(result: object, timeout: float) -> None:

@@ -475,3 +475,24 @@ class LastItemBookkeepingTests(PepTestCase):
         self.disconnect(bob)
         waiting.pop()()
         self.assertEqual(pep._last_sent, {})
+
+    def test_a_stopping_server_waits_for_last_items_being_sent(self) -> None:
+        # The IM core waits for the router's work under way before the database closes; last
+        # items still reading the store are part of it.
+        self.subscribe("bob", "alice")
+        pep = self.pubsub.pep
+        rosters = pep.rosters
+        waiting = []
+
+        def held_roster(host: str, user: str):
+            reading = rosters.get_roster(host, user)
+            gate = defer.Deferred()
+            waiting.append(lambda: reading.chainDeferred(gate))
+            return gate
+
+        pep.rosters = mock.Mock(get_roster=held_roster)
+        self.with_caps("bob@localhost/phone", NODE + "+notify")
+        idle = self.core.router.routing.idle()
+        self.assertNoResult(idle)
+        waiting.pop()()
+        self.successResultOf(idle)

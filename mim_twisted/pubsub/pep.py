@@ -37,6 +37,7 @@ from mim_twisted.im.disco import DiscoService
 from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import Session, SessionManager
+from mim_twisted.inflight import InFlight
 from mim_twisted.pubsub import core
 from mim_twisted.pubsub.broadcast import Broadcaster, Fanout, Recipient, fanout_of
 from mim_twisted.pubsub.config import PEP_NODE_DEFAULTS, ServiceLimits
@@ -173,8 +174,12 @@ class PepService:
         self._order = KeyedLock()
         # Session -> the (owner, node)s whose last item it got in its current availability.
         self._last_sent: dict[Session, set[tuple[str, str]]] = {}
+        # The router's work under way, which a stopping server waits for before the database
+        # closes: last items and subscription rechecks read the store (set by `install`).
+        self.in_flight = InFlight()
 
     def install(self, router: Router, disco: DiscoService, hook_table: hooks.Hooks) -> None:
+        self.in_flight = router.routing
         router.account_iq[NS_PUBSUB, "pubsub"] = self.handle_iq
         router.account_iq[NS_PUBSUB_OWNER, "pubsub"] = self.handle_iq
         disco.add_account_identity("pubsub", "pep")
@@ -354,9 +359,11 @@ class PepService:
                     if session.message_priority is not None:
                         self._spawn_last_items(session, owner.userhost())
             return
-        defer.ensureDeferred(self._recheck(owner.userhost(), item.jid)).addErrback(
+        rechecking = defer.ensureDeferred(self._recheck(owner.userhost(), item.jid))
+        rechecking.addErrback(
             _log_failure, "rechecking PEP subscriptions for {owner}", owner.full()
         )
+        self.in_flight.track(rechecking)
 
     async def _recheck(self, owner: str, contact: str) -> None:
         """Recheck the contact's subscriptions in a queue, if it has any: most contacts have
@@ -370,9 +377,9 @@ class PepService:
             log.warn("PEP of {owner} too busy to recheck {jid}", owner=owner, jid=contact)
 
     def _spawn_last_items(self, session: Session, only_owner: str | None) -> None:
-        defer.ensureDeferred(self._send_last_items(session, only_owner)).addErrback(
-            _log_failure, "sending last PEP items to {owner}", session.jid.full()
-        )
+        sending = defer.ensureDeferred(self._send_last_items(session, only_owner))
+        sending.addErrback(_log_failure, "sending last PEP items to {owner}", session.jid.full())
+        self.in_flight.track(sending)
 
     async def _send_last_items(self, session: Session, only_owner: str | None) -> None:
         """Send the session the last item of each node it asks for, of its own account and of
