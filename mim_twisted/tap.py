@@ -484,8 +484,10 @@ def _gave_up(result: object, timeout: float) -> None:
 class PubSubHost(service.Service):
     """The `pubsub.<domain>` services with their worker pool, broadcaster and offline purge.
 
-    Stopping (before the IM core closes the client connections) refuses new requests, lets the
-    workers answer the queued ones and finishes the notifications under way.
+    Stopping (before the IM core closes the client connections) refuses clients' new requests
+    and lets the workers answer the queued ones over the connections still open. The workers
+    and the broadcaster go on for what the closing sessions leave (offline purges,
+    notifications): `PubSubWorkers` ends them once the IM core has stopped.
     """
 
     def __init__(
@@ -519,13 +521,30 @@ class PubSubHost(service.Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        if self.pubsub is None:
+            return defer.succeed(None)
+        return self.pubsub.pool.refuse_requests()
+
+
+class PubSubWorkers(service.Service):
+    """The end of PubSub's stop. A child before the IM core, so that it stops after the IM core
+    has closed the connections and finished their work: the offline purges and notifications
+    that work submitted have run on the workers, which then end, then the broadcaster finishes
+    the notifications under way. Nothing to do at start: `PubSubHost` starts the workers."""
+
+    def __init__(self, host: PubSubHost) -> None:
+        self.host = host
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
         return defer.ensureDeferred(self._drain())
 
     async def _drain(self) -> None:
-        if self.pubsub is None:
+        pubsub = self.host.pubsub
+        if pubsub is None:
             return
-        await self.pubsub.pool.stop()
-        await self.pubsub.broadcaster.stop()
+        await pubsub.pool.stop()
+        await pubsub.broadcaster.stop()
 
 
 class MimService(service.MultiService, ServerRegistry):
@@ -538,9 +557,11 @@ class MimService(service.MultiService, ServerRegistry):
     the clients' work.
 
     The children start in that order, each once the one before it has started (the IM core
-    needs the open database, a listener the IM core), and stop in the reverse order, each once
-    the one after it has stopped: listeners stop accepting, PubSub answers what is queued, the
-    IM core closes the connections and finishes their work, and the database closes last.
+    needs the open database, PubSub and a listener the IM core), and stop in the reverse order,
+    each once the one after it has stopped: listeners stop accepting, PubSub refuses clients'
+    new requests and answers the queued ones while the connections are open, the IM core
+    closes the connections and finishes their work, PubSub's workers (a child of their own,
+    just before the IM core) run what that work left and end, and the database closes last.
     Twisted's MultiService starts its children without waiting and stops them all at once,
     which is why both loops are written here.
 
@@ -574,10 +595,13 @@ class MimService(service.MultiService, ServerRegistry):
         for child in self.extension_services:
             child.setServiceParent(self)
         self.im = ImCoreService(config, self.storage, reactor, self)
-        self.im.setServiceParent(self)
         self.pubsub_host: PubSubHost | None = None
         if config.pubsub.enabled:
             self.pubsub_host = PubSubHost(config, self.storage, self.im, reactor, self)
+            # Before the IM core, to stop after it (see PubSubWorkers).
+            PubSubWorkers(self.pubsub_host).setServiceParent(self)
+        self.im.setServiceParent(self)
+        if self.pubsub_host is not None:
             self.pubsub_host.setServiceParent(self)
         self.admin: AdminService | None = None
         if config.admin.enabled:

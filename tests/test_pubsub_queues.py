@@ -98,3 +98,23 @@ class WorkerPoolTests(unittest.TestCase):
         self.gates["queued"].callback(None)
         self.successResultOf(done)
         self.successResultOf(stopped)
+
+    def test_refusing_requests_waits_for_the_queued_ones_and_their_answers(self) -> None:
+        node = node_on_queue(self.pool, 0)
+        answered: list[str] = []
+        for name in ("first", "second"):
+            done = self.pool.submit("pubsub.localhost", node, self.job(name))
+            done.addCallback(answered.append)  # as the protocol layer sends the answer
+        drained = self.pool.refuse_requests()
+        drained.addCallback(lambda _: list(answered))  # what was answered when it fired
+        self.assertTrue(self.pool.refusing_requests)
+        self.gates["first"].callback(None)
+        self.assertNoResult(drained)
+        # The workers go on: the server's own work is still taken.
+        other_node = node_on_queue(self.pool, 1)
+        purge = self.pool.submit("pubsub.localhost", other_node, self.job("purge"))
+        self.gates["purge"].callback(None)
+        self.assertEqual(self.successResultOf(purge), "purge")
+        self.assertNoResult(drained)
+        self.gates["second"].callback(None)
+        self.assertEqual(self.successResultOf(drained), ["first", "second"])

@@ -17,7 +17,7 @@ from mim_twisted.admin import AdminService
 from mim_twisted.config import load_config
 from mim_twisted.listeners import DEFAULT_BACKLOG, ClientListener
 from mim_twisted.pubsub import core
-from mim_twisted.tap import ImCoreService, MimService, PubSubHost, StorageService
+from mim_twisted.tap import ImCoreService, MimService, PubSubHost, PubSubWorkers, StorageService
 from tests.wire import STREAM_FEATURES, STREAMS, parse_server_output
 
 STREAM_HEADER = (
@@ -76,6 +76,7 @@ class OrderTests(ServerServicesTestCase):
             [type(child) for child in server],
             [
                 StorageService,
+                PubSubWorkers,
                 ImCoreService,
                 PubSubHost,
                 AdminService,
@@ -107,7 +108,7 @@ class OrderTests(ServerServicesTestCase):
 
             child.startService, child.stopService = watched_start, watched_stop
 
-        names = ["storage", "im", "pubsub", "admin", "listener 1", "listener 2"]
+        names = ["storage", "pubsub workers", "im", "pubsub", "admin", "listener 1", "listener 2"]
         for child, name in zip(server, names, strict=True):
             watched(child, name)
         await self.start(server)
@@ -126,6 +127,27 @@ class OrderTests(ServerServicesTestCase):
         self.assertEqual(events, expected_start + expected_stop)
         self.assertEqual([child.running for child in server], [0] * len(names))
 
+    async def test_pubsub_work_left_by_the_closing_connections_still_runs(self) -> None:
+        """When the IM core closes the connections, clients' PubSub requests are refused but
+        the server's own PubSub work (an offline purge at a session's end) still runs; the
+        workers end after the IM core."""
+        server = await self.start(self.make_server())
+        pool, im_stop = server.pubsub.pool, server.im.stopService
+        seen: list[object] = []
+
+        async def purge() -> str:
+            return "ran"
+
+        def watched_im_stop() -> defer.Deferred:
+            seen.append((pool.refusing_requests, pool.stopped))
+            ran = pool.submit("pubsub.localhost", "news", purge)
+            return defer.maybeDeferred(im_stop).addCallback(lambda _: ran)
+
+        server.im.stopService = watched_im_stop
+        await server.stopService()
+        self.assertEqual(seen, [(True, False)])
+        self.assertTrue(pool.stopped)
+
     async def test_a_failed_start_starts_nothing_after_it(self) -> None:
         # The port is taken: the listener fails, and the children after it are not started.
         taken = socket.socket()
@@ -142,7 +164,7 @@ class OrderTests(ServerServicesTestCase):
         with self.assertRaises(Exception) as caught:
             await server.ready
         self.assertIn("Address already in use", str(caught.exception))
-        self.assertEqual([bool(child.running) for child in server], [True] * 6 + [False])
+        self.assertEqual([bool(child.running) for child in server], [True] * 7 + [False])
         await server.stopService()
         self.assertIsNone(server.database)
         self.assertEqual(server.ports, [])
@@ -152,7 +174,7 @@ class OrderTests(ServerServicesTestCase):
         server.startService()
         stopped = server.stopService()  # the database is still being opened
         await stopped
-        self.assertEqual([child.running for child in server], [0] * 5)
+        self.assertEqual([child.running for child in server], [0] * 6)
         self.assertIsNone(server.database)
 
 

@@ -240,7 +240,10 @@ class PubSubComponent:
 
     def _submit(self, session: Session, node: str, job: Callable[[], Awaitable]) -> Deferred:
         """Queue ``job`` under ``node`` for ``session``; QueueFull if the session has
-        `max_in_flight` requests queued or running already, or the node's queue is full."""
+        `max_in_flight` requests queued or running already, the node's queue is full or the
+        server is stopping."""
+        if self.pool.refusing_requests:
+            raise QueueFull(f"{self.host} is stopping")
         in_flight = self._in_flight.get(session, 0)
         if in_flight >= self.max_in_flight:
             raise QueueFull(f"{session.jid.full()} has {in_flight} PubSub requests in flight")

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mim_twisted.inflight import InFlight
+
 log = Logger()
 
 Job = Callable[[], Awaitable[object]]
@@ -30,6 +32,10 @@ class WorkerPool:
         self._workers: list[defer.Deferred] = []
         self._stopping = object()
         self.stopped = False
+        # Set when the server begins to stop: clients' requests are refused (the protocol layer
+        # asks), while the server's own work (offline purges, access rechecks) still runs.
+        self.refusing_requests = False
+        self._jobs = InFlight()
 
     def queue_index(self, service: str, node: str) -> int:
         """Stable across processes (unlike hash()), so a node keeps its queue."""
@@ -44,11 +50,20 @@ class WorkerPool:
             # Behind the stop marker it would never run: refused like a full queue (<wait/>).
             raise QueueFull(f"{service} is stopping")
         done: defer.Deferred = defer.Deferred()
+        # Fired after `done` and whatever its callbacks do (send the answer): see `_work`.
+        handled: defer.Deferred = defer.Deferred()
         try:
-            self.queues[self.queue_index(service, node)].put((job, done))
+            self.queues[self.queue_index(service, node)].put((job, done, handled))
         except defer.QueueOverflow:
             raise QueueFull(f"queue for {service} {node!r} is full") from None
+        self._jobs.track(handled)
         return done
+
+    def refuse_requests(self) -> defer.Deferred:
+        """Clients' requests are refused from now on; fires once every job queued so far, and
+        any queued meanwhile, has run and its answer has been sent (the workers go on)."""
+        self.refusing_requests = True
+        return self._jobs.idle()
 
     def pending(self) -> list[int]:
         """How many requests wait in each queue (for metrics and tests)."""
@@ -70,10 +85,11 @@ class WorkerPool:
             entry = await queue.get()
             if entry is self._stopping:
                 return
-            job, done = entry
+            job, done, handled = entry
             try:
                 result = await job()
             except Exception:
                 done.errback()
             else:
                 done.callback(result)
+            handled.callback(None)
