@@ -200,6 +200,21 @@ class OfflineStorageTests(MessageTestCase):
         stamp = stamp.replace(tzinfo=datetime.UTC)
         self.assertTrue(before <= stamp <= datetime.datetime.now(datetime.UTC), stamp)
 
+    def test_a_client_cannot_stamp_a_delay_in_the_servers_name(self) -> None:
+        # The offline store keeps a stamp it made itself; a client's claim to be the server
+        # would otherwise date the message for the recipient.
+        forged = "<delay xmlns='urn:xmpp:delay' from='localhost' stamp='2000-01-01T00:00:00Z'/>"
+        own = "<delay xmlns='urn:xmpp:delay' from='alice@localhost' stamp='2001-01-01T00:00:00Z'/>"
+        xml = message_xml("bob@localhost", "chat").replace(
+            "</message>", forged + own + "</message>"
+        )
+        self.send(self.alice, xml)
+        [stored] = self.stored()
+        delays = {d["from"]: d["stamp"] for d in stored.elements(NS_DELAY, "delay")}
+        self.assertEqual(sorted(delays), ["alice@localhost", "localhost"])
+        self.assertEqual(delays["alice@localhost"], "2001-01-01T00:00:00Z")
+        self.assertFalse(delays["localhost"].startswith("2000-"), delays)
+
     def test_full_store_is_resource_constraint(self) -> None:
         limits = dataclasses.replace(self.config.limits, max_offline_messages=2)
         self.config = dataclasses.replace(self.config, limits=limits)

@@ -34,6 +34,7 @@ from twisted.words.xish import domish
 
 from mim_twisted import hooks
 from mim_twisted.im.messages import MessageRouter
+from mim_twisted.im.offline import NS_DELAY
 from mim_twisted.im.presence import PresenceService
 from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stanzas import reply_error
@@ -139,8 +140,21 @@ class Router:
         if waiting is not None:
             self._hold_behind(session, waiting, deque())
 
+    def _drop_forged_delays(self, message: domish.Element) -> None:
+        """A client may not date a message in this server's name (XEP-0203): the offline store
+        keeps a stamp of its own and trusts one it finds from a served domain."""
+        forged = [
+            delay
+            for delay in message.elements(NS_DELAY, "delay")
+            if delay.getAttribute("from") in self.domains
+        ]
+        for delay in forged:
+            message.children.remove(delay)
+
     def _route(self, session: Session, stanza: domish.Element) -> defer.Deferred | None:
         """Route a stanza; a Deferred when it waits at a gate, fired once it has passed."""
+        if stanza.name == "message":
+            self._drop_forged_delays(stanza)
         to = stanza.getAttribute("to")
         try:
             recipient = parse_jid(to) if to else session.jid.userhostJID()
