@@ -18,6 +18,7 @@ from mim_twisted.config import load_config
 from mim_twisted.listeners import DEFAULT_BACKLOG, ClientListener
 from mim_twisted.pubsub import core
 from mim_twisted.tap import ImCoreService, MimService, PubSubHost, PubSubWorkers, StorageService
+from tests.ci import unavailable
 from tests.wire import STREAM_FEATURES, STREAMS, parse_server_output
 
 STREAM_HEADER = (
@@ -198,7 +199,7 @@ class EndpointTests(ServerServicesTestCase):
 
     async def test_ipv6_listener(self) -> None:
         if not socket.has_ipv6:
-            raise unittest.SkipTest("no IPv6 on this machine")
+            unavailable("no IPv6 on this machine", "enable IPv6 on the loopback interface")
         server = await self.start(self.make_server('[[listeners]]\naddress = "::1"\nport = 0\n'))
         address = server.ports[0].getHost()
         self.assertEqual(address.host, "::1")
