@@ -226,7 +226,7 @@ def _read_version(session: Session) -> int:
 
 
 @implementer(IDatabase)
-class MySQLDatabase:
+class MySQLDatabase(sql.SQLStores):
     """The database reached with ``connect_options`` (PyMySQL's connect() keyword arguments:
     host, port, database, user, password, unix_socket) over ``pool_size`` connections.
 
@@ -244,14 +244,7 @@ class MySQLDatabase:
     ) -> None:
         self._schema_dir = schema_dir
         self._pool = ConnectionPool(connect_options, pool_size, **pool_options)
-        self.accounts = sql.SQLAccountStore(self._run)
-        self.rosters = sql.SQLRosterStore(self._run)
-        self.offline = sql.SQLOfflineStore(self._run)
-        self.pubsub = sql.SQLPubSubStore(self._run)
-        self.last_activity = sql.SQLLastActivityStore(self._run)
-        self.block_lists = sql.SQLBlockListStore(self._run)
-        self.private = sql.SQLPrivateStore(self._run)
-        self.vcards = sql.SQLVCardStore(self._run)
+        super().__init__(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
         return self._pool.run(_sql_transaction(make_transaction))

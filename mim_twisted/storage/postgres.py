@@ -49,7 +49,7 @@ def _sql_transaction(make_transaction: sql.TransactionFactory[T]):
 
 
 @implementer(IDatabase)
-class PostgresDatabase:
+class PostgresDatabase(sql.SQLStores):
     """The database at ``dsn`` (a libpq connection string) over ``pool_size`` connections.
 
     Usable once ``start()`` has fired. ``schema_dir`` is where the schema files are read from;
@@ -66,14 +66,7 @@ class PostgresDatabase:
     ) -> None:
         self._schema_dir = schema_dir
         self._pool = ConnectionPool(dsn, pool_size, **pool_options)
-        self.accounts = sql.SQLAccountStore(self._run)
-        self.rosters = sql.SQLRosterStore(self._run)
-        self.offline = sql.SQLOfflineStore(self._run)
-        self.pubsub = sql.SQLPubSubStore(self._run)
-        self.last_activity = sql.SQLLastActivityStore(self._run)
-        self.block_lists = sql.SQLBlockListStore(self._run)
-        self.private = sql.SQLPrivateStore(self._run)
-        self.vcards = sql.SQLVCardStore(self._run)
+        super().__init__(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
         return self._pool.run(_sql_transaction(make_transaction))

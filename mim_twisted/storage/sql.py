@@ -726,3 +726,18 @@ class SQLPubSubStore(_SQLStore):
     def purge_items(self, service: str, name: str) -> Transaction[None]:
         node_id = yield from _lock_node(service, name)
         yield DELETE_ITEMS, (node_id,)
+
+
+class SQLStores:
+    """Every store of a SQL database, each running its transactions through the backend's
+    ``run``: one list for the three backends, so that a new store is added once."""
+
+    def __init__(self, run: Run) -> None:
+        self.accounts = SQLAccountStore(run)
+        self.rosters = SQLRosterStore(run)
+        self.offline = SQLOfflineStore(run)
+        self.pubsub = SQLPubSubStore(run)
+        self.last_activity = SQLLastActivityStore(run)
+        self.block_lists = SQLBlockListStore(run)
+        self.private = SQLPrivateStore(run)
+        self.vcards = SQLVCardStore(run)

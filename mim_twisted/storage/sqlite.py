@@ -67,7 +67,7 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
 
 
 @implementer(IDatabase)
-class SQLiteDatabase:
+class SQLiteDatabase(sql.SQLStores):
     """The database in the file ``path``, whose directory is created if missing.
 
     ``schema_dir`` is where the schema files are read from; tests point it elsewhere.
@@ -112,14 +112,7 @@ class SQLiteDatabase:
             cp_max=1,
             cp_openfun=_configure_connection,
         )
-        self.accounts = sql.SQLAccountStore(self._run)
-        self.rosters = sql.SQLRosterStore(self._run)
-        self.offline = sql.SQLOfflineStore(self._run)
-        self.pubsub = sql.SQLPubSubStore(self._run)
-        self.last_activity = sql.SQLLastActivityStore(self._run)
-        self.block_lists = sql.SQLBlockListStore(self._run)
-        self.private = sql.SQLPrivateStore(self._run)
-        self.vcards = sql.SQLVCardStore(self._run)
+        super().__init__(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
         return self._run_interaction(_execute, make_transaction)
