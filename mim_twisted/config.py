@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -620,14 +621,20 @@ class GroupchatExchangeConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RabbitConfig:
-    enabled: bool = option(False, boolean)
+class BrokerConfig:
+    """Where a RabbitMQ broker is and how to log in: the event pusher's and the cluster's."""
+
     host: str = option("127.0.0.1", host_name)
     port: int = option(5672, integer(1, 65535))
     virtual_host: str = option("/", text)
     username: str = option("guest", text)
     password: str = option("guest", text)
     tls: bool = option(False, boolean)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RabbitConfig(BrokerConfig):
+    enabled: bool = option(False, boolean)
     confirms: bool = option(True, boolean)
     max_buffered_events: int = option(100000, integer(1))
     presence_exchange: PresenceExchangeConfig = option({}, table(PresenceExchangeConfig))
@@ -646,6 +653,42 @@ class RabbitConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EventPusherConfig:
     rabbit: RabbitConfig = option({}, table(RabbitConfig))
+
+
+def _default_node_name(values: Mapping[str, Any]) -> str:
+    # Unique on the host, readable in `rabbitmqctl list_queues` and the session table.
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Several nodes serving the same domains (issue 15): sessions in PostgreSQL, stanzas
+    between nodes over RabbitMQ."""
+
+    enabled: bool = option(False, boolean)
+    node: str = option(_default_node_name, amqp_name)
+    rabbit: BrokerConfig = option({}, table(BrokerConfig))
+    # Messages for other nodes held while the broker is away; beyond, stanzas are answered as
+    # undeliverable (RFC 6121: messages stored offline, the rest service-unavailable).
+    max_buffered_messages: int = option(10000, integer(1))
+    # Seconds without a heartbeat after which a node is taken for dead and its sessions ended.
+    node_timeout: float = option(30.0, number(0, inclusive=False))
+    heartbeat_interval: float = option(
+        lambda values: values["node_timeout"] / 3, number(0, inclusive=False)
+    )
+
+    def __post_init__(self) -> None:
+        if self.enabled and importlib.util.find_spec("pika") is None:
+            raise _CheckError(
+                "the cluster needs pika, which is not installed:"
+                " pip install 'mim-twisted[rabbitmq]'",
+                key="enabled",
+            )
+        if self.heartbeat_interval >= self.node_timeout:
+            raise _CheckError(
+                f"must be less than node_timeout ({_show(self.node_timeout)})",
+                key="heartbeat_interval",
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -667,7 +710,16 @@ class Config:
     admin: AdminConfig = option({}, table(AdminConfig))
     metrics: MetricsConfig = option({}, table(MetricsConfig))
     event_pusher: EventPusherConfig = option({}, table(EventPusherConfig))
+    cluster: ClusterConfig = option({}, table(ClusterConfig))
     extensions: dict[str, dict[str, Any]] = option({}, extension_tables)
+
+    def __post_init__(self) -> None:
+        if self.cluster.enabled and self.storage.backend != "postgresql":
+            # The session table is shared by every node: the embedded SQLite file is not.
+            raise _CheckError(
+                f'needs storage.backend = "postgresql" (got {_show(self.storage.backend)})',
+                key="cluster.enabled",
+            )
 
     @property
     def data_dir(self) -> str:

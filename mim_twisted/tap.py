@@ -592,6 +592,14 @@ class MimService(service.MultiService, ServerRegistry):
         self.log_traffic = log_traffic or config.log.traffic
         self.storage = StorageService(config)
         self.storage.setServiceParent(self)
+        self.cluster_bus: Any = None  # a ClusterBus when [cluster] is enabled
+        if config.cluster.enabled:
+            from mim_twisted.cluster.bus import ClusterBus
+
+            # After storage and before the IM core: up before the first session, and until the
+            # last one has ended and told the other nodes.
+            self.cluster_bus = ClusterBus(config.cluster, reactor)
+            self.cluster_bus.setServiceParent(self)
         for child in self.extension_services:
             child.setServiceParent(self)
         self.im = ImCoreService(config, self.storage, reactor, self)

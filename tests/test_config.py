@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import socket
 
 from cryptography.hazmat.primitives import serialization
 from twisted.trial import unittest
@@ -498,6 +499,53 @@ class OperatorConfigTests(unittest.TestCase):
             '[metrics]\nendpoint = "9090"\n',
             'metrics.endpoint: must be an endpoint string such as "tcp:9090:interface=127.0.0.1"'
             ' (got "9090")',
+        )
+
+
+class ClusterConfigTests(unittest.TestCase):
+    """[cluster]: off by default; on, it needs the shared PostgreSQL database."""
+
+    assertError = ErrorTests.assertError
+
+    def test_defaults(self) -> None:
+        cluster = load_config(None).cluster
+        self.assertFalse(cluster.enabled)
+        self.assertEqual(cluster.node, f"{socket.gethostname()}.{os.getpid()}")
+        self.assertEqual((cluster.rabbit.host, cluster.rabbit.port), ("127.0.0.1", 5672))
+        self.assertEqual((cluster.node_timeout, cluster.heartbeat_interval), (30.0, 10.0))
+        self.assertEqual(cluster.max_buffered_messages, 10000)
+
+    def test_broker_keys_are_the_event_pushers(self) -> None:
+        config = load_config(
+            write(
+                self,
+                '[storage]\nbackend = "postgresql"\n[cluster]\nenabled = true\nnode = "n1"\n'
+                'node_timeout = 3\nrabbit = { port = 5673, username = "u", tls = true }\n',
+            )
+        )
+        cluster = config.cluster
+        self.assertEqual((cluster.node, cluster.heartbeat_interval), ("n1", 1.0))
+        self.assertEqual((cluster.rabbit.port, cluster.rabbit.username), (5673, "u"))
+        self.assertTrue(cluster.rabbit.tls)
+
+    def test_needs_postgresql(self) -> None:
+        self.assertError(
+            "[cluster]\nenabled = true\n",
+            'cluster.enabled: needs storage.backend = "postgresql" (got "sqlite")',
+        )
+
+    def test_wrong_values_name_the_key(self) -> None:
+        self.assertError(
+            "[cluster]\nrabbit = { port = 0 }\n",
+            "cluster.rabbit.port: must be an integer 1..65535 (got 0)",
+        )
+        self.assertError(
+            "[cluster]\nrabbit = { confirms = true }\n",
+            'unknown key "cluster.rabbit.confirms"',
+        )
+        self.assertError(
+            "[cluster]\nnode_timeout = 5\nheartbeat_interval = 5\n",
+            "cluster.heartbeat_interval: must be less than node_timeout (5.0)",
         )
 
 

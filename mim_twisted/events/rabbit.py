@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mim_twisted.config import RabbitConfig
+from mim_twisted.config import BrokerConfig, RabbitConfig
 from mim_twisted.events.amqp import publish_frames, short_string
 from mim_twisted.events.buffer import EventBuffer
 from mim_twisted.events.formats import HOOK_PRIORITY, Event, EventSource
@@ -56,17 +56,17 @@ def in_flight_window(limit: int) -> int:
 class _BrokerConnection(TwistedProtocolConnection):
     """A pika connection whose `lost` fires (with None) when the TCP connection goes."""
 
-    def __init__(self, publisher: "RabbitPublisher", parameters: pika.ConnectionParameters):
-        super().__init__(parameters, custom_reactor=publisher.reactor)
-        self.publisher = publisher
+    def __init__(self, link: "BrokerLink", parameters: pika.ConnectionParameters):
+        super().__init__(parameters, custom_reactor=link.reactor)
+        self.link = link
         self.lost: defer.Deferred = defer.Deferred()
 
     def makeConnection(self, transport: Any) -> None:
-        super().makeConnection(_BatchedWrites(transport, self.publisher.reactor))
+        super().makeConnection(_BatchedWrites(transport, self.link.reactor))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        # The publisher first: nothing more is sent on the channel that closes.
-        self.publisher.connection_lost(self, reason)
+        # The link first: nothing more is sent on the channel that closes.
+        self.link.connection_lost(self, reason)
         super().connectionLost(reason)
         if not self.lost.called:  # cancelled when the service stopped waiting on it
             self.lost.callback(None)
@@ -133,11 +133,11 @@ class _Deliveries:
 class _BrokerFactory(protocol.Factory):
     noisy = False
 
-    def __init__(self, publisher: "RabbitPublisher") -> None:
-        self.publisher = publisher
+    def __init__(self, link: "BrokerLink") -> None:
+        self.link = link
 
     def buildProtocol(self, addr: Any) -> _BrokerConnection:
-        return _BrokerConnection(self.publisher, self.publisher.connection_parameters())
+        return _BrokerConnection(self.link, self.link.connection_parameters())
 
 
 @implementer(IMimExtension)
@@ -160,14 +160,19 @@ class RabbitEventPusher:
         self.publisher = publisher
 
 
-class RabbitPublisher(service.Service):
-    """Publishes events to RabbitMQ; `buffer` holds them and counts what happens to them."""
+class BrokerLink(service.Service):
+    """One AMQP connection to RabbitMQ kept up by a service: connected at start, made again
+    with back-off whenever it is lost, closed cleanly at stop. What is done with it is the
+    subclass's: `_prepare` (declarations on the new connection, before it is used), `_ready`
+    (it is usable), `_lost` (it is gone)."""
 
-    name = "event-pusher-rabbit"
+    # Who speaks in the log, and what happens to the work while the broker is away.
+    label = "RabbitMQ"
+    meanwhile = "retrying"
 
     def __init__(
         self,
-        settings: RabbitConfig,
+        settings: BrokerConfig,
         reactor: Any,
         *,
         connection_name: str | None = None,
@@ -180,33 +185,8 @@ class RabbitPublisher(service.Service):
         self.retry_policy = retry_policy or internet.backoffPolicy(
             initialDelay=0.2, maxDelay=10.0, factor=2.0, jitter=lambda: random.uniform(0, 0.1)
         )
-        limit = settings.max_buffered_events
-        self.buffer: EventBuffer[Event] = EventBuffer(limit, in_flight_window(limit))
         self.connection: _BrokerConnection | None = None
-        self.channel: TwistedChannel | None = None
-        self._deliveries: _Deliveries | None = None
-        self._send_scheduled = False
-        self._exchange_names: dict[str, bytes] = {}  # as AMQP shortstrs
         self._connecting: defer.Deferred | None = None
-
-    # -- the XMPP side ---------------------------------------------------------------------
-
-    def publish(self, event: Event) -> None:
-        """Buffer an event and send what may be sent; never waits, never fails."""
-        if self.buffer.add(event) and self.buffer.burst_dropped == 1:
-            log.warn(
-                "Event pusher: the buffer is full ({limit} events, broker {state}): dropping"
-                " the oldest events until it has room",
-                limit=self.buffer.limit,
-                state="connected" if self.channel is not None else "unreachable",
-            )
-        if self.channel is not None and not self._send_scheduled:
-            # Once at the end of the reactor turn for all the events of the turn: the broker
-            # gets them together and confirms them together (one ack for many).
-            self._send_scheduled = True
-            self.reactor.callLater(0, self._send)
-
-    # -- the broker side -------------------------------------------------------------------
 
     def connection_parameters(self) -> pika.ConnectionParameters:
         settings = self.settings
@@ -237,6 +217,7 @@ class RabbitPublisher(service.Service):
             connection = None
             try:
                 connection = await self.endpoint().connect(_BrokerFactory(self))
+                await connection.ready
                 await self._prepare(connection)
             except defer.CancelledError:
                 raise
@@ -246,11 +227,106 @@ class RabbitPublisher(service.Service):
                 await task.deferLater(self.reactor, self.retry_policy(failures), lambda: None)
                 continue
             failures = 0
+            self.connection = connection
             self._ready()
             await connection.lost
 
     async def _prepare(self, connection: _BrokerConnection) -> None:
-        await connection.ready
+        """Declare what the link uses on a new connection; fail to have it made again."""
+        raise NotImplementedError
+
+    def _ready(self) -> None:
+        """The connection prepared is `self.connection`, to be used from now on."""
+
+    def _lost(self, reason: Failure) -> None:
+        """The connection that was ready is gone (`self.connection` is None again)."""
+
+    def _not_ready(
+        self, problem: Exception, connection: _BrokerConnection | None, failures: int
+    ) -> None:
+        # The first failure in a row, then every tenth: an outage is not a log flood.
+        if failures == 1 or failures % 10 == 0:
+            if isinstance(problem, pika.exceptions.AMQPConnectionError):
+                reason = "the broker closed the connection (username, password, virtual_host?)"
+            else:
+                reason = str(problem) or type(problem).__name__
+            log.warn(
+                "{label}: RabbitMQ at {host}:{port} not usable (attempt {attempt}):"
+                " {reason}; {meanwhile}",
+                label=self.label,
+                host=self.settings.host,
+                port=self.settings.port,
+                attempt=failures,
+                reason=reason,
+                meanwhile=self.meanwhile,
+            )
+        if connection is not None:
+            _disconnect(connection)
+
+    def connection_lost(self, connection: _BrokerConnection, reason: Failure) -> None:
+        if connection is not self.connection:
+            return  # one that never became ready: _not_ready said why
+        self.connection = None
+        self._lost(reason)
+
+    async def _close(self) -> None:
+        """Stop reconnecting and close the connection, cleanly if the broker answers."""
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
+        connection = self.connection
+        if connection is not None and connection.is_open:
+            # A clean AMQP close, rather than a cut the broker would log as unexpected.
+            connection.close()
+            lost = connection.lost.addTimeout(STOP_FLUSH_TIMEOUT, self.reactor)
+            await lost.addErrback(lambda _: _disconnect(connection))
+
+
+class RabbitPublisher(BrokerLink):
+    """Publishes events to RabbitMQ; `buffer` holds them and counts what happens to them."""
+
+    name = "event-pusher-rabbit"
+    label = "Event pusher"
+    meanwhile = "events are buffered meanwhile"
+
+    def __init__(
+        self,
+        settings: RabbitConfig,
+        reactor: Any,
+        *,
+        connection_name: str | None = None,
+        retry_policy: Any = None,
+    ) -> None:
+        super().__init__(
+            settings, reactor, connection_name=connection_name, retry_policy=retry_policy
+        )
+        limit = settings.max_buffered_events
+        self.buffer: EventBuffer[Event] = EventBuffer(limit, in_flight_window(limit))
+        self.channel: TwistedChannel | None = None
+        self._deliveries: _Deliveries | None = None
+        self._send_scheduled = False
+        self._exchange_names: dict[str, bytes] = {}  # as AMQP shortstrs
+
+    # -- the XMPP side ---------------------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        """Buffer an event and send what may be sent; never waits, never fails."""
+        if self.buffer.add(event) and self.buffer.burst_dropped == 1:
+            log.warn(
+                "Event pusher: the buffer is full ({limit} events, broker {state}): dropping"
+                " the oldest events until it has room",
+                limit=self.buffer.limit,
+                state="connected" if self.channel is not None else "unreachable",
+            )
+        if self.channel is not None and not self._send_scheduled:
+            # Once at the end of the reactor turn for all the events of the turn: the broker
+            # gets them together and confirms them together (one ack for many).
+            self._send_scheduled = True
+            self.reactor.callLater(0, self._send)
+
+    # -- the broker side -------------------------------------------------------------------
+
+    async def _prepare(self, connection: _BrokerConnection) -> None:
         channel = await connection.channel()
         settings = self.settings
         for exchange in (
@@ -271,7 +347,6 @@ class RabbitPublisher(service.Service):
             )
             connection.lost.addCallback(_fail_unless_called, selected)
             await selected
-        self.connection = connection
         self.channel = channel
         self._deliveries = deliveries
 
@@ -284,30 +359,7 @@ class RabbitPublisher(service.Service):
         )
         self._send()
 
-    def _not_ready(
-        self, problem: Exception, connection: _BrokerConnection | None, failures: int
-    ) -> None:
-        # The first failure in a row, then every tenth: an outage is not a log flood.
-        if failures == 1 or failures % 10 == 0:
-            if isinstance(problem, pika.exceptions.AMQPConnectionError):
-                reason = "the broker closed the connection (username, password, virtual_host?)"
-            else:
-                reason = str(problem) or type(problem).__name__
-            log.warn(
-                "Event pusher: RabbitMQ at {host}:{port} not usable (attempt {attempt}):"
-                " {reason}; events are buffered meanwhile",
-                host=self.settings.host,
-                port=self.settings.port,
-                attempt=failures,
-                reason=reason,
-            )
-        if connection is not None:
-            _disconnect(connection)
-
-    def connection_lost(self, connection: _BrokerConnection, reason: Failure) -> None:
-        if connection is not self.connection:
-            return  # one that never became ready: _not_ready said why
-        self.connection = None
+    def _lost(self, reason: Failure) -> None:
         self.channel = None
         self._deliveries = None
         self.buffer.retry_all()
@@ -381,15 +433,7 @@ class RabbitPublisher(service.Service):
 
     async def _stop(self) -> None:
         await self._flush()
-        if self._connecting is not None:
-            self._connecting.cancel()
-            self._connecting = None
-        connection = self.connection
-        if connection is not None and connection.is_open:
-            # A clean AMQP close, rather than a cut the broker would log as unexpected.
-            connection.close()
-            lost = connection.lost.addTimeout(STOP_FLUSH_TIMEOUT, self.reactor)
-            await lost.addErrback(lambda _: _disconnect(connection))
+        await self._close()
         if len(self.buffer):
             log.warn(
                 "Event pusher: stopped with {count} events not confirmed by RabbitMQ",

@@ -1,0 +1,1 @@
+"""Several nodes serving the same domains: the bus between them and the shared session table."""

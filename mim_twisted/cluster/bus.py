@@ -1,0 +1,201 @@
+"""The cluster bus: messages between the nodes of a cluster over RabbitMQ.
+
+Two exchanges. `mim.cluster.nodes` is a direct exchange keyed by node name, each node reading
+its own queue: what one node has for another (stanzas for its sessions). `mim.cluster.events`
+is a fanout exchange every node reads: what all must know (sessions up and down, heartbeats,
+caches to drop). Both queues are the node's alone and go with its connection, so nothing piles
+up for a node that is gone.
+
+A message is a kind and a JSON payload; `on(kind, handler)` subscribes to a kind, whichever
+exchange it comes on, and a node does not hear its own broadcasts. While the broker is away,
+messages wait in a bounded buffer; one that finds it full is refused at once (`send`'s
+`undeliverable` is called) rather than pushing out an older one, so the caller can answer it
+(RFC 6121: stored offline or <service-unavailable/>).
+"""
+
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mim_twisted.config import ClusterConfig
+from mim_twisted.events.amqp import publish_frames, short_string
+from mim_twisted.events.rabbit import BrokerLink, _BrokerConnection, _disconnect
+
+log = Logger()
+
+NODES_EXCHANGE = "mim.cluster.nodes"
+EVENTS_EXCHANGE = "mim.cluster.events"
+
+# `handler(node, payload)`: the node it came from and the payload as sent.
+Handler = Callable[[str, Any], None]
+
+
+class _Outgoing(NamedTuple):
+    exchange: bytes  # AMQP shortstrs
+    routing_key: bytes
+    body: bytes
+    undeliverable: Callable[[], None] | None
+
+
+def encode(node: str, kind: str, payload: Any) -> bytes:
+    return json.dumps([kind, node, payload], separators=(",", ":")).encode("utf-8")
+
+
+def decode(body: bytes) -> tuple[str, str, Any]:
+    """(kind, node, payload) of a message; ValueError if it is not one of ours."""
+    message = json.loads(body)
+    if not (isinstance(message, list) and len(message) == 3):
+        raise ValueError("not a cluster message")
+    kind, node, payload = message
+    if not (isinstance(kind, str) and isinstance(node, str)):
+        raise ValueError("not a cluster message")
+    return kind, node, payload
+
+
+class ClusterBus(BrokerLink):
+    """This node's end of the bus; `connected` while messages go out at once."""
+
+    name = "cluster-bus"
+    label = "Cluster"
+    meanwhile = "messages for other nodes are held meanwhile"
+
+    def __init__(self, settings: ClusterConfig, reactor: Any, *, retry_policy: Any = None):
+        super().__init__(
+            settings.rabbit,
+            reactor,
+            connection_name=f"mim-twisted cluster node {settings.node}",
+            retry_policy=retry_policy,
+        )
+        self.node = settings.node
+        self.max_buffered = settings.max_buffered_messages
+        self._handlers: dict[str, list[Handler]] = {}
+        self._held: deque[_Outgoing] = deque()
+        self._write: Callable[[bytes], None] | None = None
+        self._channel_number = 0
+        self._nodes_exchange = short_string(NODES_EXCHANGE)
+        self._events_exchange = short_string(EVENTS_EXCHANGE)
+        self._node_keys: dict[str, bytes] = {}
+        # Called without arguments each time the bus is (again) connected, or lost.
+        self.connected_listeners: list[Callable[[], None]] = []
+        self.lost_listeners: list[Callable[[], None]] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._write is not None
+
+    # -- the node's side -------------------------------------------------------------------
+
+    def on(self, kind: str, handler: Handler) -> None:
+        """Call `handler(node, payload)` for each message of `kind` from another node."""
+        self._handlers.setdefault(kind, []).append(handler)
+
+    def broadcast(self, kind: str, payload: Any) -> None:
+        """To every other node (JSON-serialisable `payload`)."""
+        self._publish(
+            _Outgoing(self._events_exchange, b"\x00", encode(self.node, kind, payload), None)
+        )
+
+    def send(
+        self,
+        node: str,
+        kind: str,
+        payload: Any,
+        undeliverable: Callable[[], None] | None = None,
+    ) -> None:
+        """To one node; `undeliverable()` is called if the buffer has no room for it."""
+        key = self._node_keys.get(node)
+        if key is None:
+            key = self._node_keys[node] = short_string(node)
+        self._publish(
+            _Outgoing(self._nodes_exchange, key, encode(self.node, kind, payload), undeliverable)
+        )
+
+    def _publish(self, message: _Outgoing) -> None:
+        write = self._write
+        if write is not None:
+            write(
+                publish_frames(
+                    self._channel_number, message.exchange, message.routing_key, message.body
+                )
+            )
+            return
+        if len(self._held) < self.max_buffered:
+            self._held.append(message)
+            return
+        if message.undeliverable is not None:
+            message.undeliverable()
+        else:
+            log.warn("Cluster: the buffer for other nodes is full; a cluster event is dropped")
+
+    def _received(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        try:
+            kind, node, payload = decode(body)
+        except ValueError:
+            log.warn("Cluster: a message that is not a cluster message was dropped")
+            return
+        if node == self.node:
+            return  # its own broadcast
+        for handler in self._handlers.get(kind, ()):
+            try:
+                handler(node, payload)
+            except Exception:
+                log.failure("Cluster: handling a {kind} message from {node}", kind=kind, node=node)
+
+    # -- the broker side -------------------------------------------------------------------
+
+    async def _prepare(self, connection: _BrokerConnection) -> None:
+        channel = await connection.channel()
+        await channel.exchange_declare(exchange=NODES_EXCHANGE, exchange_type="direct")
+        await channel.exchange_declare(exchange=EVENTS_EXCHANGE, exchange_type="fanout")
+        # A channel closed by the broker (an error of ours) takes the connection with it, so
+        # that a new one is made.
+        channel.on_closed.addBoth(lambda _: _disconnect(connection))
+        raw = channel._channel
+        for queue, exchange, key in (
+            (f"mim.node.{self.node}", NODES_EXCHANGE, self.node),
+            (f"mim.events.{self.node}", EVENTS_EXCHANGE, ""),
+        ):
+            await channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
+            await channel.queue_bind(queue=queue, exchange=exchange, routing_key=key)
+            consuming: defer.Deferred = defer.Deferred()
+            # pika's own channel: a callback per message, no Deferred queue in between.
+            raw.basic_consume(queue, self._received, auto_ack=True, callback=consuming.callback)
+            await consuming
+        self._channel_number = raw.channel_number
+        # Through the same transport as pika's own frames, so they keep their order.
+        self._write = connection.transport.write
+
+    def _ready(self) -> None:
+        held, self._held = self._held, deque()
+        log.info(
+            "Cluster: node {node} connected to RabbitMQ at {host}:{port}, {count} messages to send",
+            node=self.node,
+            host=self.settings.host,
+            port=self.settings.port,
+            count=len(held),
+        )
+        for message in held:
+            self._publish(message)
+        for listener in self.connected_listeners:
+            listener()
+
+    def _lost(self, reason: Failure) -> None:
+        self._write = None
+        if self.running:
+            log.warn(
+                "Cluster: node {node} lost the connection to RabbitMQ ({reason}); messages"
+                " for other nodes are held until it is back",
+                node=self.node,
+                reason=reason.getErrorMessage(),
+            )
+            for listener in self.lost_listeners:
+                listener()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._close())

@@ -1,0 +1,103 @@
+"""The cluster bus on the local RabbitMQ: one node's messages reach another, broadcasts reach
+every other node but not the sender, and what waits while the broker is away is bounded."""
+
+import dataclasses
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mim_twisted.cluster.bus import ClusterBus, decode, encode
+from mim_twisted.config import load_config
+from tests.rabbitsupport import BrokerRelay, require_broker, unique
+
+
+def cluster_settings(node: str, port: int = 5672, max_buffered: int = 10000):
+    cluster = load_config(None).cluster
+    return dataclasses.replace(
+        cluster,
+        enabled=True,
+        node=node,
+        rabbit=dataclasses.replace(cluster.rabbit, port=port),
+        max_buffered_messages=max_buffered,
+    )
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    waited = 0.0
+    while not condition():
+        if waited > timeout:
+            raise AssertionError("timed out")
+        await task.deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+
+
+class EncodingTests(unittest.TestCase):
+    def test_round_trip(self) -> None:
+        self.assertEqual(decode(encode("n1", "up", {"a": [1]})), ("up", "n1", {"a": [1]}))
+
+    def test_foreign_bodies_are_refused(self) -> None:
+        for body in (b"{}", b"[1, 2, 3]", b"not json"):
+            self.assertRaises(ValueError, decode, body)
+
+
+class BufferTests(unittest.TestCase):
+    def test_a_full_buffer_refuses_the_newest_and_says_so(self) -> None:
+        bus = ClusterBus(cluster_settings("n1", max_buffered=2), reactor)
+        refused = []
+        for number in range(3):
+            bus.send("n2", "stanzas", number, lambda number=number: refused.append(number))
+        self.assertEqual(refused, [2])
+        self.assertFalse(bus.connected)
+
+
+class BrokerTests(unittest.TestCase):
+    def setUp(self) -> None:
+        require_broker()
+
+    def start(self, node: str, port: int = 5672) -> ClusterBus:
+        bus = ClusterBus(cluster_settings(node, port), reactor, retry_policy=lambda attempt: 0.1)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        return bus
+
+    @defer.inlineCallbacks
+    def test_send_broadcast_and_on(self):
+        one, two, three = (self.start(unique(name)) for name in ("a", "b", "c"))
+        heard: list[tuple[str, str, object]] = []
+        for bus in (one, two, three):
+            bus.on("ping", lambda node, payload, bus=bus: heard.append((bus.node, node, payload)))
+        yield defer.ensureDeferred(
+            until(lambda: one.connected and two.connected and three.connected)
+        )
+        one.send(two.node, "ping", {"direct": True})
+        one.broadcast("ping", "all")
+        yield defer.ensureDeferred(until(lambda: len(heard) == 3))
+        self.assertEqual(
+            sorted(heard, key=repr),
+            sorted(
+                [
+                    (two.node, one.node, {"direct": True}),
+                    (two.node, one.node, "all"),
+                    (three.node, one.node, "all"),
+                ],
+                key=repr,
+            ),
+        )
+
+    @defer.inlineCallbacks
+    def test_held_while_the_broker_is_away_and_sent_when_back(self):
+        relay = BrokerRelay()
+        self.addCleanup(lambda: defer.ensureDeferred(relay.close()))
+        sender = self.start(unique("s"), relay.port)
+        receiver = self.start(unique("r"))
+        heard = []
+        receiver.on("ping", lambda node, payload: heard.append(payload))
+        yield defer.ensureDeferred(until(lambda: sender.connected and receiver.connected))
+        lost = []
+        sender.lost_listeners.append(lambda: lost.append(True))
+        relay.cut()
+        yield defer.ensureDeferred(until(lambda: not sender.connected))
+        self.assertEqual(lost, [True])
+        sender.send(receiver.node, "ping", 1)
+        relay.restore()
+        yield defer.ensureDeferred(until(lambda: heard == [1]))
