@@ -14,7 +14,7 @@ from collections.abc import Callable
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
@@ -78,23 +78,30 @@ def ip_address_of(address: object) -> str | None:
 class ClientListener(service.Service):
     """Listens on one endpoint with a factory made when the service starts (once the IM core
     it hands sessions to exists); stopping stops listening and leaves open connections alone.
+    ``endpoint``, when given, is used instead of the description's (a socket that a worker
+    inherited, see mim_twisted.workers).
 
     `startService` returns a Deferred that fires once the endpoint listens, or fails with why not.
     """
 
     def __init__(
-        self, description: str, make_factory: Callable[[], ServerFactory], reactor: object
+        self,
+        description: str,
+        make_factory: Callable[[], ServerFactory],
+        reactor: object,
+        endpoint: IStreamServerEndpoint | None = None,
     ) -> None:
         self.description = description
         self.make_factory = make_factory
         self.reactor = reactor
+        self.endpoint = endpoint
         self.factory: ServerFactory | None = None
         self.port: IListeningPort | None = None
 
     def startService(self) -> defer.Deferred:
         super().startService()
         self.factory = self.make_factory()
-        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        endpoint = self.endpoint or endpoints.serverFromString(self.reactor, self.description)
         listening = endpoint.listen(self.factory)
         listening.addCallback(self._listening)
         return listening

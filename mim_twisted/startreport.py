@@ -32,14 +32,20 @@ class StartReport:
     mode they hold the status pipe under "statusPipe" once twistd has forked.
     """
 
-    def __init__(self, twistd_options: MutableMapping[str, Any] | None, reactor: Any) -> None:
+    def __init__(
+        self,
+        twistd_options: MutableMapping[str, Any] | None,
+        reactor: Any,
+        status_pipe: int | None = None,
+    ) -> None:
         self._twistd_options = twistd_options
         self._reactor = reactor
-        self._status_pipe: int | None = None
+        # A worker's supervisor reads its report on a pipe of its own (mim_twisted.workers).
+        self._status_pipe: int | None = status_pipe
 
     def claim(self) -> None:
         """Take the status pipe before twistd reports success on it; call from startService."""
-        if self._twistd_options is not None:
+        if self._twistd_options is not None and self._status_pipe is None:
             self._status_pipe = self._twistd_options.pop("statusPipe", None)
 
     def started(self) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import sqlite3
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -18,7 +19,7 @@ from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer, ssl
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -63,6 +64,16 @@ from mim_twisted.signals import ReloadOnHangup
 from mim_twisted.startreport import StartReport
 from mim_twisted.storage import permissions
 from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated, SchemaTooNew
+from mim_twisted.workers import (
+    FIRST_LISTENER_FD,
+    STATUS_FD,
+    WorkerSupervisor,
+    adopted_endpoint,
+    check_workers,
+    end_with_parent,
+    worker_command,
+    worker_config,
+)
 from mim_twisted.xmpp import tls
 from mim_twisted.xmpp.c2s import C2SFactory, C2SSettings
 from mim_twisted.xmpp.jids import parse_jid
@@ -119,6 +130,13 @@ EXPECTED_START_ERRORS = (
 RELOADABLE_KEYS = frozenset({"tls.certificate", "tls.private_key", "tls.client_ca", "log.level"})
 
 
+def _worker_count(value: str) -> int:
+    count = int(value)
+    if count < 1:
+        raise ValueError("must be at least 1")
+    return count
+
+
 class Options(usage.Options):
     synopsis = "[-c mim.toml] [--log-traffic]"
     longdesc = (
@@ -126,7 +144,19 @@ class Options(usage.Options):
         "'localhost' on 127.0.0.1:5222 with a SQLite database and a self-signed certificate "
         "under ./mim-data/."
     )
-    optParameters = [["config", "c", None, "Path of the TOML config file (see mim.toml.example)."]]
+    optParameters = [
+        ["config", "c", None, "Path of the TOML config file (see mim.toml.example)."],
+        [
+            "workers",
+            None,
+            None,
+            "Worker processes sharing the listeners, each a cluster node (default:"
+            " cluster.workers, 1 = this process serves alone).",
+            _worker_count,
+        ],
+        ["worker", None, None, "Internal: run as this worker of a supervisor.", _worker_count],
+        ["cluster-node", None, None, "Internal: the supervisor's cluster node name."],
+    ]
     optFlags = [["log-traffic", None, "Log every stanza sent and received."]]
 
 
@@ -570,7 +600,12 @@ class MimService(service.MultiService, ServerRegistry):
     """
 
     def __init__(
-        self, config: Config, *, log_traffic: bool = False, reactor: object = None
+        self,
+        config: Config,
+        *,
+        log_traffic: bool = False,
+        reactor: object = None,
+        inherited_listeners: Sequence[IStreamServerEndpoint] = (),
     ) -> None:
         service.MultiService.__init__(self)
         ServerRegistry.__init__(self)
@@ -622,9 +657,11 @@ class MimService(service.MultiService, ServerRegistry):
         # One failure budget for every listener: a guesser gains nothing by switching ports.
         self.auth_failures = AuthFailureBudget(failure_budget_settings(config))
         self.listeners: list[ClientListener] = []
-        for listener in config.listeners:
+        # A worker accepts on the sockets its supervisor bound, in the listeners' order.
+        listener_endpoints = list(inherited_listeners) or [None] * len(config.listeners)
+        for listener, endpoint in zip(config.listeners, listener_endpoints, strict=True):
             client_listener = ClientListener(
-                listener.endpoint, partial(self._client_factory, listener), reactor
+                listener.endpoint, partial(self._client_factory, listener), reactor, endpoint
             )
             client_listener.setServiceParent(self)
             self.listeners.append(client_listener)
@@ -839,22 +876,56 @@ def failure_budget_settings(config: Config) -> FailureBudgetSettings:
     )
 
 
-def makeService(options: Options) -> MimService:
+def makeService(options: Options) -> MimService | WorkerSupervisor:
     try:
         config = load_config(options["config"])
+        workers = options["workers"] or config.cluster.workers
+        if options["worker"] is None:
+            check_workers(config, workers)
     except ConfigError as e:
         # One line naming the file, key and reason, never a traceback.
         sys.exit(f"mim: {e}")
+    if options["worker"] is not None:
+        return _make_worker(options, config)
     # Logged before twistd starts its log, so it comes first when that log begins.
     log.info(
         "mim-twisted {version} starting with {config}",
         version=mim_twisted.__version__,
         config=config.source or "the embedded default configuration",
     )
-    server = MimService(config, log_traffic=options["log-traffic"])
     twistd_options = options.parent
+    if workers > 1:
+        supervisor = WorkerSupervisor(config, workers, partial(worker_command, options, config))
+        if twistd_options is not None:
+            supervisor.start_report = StartReport(twistd_options, supervisor.reactor)
+            supervisor.log_output = LogOutput(twistd_options, config.log.level, config.log.format)
+            ReloadOnHangup(supervisor.reload).setServiceParent(supervisor)
+        return supervisor
+    server = MimService(config, log_traffic=options["log-traffic"])
     if twistd_options is not None:
         server.start_report = StartReport(twistd_options, server.reactor)
         server.log_output = LogOutput(twistd_options, config.log.level, config.log.format)
+        ReloadOnHangup(server.reload).setServiceParent(server)
+    return server
+
+
+def _make_worker(options: Options, config: Config) -> MimService:
+    """One worker of a supervisor: its own node name, admin socket and metrics endpoint, the
+    supervisor's sockets, its log in JSON lines for the supervisor to read, its start reported
+    on the status pipe (see mim_twisted.workers)."""
+    from twisted.internet import reactor
+
+    end_with_parent()
+    index = options["worker"]
+    config = worker_config(config, index, options["cluster-node"] or config.cluster.node)
+    inherited = [
+        adopted_endpoint(reactor, FIRST_LISTENER_FD + offset)
+        for offset in range(len(config.listeners))
+    ]
+    server = MimService(config, log_traffic=options["log-traffic"], inherited_listeners=inherited)
+    twistd_options = options.parent
+    if twistd_options is not None:
+        server.start_report = StartReport(twistd_options, reactor, status_pipe=STATUS_FD)
+        server.log_output = LogOutput(twistd_options, config.log.level, "json")
         ReloadOnHangup(server.reload).setServiceParent(server)
     return server
