@@ -36,6 +36,7 @@ from mim_twisted.storage.interfaces import (
     SchemaTooNew,
 )
 from mim_twisted.tap import open_storage, secure_sqlite_directory
+from mim_twisted.workers import worker_admin_socket
 
 # Failures an admin can act on from their message alone: one line, no traceback.
 DATABASE_ERRORS = tap.DATABASE_ERRORS
@@ -133,12 +134,38 @@ class _AdminClient(LineReceiver):
 
 
 async def ask_server(config: Config, command: str, **arguments: Any) -> Any:
-    """Send ``command`` to the running server; its result. ServerNotRunning if none answers."""
-    from twisted.internet import reactor
+    """Send ``command`` to the running server; its result. ServerNotRunning if none answers.
 
-    path = config.admin_socket
+    With `cluster.workers` above 1 every worker is asked on its own socket and the answers are
+    merged (see ``MERGES``): each worker holds its own sessions and counters.
+    """
     if not config.admin.enabled:
         raise ServerNotRunning(f"{config.source}: admin.enabled is false: no admin socket")
+    paths = admin_sockets(config)
+    answers, missing = [], []
+    for path in paths:
+        try:
+            answers.append(await _ask_socket(path, command, arguments))
+        except ServerNotRunning as not_running:
+            missing.append(not_running)
+    if not answers:
+        raise missing[0]
+    if missing:
+        # A worker being restarted: what the others answered would be part of the truth.
+        raise CommandError(f"a worker {_one_line(missing[0]).removeprefix('mim-twisted ')}")
+    return answers[0] if len(answers) == 1 else MERGES[command](answers)
+
+
+def admin_sockets(config: Config) -> list[str]:
+    """The running server's admin sockets: its own, or one per worker (mim_twisted.workers)."""
+    if config.cluster.workers == 1:
+        return [config.admin_socket]
+    return [worker_admin_socket(config, index) for index in range(1, config.cluster.workers + 1)]
+
+
+async def _ask_socket(path: str, command: str, arguments: dict[str, Any]) -> Any:
+    from twisted.internet import reactor
+
     if len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH:
         raise ServerNotRunning(f"no admin socket: {path} is too long, set admin.socket")
     endpoint = endpoints.UNIXClientEndpoint(reactor, path, timeout=ADMIN_TIMEOUT)
@@ -163,6 +190,41 @@ async def ask_server(config: Config, command: str, **arguments: Any) -> Any:
     if not response["ok"]:
         raise CommandError(response["error"])
     return response["result"]
+
+
+def _merge_status(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    # The storage as the first worker that finds it not answering sees it.
+    storage_states = [a["storage"] for a in answers]
+    troubled = [state for state in storage_states if not state["answering"]]
+    return {
+        "version": answers[0]["version"],
+        "uptime": max(a["uptime"] for a in answers),
+        "sessions": sum(a["sessions"] for a in answers),
+        "connections": sum(a["connections"] for a in answers),
+        "storage": (troubled or storage_states)[0],
+        "workers": len(answers),
+    }
+
+
+def _merge_counters(answers: list[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for counters in answers:
+        for name, value in counters.items():
+            merged[name] = merged.get(name, 0) + value
+    return dict(sorted(merged.items()))
+
+
+def _merge_sessions(answers: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return sorted((s for sessions in answers for s in sessions), key=lambda s: s["jid"])
+
+
+# How the workers' answers to each command make one.
+MERGES: dict[str, Callable[[list[Any]], Any]] = {
+    "status": _merge_status,
+    "sessions": _merge_sessions,
+    "kick": lambda answers: [full_jid for ended in answers for full_jid in ended],
+    "stats": _merge_counters,
+}
 
 
 async def _end_sessions(config: Config, address: jid.JID, condition: str, out: TextIO) -> None:
@@ -306,7 +368,11 @@ async def status(config: Config, args: argparse.Namespace, stdin: TextIO, out: T
     answering = (
         "answering" if storage_state["answering"] else f"NOT answering ({storage_state['problem']})"
     )
-    print(f"mim-twisted {state['version']} running, up {_duration(state['uptime'])}", file=out)
+    workers = f" in {state['workers']} workers" if "workers" in state else ""
+    print(
+        f"mim-twisted {state['version']} running{workers}, up {_duration(state['uptime'])}",
+        file=out,
+    )
     print(f"  sessions: {state['sessions']} (connections: {state['connections']})", file=out)
     print(f"  storage: {storage_state['backend']}, {answering}", file=out)
 

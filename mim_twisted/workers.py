@@ -38,7 +38,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mim_twisted.config import Config, ConfigError, load_config
+from mim_twisted.config import MAX_UNIX_SOCKET_PATH, Config, ConfigError, load_config
 from mim_twisted.listeners import describe_address, endpoint_arguments
 from mim_twisted.logs import LogOutput
 from mim_twisted.startreport import StartReport
@@ -70,11 +70,16 @@ def worker_config(config: Config, index: int, node: str) -> Config:
     The admin socket is `<admin socket>.<index>`; a TCP metrics endpoint gets port + index - 1
     (9090, 9091, ... by default), a UNIX one `<path>.<index>`."""
     cluster = dataclasses.replace(config.cluster, node=f"{node}.{index}")
-    admin = dataclasses.replace(config.admin, socket=f"{config.admin_socket}.{index}")
+    admin = dataclasses.replace(config.admin, socket=worker_admin_socket(config, index))
     metrics = dataclasses.replace(
         config.metrics, endpoint=_nth_endpoint(config.metrics.endpoint, index)
     )
     return dataclasses.replace(config, cluster=cluster, admin=admin, metrics=metrics)
+
+
+def worker_admin_socket(config: Config, index: int) -> str:
+    """The admin socket of worker ``index`` (mimctl asks every worker's)."""
+    return f"{config.admin_socket}.{index}"
 
 
 def _nth_endpoint(description: str, index: int) -> str:
@@ -100,6 +105,12 @@ def check_workers(config: Config, workers: int) -> None:
         raise ConfigError(
             f"{config.source or 'the default configuration'}: {workers} workers need"
             " cluster.enabled = true (each worker is a cluster node)"
+        )
+    socket_path = os.fsencode(worker_admin_socket(config, workers))
+    if workers > 1 and config.admin.enabled and len(socket_path) > MAX_UNIX_SOCKET_PATH:
+        raise ConfigError(
+            f"{config.source}: admin.socket: too long for {workers} workers' sockets"
+            f" (<path>.{workers}: at most {MAX_UNIX_SOCKET_PATH} bytes)"
         )
     if workers > 1 and config.metrics.enabled:
         kind = endpoint_arguments(config.metrics.endpoint)[0]

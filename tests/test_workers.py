@@ -1,6 +1,7 @@
 """The worker supervisor's pure parts: each worker's config, the one-line config errors, the
 options, and a worker's log lines in the supervisor's log (e2e: tests/e2e/test_workers.py)."""
 
+import dataclasses
 import json
 import os
 
@@ -9,6 +10,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from mim_twisted.config import ConfigError, load_config
+from mim_twisted.ctl import MERGES, admin_sockets
 from mim_twisted.tap import Options
 from mim_twisted.workers import WorkerProcess, check_workers, worker_config
 
@@ -97,3 +99,53 @@ class WorkerLogTests(unittest.TestCase):
         self.assertEqual(event["log_system"], "worker 2 mim_twisted.tap#warn")
         self.assertEqual(other["line"], "not json")
         self.assertEqual(other["index"], 2)
+
+
+class MimctlMergeTests(unittest.TestCase):
+    """mimctl's view of several workers: one answer made of each worker's."""
+
+    def test_status(self) -> None:
+        answering = {"backend": "postgresql", "answering": True, "problem": None}
+        down = {"backend": "postgresql", "answering": False, "problem": "no answer within 5 s"}
+        merged = MERGES["status"](
+            [
+                {
+                    "version": "1",
+                    "uptime": 5.0,
+                    "sessions": 2,
+                    "connections": 3,
+                    "storage": answering,
+                },
+                {"version": "1", "uptime": 9.0, "sessions": 1, "connections": 1, "storage": down},
+            ]
+        )
+        self.assertEqual(
+            merged,
+            {
+                "version": "1",
+                "uptime": 9.0,
+                "sessions": 3,
+                "connections": 4,
+                "storage": down,
+                "workers": 2,
+            },
+        )
+
+    def test_sessions_kick_and_stats(self) -> None:
+        self.assertEqual(
+            MERGES["sessions"]([[{"jid": "b@x/r"}], [{"jid": "a@x/r"}, {"jid": "c@x/r"}]]),
+            [{"jid": "a@x/r"}, {"jid": "b@x/r"}, {"jid": "c@x/r"}],
+        )
+        self.assertEqual(MERGES["kick"]([["a@x/1"], [], ["a@x/2"]]), ["a@x/1", "a@x/2"])
+        self.assertEqual(
+            MERGES["stats"]([{"logins": 2, "b": 1}, {"logins": 3, "a": 4}]),
+            {"a": 4, "b": 1, "logins": 5},
+        )
+
+    def test_admin_sockets(self) -> None:
+        config = load_config(None)
+        self.assertEqual(admin_sockets(config), [config.admin_socket])
+        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, workers=2))
+        self.assertEqual(
+            admin_sockets(config), [f"{config.admin_socket}.1", f"{config.admin_socket}.2"]
+        )

@@ -27,6 +27,7 @@ from tests.e2e.harness import (
     free_port,
     require_asyncio_reactor,
 )
+from tests.e2e.test_operator_process import MIMCTL
 from tests.e2e.test_twistd import TWISTD, ProcessOutput, _sleep
 
 WORKER_STARTED = re.compile(rb"Worker (\d+) started \(pid (\d+)\)")
@@ -77,12 +78,13 @@ class WorkersTests(unittest.TestCase):
             )
         return path
 
-    async def start(self, *arguments: str) -> tuple[object, ProcessOutput]:
+    async def start(self) -> tuple[object, ProcessOutput]:
         process = ProcessOutput()
+        self.config = self.write_config("workers = 2\n")
         transport = reactor.spawnProcess(
             process,
             TWISTD,
-            [TWISTD, "-n", "--pidfile=", "mim", "-c", self.write_config(), *arguments],
+            [TWISTD, "-n", "--pidfile=", "mim", "-c", self.config],
             env=os.environ,
             path=self.directory,
         )
@@ -98,6 +100,12 @@ class WorkersTests(unittest.TestCase):
                 break
             await _sleep(0.1)
         raise AssertionError(f"no {text!r} in the output:\n{process.text()}")
+
+    async def mimctl(self, *argv: str) -> tuple[int, str, str]:
+        out, err, code = await getProcessOutputAndValue(
+            MIMCTL, ["-c", self.config, *argv], env=os.environ
+        )
+        return code, out.decode(), err.decode()
 
     def worker_pids(self, process: ProcessOutput) -> dict[int, int]:
         """The pid of each worker's last start."""
@@ -120,13 +128,6 @@ class WorkersTests(unittest.TestCase):
         self.assertEqual(await client.connect(), "session_start")
         return client
 
-    def worker_of(self, user: str) -> int | None:
-        for index in (1, 2):
-            sessions = _ask_worker(self.directory, index, "sessions")
-            if any(s["jid"].startswith(f"{user}@") for s in sessions):
-                return index
-        return None
-
     async def connection_on(self, index: int) -> RawClient:
         """Open connections until worker ``index`` has one (the last one opened): the kernel
         hands each to whichever worker accepts first, so several land on both."""
@@ -141,10 +142,25 @@ class WorkersTests(unittest.TestCase):
         raise AssertionError(f"50 connections and none on worker {index}")
 
     async def test_two_workers_share_the_port_restart_and_stop(self) -> None:
-        transport, process = await self.start("--workers", "2")
+        transport, process = await self.start()
         self.assertIn(b"in 2 workers", process.output)
         await self.connection_on(1)
         await self.connection_on(2)
+
+        # mimctl asks both workers and merges their answers.
+        await self.login("alice")
+        await self.login("bob")
+        code, out, err = await self.mimctl("status")
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"^mim-twisted \S+ running in 2 workers, up ")
+        self.assertIn("  sessions: 2 (connections: ", out)
+        code, out, err = await self.mimctl("sessions")
+        self.assertEqual(
+            [line.split("\t")[0] for line in out.splitlines()],
+            ["alice@localhost/res", "bob@localhost/res"],
+        )
+        code, out, err = await self.mimctl("kick", "bob@localhost")
+        self.assertEqual((code, out), (0, "ended the session of bob@localhost/res\n"))
 
         pids = self.worker_pids(process)
         os.kill(pids[1], signal.SIGKILL)
