@@ -676,6 +676,8 @@ class ClusterConfig:
     heartbeat_interval: float = option(
         lambda values: values["node_timeout"] / 3, number(0, inclusive=False)
     )
+    # Processes on this machine sharing the listeners, each a node (mim_twisted.workers).
+    workers: int = option(1, integer(1, 64))
 
     def __post_init__(self) -> None:
         if self.enabled and importlib.util.find_spec("pika") is None:
@@ -684,6 +686,8 @@ class ClusterConfig:
                 " pip install 'mim-twisted[rabbitmq]'",
                 key="enabled",
             )
+        if self.workers > 1 and not self.enabled:
+            raise _CheckError("needs cluster.enabled = true (each worker is a node)", key="workers")
         if self.heartbeat_interval >= self.node_timeout:
             raise _CheckError(
                 f"must be less than node_timeout ({_show(self.node_timeout)})",

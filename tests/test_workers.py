@@ -1,7 +1,6 @@
 """The worker supervisor's pure parts: each worker's config, the one-line config errors, the
 options, and a worker's log lines in the supervisor's log (e2e: tests/e2e/test_workers.py)."""
 
-import dataclasses
 import json
 import os
 
@@ -43,6 +42,25 @@ class WorkerConfigTests(unittest.TestCase):
         ):
             config = self.load(f"[metrics]\nendpoint = {json.dumps(endpoint)}\n")
             self.assertEqual(worker_config(config, 3, "n").metrics.endpoint, third)
+
+    def test_the_workers_key(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write('[storage]\nbackend = "postgresql"\n[cluster]\nenabled = true\nworkers = 2\n')
+        self.assertEqual(load_config(path).cluster.workers, 2)
+        self.assertEqual(load_config(None).cluster.workers, 1)
+        for text, error in (
+            ("[cluster]\nworkers = 0\n", "cluster.workers: must be an integer 1..64 (got 0)"),
+            (
+                "[cluster]\nworkers = 2\n",
+                "cluster.workers: needs cluster.enabled = true (each worker is a node)",
+            ),
+        ):
+            with open(path, "w") as f:
+                f.write(text)
+            with self.assertRaises(ConfigError) as raised:
+                load_config(path)
+            self.assertEqual(str(raised.exception), f"{path}: {error}")
 
     def test_several_workers_need_the_cluster(self) -> None:
         config = self.load("[server]\n")
@@ -145,7 +163,10 @@ class MimctlMergeTests(unittest.TestCase):
     def test_admin_sockets(self) -> None:
         config = load_config(None)
         self.assertEqual(admin_sockets(config), [config.admin_socket])
-        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, workers=2))
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write('[storage]\nbackend = "postgresql"\n[cluster]\nenabled = true\nworkers = 2\n')
+        config = load_config(path)
         self.assertEqual(
             admin_sockets(config), [f"{config.admin_socket}.1", f"{config.admin_socket}.2"]
         )

@@ -192,11 +192,11 @@ class WorkersTests(unittest.TestCase):
 
     async def test_a_worker_that_cannot_start_fails_the_start(self) -> None:
         # Worker 2's metrics port (the configured one + 1) is taken.
-        metrics_port = free_port()
         taken = socket.socket()
         self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", metrics_port + 1))
+        taken.bind(("127.0.0.1", 0))
         taken.listen()
+        metrics_port = taken.getsockname()[1] - 1
         config = self.write_config(
             f'[metrics]\nenabled = true\nendpoint = "tcp:{metrics_port}:interface=127.0.0.1"\n'
         )
