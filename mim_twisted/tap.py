@@ -233,12 +233,18 @@ class ImCore:
 
 
 def build_im_core(
-    config: Config, database: IDatabase, clock: object, registry: ServerRegistry | None = None
+    config: Config,
+    database: IDatabase,
+    clock: object,
+    registry: ServerRegistry | None = None,
+    sessions: Any = None,
 ) -> ImCore:
-    """The IM core, with what the extensions in ``registry`` added to it."""
+    """The IM core, with what the extensions in ``registry`` added to it, on ``sessions``
+    (a cluster node's table) or on a table of its own."""
     registry = registry or ServerRegistry()
     domains = frozenset(config.server.domains)
-    sessions = SessionManager()
+    if sessions is None:
+        sessions = SessionManager()
     hook_table = hooks.Hooks()
     for name, handler, priority in registry.hook_handlers:
         hook_table.add(name, handler, priority)
@@ -468,17 +474,28 @@ class ImCoreService(service.Service):
         storage: StorageService | None,
         clock: object,
         registry: ServerRegistry | None = None,
+        cluster: Any = None,
     ) -> None:
         self.config = config
         self.storage = storage
         self.clock = clock
         self.registry = registry
+        self.cluster = cluster  # a ClusterNode, started before this
         self.core: ImCore | None = None
         self.factories: list[C2SFactory] = []
 
     def startService(self) -> None:
         super().startService()
-        self.core = build_im_core(self.config, self.storage.database, self.clock, self.registry)
+        cluster = self.cluster
+        self.core = build_im_core(
+            self.config,
+            self.storage.database,
+            self.clock,
+            self.registry,
+            sessions=cluster.sessions if cluster is not None else None,
+        )
+        if cluster is not None:
+            cluster.attach(self.core)
 
     def attach(self, factory: C2SFactory) -> None:
         """Offer the core on a listener's connections, and close them when the core stops."""
@@ -637,7 +654,13 @@ class MimService(service.MultiService, ServerRegistry):
             self.cluster_bus.setServiceParent(self)
         for child in self.extension_services:
             child.setServiceParent(self)
-        self.im = ImCoreService(config, self.storage, reactor, self)
+        self.cluster: Any = None  # a ClusterNode when [cluster] is enabled
+        if config.cluster.enabled:
+            from mim_twisted.cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(config.cluster, self.cluster_bus, self.storage, reactor)
+            self.cluster.setServiceParent(self)
+        self.im = ImCoreService(config, self.storage, reactor, self, self.cluster)
         self.pubsub_host: PubSubHost | None = None
         if config.pubsub.enabled:
             self.pubsub_host = PubSubHost(config, self.storage, self.im, reactor, self)

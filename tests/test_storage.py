@@ -363,6 +363,7 @@ PACKAGED_UPGRADE_TABLES = {
     3: ["block_list"],
     4: ["private_storage"],
     5: ["vcards"],
+    6: ["cluster_sessions"],
 }
 
 

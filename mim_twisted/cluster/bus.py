@@ -88,6 +88,11 @@ class ClusterBus(BrokerLink):
     def connected(self) -> bool:
         return self._write is not None
 
+    @property
+    def waiting(self) -> int:
+        """Messages held until the broker is back."""
+        return len(self._held)
+
     # -- the node's side -------------------------------------------------------------------
 
     def on(self, kind: str, handler: Handler) -> None:

@@ -9,7 +9,7 @@ from zope.interface import implementer
 
 from mim_twisted.storage import migrations, sql
 from mim_twisted.storage.interfaces import IDatabase
-from mim_twisted.storage.pgpool import ConnectionPool, Session
+from mim_twisted.storage.pgpool import Body, ConnectionPool, Session
 
 T = TypeVar("T")
 
@@ -70,6 +70,11 @@ class PostgresDatabase(sql.SQLStores):
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
         return self._pool.run(_sql_transaction(make_transaction))
+
+    def run(self, body: Body[T]) -> Deferred[T]:
+        """Run `body(session)` in a transaction, for statements of PostgreSQL's own (the
+        cluster's session table); retried as the pool retries."""
+        return self._pool.run(body)
 
     def start(self) -> Deferred["PostgresDatabase"]:
         """Open the connections; Deferred firing with this database."""

@@ -1,0 +1,237 @@
+"""This server as a node of a cluster: its session table, the stanzas other nodes send it, and
+the heartbeats by which nodes learn that one of them has died.
+
+Every node broadcasts a heartbeat each `heartbeat_interval`. A node not heard for
+`node_timeout` while this one's bus is up is taken for dead: its sessions leave the table here,
+and the node whose delete removed its rows from `cluster_sessions` (one, whichever is first)
+sends the unavailable presence of its available users to their contacts, as their own node
+would have when their connections closed. While this node's bus is down it judges no one; when
+the bus is back, it reads the table again and announces its own sessions once more (the others
+may have missed its announcements, or taken it for dead).
+"""
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.words.protocols.jabber import error
+from twisted.words.xish import domish
+
+from mim_twisted.cluster.bus import ClusterBus
+from mim_twisted.cluster.sessions import (
+    NS_BLOCKING,
+    NS_CARBONS,
+    NS_ROSTER,
+    ClusterSessions,
+    Outbox,
+    RemoteSession,
+    SessionTable,
+    unpack_stanzas,
+    wanted,
+)
+from mim_twisted.config import ClusterConfig
+from mim_twisted.im.stream_management import parse_stanza
+from mim_twisted.xmpp.jids import parse_jid
+from mim_twisted.xmpp.stanza_errors import error_response
+
+log = Logger()
+
+# What a stanza for another node must contain for its node to look at it before sending it on.
+_FILTERED = (NS_ROSTER, NS_BLOCKING, NS_CARBONS)
+
+
+class ClusterNode(service.Service):
+    """A child of the server between the bus and the IM core: `sessions` is the IM core's
+    session table once started."""
+
+    name = "cluster-node"
+
+    def __init__(
+        self, settings: ClusterConfig, bus: ClusterBus, storage: Any, reactor: Any
+    ) -> None:
+        self.settings = settings
+        self.node = settings.node
+        self.bus = bus
+        self.storage = storage  # a StorageService, open when this starts
+        self.reactor = reactor
+        self.sessions: ClusterSessions | None = None
+        self.table: SessionTable | None = None
+        self.core: Any = None  # the ImCore, once built on `sessions`
+        self._last_heard: dict[str, float] = {}
+        self._heartbeat: task.LoopingCall | None = None
+        self._judging = False  # the bus is up: silence means something
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    def startService(self) -> defer.Deferred:
+        super().startService()
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        self.table = SessionTable(self.storage.database)
+        outbox = Outbox(self.bus, self.reactor, self._undeliverable)
+        self.sessions = ClusterSessions(self.node, self.bus, outbox, self.table)
+        self.bus.on("heartbeat", self._heard)
+        self.bus.on("stopped", self._stopped)
+        self.bus.on("stanzas", self._stanzas)
+        # Rows a previous run under the same name left (it was killed).
+        await self.table.remove_node(self.node)
+        await self._reload()
+        self.bus.connected_listeners.append(self._bus_up)
+        self.bus.lost_listeners.append(self._bus_down)
+        self._judging = self.bus.connected
+        self._heartbeat = task.LoopingCall(self._beat)
+        self._heartbeat.clock = self.reactor
+        self._heartbeat.start(self.settings.heartbeat_interval, now=True)
+        log.info("Cluster: node {node} started", node=self.node)
+
+    def attach(self, core: Any) -> None:
+        """The IM core built on `sessions`: its changes of presence and caps are announced."""
+        self.core = core
+        core.presence.caps_listeners.append(lambda session, presence: self._announce(session))
+        core.caps.on_caps_learned.append(self._announce)
+        core.hooks.add("user_unavailable", lambda session, presence: self._announce(session))
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        for listeners, listener in (
+            (self.bus.connected_listeners, self._bus_up),
+            (self.bus.lost_listeners, self._bus_down),
+        ):
+            if listener in listeners:
+                listeners.remove(listener)
+        self.bus.broadcast("stopped", None)
+        if self.table is not None:
+            # After the closing sessions' own writes, before the database closes.
+            await self.table.writing.idle()
+            await self.table.remove_node(self.node)
+
+    # -- the table -------------------------------------------------------------------------
+
+    def _announce(self, session: Any) -> None:
+        if self.sessions is not None and not isinstance(session, RemoteSession):
+            self.sessions.announce(session)
+
+    async def _reload(self) -> None:
+        self.sessions.replace_all(await self.table.load())
+        now = self.reactor.seconds()
+        for node in self.sessions.nodes():
+            self._last_heard.setdefault(node, now)
+
+    def _bus_up(self) -> None:
+        now = self.reactor.seconds()
+        for node in self._last_heard:
+            self._last_heard[node] = now
+        self._judging = True
+        reloading = defer.ensureDeferred(self._reload())
+        reloading.addCallback(lambda _: self.sessions.announce_all())
+        reloading.addErrback(lambda failure: log.failure("Cluster: reading the table", failure))
+
+    def _bus_down(self) -> None:
+        self._judging = False
+
+    # -- heartbeats ------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        if not self.bus.connected:
+            return
+        self.bus.broadcast("heartbeat", None)
+        if not self._judging:
+            return
+        now = self.reactor.seconds()
+        for node in self.sessions.nodes():
+            self._last_heard.setdefault(node, now)
+        for node, heard in list(self._last_heard.items()):
+            if now - heard > self.settings.node_timeout:
+                del self._last_heard[node]
+                dying = defer.ensureDeferred(self._node_died(node, now - heard))
+                dying.addErrback(lambda f, node=node: log.failure("Cluster: node {n}", f, n=node))
+
+    def _heard(self, node: str, payload: Any) -> None:
+        self._last_heard[node] = self.reactor.seconds()
+
+    def _stopped(self, node: str, payload: Any) -> None:
+        # Its sessions ended and said so as it stopped.
+        self._last_heard.pop(node, None)
+        self.sessions.forget_node(node)
+
+    async def _node_died(self, node: str, silence: float) -> None:
+        self.sessions.forget_node(node)
+        records = await self.table.remove_node(node)
+        log.warn(
+            "Cluster: node {node} not heard for {silence:.1f} s, taken for dead;"
+            " {count} of its sessions ended here",
+            node=node,
+            silence=silence,
+            count=len(records),
+        )
+        if self.core is None:
+            return
+        for record in records:
+            session = RemoteSession(parse_jid(record[0]), node, self.sessions.outbox)
+            session.update(record)
+            session.closed = True
+            self.core.presence.session_ended(session)
+
+    # -- stanzas from other nodes ----------------------------------------------------------
+
+    def _stanzas(self, node: str, payload: Any) -> None:
+        local = self.sessions.local
+        for jid, xml in unpack_stanzas(payload):
+            session = local.session(parse_jid(jid))
+            if session is None:
+                self._not_here(parse_stanza(xml))
+                continue
+            if any(namespace in xml for namespace in _FILTERED):
+                if not wanted(session, parse_stanza(xml)):
+                    continue
+            if session.held_messages is not None and xml.startswith("<message"):
+                session.held_messages.append(parse_stanza(xml))
+            else:
+                session.send(xml)
+
+    def _not_here(self, stanza: domish.Element) -> None:
+        """The session it was sent to has gone meanwhile (RFC 6121 §8.5.3.2.1, §8.5.3.2.2)."""
+        if self.core is None:
+            return
+        kind = stanza.getAttribute("type", "normal")
+        if stanza.name == "message" and kind == "chat":
+            target = parse_jid(stanza["to"])
+            keeping = self.core.router.messages.redeliver(target.userhostJID(), stanza)
+            if keeping is not None:
+                self.core.router.routing.track(keeping)
+        elif stanza.name == "message" and kind in ("normal", "groupchat"):
+            self._bounce(stanza)
+        elif stanza.name == "iq" and kind in ("get", "set"):
+            self._bounce(stanza)
+
+    def _undeliverable(self, stanzas: list[tuple[str, str]]) -> None:
+        """The bus buffer had no room (the broker has been away long): RFC 6121's answers as
+        if the sessions were not there — messages stored offline, requests refused."""
+        for jid, xml in stanzas:
+            stanza = parse_stanza(xml)
+            kind = stanza.getAttribute("type", "normal")
+            if stanza.name == "message" and kind in ("chat", "normal") and self.core is not None:
+                target = parse_jid(jid).userhostJID()
+                keeping = self.core.router.messages.offline.keep(target, stanza)
+                keeping.addErrback(
+                    lambda failure: log.failure("Cluster: storing a message offline", failure)
+                )
+                self.core.router.routing.track(keeping)
+            elif stanza.name in ("message", "iq") and kind not in ("error", "result"):
+                self._bounce(stanza)
+
+    def _bounce(self, stanza: domish.Element) -> None:
+        """<service-unavailable/> to the sender, wherever it is."""
+        sender = stanza.getAttribute("from")
+        if not sender:
+            return
+        session = self.sessions.session(parse_jid(sender))
+        if session is not None:
+            session.send(error_response(error.StanzaError("service-unavailable"), stanza))

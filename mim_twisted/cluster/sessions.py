@@ -1,0 +1,351 @@
+"""The cluster's session table: the sessions of this node, and those of the others as seen here.
+
+`ClusterSessions` has the local table's interface (`SessionManager`: bind, unbind, session,
+sessions_of), so the router, presence, messages, carbons and PubSub reach a session on another
+node exactly as a local one: through a `RemoteSession`, whose `send` puts the stanza in the
+`Outbox` for its node. The outbox sends what one reactor turn gathered for a node as one bus
+message, a payload sent to several of its sessions (a presence broadcast, a message to several
+resources) carried once.
+
+Each bound session is a row of `cluster_sessions` in PostgreSQL (its node, priority while
+available, last broadcast presence and caps features), written by its node on bind, presence,
+caps and close, and announced on the fanout exchange ("session", "unbound"); every node keeps
+the others' sessions in memory from those announcements, loaded from the table when it starts
+and again when its bus comes back (what was announced meanwhile was missed).
+
+A session's interest in pushes (roster, block list, carbons) is known only to its node: a remote
+session takes everything, and its node drops what the session did not ask for (`wanted`).
+"""
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.words.protocols.jabber.jid import JID
+from twisted.words.xish import domish
+
+from mim_twisted.cluster.bus import ClusterBus
+from mim_twisted.im.sessions import Session, SessionManager
+from mim_twisted.im.stream_management import parse_stanza
+from mim_twisted.inflight import InFlight
+from mim_twisted.xmpp.jids import parse_jid
+
+log = Logger()
+
+NS_ROSTER = "jabber:iq:roster"
+NS_BLOCKING = "urn:xmpp:blocking"
+NS_CARBONS = "urn:xmpp:carbons:2"
+
+# (full JID, priority or None while unavailable, presence XML or None, caps features or None)
+Record = list[Any]
+
+
+class Outbox:
+    """Stanzas for sessions on other nodes, one bus message per node and reactor turn."""
+
+    def __init__(
+        self,
+        bus: ClusterBus,
+        reactor: Any,
+        undeliverable: Callable[[list[tuple[str, str]]], None],
+    ) -> None:
+        self.bus = bus
+        self.reactor = reactor
+        # Called with the (full JID, stanza XML) the buffer had no room for.
+        self.undeliverable = undeliverable
+        self._pending: dict[str, list[tuple[str, str]]] = {}
+
+    def deliver(self, node: str, jid: str, stanza: domish.Element | bytes | str) -> None:
+        if isinstance(stanza, domish.Element):
+            stanza = stanza.toXml(defaultUri="jabber:client")
+        elif isinstance(stanza, bytes):
+            stanza = stanza.decode("utf-8")
+        if not self._pending:
+            self.reactor.callLater(0, self._flush)
+        self._pending.setdefault(node, []).append((jid, stanza))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for node, stanzas in pending.items():
+            # Each distinct payload once; deliveries refer to it by index.
+            payloads: dict[str, int] = {}
+            deliveries = [[jid, payloads.setdefault(xml, len(payloads))] for jid, xml in stanzas]
+            self.bus.send(
+                node,
+                "stanzas",
+                [list(payloads), deliveries],
+                lambda stanzas=stanzas: self.undeliverable(stanzas),
+            )
+
+
+def unpack_stanzas(payload: Any) -> list[tuple[str, str]]:
+    """The (full JID, stanza XML) of a "stanzas" message."""
+    payloads, deliveries = payload
+    return [(jid, payloads[index]) for jid, index in deliveries]
+
+
+class RemoteSession:
+    """A session bound on another node, as this node sees it (the `Session` attributes that
+    routing reads)."""
+
+    connection = None
+    ended = False
+    held_messages = None
+    client_state = None
+    ledger = None
+    caps = None
+    # Its node drops the pushes it did not ask for (see `wanted`).
+    roster_requested = True
+    block_list_requested = True
+    carbons = True
+
+    def __init__(self, jid: JID, node: str, outbox: Outbox) -> None:
+        self.jid = jid
+        self.node = node
+        self.outbox = outbox
+        self.priority = 0
+        self.message_priority: int | None = None
+        self.presence: domish.Element | None = None
+        self.caps_features: frozenset[str] | None = None
+        self.directed_to: set[str] = set()
+        self.closed = False
+
+    def update(self, record: Record) -> None:
+        _, priority, presence, features = record
+        self.message_priority = priority
+        self.priority = priority if priority is not None else 0
+        self.presence = parse_stanza(presence) if presence is not None else None
+        self.caps_features = frozenset(features) if features is not None else None
+
+    def send(self, stanza: domish.Element | bytes | str) -> None:
+        self.outbox.deliver(self.node, self.jid.full(), stanza)
+
+    def replaced(self) -> None:
+        self.outbox.bus.send(self.node, "replace", self.jid.full())
+
+    def stream_error(self, condition: str, text: str | None = None, app: Any = None) -> None:
+        self.replaced()
+
+    def __repr__(self) -> str:
+        return f"<RemoteSession {self.jid.full()} on {self.node}>"
+
+
+def record_of(session: Session) -> Record:
+    presence = session.presence
+    features = session.caps_features
+    return [
+        session.jid.full(),
+        session.message_priority if presence is not None else None,
+        presence.toXml(defaultUri="jabber:client") if presence is not None else None,
+        sorted(features) if features is not None else None,
+    ]
+
+
+def wanted(session: Session, stanza: domish.Element) -> bool:
+    """Whether a stanza routed here from another node is one the local session asked for."""
+    if stanza.name == "iq" and stanza.getAttribute("type") == "set":
+        for child in stanza.elements():
+            if child.uri == NS_ROSTER:
+                return session.roster_requested
+            if child.uri == NS_BLOCKING:
+                return session.block_list_requested
+    elif stanza.name == "message":
+        for child in stanza.elements(NS_CARBONS):
+            if child.name in ("sent", "received"):
+                return session.carbons
+    return True
+
+
+class ClusterSessions:
+    """The session table of a cluster node: `SessionManager`'s interface over the local
+    sessions and the remote ones."""
+
+    def __init__(self, node: str, bus: ClusterBus, outbox: Outbox, store: Any) -> None:
+        self.node = node
+        self.bus = bus
+        self.outbox = outbox
+        self.store = store  # SessionTable
+        self.local = SessionManager()
+        self._remote: dict[JID, dict[str, RemoteSession]] = {}
+        self._by_node: dict[str, set[JID]] = defaultdict(set)  # full JIDs per node
+        bus.on("session", self._announced)
+        bus.on("unbound", self._unbound)
+        bus.on("replace", self._replace)
+
+    # -- SessionManager ------------------------------------------------------------------
+
+    def bind(self, session: Session) -> None:
+        jid = session.jid
+        remote = self._remote_session(jid)
+        if remote is not None:
+            # The same full JID on another node: the older session is replaced (RFC 6120
+            # §7.7.2.2), as on one node.
+            remote.replaced()
+            self._forget(remote.node, jid)
+        self.local.bind(session)
+        self.announce(session)
+
+    def unbind(self, session: Session) -> None:
+        if not self._holds(session):
+            return  # replaced: its row and announcement are the new session's
+        self.local.unbind(session)
+        jid = session.jid.full()
+        self.store.remove(jid, self.node)
+        self.bus.broadcast("unbound", jid)
+
+    def session(self, full_jid: JID) -> Session | RemoteSession | None:
+        session = self.local.session(full_jid)
+        if session is not None:
+            return session
+        return self._remote_session(full_jid)
+
+    def sessions_of(self, bare_jid: JID) -> list[Session | RemoteSession]:
+        sessions: list[Any] = self.local.sessions_of(bare_jid)
+        remote = self._remote.get(bare_jid.userhostJID())
+        if remote:
+            sessions.extend(remote.values())
+        return sessions
+
+    def live_sessions(self) -> Iterator[Session]:
+        """This node's sessions."""
+        return self.local.live_sessions()
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    # -- this node's sessions ----------------------------------------------------------------
+
+    def _holds(self, session: Session) -> bool:
+        # A closing session is not found by `session()`, yet is still in the table.
+        resources = self.local._by_bare.get(session.jid.userhostJID(), {})
+        return resources.get(session.jid.resource) is session
+
+    def announce(self, session: Session) -> None:
+        """The session was bound, or its presence or caps changed: row and announcement."""
+        if session.ended or not self._holds(session):
+            return
+        record = record_of(session)
+        self.store.save(record, self.node)
+        self.bus.broadcast("session", record)
+
+    def announce_all(self) -> None:
+        for session in list(self.local.live_sessions()):
+            self.announce(session)
+
+    # -- the other nodes' sessions -------------------------------------------------------------
+
+    def _remote_session(self, jid: JID) -> RemoteSession | None:
+        return self._remote.get(jid.userhostJID(), {}).get(jid.resource)
+
+    def remember(self, node: str, record: Record) -> RemoteSession:
+        jid = parse_jid(record[0])
+        resources = self._remote.setdefault(jid.userhostJID(), {})
+        session = resources.get(jid.resource)
+        if session is None or session.node != node:
+            if session is not None:
+                self._by_node[session.node].discard(jid)
+            session = resources[jid.resource] = RemoteSession(jid, node, self.outbox)
+            self._by_node[node].add(jid)
+        session.update(record)
+        return session
+
+    def _forget(self, node: str, jid: JID) -> RemoteSession | None:
+        resources = self._remote.get(jid.userhostJID())
+        session = resources.get(jid.resource) if resources else None
+        if session is None or session.node != node:
+            return None
+        del resources[jid.resource]
+        if not resources:
+            del self._remote[jid.userhostJID()]
+        self._by_node[node].discard(jid)
+        session.closed = True
+        return session
+
+    def forget_node(self, node: str) -> list[RemoteSession]:
+        """Every session of `node`, out of the table here."""
+        gone = [self._forget(node, jid) for jid in list(self._by_node.pop(node, ()))]
+        return [session for session in gone if session is not None]
+
+    def nodes(self) -> set[str]:
+        return {node for node, jids in self._by_node.items() if jids}
+
+    def replace_all(self, rows: list[tuple[str, Record]]) -> None:
+        """The other nodes' sessions as the table has them now."""
+        for node in list(self._by_node):
+            self.forget_node(node)
+        for node, record in rows:
+            if node != self.node:
+                self.remember(node, record)
+
+    def _announced(self, node: str, record: Record) -> None:
+        self.remember(node, record)
+
+    def _unbound(self, node: str, jid: str) -> None:
+        self._forget(node, parse_jid(jid))
+
+    def _replace(self, node: str, jid: str) -> None:
+        session = self.local.session(parse_jid(jid))
+        if session is not None:
+            session.replaced()
+
+
+class SessionTable:
+    """`cluster_sessions` in the PostgreSQL database. Writes are sent and not waited for: a
+    failure is logged, and the announcement on the bus still keeps the other nodes current."""
+
+    def __init__(self, database: Any) -> None:
+        self.database = database
+        self.writing = InFlight()  # what a stop waits for before the database closes
+
+    def _write(self, statement: str, parameters: tuple) -> None:
+        async def body(session: Any) -> None:
+            await session.execute(statement, parameters)
+
+        writing = self.database.run(body)
+        writing.addErrback(
+            lambda failure: log.failure("Cluster: writing the session table", failure)
+        )
+        self.writing.track(writing)
+
+    def save(self, record: Record, node: str) -> None:
+        jid, priority, presence, features = record
+        self._write(
+            "INSERT INTO cluster_sessions (jid, node, priority, presence, features)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (jid) DO UPDATE SET node = EXCLUDED.node,"
+            " priority = EXCLUDED.priority, presence = EXCLUDED.presence,"
+            " features = EXCLUDED.features",
+            (jid, node, priority, presence, json.dumps(features) if features else None),
+        )
+
+    def remove(self, jid: str, node: str) -> None:
+        self._write("DELETE FROM cluster_sessions WHERE jid = %s AND node = %s", (jid, node))
+
+    async def load(self) -> list[tuple[str, Record]]:
+        async def body(session: Any) -> list[tuple]:
+            return await session.execute(
+                "SELECT node, jid, priority, presence, features FROM cluster_sessions"
+            )
+
+        rows = await self.database.run(body)
+        return [
+            (node, [jid, priority, presence, json.loads(features) if features else None])
+            for node, jid, priority, presence, features in rows
+        ]
+
+    async def remove_node(self, node: str) -> list[Record]:
+        """Delete the rows of `node`; the ones this call deleted (none if another node's did)."""
+
+        async def body(session: Any) -> list[tuple]:
+            return await session.execute(
+                "DELETE FROM cluster_sessions WHERE node = %s"
+                " RETURNING jid, priority, presence, features",
+                (node,),
+            )
+
+        rows = await self.database.run(body)
+        return [
+            [jid, priority, presence, json.loads(features) if features else None]
+            for jid, priority, presence, features in rows
+        ]

@@ -1,0 +1,206 @@
+"""The cluster's session table without a broker or a database: the outbox's batching, remote
+sessions, the table's view of both kinds, and what a node drops of what others send it."""
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+from twisted.words.protocols.jabber.jid import JID
+from twisted.words.xish import domish
+
+from mim_twisted.cluster.sessions import (
+    ClusterSessions,
+    Outbox,
+    RemoteSession,
+    record_of,
+    unpack_stanzas,
+    wanted,
+)
+from mim_twisted.im.stream_management import parse_stanza
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, object]] = []
+        self.broadcasts: list[tuple[str, object]] = []
+        self.handlers: dict[str, object] = {}
+        self.full = False
+
+    def on(self, kind, handler) -> None:
+        self.handlers[kind] = handler
+
+    def send(self, node, kind, payload, undeliverable=None) -> None:
+        if self.full and undeliverable is not None:
+            undeliverable()
+            return
+        self.sent.append((node, kind, payload))
+
+    def broadcast(self, kind, payload) -> None:
+        self.broadcasts.append((kind, payload))
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[str, list]] = {}
+
+    def save(self, record, node) -> None:
+        self.rows[record[0]] = (node, record)
+
+    def remove(self, jid, node) -> None:
+        if self.rows.get(jid, (None,))[0] == node:
+            del self.rows[jid]
+
+
+class FakeSession:
+    """The attributes of a local Session the table reads."""
+
+    def __init__(self, jid: str) -> None:
+        self.jid = JID(jid)
+        self.closed = False
+        self.ended = False
+        self.presence = None
+        self.message_priority = None
+        self.caps_features = None
+        self.roster_requested = False
+        self.block_list_requested = False
+        self.carbons = False
+        self.replaced_count = 0
+
+    def replaced(self) -> None:
+        self.replaced_count += 1
+
+
+def presence(priority: int) -> domish.Element:
+    return parse_stanza(f"<presence><priority>{priority}</priority></presence>")
+
+
+class OutboxTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.bus = FakeBus()
+        self.clock = Clock()
+        self.refused: list[list[tuple[str, str]]] = []
+        self.outbox = Outbox(self.bus, self.clock, self.refused.append)
+
+    def test_one_message_per_node_and_turn_each_payload_once(self) -> None:
+        shared = "<presence from='a@localhost/x'/>"
+        self.outbox.deliver("n2", "b@localhost/1", shared)
+        self.outbox.deliver("n2", "b@localhost/2", shared)
+        self.outbox.deliver("n3", "c@localhost/1", b"<message/>")
+        self.assertEqual(self.bus.sent, [])
+        self.clock.advance(0)
+        self.assertEqual(
+            self.bus.sent,
+            [
+                ("n2", "stanzas", [[shared], [["b@localhost/1", 0], ["b@localhost/2", 0]]]),
+                ("n3", "stanzas", [["<message/>"], [["c@localhost/1", 0]]]),
+            ],
+        )
+        self.assertEqual(
+            unpack_stanzas(self.bus.sent[0][2]),
+            [("b@localhost/1", shared), ("b@localhost/2", shared)],
+        )
+
+    def test_what_the_bus_refuses_comes_back(self) -> None:
+        self.bus.full = True
+        self.outbox.deliver("n2", "b@localhost/1", "<message/>")
+        self.clock.advance(0)
+        self.assertEqual(self.refused, [[("b@localhost/1", "<message/>")]])
+
+
+class RecordTests(unittest.TestCase):
+    def test_a_record_makes_the_same_session_remotely(self) -> None:
+        local = FakeSession("a@localhost/x")
+        self.assertEqual(record_of(local), ["a@localhost/x", None, None, None])
+        local.presence = presence(5)
+        local.message_priority = 5
+        local.caps_features = frozenset({"b", "a"})
+        record = record_of(local)
+        self.assertEqual(record[:2], ["a@localhost/x", 5])
+        self.assertEqual(record[3], ["a", "b"])
+        remote = RemoteSession(JID("a@localhost/x"), "n2", None)
+        remote.update(record)
+        self.assertEqual((remote.priority, remote.message_priority), (5, 5))
+        self.assertEqual(remote.presence.name, "presence")
+        self.assertEqual(remote.caps_features, frozenset({"a", "b"}))
+
+
+class WantedTests(unittest.TestCase):
+    def test_pushes_only_to_sessions_that_asked(self) -> None:
+        session = FakeSession("a@localhost/x")
+        roster_push = parse_stanza("<iq type='set'><query xmlns='jabber:iq:roster'/></iq>")
+        block_push = parse_stanza("<iq type='set'><block xmlns='urn:xmpp:blocking'/></iq>")
+        carbon = parse_stanza("<message><sent xmlns='urn:xmpp:carbons:2'/></message>")
+        plain = parse_stanza("<message><body>hi</body></message>")
+        self.assertEqual(
+            [wanted(session, s) for s in (roster_push, block_push, carbon, plain)],
+            [False, False, False, True],
+        )
+        session.roster_requested = session.block_list_requested = session.carbons = True
+        self.assertTrue(all(wanted(session, s) for s in (roster_push, block_push, carbon)))
+
+
+class ClusterSessionsTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.bus = FakeBus()
+        self.store = FakeStore()
+        self.clock = Clock()
+        self.sessions = ClusterSessions(
+            "n1", self.bus, Outbox(self.bus, self.clock, lambda _: None), self.store
+        )
+
+    def test_local_and_remote_sessions_side_by_side(self) -> None:
+        local = FakeSession("a@localhost/here")
+        self.sessions.bind(local)
+        self.assertEqual(self.store.rows["a@localhost/here"][0], "n1")
+        self.assertEqual(self.bus.broadcasts, [("session", record_of(local))])
+        self.bus.handlers["session"]("n2", ["a@localhost/there", 3, None, None])
+        remote = self.sessions.session(JID("a@localhost/there"))
+        self.assertIsInstance(remote, RemoteSession)
+        self.assertEqual((remote.node, remote.message_priority), ("n2", 3))
+        self.assertEqual(
+            {s.jid.full() for s in self.sessions.sessions_of(JID("a@localhost"))},
+            {"a@localhost/here", "a@localhost/there"},
+        )
+        self.assertEqual(len(self.sessions), 1)  # this node's
+        remote.send("<message/>")
+        self.clock.advance(0)
+        self.assertEqual(self.bus.sent[-1][:2], ("n2", "stanzas"))
+        self.bus.handlers["unbound"]("n3", "a@localhost/there")  # not its node: ignored
+        self.assertIs(self.sessions.session(JID("a@localhost/there")), remote)
+        self.bus.handlers["unbound"]("n2", "a@localhost/there")
+        self.assertIsNone(self.sessions.session(JID("a@localhost/there")))
+        self.assertTrue(remote.closed)
+
+    def test_binding_a_full_jid_bound_elsewhere_replaces_that_session(self) -> None:
+        self.bus.handlers["session"]("n2", ["a@localhost/same", None, None, None])
+        self.sessions.bind(FakeSession("a@localhost/same"))
+        self.assertIn(("n2", "replace", "a@localhost/same"), self.bus.sent)
+        self.assertNotIsInstance(self.sessions.session(JID("a@localhost/same")), RemoteSession)
+
+    def test_replaced_from_elsewhere(self) -> None:
+        local = FakeSession("a@localhost/same")
+        self.sessions.bind(local)
+        self.bus.handlers["replace"]("n2", "a@localhost/same")
+        self.assertEqual(local.replaced_count, 1)
+
+    def test_a_replaced_session_unbinding_leaves_the_new_ones_row(self) -> None:
+        older, newer = FakeSession("a@localhost/same"), FakeSession("a@localhost/same")
+        self.sessions.bind(older)
+        self.sessions.bind(newer)
+        broadcasts = len(self.bus.broadcasts)
+        self.sessions.unbind(older)
+        self.assertEqual(len(self.bus.broadcasts), broadcasts)
+        self.assertIn("a@localhost/same", self.store.rows)
+        self.sessions.unbind(newer)
+        self.assertEqual(self.bus.broadcasts[-1], ("unbound", "a@localhost/same"))
+        self.assertNotIn("a@localhost/same", self.store.rows)
+
+    def test_forget_node_and_reload(self) -> None:
+        self.bus.handlers["session"]("n2", ["a@localhost/1", 0, None, None])
+        self.bus.handlers["session"]("n3", ["b@localhost/1", 0, None, None])
+        self.assertEqual(self.sessions.nodes(), {"n2", "n3"})
+        [gone] = self.sessions.forget_node("n2")
+        self.assertEqual(gone.jid.full(), "a@localhost/1")
+        self.assertEqual(self.sessions.nodes(), {"n3"})
+        self.sessions.replace_all(
+            [("n4", ["c@localhost/1", None, None, None]), ("n1", ["d@localhost/1", 0, None, None])]
+        )
+        self.assertEqual(self.sessions.nodes(), {"n4"})  # its own rows are not remote
