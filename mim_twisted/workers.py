@@ -158,6 +158,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self._status = b""
         self._partial = {1: b"", 2: b""}
         self.pid: int | None = None
+        self.start_failed = False  # it said so, and is stopping by itself
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # the transport forgets it once the process has ended
@@ -188,6 +189,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         if self._status == b"0":
             self.report.callback(None)
         else:
+            self.start_failed = True
             # No report at all: the worker ended before its start finished.
             line = self._status[2:].decode("utf-8", "replace") or (
                 f"mim: could not start: worker {self.index} ended while starting (see the log)"
@@ -388,7 +390,10 @@ class WorkerSupervisor(service.MultiService):
                 worker.restart.cancel()
             if worker.process is not None:
                 running.append(worker.process)
-                self._signal(worker, "TERM")
+                # One whose start failed is stopping already: a SIGTERM during its stop would
+                # find its reactor stopping (twistd logs ReactorNotRunning with a traceback).
+                if not worker.process.start_failed:
+                    self._signal(worker, "TERM")
         if running:
             log.info("Stopping {count} workers", count=len(running))
         kills = [self.reactor.callLater(STOP_TIMEOUT, _kill, process) for process in running]
