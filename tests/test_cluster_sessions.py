@@ -181,6 +181,19 @@ class ClusterSessionsTests(unittest.TestCase):
         self.bus.handlers["replace"]("n2", "a@localhost/same")
         self.assertEqual(local.replaced_count, 1)
 
+    def test_ended_from_elsewhere_with_the_condition_given(self) -> None:
+        local = FakeSession("a@localhost/x")
+        errors = []
+        local.stream_error = lambda condition, text=None: errors.append((condition, text))
+        self.sessions.bind(local)
+        remote = RemoteSession(JID("b@localhost/y"), "n2", self.sessions.outbox)
+        remote.stream_error("not-authorized", "Account removed")
+        self.assertEqual(
+            self.bus.sent[-1], ("n2", "end", ["b@localhost/y", "not-authorized", "Account removed"])
+        )
+        self.bus.handlers["end"]("n2", ["a@localhost/x", "not-authorized", "Account removed"])
+        self.assertEqual(errors, [("not-authorized", "Account removed")])
+
     def test_a_replaced_session_unbinding_leaves_the_new_ones_row(self) -> None:
         older, newer = FakeSession("a@localhost/same"), FakeSession("a@localhost/same")
         self.sessions.bind(older)

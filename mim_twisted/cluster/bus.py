@@ -3,8 +3,9 @@
 Two exchanges. `mim.cluster.nodes` is a direct exchange keyed by node name, each node reading
 its own queue: what one node has for another (stanzas for its sessions). `mim.cluster.events`
 is a fanout exchange every node reads: what all must know (sessions up and down, heartbeats,
-caches to drop). Both queues are the node's alone and go with its connection, so nothing piles
-up for a node that is gone.
+caches to drop). A node's queue waits for it through a lost connection for `node_timeout`, then
+the broker deletes it, so nothing piles up for a node that is gone; its events queue goes with
+its connection.
 
 A message is a kind and a JSON payload; `on(kind, handler)` subscribes to a kind, whichever
 exchange it comes on, and a node does not hear its own broadcasts. While the broker is away,
@@ -72,6 +73,7 @@ class ClusterBus(BrokerLink):
             retry_policy=retry_policy,
         )
         self.node = settings.node
+        self.node_timeout = settings.node_timeout
         self.max_buffered = settings.max_buffered_messages
         self._handlers: dict[str, list[Handler]] = {}
         self._held: deque[_Outgoing] = deque()
@@ -161,11 +163,18 @@ class ClusterBus(BrokerLink):
         # that a new one is made.
         channel.on_closed.addBoth(lambda _: _disconnect(connection))
         raw = channel._channel
-        for queue, exchange, key in (
-            (f"mim.node.{self.node}", NODES_EXCHANGE, self.node),
-            (f"mim.events.{self.node}", EVENTS_EXCHANGE, ""),
+        # The node's queue outlives a lost connection for as long as the node is not yet
+        # taken for dead, so what other nodes send meanwhile waits for it; the broker deletes
+        # it once it has had no consumer for that long. Events missed while away are not
+        # needed: the session table is read again on reconnection.
+        expires = {"x-expires": int(self.node_timeout * 1000)}
+        for queue, exchange, key, exclusive, arguments in (
+            (f"mim.node.{self.node}", NODES_EXCHANGE, self.node, False, expires),
+            (f"mim.events.{self.node}", EVENTS_EXCHANGE, "", True, None),
         ):
-            await channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
+            await channel.queue_declare(
+                queue=queue, exclusive=exclusive, auto_delete=exclusive, arguments=arguments
+            )
             await channel.queue_bind(queue=queue, exchange=exchange, routing_key=key)
             consuming: defer.Deferred = defer.Deferred()
             # pika's own channel: a callback per message, no Deferred queue in between.

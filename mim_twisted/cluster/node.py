@@ -61,6 +61,7 @@ class ClusterNode(service.Service):
         self._last_heard: dict[str, float] = {}
         self._heartbeat: task.LoopingCall | None = None
         self._judging = False  # the bus is up: silence means something
+        self._left_over: list = []  # the sessions of a previous run under this name
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -75,8 +76,11 @@ class ClusterNode(service.Service):
         self.bus.on("heartbeat", self._heard)
         self.bus.on("stopped", self._stopped)
         self.bus.on("stanzas", self._stanzas)
-        # Rows a previous run under the same name left (it was killed).
-        await self.table.remove_node(self.node)
+        self.bus.on("started", self._restarted)
+        # Rows a previous run under the same name left (it was killed): its sessions are
+        # over, and their users unavailable once the IM core is there to say so.
+        self._left_over = await self.table.remove_node(self.node)
+        self.bus.broadcast("started", None)
         await self._reload()
         self.bus.connected_listeners.append(self._bus_up)
         self.bus.lost_listeners.append(self._bus_down)
@@ -92,6 +96,8 @@ class ClusterNode(service.Service):
         core.presence.caps_listeners.append(lambda session, presence: self._announce(session))
         core.caps.on_caps_learned.append(self._announce)
         core.hooks.add("user_unavailable", lambda session, presence: self._announce(session))
+        left_over, self._left_over = self._left_over, []
+        self._sessions_ended(self.node, left_over)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -156,6 +162,12 @@ class ClusterNode(service.Service):
     def _heard(self, node: str, payload: Any) -> None:
         self._last_heard[node] = self.reactor.seconds()
 
+    def _restarted(self, node: str, payload: Any) -> None:
+        # A node started again under a name seen before: the sessions of its previous run are
+        # over (it ends them itself, see _start).
+        self._last_heard[node] = self.reactor.seconds()
+        self.sessions.forget_node(node)
+
     def _stopped(self, node: str, payload: Any) -> None:
         # Its sessions ended and said so as it stopped.
         self._last_heard.pop(node, None)
@@ -171,6 +183,10 @@ class ClusterNode(service.Service):
             silence=silence,
             count=len(records),
         )
+        self._sessions_ended(node, records)
+
+    def _sessions_ended(self, node: str, records: list) -> None:
+        """Sessions of a node gone without closing them: unavailable to their contacts."""
         if self.core is None:
             return
         for record in records:

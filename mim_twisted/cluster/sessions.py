@@ -126,7 +126,9 @@ class RemoteSession:
         self.outbox.bus.send(self.node, "replace", self.jid.full())
 
     def stream_error(self, condition: str, text: str | None = None, app: Any = None) -> None:
-        self.replaced()
+        """Ended by its node with this stream error (an application condition is not
+        carried)."""
+        self.outbox.bus.send(self.node, "end", [self.jid.full(), condition, text])
 
     def __repr__(self) -> str:
         return f"<RemoteSession {self.jid.full()} on {self.node}>"
@@ -173,6 +175,7 @@ class ClusterSessions:
         bus.on("session", self._announced)
         bus.on("unbound", self._unbound)
         bus.on("replace", self._replace)
+        bus.on("end", self._end)
 
     # -- SessionManager ------------------------------------------------------------------
 
@@ -289,6 +292,12 @@ class ClusterSessions:
         session = self.local.session(parse_jid(jid))
         if session is not None:
             session.replaced()
+
+    def _end(self, node: str, payload: list) -> None:
+        jid, condition, text = payload
+        session = self.local.session(parse_jid(jid))
+        if session is not None:
+            session.stream_error(condition, text)
 
 
 class SessionTable:

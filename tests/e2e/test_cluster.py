@@ -49,7 +49,13 @@ def mood(text: str) -> ET.Element:
 
 
 def node_config(
-    directory: str, dsn: str, node: str, port: int, rabbit_port: int = 5672, extra: str = ""
+    directory: str,
+    dsn: str,
+    node: str,
+    port: int,
+    rabbit_port: int = 5672,
+    extra: str = "",
+    node_timeout: float = 2,
 ) -> str:
     return (
         f'[server]\ndomains = ["localhost"]\ndata_dir = "data"\n'
@@ -57,7 +63,7 @@ def node_config(
         "[auth]\nfailure_delay = 0.0\n"
         '[storage]\nbackend = "postgresql"\nauto_migrate = true\n'
         f"[storage.postgresql]\ndsn = {json.dumps(dsn)}\npool_size = 2\n"
-        f'[cluster]\nenabled = true\nnode = "{node}"\nnode_timeout = 2\n'
+        f'[cluster]\nenabled = true\nnode = "{node}"\nnode_timeout = {node_timeout}\n'
         f"heartbeat_interval = 0.5\nrabbit = {{ port = {rabbit_port} }}\n{extra}"
     )
 
@@ -255,11 +261,16 @@ class ClusterTests(ServerTestCase):
         to_carol = carol.next_event("message")
         bob.xmpp.send_message(mto="carol@localhost/home", mbody="local", mtype="chat")
         self.assertEqual((await wait_for(to_carol))["body"], "local")
-        # What it had for other nodes waits, and goes once the broker is back.
+        # What it had for other nodes waits, and goes once the broker is back; what other
+        # nodes sent it meanwhile waits in its queue.
         to_alice = alice.next_event("message")
         carol.xmpp.send_message(mto="alice@localhost/home", mbody="held", mtype="chat")
+        to_carol = carol.next_event("message")
+        alice.xmpp.send_message(mto="carol@localhost/home", mbody="queued", mtype="chat")
+        await wait_for(asyncio.sleep(0.3))
         relay.restore()
         self.assertEqual((await wait_for(to_alice, timeout=20))["body"], "held")
+        self.assertEqual((await wait_for(to_carol, timeout=20))["body"], "queued")
 
     async def test_pubsub_notification_to_a_resource_on_another_node(self) -> None:
         owner = await self.pubsub_online(self.one, "alice@localhost/desk")
@@ -321,13 +332,19 @@ class ClusterProcessTests(ServerTestCase):
             await database.accounts.create_account("localhost", user, derive_all(PASSWORD, 4096))
         await database.close()
 
-    async def spawn(self) -> tuple[int, str, object, ProcessOutput]:
+    async def spawn(
+        self, name: str | None = None, node_timeout: float = 2
+    ) -> tuple[int, str, object, ProcessOutput]:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         port = free_port()
         config = os.path.join(directory, "mim.toml")
         with open(config, "w") as f:
-            f.write(node_config(directory, self.dsn, unique("node"), port))
+            f.write(
+                node_config(
+                    directory, self.dsn, name or unique("node"), port, node_timeout=node_timeout
+                )
+            )
         process = ProcessOutput()
         transport = reactor.spawnProcess(
             process,
@@ -371,4 +388,19 @@ class ClusterProcessTests(ServerTestCase):
         bob_gone = alice.next_event("got_offline", lambda p: p["from"].bare == "bob@localhost")
         nodes[1][2].signalProcess(signal.SIGKILL)
         # node_timeout is 2 s; heartbeats every 0.5 s.
+        await wait_for(bob_gone, timeout=8)
+
+    async def test_a_killed_node_started_again_ends_its_previous_sessions(self) -> None:
+        name = unique("node")
+        alice = await self.login(await self.spawn(node_timeout=60), "alice@localhost/a")
+        killed = await self.spawn(name, node_timeout=60)
+        await self.login(killed, "bob@localhost/b")
+        sees = alice.next_event("got_online", lambda p: p["from"].bare == "bob@localhost")
+        alice.xmpp.send_presence(pto="bob@localhost", ptype="subscribe")
+        await wait_for(sees, timeout=20)
+        bob_gone = alice.next_event("got_offline", lambda p: p["from"].bare == "bob@localhost")
+        killed[2].signalProcess(signal.SIGKILL)
+        await killed[3].ended
+        # Long before the other node would take it for dead.
+        await self.spawn(name, node_timeout=60)
         await wait_for(bob_gone, timeout=8)
