@@ -141,10 +141,12 @@ class AdminCommands:
         core = self.server.core
         if core is None:
             return []
+        # This process's own: each node (or worker) of a cluster is asked for its own.
+        local = core.sessions.local
         if target.resource is None:
-            sessions = core.sessions.sessions_of(target)
+            sessions = local.sessions_of(target)
         else:
-            sessions = [s for s in [core.sessions.session(target)] if s is not None]
+            sessions = [s for s in [local.session(target)] if s is not None]
         ended = []
         for session in sessions:
             ended.append(session.jid.full())

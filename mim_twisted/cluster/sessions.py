@@ -169,7 +169,7 @@ class ClusterSessions:
         self.bus = bus
         self.outbox = outbox
         self.store = store  # SessionTable
-        self.local = SessionManager()
+        self.local = SessionManager()  # this node's sessions
         self._remote: dict[JID, dict[str, RemoteSession]] = {}
         self._by_node: dict[str, set[JID]] = defaultdict(set)  # full JIDs per node
         bus.on("session", self._announced)

@@ -188,6 +188,11 @@ class SessionManager:
     def __init__(self) -> None:
         self._by_bare: dict[JID, dict[str, Session]] = {}
 
+    @property
+    def local(self) -> "SessionManager":
+        """The sessions of this process (a cluster node's table holds others' too)."""
+        return self
+
     def bind(self, session: Session) -> None:
         """Register a session under its full JID; an existing session there is replaced."""
         jid = session.jid

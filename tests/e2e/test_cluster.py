@@ -16,6 +16,7 @@ from slixmpp.xmlstream import ET
 from twisted.internet import defer, reactor
 from twisted.words.protocols.jabber.jid import JID
 
+from mim_twisted.admin import AdminCommands
 from mim_twisted.auth.scram import derive_all
 from mim_twisted.cluster.sessions import RemoteSession
 from mim_twisted.config import load_config
@@ -204,6 +205,17 @@ class ClusterTests(ServerTestCase):
                 )
             )
         )
+
+    async def test_the_admin_socket_of_a_node_kicks_its_own_sessions(self) -> None:
+        here = await self.online(self.one, "alice@localhost/here")
+        there = await self.online(self.two, "alice@localhost/there")
+        gone = here.next_event("disconnected")
+        ended = await AdminCommands(self.one.server, reactor).kick({"jid": "alice@localhost"})
+        self.assertEqual(ended, ["alice@localhost/here"])
+        await wait_for(gone)
+        await wait_for(asyncio.sleep(0.3))
+        self.assertIsNotNone(self.two.server.core.sessions.session(JID("alice@localhost/there")))
+        self.assertTrue(there.xmpp.is_connected())
 
     async def test_pep_notifications_across_nodes(self) -> None:
         await self.befriend_in_store("alice", "bob")
