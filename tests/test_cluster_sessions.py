@@ -98,6 +98,28 @@ class OutboxTests(unittest.TestCase):
             [("b@localhost/1", shared), ("b@localhost/2", shared)],
         )
 
+    def test_copies_differing_in_their_recipient_are_carried_once(self) -> None:
+        for jid in ("b@localhost/1", "c@localhost/2"):
+            self.outbox.deliver("n2", jid, f"<message to='{jid}'><event/></message>")
+        self.outbox.deliver("n2", "d@localhost/3", "<message to='d@localhost'/>")
+        self.clock.advance(0)
+        [(_, _, payload)] = self.bus.sent
+        self.assertEqual(
+            payload,
+            [
+                ["<message \x00><event/></message>", "<message to='d@localhost'/>"],
+                [["b@localhost/1", 0], ["c@localhost/2", 0], ["d@localhost/3", 1]],
+            ],
+        )
+        self.assertEqual(
+            unpack_stanzas(payload),
+            [
+                ("b@localhost/1", "<message to='b@localhost/1'><event/></message>"),
+                ("c@localhost/2", "<message to='c@localhost/2'><event/></message>"),
+                ("d@localhost/3", "<message to='d@localhost'/>"),
+            ],
+        )
+
     def test_what_the_bus_refuses_comes_back(self) -> None:
         self.bus.full = True
         self.outbox.deliver("n2", "b@localhost/1", "<message/>")

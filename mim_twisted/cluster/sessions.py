@@ -5,7 +5,7 @@ sessions_of), so the router, presence, messages, carbons and PubSub reach a sess
 node exactly as a local one: through a `RemoteSession`, whose `send` puts the stanza in the
 `Outbox` for its node. The outbox sends what one reactor turn gathered for a node as one bus
 message, a payload sent to several of its sessions (a presence broadcast, a message to several
-resources) carried once.
+resources, a PubSub notification whose copies differ only in their 'to') carried once.
 
 Each bound session is a row of `cluster_sessions` in PostgreSQL (its node, priority while
 available, last broadcast presence and caps features), written by its node on bind, presence,
@@ -38,6 +38,10 @@ NS_ROSTER = "jabber:iq:roster"
 NS_BLOCKING = "urn:xmpp:blocking"
 NS_CARBONS = "urn:xmpp:carbons:2"
 
+# Where a payload carried once for several recipients had its recipient's 'to' attribute: a
+# character that XML cannot contain.
+RECIPIENT = "\x00"
+
 # (full JID, priority or None while unavailable, presence XML or None, caps features or None)
 Record = list[Any]
 
@@ -69,9 +73,16 @@ class Outbox:
     def _flush(self) -> None:
         pending, self._pending = self._pending, {}
         for node, stanzas in pending.items():
-            # Each distinct payload once; deliveries refer to it by index.
+            # Each distinct payload once, deliveries referring to it by index; a recipient's
+            # own address is left out, so that a notification sent to many (each copy
+            # addressed to its recipient) is carried once.
             payloads: dict[str, int] = {}
-            deliveries = [[jid, payloads.setdefault(xml, len(payloads))] for jid, xml in stanzas]
+            deliveries = []
+            for jid, xml in stanzas:
+                addressed = _to_attribute(jid)
+                if addressed in xml:
+                    xml = xml.replace(addressed, RECIPIENT, 1)
+                deliveries.append([jid, payloads.setdefault(xml, len(payloads))])
             self.bus.send(
                 node,
                 "stanzas",
@@ -80,10 +91,20 @@ class Outbox:
             )
 
 
+def _to_attribute(jid: str) -> str:
+    return f"to='{domish.escapeToXml(jid, isattrib=1)}'"
+
+
 def unpack_stanzas(payload: Any) -> list[tuple[str, str]]:
     """The (full JID, stanza XML) of a "stanzas" message."""
     payloads, deliveries = payload
-    return [(jid, payloads[index]) for jid, index in deliveries]
+    stanzas = []
+    for jid, index in deliveries:
+        xml = payloads[index]
+        if RECIPIENT in xml:
+            xml = xml.replace(RECIPIENT, _to_attribute(jid), 1)
+        stanzas.append((jid, xml))
+    return stanzas
 
 
 class RemoteSession:
