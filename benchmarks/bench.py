@@ -132,6 +132,22 @@ def rabbitmq_pid() -> int:
     raise SystemExit("--event-pusher: no RabbitMQ process found (is rabbitmq-server running?)")
 
 
+def publisher_pid(server_pid: int) -> int | None:
+    """The server's event publisher process (its child running mim_twisted.events.publisher)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent != server_pid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"mim_twisted.events.publisher" in f.read():
+                    return int(entry)
+    return None
+
+
 class BrokerSink:
     """Exchanges of their own on the local RabbitMQ for a server with the event pusher on, and
     a queue bound to them that keeps the newest 10,000 events (no consumer: its CPU would count
@@ -521,6 +537,10 @@ def run_load(server, scenario: str, argv: list[str], args: argparse.Namespace) -
     ]  # fmt: skip
     for name in server.db_processes:
         command += ["--db-process", name]
+    publisher = publisher_pid(server.pid) if getattr(server, "pusher", None) else None
+    if publisher is not None:
+        # The event pusher's publisher process: its CPU is the server's too, reported apart.
+        command += ["--publisher-pid", str(publisher)]
     print("$ load.py", " ".join(command[2:]), flush=True)
     results: list[dict] = []
     discarded = 0
@@ -643,8 +663,21 @@ def pusher_summary(all_results: dict[str, dict]) -> list[str]:
         if rate and without.get("messages_per_s"):
             change = 100 * (rate / without["messages_per_s"] - 1)
             line += f"; chat rate {change:+.1f} % against the pusher off"
+            off, on = cpu_per_message(without), cpu_per_message(figures)
+            line += f"; server CPU per message: off {off}, on {on}"
         lines.append(line)
     return lines
+
+
+def cpu_per_message(figures: dict) -> str:
+    """The server's CPU per delivered message: its XMPP process, and its publisher process."""
+    rate = figures.get("messages_per_s")
+    if not rate or figures.get("server_cpu_pct") is None:
+        return "-"
+    text = f"{figures['server_cpu_pct'] * 1e4 / rate:.1f} µs"
+    if figures.get("publisher_cpu_pct") is not None:
+        text += f" + publisher {figures['publisher_cpu_pct'] * 1e4 / rate:.1f} µs"
+    return text
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -523,8 +523,14 @@ class CpuMeter:
     database processes (by name, e.g. postgres) and everything else on the machine (from
     /proc/stat: e.g. a test suite someone runs meanwhile, which would skew the figures)."""
 
-    def __init__(self, server_pid: int | None, db_processes: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        server_pid: int | None,
+        db_processes: list[str] | None = None,
+        publisher_pid: int | None = None,
+    ) -> None:
         self.server_pid = server_pid
+        self.publisher_pid = publisher_pid
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.db_pids = _pids_named(db_processes) if db_processes else []
         self._start = self._sample()
@@ -543,11 +549,12 @@ class CpuMeter:
         client = usage.ru_utime + usage.ru_stime
         server = _process_cpu(self.server_pid, self.ticks) if self.server_pid else None
         db = {pid: _process_cpu(pid, self.ticks) for pid in self.db_pids}
-        return now(), client, server, db, self._machine_busy()
+        publisher = _process_cpu(self.publisher_pid, self.ticks) if self.publisher_pid else None
+        return now(), client, server, db, publisher, self._machine_busy()
 
     def figures(self) -> dict[str, float | None]:
-        wall0, client0, server0, db0, busy0 = self._start
-        wall1, client1, server1, db1, busy1 = self._sample()
+        wall0, client0, server0, db0, publisher0, busy0 = self._start
+        wall1, client1, server1, db1, publisher1, busy1 = self._sample()
         wall = max(wall1 - wall0, 1e-9)
         client = (client1 - client0) / wall
         server = None if server0 is None or server1 is None else (server1 - server0) / wall
@@ -555,15 +562,21 @@ class CpuMeter:
         if self.db_pids:
             db = sum(db1[p] - db0[p] for p in db0 if db0[p] is not None and db1[p] is not None)
             db /= wall
+        publisher = None
+        if publisher0 is not None and publisher1 is not None:
+            publisher = (publisher1 - publisher0) / wall
         other = None
         if busy0 is not None and busy1 is not None:
             other = (busy1 - busy0) / wall - client - (server or 0.0) - (db or 0.0)
+            other -= publisher or 0.0
             other = max(0.0, other)
 
         def pct(value: float | None) -> float | None:
             return None if value is None else round(100 * value, 1)
 
         figures = {"client_cpu_pct": pct(client), "server_cpu_pct": pct(server)}
+        if self.publisher_pid:
+            figures["publisher_cpu_pct"] = pct(publisher)
         if self.db_pids:
             figures["db_cpu_pct"] = pct(db)
         figures["other_cpu_pct"] = pct(other)
@@ -576,7 +589,7 @@ class CpuMeter:
 async def scenario_login(opts: argparse.Namespace, run: int) -> dict:
     indexes = list(range(opts.first_user, opts.first_user + opts.clients))
     resource_name = f"login-{run}-{secrets.token_hex(3)}"
-    meter = CpuMeter(opts.server_pid, opts.db_process)
+    meter = CpuMeter(opts.server_pid, opts.db_process, opts.publisher_pid)
     started = now()
     clients, errors = await login_many(opts, indexes, resource_name)
     elapsed = now() - started
@@ -607,7 +620,15 @@ class MessageFlow:
     all in one write.
     """
 
-    def __init__(self, sender: Client, to: str, window: int, body: str, stats: "Deliveries"):
+    def __init__(
+        self,
+        sender: Client,
+        to: str,
+        window: int,
+        body: str,
+        stats: "Deliveries",
+        numbered: bool = False,
+    ):
         self.sender = sender
         self.window = window
         self.stats = stats
@@ -617,6 +638,9 @@ class MessageFlow:
         self._scheduled = False
         self._head = f"<message type='chat' to={quoteattr(to)} id='"
         self._tail = f"'><body>{escape(body)}</body></message>"
+        # Each body ending with the message's number: every message (and event) distinct.
+        self._numbered = numbered
+        self._body = f"'><body>{escape(body)} #"
 
     def fill(self) -> None:
         self._scheduled = False
@@ -631,7 +655,10 @@ class MessageFlow:
             self.seq += 1
             message_id = str(self.seq)
             self.pending[message_id] = sent_at
-            parts.append(self._head + message_id + self._tail)
+            if self._numbered:
+                parts.append(f"{self._head}{message_id}{self._body}{message_id}</body></message>")
+            else:
+                parts.append(self._head + message_id + self._tail)
         self.stats.sent += free
         self.sender.send("".join(parts))
 
@@ -702,7 +729,9 @@ async def scenario_messages(opts: argparse.Namespace, run: int) -> dict:
         for a, b in zip(clients[0::2], clients[1::2], strict=True):
             for sender, receiver in ((a, b), (b, a)):
                 to = receiver.jid if opts.to_full_jid else receiver.bare
-                flows[sender.index] = MessageFlow(sender, to, opts.window, body, stats)
+                flows[sender.index] = MessageFlow(
+                    sender, to, opts.window, body, stats, opts.numbered_bodies
+                )
         for a, b in zip(clients[0::2], clients[1::2], strict=True):
             a.on_stanza = _message_handler(a, flows[b.index], flows[a.index])
             b.on_stanza = _message_handler(b, flows[a.index], flows[b.index])
@@ -710,7 +739,7 @@ async def scenario_messages(opts: argparse.Namespace, run: int) -> dict:
             flow.running = True
             flow.fill()
         await asyncio.sleep(opts.warmup)
-        meter = CpuMeter(opts.server_pid, opts.db_process)
+        meter = CpuMeter(opts.server_pid, opts.db_process, opts.publisher_pid)
         stats.window_start = now()
         stats.window_end = stats.window_start + opts.duration
         await asyncio.sleep(opts.duration)
@@ -854,7 +883,7 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
             else:
                 publish_replies.append(now() - sent_at)
 
-        meter = CpuMeter(opts.server_pid, opts.db_process)
+        meter = CpuMeter(opts.server_pid, opts.db_process, opts.publisher_pid)
         started = now()
         for k in range(opts.items):
             try:
@@ -1093,7 +1122,7 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
             for _ in range(opts.window)
         ]
         await asyncio.sleep(opts.warmup)
-        meter = CpuMeter(opts.server_pid, opts.db_process)
+        meter = CpuMeter(opts.server_pid, opts.db_process, opts.publisher_pid)
         ring.measuring = True
         started = now()
         await asyncio.sleep(opts.duration)
@@ -1234,6 +1263,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--payload-size", type=int, default=128, help="pubsub: payload characters")
     parser.add_argument("--body", default="The quick brown fox jumps over the lazy dog. ")
     parser.add_argument("--to-full-jid", action="store_true", help="address full JIDs, not bare")
+    parser.add_argument(
+        "--numbered-bodies", action="store_true", help="messages: end each body with ' #<number>'"
+        " (per sender), so that each message is distinct"
+    )  # fmt: skip
     parser.add_argument("--contacts", type=int, default=10, help="pep: contacts per user (even)")
     parser.add_argument(
         "--no-options", dest="options", action="store_false",
@@ -1258,6 +1291,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for any one step")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds for one run")
     parser.add_argument("--server-pid", type=int, help="report the server's CPU use too")
+    parser.add_argument(
+        "--publisher-pid", type=int, help="the server's event publisher process: its CPU use is"
+        " reported as publisher_cpu_pct"
+    )  # fmt: skip
     parser.add_argument(
         "--db-process", action="append", help="name or pid of a database process (e.g. postgres)"
         " whose CPU use is reported as db_cpu_pct; repeatable"

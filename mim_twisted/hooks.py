@@ -31,6 +31,9 @@ class Hooks:
 
     def __init__(self) -> None:
         self._handlers: dict[str, list[tuple[int, int, Handler]]] = {}
+        # The handlers of each hook in order, as `run` walks them (a tuple: a handler added or
+        # removed while a hook runs does not change that run).
+        self._ordered: dict[str, tuple[Handler, ...]] = {}
         self._added = 0
 
     def add(self, name: str, handler: Handler, priority: int = 50) -> None:
@@ -38,10 +41,12 @@ class Hooks:
         handlers = self._handlers.setdefault(name, [])
         handlers.append((priority, self._added, handler))
         handlers.sort(key=lambda entry: entry[:2])
+        self._ordered[name] = tuple(h for _, _, h in handlers)
 
     def remove(self, name: str, handler: Handler) -> None:
         # Compared, not identified: `obj.method` is a new bound method object at each access.
         self._handlers[name] = [e for e in self._handlers.get(name, []) if e[2] != handler]
+        self._ordered[name] = tuple(h for _, _, h in self._handlers[name])
 
     def has_handlers(self, name: str) -> bool:
         return bool(self._handlers.get(name))
@@ -52,18 +57,17 @@ class Hooks:
         Handlers run here and now until one returns something to wait for; only then does a
         coroutine take over (the message path runs hooks for every message, and most handlers
         return nothing)."""
-        handlers = self._handlers.get(name)
-        if not handlers:
-            return defer.succeed(None)
-        handlers = [h for _, _, h in handlers]
+        handlers = self._ordered.get(name, ())
         for index, handler in enumerate(handlers):
             try:
                 result = handler(*args)
             except Exception:
                 log.failure("hook {hook} handler {handler!r} failed", hook=name, handler=handler)
                 continue
+            if result is None:
+                continue  # the usual answer, and inspect.isawaitable is not cheap
             if isinstance(result, defer.Deferred) or inspect.isawaitable(result):
-                rest = handlers[index + 1 :]
+                rest = list(handlers[index + 1 :])
                 return defer.ensureDeferred(self._wait(name, handler, result, rest, args))
         return defer.succeed(None)
 

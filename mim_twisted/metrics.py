@@ -195,8 +195,8 @@ class ServerCollector:
         )
         yield GaugeMetricFamily(
             "mim_event_pusher_connected",
-            "1 while a channel to the broker is open",
-            value=int(pusher.channel is not None),
+            "1 while the publisher process has a channel to the broker open",
+            value=int(pusher.connected),
         )
 
 

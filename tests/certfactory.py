@@ -1,6 +1,7 @@
 """Certificates for the client-certificate tests, made with `cryptography` (P-256 keys: fast).
 
-`Authority` is a CA that issues client certificates; `self_signed` makes one without a CA.
+`Authority` is a CA that issues client certificates (and server ones, `issue_server`);
+`self_signed` makes one without a CA.
 Either takes the xmppAddrs to put in the SubjectAltName (none, one or several), the subject CN
 (or none), and the validity period; `raw_xmpp_addrs` adds id-on-xmppAddr values that are not
 valid UTF8Strings. `write_pem` stores a certificate and its key as PEM files for TLS clients.
@@ -146,6 +147,24 @@ class Authority:
             raw_xmpp_addrs=raw_xmpp_addrs,
             validity=validity,
             subject=subject,
+        )
+        return Issued(certificate, key)
+
+    def issue_server(self, host: str) -> Issued:
+        """A server certificate for `host` (a DNS name), as a TLS server presents it."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(_name(host))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(VALID[0])
+            .not_valid_after(VALID[1])
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .sign(self.key, hashes.SHA256())
         )
         return Issued(certificate, key)
 

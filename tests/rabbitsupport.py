@@ -172,14 +172,20 @@ class _ClientSide(_Forward):
 
 
 class BrokerRelay(protocol.Factory):
-    """A loopback port in front of the broker; `port` is where the pusher should connect."""
+    """A loopback port in front of the broker; `port` is where the pusher should connect.
 
-    def __init__(self) -> None:
+    With `tls` (Twisted server TLS options) it is a TLS port that the relay terminates: AMQPS
+    in front of the broker's plain AMQP, whose configuration stays as it is."""
+
+    def __init__(self, tls: Any = None) -> None:
         self.sides: set[_Forward] = set()
         self.paused = False
         self.refusing = False
         self.accepted = 0
-        self.listening = reactor.listenTCP(0, self, interface="127.0.0.1")
+        if tls is None:
+            self.listening = reactor.listenTCP(0, self, interface="127.0.0.1")
+        else:
+            self.listening = reactor.listenSSL(0, self, tls, interface="127.0.0.1")
         self.port = self.listening.getHost().port
 
     def buildProtocol(self, addr: Any) -> _ClientSide:

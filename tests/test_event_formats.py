@@ -8,7 +8,13 @@ from twisted.words.xish import domish
 
 from mim_twisted import hooks
 from mim_twisted.config import load_config
-from mim_twisted.events.formats import HOOK_PRIORITY, Event, EventSource
+from mim_twisted.events.formats import (
+    HOOK_PRIORITY,
+    Event,
+    EventSource,
+    message_json,
+    presence_body,
+)
 from tests.test_config import write
 
 
@@ -41,7 +47,7 @@ class EventSourceTests(unittest.TestCase):
         self.bob = FakeSession("bob@localhost/phone")
 
     def published(self) -> list[tuple[str, str, dict]]:
-        return [(e.exchange, e.routing_key, json.loads(e.body)) for e in self.events]
+        return [(exchange, key, json.loads(body)) for exchange, key, body in self.events]
 
     def test_presence(self) -> None:
         self.hooks.run(hooks.USER_AVAILABLE, self.alice)
@@ -116,8 +122,31 @@ class EventSourceTests(unittest.TestCase):
     def test_unicode_body_is_utf8_json(self) -> None:
         stanza = message("chat", "grüße ✓", "bob@localhost", "alice@localhost/home")
         self.hooks.run(hooks.MESSAGE_SENT, self.alice, stanza)
-        self.assertIn("grüße ✓".encode(), self.events[0].body)
-        self.assertEqual(json.loads(self.events[0].body)["message"], "grüße ✓")
+        self.assertIn("grüße ✓".encode(), self.events[0][2])
+        self.assertEqual(json.loads(self.events[0][2])["message"], "grüße ✓")
+
+
+class BodyTests(unittest.TestCase):
+    """The bodies are written by hand for speed: byte for byte what the json module writes."""
+
+    def test_same_bytes_as_json_dumps(self) -> None:
+        texts = ["hi", "grüße ✓", 'quote " and \\ backslash', "tab\tnew\nline\x01\x1f", "😀", ""]
+        for text in texts:
+            self.assertEqual(
+                message_json("a@d/r", text, text),
+                json.dumps(
+                    {"from_user_id": "a@d/r", "to_user_id": text, "message": text},
+                    ensure_ascii=False,
+                    separators=(",", ":"),
+                ).encode(),
+            )
+            self.assertEqual(
+                presence_body(text, True),
+                json.dumps(
+                    {"user_id": text, "present": True}, separators=(",", ":"), ensure_ascii=False
+                ).encode(),
+            )
+        self.assertEqual(presence_body("a@d/r", False), b'{"user_id":"a@d/r","present":false}')
 
 
 class CustomExchangeTests(EventSourceTests):

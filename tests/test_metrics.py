@@ -114,10 +114,10 @@ class CollectorTests(unittest.TestCase):
         buffer: EventBuffer[str] = EventBuffer(limit=3, window=1)
         for event in "abcde":
             buffer.add(event)  # "a" and "b" dropped
-        sequence, _ = buffer.take()
-        buffer.confirm(sequence)
-        buffer.take()  # in flight
-        pusher = SimpleNamespace(buffer=buffer, channel=object())
+        sequences, _ = buffer.take_batch()
+        buffer.confirm(sequences)
+        buffer.take_batch()  # in flight
+        pusher = SimpleNamespace(buffer=buffer, connected=True)
         server = SimpleNamespace(factories=[], core=None, pubsub=None, event_pusher=pusher)
         registry = CollectorRegistry()
         registry.register(ServerCollector(server))

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from mim_twisted.config import ClusterConfig
 from mim_twisted.events.amqp import publish_frames, short_string
-from mim_twisted.events.rabbit import BrokerLink, _BrokerConnection, _disconnect
+from mim_twisted.events.broker import BrokerConnection, BrokerLink, disconnect
 
 log = Logger()
 
@@ -155,13 +155,13 @@ class ClusterBus(BrokerLink):
 
     # -- the broker side -------------------------------------------------------------------
 
-    async def _prepare(self, connection: _BrokerConnection) -> None:
+    async def _prepare(self, connection: BrokerConnection) -> None:
         channel = await connection.channel()
         await channel.exchange_declare(exchange=NODES_EXCHANGE, exchange_type="direct")
         await channel.exchange_declare(exchange=EVENTS_EXCHANGE, exchange_type="fanout")
         # A channel closed by the broker (an error of ours) takes the connection with it, so
         # that a new one is made.
-        channel.on_closed.addBoth(lambda _: _disconnect(connection))
+        channel.on_closed.addBoth(lambda _: disconnect(connection))
         raw = channel._channel
         # The node's queue outlives a lost connection for as long as the node is not yet
         # taken for dead, so what other nodes send meanwhile waits for it; the broker deletes

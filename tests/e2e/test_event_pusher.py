@@ -7,14 +7,17 @@ can pause or cut.
 """
 
 import asyncio
+import os
 import statistics
 import time
 
-from twisted.internet import utils
+from twisted.internet import ssl, utils
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.words.protocols.jabber.jid import JID
 
 from mim_twisted.admin import server_counters
+from tests.certfactory import Authority
 from tests.e2e.harness import Client, ServerTestCase, eventually, wait_for
 from tests.rabbitsupport import BrokerRelay, Consumer, require_broker, unique
 
@@ -42,13 +45,16 @@ class EventPusherTestCase(ServerTestCase):
         self.addCleanup(self.consumer.stop)
         await self.bind_consumer()
         await self.consumer.consume()
-        self.relay = BrokerRelay()
+        self.relay = self.make_relay()
         self.addCleanup(self.relay.close)
         self.relay.refusing = not self.broker_up_at_start
         await self.start_server(self.pusher_config())
         self.pusher = self.server.event_pusher
         for user in ("alice", "bob", "carol"):
             await self.register(user, PASSWORD)
+
+    def make_relay(self) -> BrokerRelay:
+        return BrokerRelay()
 
     async def bind_consumer(self) -> None:
         for exchange in (self.presence, self.chat, self.groupchat):
@@ -258,7 +264,7 @@ class OutageTests(EventPusherTestCase):
         alice = await self.online("alice@localhost/home")
         bob = await self.online("bob@localhost/phone")
         await self.consumer.wait_for(2)
-        await eventually(lambda: self.pusher.channel is not None)
+        await eventually(lambda: self.pusher.connected)
         # The relay's connection to the broker is the one the broker sees.
         [broker_side] = [
             s for s in self.relay.sides if s.peer is not None and s.transport.getPeer().port == 5672
@@ -281,6 +287,128 @@ class OutageTests(EventPusherTestCase):
         await self.consumer.quiet()
         self.assertEqual(list(dict.fromkeys(self.chat_bodies())), self.expected("meanwhile", 20))
         self.assertEqual(self.pusher.buffer.dropped, 0)
+
+
+class OutageWithDropsTests(EventPusherTestCase):
+    """benchmarks/broker_outage.py in small: more events while the broker is away than the
+    buffer holds."""
+
+    max_buffered_events = 300
+
+    async def test_what_an_outage_drops_beyond_the_buffer_is_counted_exactly(self) -> None:
+        alice = await self.online("alice@localhost/home")
+        bob = await self.online("bob@localhost/phone")
+        buffer = self.pusher.buffer
+        await self.send_chats(alice, bob, 20, "before")
+        await eventually(lambda: len(buffer) == 0)
+        self.relay.cut()
+        await eventually(lambda: not self.pusher.connected)
+        await self.send_chats(alice, bob, 400, "during")
+        self.assertEqual((len(buffer), buffer.dropped), (300, 500))
+        self.relay.restore()
+        await eventually(lambda: len(buffer) == 0)
+        await self.send_chats(alice, bob, 10, "after")
+        await self.consumer.wait_for(2 + 40 + 300 + 20)
+        await self.consumer.quiet()
+        received = list(dict.fromkeys(self.chat_bodies()))
+        produced = (
+            self.expected("before", 20) + self.expected("during", 400) + self.expected("after", 10)
+        )
+        self.assertEqual(len(produced) - len(received), buffer.dropped)
+        # The oldest went: of the outage, its newest 300 events came, in order.
+        self.assertEqual(
+            received,
+            self.expected("before", 20)
+            + self.expected("during", 400)[500:]
+            + self.expected("after", 10),
+        )
+
+
+class PublisherProcessTests(EventPusherTestCase):
+    async def test_a_killed_publisher_process_is_started_again_and_nothing_is_lost(self) -> None:
+        alice = await self.online("alice@localhost/home")
+        bob = await self.online("bob@localhost/phone")
+        await self.consumer.wait_for(2)
+        await self.send_chats(alice, bob, 50, "before")
+        first = self.pusher.process
+        first.transport.signalProcess("KILL")
+        await self.send_chats(alice, bob, 200, "during")
+        await eventually(lambda: self.pusher.process not in (None, first))
+        await self.send_chats(alice, bob, 50, "after")
+        expected = (
+            self.expected("before", 50) + self.expected("during", 200) + self.expected("after", 50)
+        )
+        await self.consumer.wait_for(2 + len(expected))
+        await self.consumer.quiet()
+        # What the killed process had written and not seen confirmed may come twice; nothing
+        # is lost, and the first copies keep their order.
+        self.assertEqual(list(dict.fromkeys(self.chat_bodies())), expected)
+        buffer = self.pusher.buffer
+        self.assertEqual((buffer.dropped, len(buffer)), (0, 0))
+        self.assertGreaterEqual(self.relay.accepted, 2)
+
+    async def test_the_process_ends_with_the_server(self) -> None:
+        await self.online("alice@localhost/home")
+        await self.consumer.wait_for(1)
+        process = self.pusher.process
+        await self.server.stopService()
+        self.assertTrue(process.ended.called)
+        self.assertIsNone(self.pusher.process)
+
+
+class AmqpsTestCase(EventPusherTestCase):
+    """`tls = true` against a TLS port (a relay terminating TLS in front of the broker, whose
+    configuration stays as it is), its certificate checked for the broker's host name against
+    the CAs OpenSSL trusts by default: here a test CA, named by SSL_CERT_FILE."""
+
+    trusted = True
+
+    async def setUp(self) -> None:
+        authority = Authority()
+        self.server_certificate = authority.issue_server("localhost")
+        trusted = authority if self.trusted else Authority("another CA")
+        # Read by OpenSSL in the publisher process, which inherits the environment.
+        os.environ["SSL_CERT_FILE"] = trusted.write_pem(self.mktemp())
+        self.addCleanup(os.environ.pop, "SSL_CERT_FILE")
+        self.logged: list[str] = []
+        observer = lambda event: self.logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        await super().setUp()
+
+    def make_relay(self) -> BrokerRelay:
+        certificate, key = self.server_certificate.write_pem(self.mktemp(), "broker")
+        with open(certificate, "rb") as cert_file, open(key, "rb") as key_file:
+            pem = cert_file.read() + key_file.read()
+        return BrokerRelay(tls=ssl.PrivateCertificate.loadPEM(pem).options())
+
+    def pusher_config(self) -> str:
+        return super().pusher_config() + 'host = "localhost"\ntls = true\n'
+
+
+class AmqpsTests(AmqpsTestCase):
+    async def test_events_go_over_tls(self) -> None:
+        alice = await self.online("alice@localhost/home")
+        bob = await self.online("bob@localhost/phone")
+        await self.send_chats(alice, bob, 10, "secret")
+        await self.consumer.wait_for(2 + 20)
+        await self.consumer.quiet()
+        self.assertEqual(self.chat_bodies(), self.expected("secret", 10))
+        tls_sides = [side for side in self.relay.sides if ISSLTransport.providedBy(side.transport)]
+        self.assertEqual(len(tls_sides), 1)
+
+
+class AmqpsUntrustedTests(AmqpsTestCase):
+    trusted = False
+
+    async def test_a_broker_with_an_untrusted_certificate_gets_nothing(self) -> None:
+        await self.online("alice@localhost/home")
+        await eventually(lambda: any("not usable (attempt" in line for line in self.logged))
+        self.assertFalse(self.pusher.connected)
+        self.assertEqual(len(self.pusher.buffer), 1)
+        self.assertEqual(self.consumer.deliveries, [])
+        [line] = [line for line in self.logged if "not usable" in line]
+        self.assertIn("certificate verify failed", line)
 
 
 class BlockedBrokerTests(EventPusherTestCase):
@@ -346,7 +474,7 @@ class BrokerDownAtStartTests(EventPusherTestCase):
         alice = await self.online("alice@localhost/home")
         bob = await self.online("bob@localhost/phone")
         await self.send_chats(alice, bob, 10, "early")
-        self.assertIsNone(self.pusher.channel)
+        self.assertFalse(self.pusher.connected)
         self.assertEqual(len(self.pusher.buffer), 2 + 20)
         self.relay.restore()
         await self.consumer.wait_for(2 + 20)
@@ -371,7 +499,7 @@ class WrongCredentialsTests(EventPusherTestCase):
         logged = self.logged
         await self.online("alice@localhost/home")
         await eventually(lambda: any("not usable (attempt" in line for line in logged))
-        self.assertIsNone(self.pusher.channel)
+        self.assertFalse(self.pusher.connected)
         self.assertEqual(len(self.pusher.buffer), 1)
         [line] = [line for line in logged if "not usable" in line]
         self.assertIn("username, password, virtual_host?", line)
