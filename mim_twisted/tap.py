@@ -29,6 +29,7 @@ from mim_twisted import gctuning, hooks, storage
 from mim_twisted.admin import AdminService
 from mim_twisted.auth.certs import ExternalSettings
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
+from mim_twisted.cluster import coherence
 from mim_twisted.config import Config, ConfigError, ListenerConfig, changed_keys, load_config
 from mim_twisted.extensions import ServerRegistry, install_extensions
 from mim_twisted.im import caps, client_state, ping, roster, stream_management, version
@@ -359,6 +360,7 @@ class PubSub:
     purge: OfflinePurge
     pep: PepService | None
     observers: PubSubObservers
+    node_cache: NodeCache
 
 
 def build_pubsub(
@@ -430,7 +432,7 @@ def build_pubsub(
             blocking=core.blocking,
         )
         pep.install(core.router, core.disco, core.hooks)
-    return PubSub(pool, broadcaster, services, purge, pep, observers)
+    return PubSub(pool, broadcaster, services, purge, pep, observers, store)
 
 
 class StorageService(service.Service):
@@ -496,6 +498,8 @@ class ImCoreService(service.Service):
         )
         if cluster is not None:
             cluster.attach(self.core)
+        if cluster is not None and self.core.blocking is not None:
+            coherence.share_block_lists(cluster.bus, self.core.blocking.lists)
 
     def attach(self, factory: C2SFactory) -> None:
         """Offer the core on a listener's connections, and close them when the core stops."""
@@ -544,12 +548,15 @@ class PubSubHost(service.Service):
         im: ImCoreService,
         clock: object,
         registry: ServerRegistry | None = None,
+        *,
+        bus: Any = None,
     ) -> None:
         self.config = config
         self.storage = storage
         self.im = im
         self.clock = clock
         self.registry = registry
+        self.bus = bus  # the cluster bus, when this is a cluster node
         self.pubsub: PubSub | None = None
 
     def startService(self) -> defer.Deferred:
@@ -563,6 +570,8 @@ class PubSubHost(service.Service):
         # After the purge and the broadcaster: what extensions registered.
         for observer in self.registry.pubsub_observers if self.registry else ():
             self.pubsub.observers.add(observer)
+        if self.bus is not None:
+            coherence.share_pubsub_nodes(self.bus, self.pubsub.node_cache, self.pubsub.purge)
         await self.pubsub.purge.load()
         self.pubsub.pool.start()
 
@@ -663,7 +672,9 @@ class MimService(service.MultiService, ServerRegistry):
         self.im = ImCoreService(config, self.storage, reactor, self, self.cluster)
         self.pubsub_host: PubSubHost | None = None
         if config.pubsub.enabled:
-            self.pubsub_host = PubSubHost(config, self.storage, self.im, reactor, self)
+            self.pubsub_host = PubSubHost(
+                config, self.storage, self.im, reactor, self, bus=self.cluster_bus
+            )
             # Before the IM core, to stop after it (see PubSubWorkers).
             PubSubWorkers(self.pubsub_host).setServiceParent(self)
         self.im.setServiceParent(self)

@@ -19,7 +19,8 @@ contact instead.
 
 The lists of the accounts with sessions here are kept in memory (`BlockLists`), read when a
 session sends its first stanza, so that routing asks the database only for accounts with no
-session here.
+session here. In a cluster each change is announced to the other nodes, which read the list
+again (mim_twisted.cluster.coherence).
 """
 
 import secrets
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols.jabber import error, xmlstream
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
     from mim_twisted.im.disco import DiscoService
     from mim_twisted.im.presence import PresenceService
     from mim_twisted.im.router import Router
+
+log = Logger()
 
 NS_BLOCKING = "urn:xmpp:blocking"
 NS_BLOCKING_ERRORS = "urn:xmpp:blocking:errors"
@@ -65,6 +69,9 @@ class BlockLists:
     wait for one account's list are answered in the order they asked. A list read is kept only
     while `in_use(account)` says so (the account has sessions here) and is forgotten when they
     end: an account removed and made again while the server runs starts with the stored list.
+
+    `changed_listeners` hear of each list stored here (`put`); `refresh` is how a list stored
+    elsewhere (another cluster node) replaces the one held.
     """
 
     def __init__(
@@ -77,8 +84,12 @@ class BlockLists:
         # As many as the accounts with sessions here, each list at most MAX_BLOCKED_JIDS long.
         self._lists: dict[str, frozenset[str]] = {}
         self._waiting: dict[str, list[defer.Deferred]] = {}
-        # Bumped by each `put`, so that a read that started before it does not undo it.
+        # Bumped by each `put` and `refresh`, so that a read that started before it does not
+        # undo it.
         self._versions: dict[str, int] = {}
+        # The version each account's latest refresh began at.
+        self._refreshes: dict[str, int] = {}
+        self.changed_listeners: list[Callable[[JID], None]] = []
 
     def cached(self, account: JID) -> frozenset[str] | None:
         return self._lists.get(account.userhost())
@@ -120,11 +131,53 @@ class BlockLists:
         key = account.userhost()
         self._versions[key] = self._versions.get(key, 0) + 1
         self._keep(key, block_list)
+        for listener in self.changed_listeners:
+            listener(account)
+
+    def refresh(self, account: JID) -> None:
+        """The account's list was changed elsewhere: read it again if it is held here. The
+        list held stays in use until the new one is read (a list missing from memory would
+        count as empty for presence); a read under way is not kept, and neither is one that a
+        change made here overtakes, since that change was made from the old list: the list is
+        read once more instead."""
+        key = account.userhost()
+        if key not in self._lists and key not in self._waiting:
+            return
+        version = self._versions[key] = self._versions.get(key, 0) + 1
+        if key not in self._lists:
+            return  # the read under way is not kept; the next `get` reads it again
+        self._refreshes[key] = version
+        reading = self.store.get_block_list(account.host, account.user)
+        reading.addCallbacks(
+            self._refreshed,
+            self._refresh_failed,
+            callbackArgs=(account, version),
+            errbackArgs=(account, version),
+        )
+
+    def _refreshed(self, result: list[str], account: JID, version: int) -> None:
+        key = account.userhost()
+        if self._refreshes.get(key) != version or key not in self._lists:
+            return  # a later refresh will answer, or the list is no longer held
+        del self._refreshes[key]
+        if self._versions.get(key) == version:
+            self._keep(key, frozenset(result))
+        else:
+            self.refresh(account)  # changed here meanwhile, from the list held before
+
+    def _refresh_failed(self, failure: Failure, account: JID, version: int) -> None:
+        key = account.userhost()
+        if self._refreshes.get(key) == version:
+            del self._refreshes[key]
+        log.failure(
+            "Reading the block list of {account}, changed on another node", failure, account=key
+        )
 
     def forget(self, account: JID) -> None:
         """The account's sessions have ended: its list is read again when next needed."""
         key = account.userhost()
         self._lists.pop(key, None)
+        self._refreshes.pop(key, None)
         if key in self._waiting:
             self._versions[key] = self._versions.get(key, 0) + 1  # the read under way is stale
         else:

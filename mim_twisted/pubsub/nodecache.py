@@ -19,10 +19,11 @@ included, drops what is held of the node, since whether it happened is unknown. 
 way in; node configurations on their way out too; subscription lists handed out share their
 options with the cache, and are read, never changed (as the core does).
 
-Another process writing the same database (mimctl, a second server node) is not seen: this is a
-cache of one process, like the caps cache, and PubSub nodes are changed only by the server that
-serves their requests. An account deleted with its PEP nodes leaves them here until a write to
-them fails, which drops them.
+Another process writing the same database is seen only if it says so: `changed_listeners`
+hear of each write of a node's configuration, affiliations or subscriptions made here (stored,
+or failed), and `drop` forgets a node that another cluster node wrote (see
+mim_twisted.cluster.coherence), so that its next use reads it again. An account deleted with its
+PEP nodes (by mimctl) leaves them here until a write to them fails, which drops them.
 """
 
 import copy
@@ -73,6 +74,8 @@ class NodeCache:
         # Writes not yet answered by the store, per node: kept apart from _held, since a node
         # may be dropped from it (and read again) while one is under way.
         self._writing: dict[_Key, int] = {}
+        # `listener(service, name)` after each write of what is held of a node, done or failed.
+        self.changed_listeners: list[Callable[[str, str], None]] = []
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (items, listings, the JID-side lookups) goes straight to the store.
@@ -153,14 +156,26 @@ class NodeCache:
             current = self._held.get(key)
             if current is not None and change is not None:
                 change(current)
+            if change is not None:
+                self._changed(key)
             return result
 
         def failed(failure: Any) -> Any:
             done()
             self._held.pop(key, None)
+            if change is not None:
+                self._changed(key)  # it may have been stored all the same
             return failure
 
         return writing.addCallbacks(written, failed)
+
+    def _changed(self, key: _Key) -> None:
+        for listener in self.changed_listeners:
+            listener(*key)
+
+    def drop(self, service: str, name: str) -> None:
+        """Forget what is held of a node (written elsewhere); a read under way is not kept."""
+        self._held.pop((service, name), None)
 
     def create_node(
         self, service: str, name: str, config: Mapping[str, Any], owner: str

@@ -40,6 +40,14 @@ class OfflinePurge:
         elif isinstance(event, core.NodeCreated | core.NodeConfigured):
             self._note(event.service, event.node, event.config)
 
+    def node_read(self, service: str, node: str, stored: Any) -> None:
+        """A node as just read from the store (None: deleted), after another cluster node
+        wrote it: its events were that node's."""
+        if stored is None:
+            self.nodes.discard((service, node))
+        else:
+            self._note(service, node, stored.config)
+
     def _note(self, service: str, node: str, config: Any) -> None:
         if config.get("pubsub#purge_offline"):
             self.nodes.add((service, node))
