@@ -3,6 +3,7 @@ port, each with its own admin socket; a worker killed with SIGKILL is restarted 
 SIGTERM stops everything and leaves no process behind; a worker that cannot start fails the
 start with its one line."""
 
+import asyncio
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from tests.e2e.harness import (
     eventually,
     free_port,
     require_asyncio_reactor,
+    wait_for,
 )
 from tests.e2e.test_operator_process import MIMCTL
 from tests.e2e.test_twistd import TWISTD, ProcessOutput, _sleep
@@ -116,9 +118,9 @@ class WorkersTests(unittest.TestCase):
             transport.signalProcess(signal.SIGKILL)
             await process.ended
 
-    async def login(self, user: str) -> Client:
+    async def login(self, user: str, resource: str = "res") -> Client:
         client = Client(
-            f"{user}@localhost/res",
+            f"{user}@localhost/{resource}",
             "secret",
             self.port,
             os.path.join(self.directory, "data", SELF_SIGNED_NAME),
@@ -127,6 +129,16 @@ class WorkersTests(unittest.TestCase):
         self.addCleanup(client.close)
         self.assertEqual(await client.connect(), "session_start")
         return client
+
+    async def login_on(self, user: str, index: int) -> Client:
+        """A session of ``user`` on worker ``index``: logins until one lands there."""
+        for attempt in range(30):
+            client = await self.login(user, f"r{attempt}")
+            sessions = _ask_worker(self.directory, index, "sessions")
+            if any(s["jid"] == f"{user}@localhost/r{attempt}" for s in sessions):
+                return client
+            await client.close()
+        raise AssertionError(f"30 logins of {user} and none on worker {index}")
 
     async def connection_on(self, index: int) -> RawClient:
         """Open connections until worker ``index`` has one (the last one opened): the kernel
@@ -161,6 +173,20 @@ class WorkersTests(unittest.TestCase):
         )
         code, out, err = await self.mimctl("kick", "bob@localhost")
         self.assertEqual((code, out), (0, "ended the session of bob@localhost/res\n"))
+
+        # Two users on different workers talk as on one server.
+        carol = await self.login_on("carol", 1)
+        dave = await self.login_on("dave", 2)
+        received = dave.next_event("message", lambda m: m["body"] == "across")
+        # Worker 1 learns of dave's session from worker 2's announcement on the bus: until
+        # then a message for it is kept offline, so it is sent until one arrives.
+        for _ in range(50):
+            carol.xmpp.send_message(mto=dave.bound_jid, mbody="across", mtype="chat")
+            await wait_for(asyncio.sleep(0.1))
+            if received.done():
+                break
+        message = await wait_for(received)
+        self.assertEqual(message["from"].bare, "carol@localhost")
 
         pids = self.worker_pids(process)
         os.kill(pids[1], signal.SIGKILL)
