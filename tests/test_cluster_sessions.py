@@ -1,11 +1,15 @@
 """The cluster's session table without a broker or a database: the outbox's batching, remote
 sessions, the table's view of both kinds, and what a node drops of what others send it."""
 
+from types import SimpleNamespace
+
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
+from mim_twisted.cluster.node import ClusterNode
 from mim_twisted.cluster.sessions import (
     ClusterSessions,
     Outbox,
@@ -14,6 +18,7 @@ from mim_twisted.cluster.sessions import (
     unpack_stanzas,
     wanted,
 )
+from mim_twisted.config import load_config
 from mim_twisted.im.stream_management import parse_stanza
 
 
@@ -239,3 +244,51 @@ class ClusterSessionsTests(unittest.TestCase):
             [("n4", ["c@localhost/1", None, None, None]), ("n1", ["d@localhost/1", 0, None, None])]
         )
         self.assertEqual(self.sessions.nodes(), {"n4"})  # its own rows are not remote
+
+
+class FakeDatabase:
+    """`run(body)` answers with the Deferreds a test holds, or with no rows."""
+
+    def __init__(self) -> None:
+        self.waiting: list[defer.Deferred] = []
+        self.hold = False
+
+    def run(self, body) -> defer.Deferred:
+        if self.hold:
+            self.waiting.append(defer.Deferred())
+            return self.waiting[-1]
+        return defer.succeed([])
+
+
+class ClusterNodeTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.bus = FakeBus()
+        self.bus.connected = True
+        self.bus.connected_listeners = []
+        self.bus.lost_listeners = []
+        self.database = FakeDatabase()
+        settings = load_config(None).cluster
+        self.node = ClusterNode(
+            settings, self.bus, SimpleNamespace(database=self.database), self.clock
+        )
+
+    def test_heartbeats_while_running(self) -> None:
+        self.node.startService()
+        self.assertEqual(self.bus.broadcasts[:2], [("started", None), ("heartbeat", None)])
+        self.clock.advance(self.node.settings.heartbeat_interval)
+        self.assertEqual(self.bus.broadcasts[-1], ("heartbeat", None))
+        self.node.stopService()
+        self.assertEqual(self.bus.broadcasts[-1], ("stopped", None))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stopped_while_starting_starts_nothing_more(self) -> None:
+        self.database.hold = True
+        self.node.startService()  # waits for the table
+        stopping = self.node.stopService()
+        self.database.hold = False
+        for answer in self.database.waiting:  # the start's read of the table, the stop's delete
+            answer.callback([])
+        self.successResultOf(stopping)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.bus.connected_listeners, [])

@@ -82,6 +82,8 @@ class ClusterNode(service.Service):
         self._left_over = await self.table.remove_node(self.node)
         self.bus.broadcast("started", None)
         await self._reload()
+        if not self.running:
+            return  # stopped while starting
         self.bus.connected_listeners.append(self._bus_up)
         self.bus.lost_listeners.append(self._bus_down)
         self._judging = self.bus.connected
@@ -131,6 +133,8 @@ class ClusterNode(service.Service):
             self._last_heard.setdefault(node, now)
 
     def _bus_up(self) -> None:
+        if not self.running:
+            return
         now = self.reactor.seconds()
         for node in self._last_heard:
             self._last_heard[node] = now
@@ -138,6 +142,8 @@ class ClusterNode(service.Service):
         reloading = defer.ensureDeferred(self._reload())
         reloading.addCallback(lambda _: self.sessions.announce_all())
         reloading.addErrback(lambda failure: log.failure("Cluster: reading the table", failure))
+        # Database work that a stop waits for before the database closes.
+        self.table.writing.track(reloading)
 
     def _bus_down(self) -> None:
         self._judging = False
@@ -158,6 +164,7 @@ class ClusterNode(service.Service):
                 del self._last_heard[node]
                 dying = defer.ensureDeferred(self._node_died(node, now - heard))
                 dying.addErrback(lambda f, node=node: log.failure("Cluster: node {n}", f, n=node))
+                self.table.writing.track(dying)
 
     def _heard(self, node: str, payload: Any) -> None:
         self._last_heard[node] = self.reactor.seconds()
