@@ -16,6 +16,8 @@ buffer until acknowledged, so this process holds nothing that a crash could lose
 
 import json
 import logging
+import signal
+import sys
 from array import array
 from collections import deque
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from typing import Any
 
 import pika
 import pika.spec
-from twisted.internet import defer, interfaces, protocol, stdio, task
+from twisted.internet import defer, interfaces, protocol, stdio
 from twisted.logger import Logger, LogLevel, eventAsText, globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -246,7 +248,7 @@ class PipeProtocol(protocol.Protocol):
             await self.link.stop()
         self.transport.loseConnection()
         if self.failed:
-            raise SystemExit(1)
+            raise RuntimeError("stopped after an error (logged)")
 
     def writeConnectionLost(self) -> None:
         pass  # the XMPP process is going; it closes our standard input too
@@ -258,13 +260,20 @@ class PipeProtocol(protocol.Protocol):
 def main() -> None:
     # pika logs what our own lines already say, and would write it to standard error.
     logging.getLogger("pika").setLevel(logging.CRITICAL)
+    # The server ends this process by closing its standard input once the last events are
+    # confirmed; a Ctrl-C or SIGTERM sent to the server's whole process group must not end it
+    # first (hence no signal handlers of the reactor's either).
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+    from twisted.internet import reactor
 
-    def run(reactor: Any) -> defer.Deferred:
-        pipe_protocol = PipeProtocol(reactor)
-        stdio.StandardIO(pipe_protocol, reactor=reactor)
-        return pipe_protocol.done
-
-    task.react(run)
+    pipe_protocol = PipeProtocol(reactor)
+    stdio.StandardIO(pipe_protocol, reactor=reactor)
+    failed: list[Failure] = []
+    pipe_protocol.done.addErrback(failed.append)
+    pipe_protocol.done.addBoth(lambda _: reactor.stop())
+    reactor.run(installSignalHandlers=False)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -347,6 +347,20 @@ class PublisherProcessTests(EventPusherTestCase):
         self.assertEqual((buffer.dropped, len(buffer)), (0, 0))
         self.assertGreaterEqual(self.relay.accepted, 2)
 
+    async def test_a_signal_to_the_process_group_leaves_the_process_to_the_server(self) -> None:
+        # Ctrl-C in a terminal, or a SIGTERM to the whole group: the server stops it after the
+        # last events are confirmed.
+        alice = await self.online("alice@localhost/home")
+        bob = await self.online("bob@localhost/phone")
+        await eventually(lambda: self.pusher.connected)
+        first = self.pusher.process
+        for name in ("INT", "TERM"):
+            first.transport.signalProcess(name)
+        await self.send_chats(alice, bob, 10, "after the signals")
+        await self.consumer.wait_for(2 + 20)
+        self.assertIs(self.pusher.process, first)
+        self.assertEqual(self.relay.accepted, 1)
+
     async def test_the_process_ends_with_the_server(self) -> None:
         await self.online("alice@localhost/home")
         await self.consumer.wait_for(1)
