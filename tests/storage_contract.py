@@ -1120,6 +1120,12 @@ class PubSubStoreContract(StorageContract):
         # A lower limit trims more than one.
         await self.publish(6, max_items=1)
         self.assertEqual(await self.ids(), ["item6"])
+        # With one item kept, publishing its id again replaces it.
+        (first,) = await self.pubsub.get_items(SERVICE, "news")
+        await self.publish(6, max_items=1)
+        (again,) = await self.pubsub.get_items(SERVICE, "news")
+        self.assertEqual(again.item_id, "item6")
+        self.assertGreater(again.modified_at, first.modified_at)
 
     async def test_publish_without_max_items_keeps_every_item(self) -> None:
         await self.pubsub.create_node(SERVICE, "news", {}, OWNER)

@@ -133,6 +133,11 @@ class PostgresStorageTests(
             items = await database.pubsub.get_items(SERVICE, "news")
             self.assertEqual(len(items), 2)
             self.assertGreater(items[0].modified_at, items[1].modified_at)
+        # PEP's max_items 1 trims by another statement.
+        await gatherResults(
+            [database.pubsub.publish_item(SERVICE, "news", item(n), 1) for n in range(12)]
+        )
+        self.assertEqual(len(await database.pubsub.get_items(SERVICE, "news")), 1)
 
     async def test_writes_to_a_node_wait_for_its_row(self) -> None:
         # What keeps concurrent writes to a node from racing (trimming, the order of
@@ -217,6 +222,11 @@ class MySQLStorageTests(
             items = await database.pubsub.get_items(SERVICE, "news")
             self.assertEqual(len(items), 2)
             self.assertGreater(items[0].modified_at, items[1].modified_at)
+        # PEP's max_items 1 trims by another statement.
+        await gatherResults(
+            [database.pubsub.publish_item(SERVICE, "news", item(n), 1) for n in range(12)]
+        )
+        self.assertEqual(len(await database.pubsub.get_items(SERVICE, "news")), 1)
 
     async def test_writes_to_a_node_wait_for_its_row(self) -> None:
         # What keeps concurrent writes to a node from racing (trimming, the order of

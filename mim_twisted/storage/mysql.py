@@ -207,10 +207,11 @@ def _sql_transaction(make_transaction: sql.TransactionFactory[T]) -> Callable[[S
         rows = None
         while True:
             try:
-                statement, parameters = transaction.send(rows)
+                step = transaction.send(rows)
             except StopIteration as done:
                 return done.value
-            rows = execute(session, statement, parameters)
+            for statement, parameters in sql.steps(step):
+                rows = execute(session, statement, parameters)
 
     return body
 

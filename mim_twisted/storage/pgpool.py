@@ -57,18 +57,42 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-class Session:
-    """The statements of one transaction on one connection; remembers whether any wrote."""
+def _reads_only(statement: str) -> bool:
+    """Whether the statement, or each of several separated by ";", is a SELECT."""
+    return all(part.lstrip()[:6].upper() == "SELECT" for part in statement.split(";"))
 
-    def __init__(self, cursor: txpostgres.Cursor) -> None:
+
+def _plain_read(statement: str) -> bool:
+    """SELECTs that neither write nor lock rows."""
+    return _reads_only(statement) and " FOR " not in statement.upper()
+
+
+class Session:
+    """The statements of one transaction on one connection; remembers whether any wrote.
+
+    With ``lazy_begin`` the transaction is begun only by its first statement that is not a plain
+    read, BEGIN sent in the same round trip as it, and committed only if begun. The plain reads
+    before it run on their own: under READ COMMITTED each statement sees what was committed
+    when it started, in a transaction or not, and a plain read holds no row lock, so they read
+    what they would read inside it, one or two round trips sooner. Only for bodies whose plain
+    SELECTs have no side effects (not, say, pg_advisory_xact_lock).
+    """
+
+    def __init__(self, cursor: txpostgres.Cursor, *, lazy_begin: bool = False) -> None:
         self._cursor = cursor
         self.wrote = False
+        self.begun = not lazy_begin
 
     async def execute(self, statement: str, parameters: tuple | None = None) -> list[tuple]:
         """Run ``statement`` (psycopg2 placeholders, none read without ``parameters``); its
         rows, ``[]`` for one without."""
-        if statement.lstrip()[:6].upper() != "SELECT":
+        if not _reads_only(statement):
             self.wrote = True
+        if not self.begun and not _plain_read(statement):
+            # One simple-query message: psycopg2 fills the parameters in on the client side,
+            # and the rows are the last statement's.
+            statement = "BEGIN; " + statement
+            self.begun = True
         await self._cursor.execute(statement, parameters)
         # psycopg2's fetchall raises for a statement that returns no rows.
         return [] if self._cursor.description is None else self._cursor.fetchall()
@@ -287,15 +311,16 @@ class ConnectionPool:
 
     # Running transactions.
 
-    def run(self, body: Body[T]) -> Deferred[T]:
-        """Run ``body`` in a transaction on one of the connections; Deferred with its result."""
-        return Deferred.fromCoroutine(self._run(body))
+    def run(self, body: Body[T], *, lazy_begin: bool = False) -> Deferred[T]:
+        """Run ``body`` in a transaction on one of the connections; Deferred with its result.
+        ``lazy_begin``: its leading plain reads run before the transaction (see Session)."""
+        return Deferred.fromCoroutine(self._run(body, lazy_begin))
 
-    async def _run(self, body: Body[T]) -> T:
+    async def _run(self, body: Body[T], lazy_begin: bool) -> T:
         # Every idle connection may turn out dead before the pool learns that they all are.
         for _ in range(self._size):
             try:
-                return await self._run_once(body)
+                return await self._run_once(body, lazy_begin)
             except _ConnectionLost as lost:
                 if not lost.retryable:
                     raise OutcomeUnknown(
@@ -303,21 +328,23 @@ class ConnectionPool:
                         " may not have been saved"
                     ) from None
         try:
-            return await self._run_once(body)
+            return await self._run_once(body, lazy_begin)
         except _ConnectionLost as lost:
             raise DatabaseUnavailable(f"PostgreSQL connection lost: {lost}") from None
 
-    async def _run_once(self, body: Body[T]) -> T:
+    async def _run_once(self, body: Body[T], lazy_begin: bool) -> T:
         connection = await self._acquire()
         committing = False
         session = None
         try:
             cursor = connection.cursor()
-            await cursor.execute("BEGIN")
-            session = Session(cursor)
+            if not lazy_begin:
+                await cursor.execute("BEGIN")
+            session = Session(cursor, lazy_begin=lazy_begin)
             result = await body(session)
-            committing = True
-            await cursor.execute("COMMIT")
+            if session.begun:
+                committing = True
+                await cursor.execute("COMMIT")
             return result
         except Exception as error:
             if _is_lost(connection, error):
@@ -325,7 +352,8 @@ class ConnectionPool:
                 # Before COMMIT nothing was committed; a transaction that only read may run again.
                 wrote = session is not None and session.wrote
                 raise _ConnectionLost(error, retryable=not (committing and wrote)) from None
-            await self._roll_back(connection)
+            if session is None or session.begun:
+                await self._roll_back(connection)
             raise
         finally:
             self._release(connection)

@@ -40,10 +40,16 @@ def _sql_transaction(make_transaction: sql.TransactionFactory[T]):
         rows = None
         while True:
             try:
-                statement, parameters = transaction.send(rows)
+                step = transaction.send(rows)
             except StopIteration as done:
                 return done.value
-            rows = await session.execute(_postgres_statement(statement), parameters)
+            if isinstance(step, sql.Batch):
+                # One simple-query message: psycopg2 fills the parameters in on the client side.
+                statement = "; ".join(_postgres_statement(text) for text, _ in step.steps)
+                parameters = tuple(value for _, values in step.steps for value in values)
+            else:
+                statement, parameters = _postgres_statement(step[0]), step[1]
+            rows = await session.execute(statement, parameters)
 
     return body
 
@@ -69,7 +75,8 @@ class PostgresDatabase(sql.SQLStores):
         super().__init__(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
-        return self._pool.run(_sql_transaction(make_transaction))
+        # sql.py's plain SELECTs have no side effects: they may run before the transaction.
+        return self._pool.run(_sql_transaction(make_transaction), lazy_begin=True)
 
     def run(self, body: Body[T]) -> Deferred[T]:
         """Run `body(session)` in a transaction, for statements of PostgreSQL's own (the

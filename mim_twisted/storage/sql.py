@@ -6,7 +6,8 @@ sqlite.py drops the row locks, which SQLite does without (see FOR_UPDATE). SQLit
 later, for RETURNING.
 
 A transaction is a generator that yields ``(statement, parameters)`` and is sent back the rows of
-each statement (``[]`` for one that returns none); what it returns is the result. A backend's
+each statement (``[]`` for one that returns none); what it returns is the result. It may yield a
+``Batch`` of statements instead, whose rows but the last one's it does not need. A backend's
 ``Run`` function is given a function that makes the transaction, and executes it in a single
 database transaction, rolled back if it raises, and returns a Deferred firing with its result: the
 logic is written once, while SQLite runs it with blocking calls on adbapi's thread and PostgreSQL
@@ -18,6 +19,7 @@ import functools
 import json
 from collections import defaultdict
 from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -53,7 +55,28 @@ from mim_twisted.storage.interfaces import (
 T = TypeVar("T")
 P = ParamSpec("P")
 
-Transaction = Generator[tuple[str, tuple], list[tuple], T]
+
+@dataclass(frozen=True)
+class Batch:
+    """Statements a transaction yields together, run one after the other, of which it is sent
+    back the last one's rows: PostgreSQL takes them in one round trip, the other backends run
+    them in turn. Each statement still sees what the ones before it did."""
+
+    steps: tuple[tuple[str, tuple], ...]
+
+    def __init__(self, *steps: tuple[str, tuple]) -> None:
+        object.__setattr__(self, "steps", steps)
+
+
+Step = tuple[str, tuple] | Batch
+Transaction = Generator[Step, list[tuple], T]
+
+
+def steps(step: Step) -> tuple[tuple[str, tuple], ...]:
+    """The ``(statement, parameters)`` of what a transaction yielded, in order."""
+    return step.steps if isinstance(step, Batch) else (step,)
+
+
 TransactionFactory = Callable[[], Transaction[T]]
 Run = Callable[[TransactionFactory[Any]], Deferred[Any]]
 
@@ -207,7 +230,12 @@ DELETE_SUBSCRIPTION = (
     " RETURNING 1"
 )
 
-NEWEST_MODIFIED_AT = "SELECT max(modified_at) FROM pubsub_items WHERE node_id = ?"
+# After LOCK_NODE in one batch: a statement of its own, so that under READ COMMITTED it reads
+# the items as they are once the lock is held (a publication that held it before is committed).
+NODE_AND_NEWEST_MODIFIED_AT = (
+    "SELECT n.id, (SELECT max(i.modified_at) FROM pubsub_items AS i WHERE i.node_id = n.id)"
+    " FROM pubsub_nodes AS n WHERE n.service = ? AND n.name = ?"
+)
 UPSERT_ITEM = (
     "INSERT INTO pubsub_items (node_id, item_id, payload, publisher, created_at, modified_at)"
     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, item_id) DO UPDATE SET"
@@ -218,6 +246,8 @@ TRIM_ITEMS = (
     "DELETE FROM pubsub_items WHERE node_id = ? AND item_id NOT IN"
     " (SELECT item_id FROM pubsub_items WHERE node_id = ? ORDER BY modified_at DESC LIMIT ?)"
 )
+# TRIM_ITEMS for max_items 1 (PEP's default): the item just written is the newest.
+TRIM_ITEMS_BUT = "DELETE FROM pubsub_items WHERE node_id = ? AND item_id <> ?"
 SELECT_ITEMS = (
     "SELECT i.item_id, i.payload, i.publisher, i.created_at, i.modified_at"
     " FROM pubsub_items AS i JOIN pubsub_nodes AS n ON n.id = i.node_id"
@@ -674,16 +704,25 @@ class SQLPubSubStore(_SQLStore):
     def publish_item(
         self, service: str, name: str, item: PubSubItem, max_items: int | None
     ) -> Transaction[None]:
-        node_id = yield from _lock_node(service, name)
-        ((newest,),) = yield NEWEST_MODIFIED_AT, (node_id,)
+        # Three round trips on PostgreSQL with BEGIN and COMMIT: a publication waits for them.
+        rows = yield Batch(
+            (LOCK_NODE, (service, name)), (NODE_AND_NEWEST_MODIFIED_AT, (service, name))
+        )
+        if not rows:
+            raise NodeNotFound(f"{service} {name}")
+        ((node_id, newest),) = rows
         modified_at = next_modified_at(
             datetime.now(UTC), None if newest is None else _utc_datetime(newest)
         )
         # created_at is written only by the insert: a replaced item keeps its own.
         now = _utc_text(modified_at)
-        yield UPSERT_ITEM, (node_id, item.item_id, item.payload, item.publisher, now, now)
-        if max_items is not None:
-            yield TRIM_ITEMS, (node_id, node_id, max_items)
+        upsert = UPSERT_ITEM, (node_id, item.item_id, item.payload, item.publisher, now, now)
+        if max_items == 1:
+            yield Batch(upsert, (TRIM_ITEMS_BUT, (node_id, item.item_id)))
+        elif max_items is not None:
+            yield Batch(upsert, (TRIM_ITEMS, (node_id, node_id, max_items)))
+        else:
+            yield upsert
 
     @transaction
     def get_items(

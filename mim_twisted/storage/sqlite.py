@@ -41,11 +41,12 @@ def _execute(cursor: adbapi.Transaction, make_transaction: sql.TransactionFactor
     rows = None
     while True:
         try:
-            statement, parameters = transaction.send(rows)
+            step = transaction.send(rows)
         except StopIteration as done:
             return done.value
-        cursor.execute(statement.removesuffix(sql.FOR_UPDATE), parameters)
-        rows = cursor.fetchall()
+        for statement, parameters in sql.steps(step):
+            cursor.execute(statement.removesuffix(sql.FOR_UPDATE), parameters)
+            rows = cursor.fetchall()
 
 
 def _read_version(cursor: adbapi.Transaction) -> int:

@@ -1,0 +1,79 @@
+"""The PostgreSQL pool's transactions begun lazily: the plain reads a body starts with run on
+their own, BEGIN goes with its first write or row lock, COMMIT only after one."""
+
+import psycopg2.errors
+from twisted.trial.unittest import TestCase
+
+from mim_twisted.storage.pgpool import ConnectionPool, Session
+from tests import pgsupport
+
+# Whether the statement runs in a transaction of its own: one begun by an earlier round trip
+# started before this statement did.
+OWN_TRANSACTION = (
+    "SELECT xact_start = query_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+)
+
+
+class LazyBeginTests(TestCase):
+    async def open_pool(self) -> ConnectionPool:
+        dsn = pgsupport.create_temp_database(self)
+        pool = ConnectionPool(dsn, 1)
+        self.addCleanup(pool.close)
+        await pool.start()
+        await pool.run(lambda session: session.execute("CREATE TABLE t (x int)"))
+        return pool
+
+    async def own_transaction(self, session: Session) -> bool:
+        return (await session.execute(OWN_TRANSACTION))[0][0]
+
+    async def count(self, pool: ConnectionPool) -> int:
+        return (await pool.run(lambda session: session.execute("SELECT count(*) FROM t")))[0][0]
+
+    async def test_leading_plain_reads_run_outside_the_transaction(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> list[bool]:
+            seen = [await self.own_transaction(session), await self.own_transaction(session)]
+            await session.execute("INSERT INTO t VALUES (%s)", (1,))
+            seen.append(await self.own_transaction(session))
+            return seen
+
+        self.assertEqual(await pool.run(body, lazy_begin=True), [True, True, False])
+        self.assertEqual(await self.count(pool), 1)
+
+    async def test_without_lazy_begin_every_statement_is_in_the_transaction(self) -> None:
+        pool = await self.open_pool()
+        self.assertFalse(await pool.run(self.own_transaction))
+
+    async def test_a_row_lock_begins_the_transaction(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> bool:
+            await session.execute("SELECT x FROM t FOR UPDATE")
+            return await self.own_transaction(session)
+
+        self.assertFalse(await pool.run(body, lazy_begin=True))
+
+    async def test_a_failure_after_the_first_write_rolls_everything_back(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> None:
+            await session.execute("SELECT 1")
+            await session.execute("INSERT INTO t VALUES (%s)", (1,))
+            await session.execute("INSERT INTO t VALUES (%s)", (2,))
+            raise ValueError("refused")
+
+        with self.assertRaises(ValueError):
+            await pool.run(body, lazy_begin=True)
+        self.assertEqual(await self.count(pool), 0)
+
+    async def test_a_failed_plain_read_leaves_the_connection_usable(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> None:
+            await session.execute("SELECT x FROM missing")
+
+        with self.assertRaises(psycopg2.errors.UndefinedTable):
+            await pool.run(body, lazy_begin=True)
+        self.assertTrue(await pool.run(self.own_transaction, lazy_begin=True))
+        self.assertEqual(await self.count(pool), 0)
