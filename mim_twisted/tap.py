@@ -45,6 +45,7 @@ from mim_twisted.im.presence import PresenceService
 from mim_twisted.im.private import PrivateStorage
 from mim_twisted.im.register import RegistrationService
 from mim_twisted.im.roster import RosterService
+from mim_twisted.im.rostercache import RosterCache
 from mim_twisted.im.router import Router
 from mim_twisted.im.sessions import SessionManager
 from mim_twisted.im.stream_management import StreamManagement, StreamManagementSettings
@@ -250,14 +251,22 @@ def build_im_core(
     for name, handler, priority in registry.hook_handlers:
         hook_table.add(name, handler, priority)
     offline = OfflineDelivery(database.offline, config.limits.max_offline_messages)
+    rosters: Any = database.rosters
+    if not config.cluster.enabled:
+        # Every roster read and write of the server goes through it: the online accounts'
+        # rosters are read once, not on each presence and PEP event. Not in a cluster, where
+        # another node changes this node's accounts' rosters too (a subscription of one of its
+        # users).
+        rosters = RosterCache(database.rosters, sessions)
+        hook_table.add(hooks.SESSION_ENDED, rosters.session_ended)
     # One lock per account for the roster items that the roster protocol and presence change.
     roster_locks = KeyedLock()
-    roster_service = RosterService(database.rosters, sessions, locks=roster_locks)
+    roster_service = RosterService(rosters, sessions, locks=roster_locks)
     presence = PresenceService(
         domains,
         sessions,
         database.accounts,
-        database.rosters,
+        rosters,
         roster_service,
         offline,
         hook_table,
@@ -281,7 +290,7 @@ def build_im_core(
             router.routing,
         )
     router.account_iq[roster.NS_ROSTER, "query"] = roster_service.handle_iq
-    disco = DiscoService(database.accounts, database.rosters)
+    disco = DiscoService(database.accounts, rosters)
     disco.install(router)
     disco.add_server_feature(FEATURE_MSGOFFLINE)  # offline storage is part of every IM core
     ping.install(router, disco)
@@ -298,12 +307,10 @@ def build_im_core(
         Carbons(sessions).install(router, messages, disco, hook_table)
     blocking = None
     if config.modules.blocking:
-        blocking = BlockingService(
-            domains, database.block_lists, database.rosters, sessions, presence
-        )
+        blocking = BlockingService(domains, database.block_lists, rosters, sessions, presence)
         blocking.install(router, disco, hook_table)
     if config.modules.last:
-        last = LastActivityService(database.last_activity, database.rosters, sessions, clock)
+        last = LastActivityService(database.last_activity, rosters, sessions, clock)
         last.install(router, disco, hook_table)
     if config.modules.private:
         PrivateStorage(database.private, config.private.max_size).install(router, disco)
@@ -386,7 +393,7 @@ def build_pubsub(
     limits = ServiceLimits(settings.max_items_limit, settings.max_payload_size)
     # One store for both: what a publication reads of a node is kept in memory.
     store = NodeCache(database.pubsub)
-    rosters = database.rosters
+    rosters = core.roster.rosters  # the IM core's, with the online accounts' rosters held
     services: dict[str, PubSubService] = {}
     purge = OfflinePurge(services, pool, core.sessions)
     # The purge first: it must know of a node before the notifications of it are written.

@@ -229,7 +229,8 @@ class ImCoreTestCase(unittest.TestCase):
         self.core.router.session_ended(session)
 
     def put(self, owner: str, item: RosterItem) -> None:
-        self.successResultOf(self.database.rosters.put_item("localhost", owner, item))
+        # Through the core, which holds the rosters of the accounts online.
+        self.successResultOf(self.core.roster.rosters.put_item("localhost", owner, item))
 
     def item(self, owner: str, contact: str) -> RosterItem | None:
         return self.successResultOf(self.database.rosters.get_item("localhost", owner, contact))
