@@ -491,10 +491,11 @@ def scenarios(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
                 argv += ["--duration", str(args.duration)]
                 out.append((f"pep {size}", name, argv))
         else:
+            publishers = f" p={args.publishers}" if args.publishers > 1 else ""
             for window in args.pubsub_windows:
                 argv = ["--clients", str(args.subscribers), "--items", str(args.items)]
-                argv += ["--window", str(window)]
-                out.append((f"pubsub-fanout w={window}", name, argv))
+                argv += ["--window", str(window), "--publishers", str(args.publishers)]
+                out.append((f"pubsub-fanout w={window}{publishers}", name, argv))
     return out
 
 
@@ -585,7 +586,12 @@ def bench_one(server_class, storage: str, args: argparse.Namespace, **options: b
     try:
         pep_users = [int(size.split("x")[0]) for size in args.pep_sizes]
         server.prepare(
-            max(args.login_clients, args.message_clients, args.subscribers + 1, *pep_users)
+            max(
+                args.login_clients,
+                args.message_clients,
+                args.subscribers + args.publishers,
+                *pep_users,
+            )
         )
         server.start()
         for label, scenario, argv in scenarios(args):
@@ -697,6 +703,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--duration", type=float, default=10.0, help="messages: seconds measured")
     add("--subscribers", type=int, default=1000)
     add("--items", type=int, default=100)
+    add("--publishers", type=int, default=1, help="pubsub-fanout: publishers of the node, "
+        "each publishing --items with --pubsub-windows in flight")  # fmt: skip
     add("--pubsub-windows", type=int, nargs="+", default=[1, 4], help="items in flight")
     add("--pep-sizes", nargs="+", default=["50x10", "1000x20"], help="pep: USERSxCONTACTS, "
         "users in a ring with that many mutual contacts each")  # fmt: skip

@@ -17,8 +17,9 @@ messages
 pubsub-fanout
     One publisher creates a node on pubsub.<domain>, N subscribers subscribe, then --items
     items are published with at most --window items not yet delivered to every subscriber.
-    Figures: notifications delivered/s and the latency from publish to the last (and first)
-    subscriber's notification, per item.
+    With --publishers P, P publishers (the owner makes the others publishers of the node) each
+    publish --items items with --window in flight each. Figures: notifications delivered/s and
+    the latency from publish to the last (and first) subscriber's notification, per item.
 
 pep
     N users in a ring, each with --contacts K mutual contacts (its K/2 neighbours on each side)
@@ -773,9 +774,10 @@ async def scenario_messages(opts: argparse.Namespace, run: int) -> dict:
 
 
 class Fanout:
-    """Per-item delivery bookkeeping for the subscribers of one node."""
+    """Per-item delivery bookkeeping for the subscribers of one node. Item ids are
+    "<publisher>-<n>"; each publisher has its own window (``slots``)."""
 
-    def __init__(self, subscribers: int, items: int, window: int) -> None:
+    def __init__(self, subscribers: int, items: int, window: int, publishers: int = 1) -> None:
         self.subscribers = subscribers
         self.published_at: dict[str, float] = {}
         self.first_at: dict[str, float] = {}
@@ -784,8 +786,8 @@ class Fanout:
         self.first_latencies: list[float] = []
         self.notifications = 0
         self.last_delivery = 0.0
-        self.slots = asyncio.Semaphore(window)
-        self.items = items
+        self.slots = [asyncio.Semaphore(window) for _ in range(publishers)]
+        self.items = items * publishers
         self.completed = 0
         self.all_done = asyncio.get_running_loop().create_future()
 
@@ -803,7 +805,7 @@ class Fanout:
         if got == self.subscribers:
             self.complete_latencies.append(arrived - published)
             self.completed += 1
-            self.slots.release()
+            self.slots[int(item_id.partition("-")[0])].release()
             if self.completed == self.items and not self.all_done.done():
                 self.all_done.set_result(None)
 
@@ -830,7 +832,7 @@ async def _bounded(limit: int, calls: list[Callable[[], Awaitable]]) -> list:
 
 async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
     service = opts.pubsub or f"pubsub.{opts.domain}"
-    indexes = list(range(opts.first_user, opts.first_user + opts.clients + 1))
+    indexes = list(range(opts.first_user, opts.first_user + opts.clients + opts.publishers))
     clients, errors = await login_many(opts, indexes, f"ps-{run}-{secrets.token_hex(3)}")
     node = f"load-{run}-{secrets.token_hex(4)}"
     publisher = None
@@ -838,7 +840,8 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
         if errors:
             raise XmppError(f"{len(errors)} logins failed, first: {errors[0]}")
         clients.sort(key=lambda c: c.index)
-        publisher, subscribers = clients[0], clients[1:]
+        publishers, subscribers = clients[: opts.publishers], clients[opts.publishers :]
+        publisher = publishers[0]
         reply = await asyncio.wait_for(
             publisher.iq(
                 "set", service, f"<pubsub xmlns='{NS_PUBSUB}'><create node='{node}'/></pubsub>"
@@ -847,7 +850,23 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
         )
         if _iq_error(reply):
             raise XmppError(f"create node: {_iq_error(reply)}")
-        fanout = Fanout(len(subscribers), opts.items, opts.window)
+        if len(publishers) > 1:
+            affiliations = "".join(
+                f"<affiliation jid={quoteattr(other.bare)} affiliation='publisher'/>"
+                for other in publishers[1:]
+            )
+            reply = await asyncio.wait_for(
+                publisher.iq(
+                    "set",
+                    service,
+                    f"<pubsub xmlns='{NS_PUBSUB_OWNER}'><affiliations node='{node}'>"
+                    f"{affiliations}</affiliations></pubsub>",
+                ),
+                opts.timeout,
+            )
+            if _iq_error(reply):
+                raise XmppError(f"publisher affiliations: {_iq_error(reply)}")
+        fanout = Fanout(len(subscribers), opts.items, opts.window, len(publishers))
         for subscriber in subscribers:
             subscriber.on_stanza = _notification_handler(fanout)
 
@@ -883,23 +902,26 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
             else:
                 publish_replies.append(now() - sent_at)
 
+        async def publish_all(index: int, client: Client) -> None:
+            for k in range(opts.items):
+                try:
+                    await asyncio.wait_for(fanout.slots[index].acquire(), opts.timeout)
+                except TimeoutError:
+                    return  # an item never reached every subscriber: reported as missing
+                item_id = f"{index}-{k}"
+                sent_at = now()
+                fanout.published_at[item_id] = sent_at
+                future = client.iq(
+                    "set",
+                    service,
+                    f"<pubsub xmlns='{NS_PUBSUB}'><publish node='{node}'>"
+                    f"<item id='{item_id}'>{entry}</item></publish></pubsub>",
+                )
+                future.add_done_callback(lambda f, t=sent_at: replied(f, t))
+
         meter = CpuMeter(opts.server_pid, opts.db_process, opts.publisher_pid)
         started = now()
-        for k in range(opts.items):
-            try:
-                await asyncio.wait_for(fanout.slots.acquire(), opts.timeout)
-            except TimeoutError:
-                break  # an item never reached every subscriber: reported as missing
-            item_id = str(k)
-            sent_at = now()
-            fanout.published_at[item_id] = sent_at
-            future = publisher.iq(
-                "set",
-                service,
-                f"<pubsub xmlns='{NS_PUBSUB}'><publish node='{node}'>"
-                f"<item id='{item_id}'>{entry}</item></publish></pubsub>",
-            )
-            future.add_done_callback(lambda f, t=sent_at: replied(f, t))
+        await asyncio.gather(*(publish_all(i, c) for i, c in enumerate(publishers)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(fanout.all_done), opts.timeout)
         elapsed = max(fanout.last_delivery - started, 1e-9)
@@ -914,10 +936,11 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
             except (XmppError, TimeoutError) as e:
                 cleanup_error = f"{type(e).__name__}: {e}"
         await close_all(clients)
-    expected = opts.items * len(subscribers)
+    expected = fanout.items * len(subscribers)
     return {
         "scenario": "pubsub-fanout",
         "subscribers": len(subscribers),
+        "publishers": len(publishers),
         "items": opts.items,
         "window": opts.window,
         "payload_bytes": opts.payload_size,
@@ -1259,6 +1282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "pubsub items not yet delivered to all (default 1)"
     )  # fmt: skip
     parser.add_argument("--items", type=int, default=100, help="pubsub: items published")
+    parser.add_argument(
+        "--publishers", type=int, default=1, help="pubsub: publishers, each publishing --items"
+    )
     parser.add_argument("--body-size", type=int, default=64, help="messages: body characters")
     parser.add_argument("--payload-size", type=int, default=128, help="pubsub: payload characters")
     parser.add_argument("--body", default="The quick brown fox jumps over the lazy dog. ")
