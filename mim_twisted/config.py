@@ -419,7 +419,7 @@ class SQLiteConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PostgreSQLConfig:
     dsn: str = option("host=127.0.0.1 dbname=mim", text)
-    pool_size: int = option(4, integer(1, 100))
+    pool_size: int = option(8, integer(1, 100))
 
 
 def non_empty_text(value: Any, where: _Where) -> str:
@@ -506,7 +506,7 @@ class LimitsConfig:
 class PubSubConfig:
     enabled: bool = option(True, boolean)
     pep: bool = option(True, boolean)
-    workers: int = option(4, integer(1, 256))
+    workers: int = option(16, integer(1, 256))
     max_queue_length: int = option(1000, integer(1))
     sync_broadcast: bool = option(False, boolean)
     max_items_limit: int = option(1000, integer(1))

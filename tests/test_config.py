@@ -51,7 +51,7 @@ class DefaultTests(unittest.TestCase):
         self.assertEqual(config.storage.sqlite.path, "")
         self.assertEqual(config.sqlite_path, os.path.join(data_dir, "mim.sqlite3"))
         self.assertEqual(config.storage.postgresql.dsn, "host=127.0.0.1 dbname=mim")
-        self.assertEqual(config.storage.postgresql.pool_size, 4)
+        self.assertEqual(config.storage.postgresql.pool_size, 8)
         self.assertEqual(
             config.storage.mysql.connect_options(),
             {"host": "127.0.0.1", "port": 3306, "database": "mim", "user": "mim", "password": ""},
