@@ -230,7 +230,12 @@ class MimServer:
     name = "mim-twisted"
 
     def __init__(
-        self, storage: str, workdir: Path, args: argparse.Namespace, pusher: bool = False
+        self,
+        storage: str,
+        workdir: Path,
+        args: argparse.Namespace,
+        pusher: bool = False,
+        workers: int = 1,
     ) -> None:
         self.storage = storage
         self.workdir = workdir
@@ -238,12 +243,16 @@ class MimServer:
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.database: str | None = None
+        self.workers = workers
         self.label = f"mim-twisted/{storage}" + ("+pusher" if pusher else "")
+        if workers > 1:
+            self.label += f" x{workers} workers"
         self.db_processes = list(DB_PROCESSES.get(storage, []))
-        # With the event pusher on, RabbitMQ's CPU is counted with the database's, not as
-        # another process's (which would discard the run).
+        # With the event pusher on or several workers (cluster nodes talking over the broker),
+        # RabbitMQ's CPU is counted with the database's, not as another process's (which would
+        # discard the run).
         self.pusher = BrokerSink() if pusher else None
-        if pusher:
+        if pusher or workers > 1:
             self.db_processes.append(str(rabbitmq_pid()))
 
     def prepare(self, accounts: int) -> None:
@@ -268,13 +277,19 @@ class MimServer:
         if self.args.concurrency > 100:
             limits = f"[limits]\nmax_unbound_per_address = {2 * self.args.concurrency}\n"
         pusher = self.pusher.prepare() if self.pusher is not None else ""
+        cluster = ""
+        if self.workers > 1:
+            cluster = (
+                f'[cluster]\nenabled = true\nnode = "bench-{secrets.token_hex(4)}"\n'
+                f"workers = {self.workers}\n"
+            )
         config = self.workdir / "mim.toml"
         config.write_text(
             f'[server]\ndomains = ["{DOMAIN}"]\ndata_dir = "data"\n'
             f'[[listeners]]\naddress = "127.0.0.1"\nport = {self.port}\n'
             f"[storage]\n{storage}"
             f"[pubsub]\nworkers = {self.args.pubsub_workers}\n"
-            f"{limits}{pusher}"
+            f"{limits}{pusher}{cluster}"
             f"{self.args.extra_config}\n"
         )
         self.config = config
@@ -294,10 +309,36 @@ class MimServer:
             start_new_session=True,
         )
         wait_for_port(self.port, self.process, 60)
+        # The supervisor listens at once; the workers accept once they have started.
+        deadline = time.monotonic() + 60
+        while not all(path.exists() for path in self.admin_sockets()):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the workers did not start: see {self.workdir}/server.log")
+            time.sleep(0.2)
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The server's processes: twistd, then its workers (by worker index)."""
+        if self.workers == 1:
+            return [self.pid]
+        children = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.pid:
+                            children.append(int(entry))
+        return [self.pid, *sorted(children)]
+
+    def admin_sockets(self) -> list[Path]:
+        data = self.workdir / "data"
+        if self.workers == 1:
+            return [data / "admin.sock"]
+        return [data / f"admin.sock.{index}" for index in range(1, self.workers + 1)]
 
     def stop(self) -> None:
         if self.process is not None:
@@ -305,18 +346,23 @@ class MimServer:
             self.log.close()
 
     def counters(self) -> dict[str, int]:
-        """The server's counters (`mimctl stats`), straight from its admin socket."""
-        with socket.socket(socket.AF_UNIX) as admin:
-            admin.settimeout(5)
-            admin.connect(str(self.workdir / "data" / "admin.sock"))
-            admin.sendall(b'{"command": "stats"}\n')
-            answer = b""
-            while not answer.endswith(b"\n"):
-                chunk = admin.recv(65536)
-                if not chunk:
-                    break
-                answer += chunk
-        return json.loads(answer)["result"]
+        """The server's counters (`mimctl stats`), straight from its admin sockets (added up
+        over the workers)."""
+        total: dict[str, int] = {}
+        for path in self.admin_sockets():
+            with socket.socket(socket.AF_UNIX) as admin:
+                admin.settimeout(5)
+                admin.connect(str(path))
+                admin.sendall(b'{"command": "stats"}\n')
+                answer = b""
+                while not answer.endswith(b"\n"):
+                    chunk = admin.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+            for name, value in json.loads(answer)["result"].items():
+                total[name] = total.get(name, 0) + value
+        return total
 
     def cleanup(self) -> None:
         if self.pusher is not None:
@@ -534,8 +580,9 @@ def run_load(server, scenario: str, argv: list[str], args: argparse.Namespace) -
         sys.executable, str(LOAD), scenario, *argv,
         "--host", "127.0.0.1", "--port", str(server.port), "--domain", DOMAIN,
         "--user-prefix", PREFIX, "--password", PASSWORD, "--mechanism", args.mechanism,
-        "--server-pid", str(server.pid),
     ]  # fmt: skip
+    for pid in getattr(server, "pids", [server.pid]):
+        command += ["--server-pid", str(pid)]
     for name in server.db_processes:
         command += ["--db-process", name]
     publisher = publisher_pid(server.pid) if getattr(server, "pusher", None) else None
@@ -624,21 +671,22 @@ FIGURES = {  # scenario -> (rate figure, latency figure, unit)
 
 def table(all_results: dict[str, dict]) -> str:
     header = (
-        "target", "scenario", "rate", "p50 ms", "p95 ms", "p99 ms", "server CPU", "db CPU",
-        "client CPU", "other CPU",
+        "target", "scenario", "rate", "p50 ms", "p95 ms", "p99 ms", "server CPU",
+        "server CPU/op", "db CPU", "client CPU", "other CPU",
     )  # fmt: skip
     rows = [header]
     for target, results in all_results.items():
         for label, figures in results.items():
             rate_key, latency_key, unit = FIGURES[label.split()[0]]
             if "error" in figures:
-                rows.append((target, label, f"error: {figures['error']}", *[""] * 7))
+                rows.append((target, label, f"error: {figures['error']}", *[""] * 8))
                 continue
             latency = figures.get(latency_key, {})
             rows.append((
                 target, label, f"{_fmt(figures.get(rate_key))} {unit}",
                 _fmt(latency.get("p50")), _fmt(latency.get("p95")), _fmt(latency.get("p99")),
                 f"{_fmt(figures.get('server_cpu_pct'))} %",
+                _cpu_per_op(figures.get("server_cpu_pct"), figures.get(rate_key)),
                 f"{_fmt(figures.get('db_cpu_pct'))} %" if "db_cpu_pct" in figures else "-",
                 f"{_fmt(figures.get('client_cpu_pct'))} %",
                 f"{_fmt(figures.get('other_cpu_pct'))} %",
@@ -649,6 +697,28 @@ def table(all_results: dict[str, dict]) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def _cpu_per_op(cpu_pct: float | None, rate: float | None) -> str:
+    """Server CPU microseconds per operation (message, notification, login)."""
+    if not cpu_pct or not rate:
+        return "-"
+    return f"{cpu_pct * 10_000 / rate:.1f} µs"
+
+
+def workers_summary(all_results: dict[str, dict]) -> list[str]:
+    """How the CPU was shared between the processes of each server with workers."""
+    lines = []
+    for target, results in all_results.items():
+        for label, figures in results.items():
+            each = figures.get("server_cpu_pct_each")
+            if each:
+                shares = ", ".join(
+                    f"{'twistd' if place == '0' else f'worker {place}'} {value:.1f} %"
+                    for place, value in sorted(each.items(), key=lambda kv: int(kv[0]))
+                )
+                lines.append(f"{target}, {label}: server CPU per process: {shares}")
+    return lines
 
 
 def pusher_summary(all_results: dict[str, dict]) -> list[str]:
@@ -693,7 +763,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--storage", nargs="+", default=["sqlite"], help="mim: one or more of sqlite, "
         "postgresql, mysql, or both (sqlite and postgresql), run one after the other; prosody: "
         "sqlite or internal")  # fmt: skip
-    add("--scenarios", nargs="+", default=list(FIGURES), choices=list(FIGURES))
+    add("--scenarios", nargs="+", choices=list(FIGURES), help="default: all; with --workers: "
+        "messages and pubsub-fanout")  # fmt: skip
     add("--runs", type=int, default=3, help="runs per scenario; the medians are reported")
     add("--mechanism", default=None, help="SASL mechanism (default SCRAM-SHA-256 for mim, "
         "SCRAM-SHA-1 for prosody, which offers no other SCRAM)")  # fmt: skip
@@ -714,6 +785,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--extra-config", default="", help="mim: TOML appended to the config")
     add("--event-pusher", choices=["off", "on", "both"], default="off", help="mim: the event "
         "pusher to the local RabbitMQ (both: a server without it, then one with it)")  # fmt: skip
+    add("--workers", type=int, nargs="+", help="mim: cluster mode on PostgreSQL and RabbitMQ: "
+        "one server per count, 1 being the single process (cluster off), N>1 twistd mim with "
+        "[cluster] workers = N, in the same sitting")  # fmt: skip
     add("--quick", action="store_true", help="small and short: a smoke test")
     add("--keep", action="store_true", help="keep the temporary directories")
     add("--scenario-timeout", type=float, default=1800.0)
@@ -723,6 +797,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "during a run before it is discarded and repeated")  # fmt: skip
     add("--output", help="write all medians as JSON to this file")
     args = parser.parse_args(argv)
+    if args.scenarios is None:
+        args.scenarios = ["messages", "pubsub-fanout"] if args.workers else list(FIGURES)
+    if args.workers and (args.server != "mim" or args.storage not in (["sqlite"], ["postgresql"])):
+        parser.error("--workers runs mim-twisted on PostgreSQL (--storage postgresql)")
+    if args.workers:
+        args.storage = ["postgresql"]
     if args.mechanism is None:
         args.mechanism = "SCRAM-SHA-1" if args.server == "prosody" else "SCRAM-SHA-256"
     if args.quick:
@@ -753,7 +833,10 @@ def main(argv: list[str]) -> int:
         storages = args.storage
     all_results = {}
     pusher = {"off": [False], "on": [True], "both": [False, True]}[args.event_pusher]
-    for storage in storages:
+    for count in args.workers or ():
+        target = "mim-twisted/postgresql" + (f" x{count} workers" if count > 1 else "")
+        all_results[target] = bench_one(server_class, "postgresql", args, workers=count)
+    for storage in storages if not args.workers else ():
         if server_class is not MimServer:
             all_results[f"{server_class.name}/{storage}"] = bench_one(server_class, storage, args)
             continue
@@ -766,7 +849,7 @@ def main(argv: list[str]) -> int:
         f" share one machine ({os.cpu_count()} cores)."
     )
     print(table(all_results))
-    for line in pusher_summary(all_results):
+    for line in workers_summary(all_results) + pusher_summary(all_results):
         print(line)
     if args.output:
         Path(args.output).write_text(json.dumps(all_results, indent=2) + "\n")

@@ -520,17 +520,18 @@ def _pids_named(names: list[str]) -> list[int]:
 
 
 class CpuMeter:
-    """CPU used over a wall interval by this process, the server (if its pid is given), the
-    database processes (by name, e.g. postgres) and everything else on the machine (from
-    /proc/stat: e.g. a test suite someone runs meanwhile, which would skew the figures)."""
+    """CPU used over a wall interval by this process, the server (if its pids are given: one,
+    or a supervisor and its workers), the database processes (by name, e.g. postgres) and
+    everything else on the machine (from /proc/stat: e.g. a test suite someone runs meanwhile,
+    which would skew the figures)."""
 
     def __init__(
         self,
-        server_pid: int | None,
+        server_pids: list[int] | None,
         db_processes: list[str] | None = None,
         publisher_pid: int | None = None,
     ) -> None:
-        self.server_pid = server_pid
+        self.server_pids = server_pids or []
         self.publisher_pid = publisher_pid
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.db_pids = _pids_named(db_processes) if db_processes else []
@@ -548,7 +549,7 @@ class CpuMeter:
     def _sample(self) -> tuple:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         client = usage.ru_utime + usage.ru_stime
-        server = _process_cpu(self.server_pid, self.ticks) if self.server_pid else None
+        server = {pid: _process_cpu(pid, self.ticks) for pid in self.server_pids}
         db = {pid: _process_cpu(pid, self.ticks) for pid in self.db_pids}
         publisher = _process_cpu(self.publisher_pid, self.ticks) if self.publisher_pid else None
         return now(), client, server, db, publisher, self._machine_busy()
@@ -558,7 +559,12 @@ class CpuMeter:
         wall1, client1, server1, db1, publisher1, busy1 = self._sample()
         wall = max(wall1 - wall0, 1e-9)
         client = (client1 - client0) / wall
-        server = None if server0 is None or server1 is None else (server1 - server0) / wall
+        each = [
+            (server1[p] - server0[p]) / wall
+            for p in server0
+            if server0[p] is not None and server1.get(p) is not None
+        ]
+        server = sum(each) if each else None
         db = None
         if self.db_pids:
             db = sum(db1[p] - db0[p] for p in db0 if db0[p] is not None and db1[p] is not None)
@@ -578,6 +584,9 @@ class CpuMeter:
         figures = {"client_cpu_pct": pct(client), "server_cpu_pct": pct(server)}
         if self.publisher_pid:
             figures["publisher_cpu_pct"] = pct(publisher)
+        if len(self.server_pids) > 1:
+            # Each process of the server by its place in the order given ("0": the first).
+            figures["server_cpu_pct_each"] = {str(i): pct(value) for i, value in enumerate(each)}
         if self.db_pids:
             figures["db_cpu_pct"] = pct(db)
         figures["other_cpu_pct"] = pct(other)
@@ -1316,7 +1325,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-tls", action="store_true", help="skip STARTTLS even if offered")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for any one step")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds for one run")
-    parser.add_argument("--server-pid", type=int, help="report the server's CPU use too")
+    parser.add_argument(
+        "--server-pid", type=int, action="append", help="report the server's CPU use too;"
+        " repeatable (a supervisor and its workers: their sum, and each as server_cpu_pct_each)"
+    )  # fmt: skip
     parser.add_argument(
         "--publisher-pid", type=int, help="the server's event publisher process: its CPU use is"
         " reported as publisher_cpu_pct"
