@@ -8,6 +8,7 @@ the clients of a restart see.
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 
@@ -340,8 +341,10 @@ class MySQLRecoveryTests(TestCase):
     async def test_a_read_on_dead_connections_is_retried(self) -> None:
         log = LogCapture(self)
         database = await self.open()
-        # Two requests at once, so that both connections are open.
-        await gatherResults([database.accounts.account_exists(*ALICE) for _ in range(2)])
+        # Two transactions that meet in their threads, so that both connections are open (two
+        # plain requests at once may take turns on one on a busy machine).
+        both_open = threading.Barrier(2, timeout=5)
+        await gatherResults([database._pool.run(lambda _: both_open.wait()) for _ in range(2)])
         self.assertEqual(mysqlsupport.terminate_connections(self.options), 2)
         self.assertEqual(
             await gatherResults([database.accounts.account_exists(*ALICE) for _ in range(2)]),
