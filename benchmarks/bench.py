@@ -280,7 +280,8 @@ class MimServer:
         cluster = ""
         if self.workers > 1:
             cluster = (
-                f'[cluster]\nenabled = true\nnode = "bench-{secrets.token_hex(4)}"\n'
+                f'[cluster]\nenabled = true\nname = "bench-{secrets.token_hex(4)}"\n'
+                f'node = "bench"\n'
                 f"workers = {self.workers}\n"
             )
         config = self.workdir / "mim.toml"

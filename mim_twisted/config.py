@@ -666,6 +666,9 @@ class ClusterConfig:
     between nodes over RabbitMQ."""
 
     enabled: bool = option(False, boolean)
+    # The cluster's name on the broker: clusters sharing a virtual host (staging beside
+    # production, test runs) must not hear each other's sessions.
+    name: str = option("mim", amqp_name)
     node: str = option(_default_node_name, amqp_name)
     rabbit: BrokerConfig = option({}, table(BrokerConfig))
     # Messages for other nodes held while the broker is away; beyond, stanzas are answered as

@@ -11,11 +11,14 @@ from mim_twisted.config import load_config
 from tests.rabbitsupport import BrokerRelay, require_broker, unique
 
 
-def cluster_settings(node: str, port: int = 5672, max_buffered: int = 10000):
+def cluster_settings(
+    node: str, port: int = 5672, max_buffered: int = 10000, cluster_name: str = "mim"
+):
     cluster = load_config(None).cluster
     return dataclasses.replace(
         cluster,
         enabled=True,
+        name=cluster_name,
         node=node,
         rabbit=dataclasses.replace(cluster.rabbit, port=port),
         max_buffered_messages=max_buffered,
@@ -53,9 +56,11 @@ class BufferTests(unittest.TestCase):
 class BrokerTests(unittest.TestCase):
     def setUp(self) -> None:
         require_broker()
+        self.cluster_name = unique("cluster")
 
-    def start(self, node: str, port: int = 5672) -> ClusterBus:
-        bus = ClusterBus(cluster_settings(node, port), reactor, retry_policy=lambda attempt: 0.1)
+    def start(self, node: str, port: int = 5672, cluster_name: str | None = None) -> ClusterBus:
+        settings = cluster_settings(node, port, cluster_name=cluster_name or self.cluster_name)
+        bus = ClusterBus(settings, reactor, retry_policy=lambda attempt: 0.1)
         bus.startService()
         self.addCleanup(bus.stopService)
         return bus
@@ -101,3 +106,30 @@ class BrokerTests(unittest.TestCase):
         sender.send(receiver.node, "ping", 1)
         relay.restore()
         yield defer.ensureDeferred(until(lambda: heard == [1]))
+
+    @defer.inlineCallbacks
+    def test_clusters_on_one_virtual_host_do_not_hear_each_other(self):
+        # Staging beside production on one broker: same node names, different cluster names.
+        ours, theirs = self.start("n1"), self.start("n1", cluster_name=unique("other"))
+        our_peer, their_peer = self.start("n2"), self.start("n2", cluster_name=theirs.cluster)
+        heard: list[tuple[str, object]] = []
+        for bus in (ours, theirs, our_peer, their_peer):
+            bus.on("ping", lambda node, payload, bus=bus: heard.append((bus.cluster, payload)))
+        yield defer.ensureDeferred(
+            until(lambda: all(bus.connected for bus in (ours, theirs, our_peer, their_peer)))
+        )
+        theirs.broadcast("ping", "theirs, to all")
+        theirs.send("n2", "ping", "theirs, to n2")
+        ours.broadcast("ping", "ours, to all")
+        yield defer.ensureDeferred(until(lambda: len(heard) == 3))
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(
+            sorted(heard),
+            sorted(
+                [
+                    (theirs.cluster, "theirs, to all"),
+                    (theirs.cluster, "theirs, to n2"),
+                    (ours.cluster, "ours, to all"),
+                ]
+            ),
+        )

@@ -1,11 +1,12 @@
 """The cluster bus: messages between the nodes of a cluster over RabbitMQ.
 
-Two exchanges. `mim.cluster.nodes` is a direct exchange keyed by node name, each node reading
-its own queue: what one node has for another (stanzas for its sessions). `mim.cluster.events`
-is a fanout exchange every node reads: what all must know (sessions up and down, heartbeats,
-caches to drop). A node's queue waits for it through a lost connection for `node_timeout`, then
-the broker deletes it, so nothing piles up for a node that is gone; its events queue goes with
-its connection.
+Two exchanges per cluster (named by `cluster.name`, so that clusters sharing a virtual host stay
+apart). `mim.cluster.<name>.nodes` is a direct exchange keyed by node name, each node reading
+its own queue: what one node has for another (stanzas for its sessions).
+`mim.cluster.<name>.events` is a fanout exchange every node reads: what all must know
+(sessions up and down, heartbeats, caches to drop). A node's queue waits for it through a lost
+connection for `node_timeout`, then the broker deletes it, so nothing piles up for a node that
+is gone; its events queue goes with its connection.
 
 A message is a kind and a JSON payload; `on(kind, handler)` subscribes to a kind, whichever
 exchange it comes on, and a node does not hear its own broadcasts. While the broker is away,
@@ -29,8 +30,14 @@ from mim_twisted.events.broker import BrokerConnection, BrokerLink, disconnect
 
 log = Logger()
 
-NODES_EXCHANGE = "mim.cluster.nodes"
-EVENTS_EXCHANGE = "mim.cluster.events"
+
+def nodes_exchange(cluster: str) -> str:
+    return f"mim.cluster.{cluster}.nodes"
+
+
+def events_exchange(cluster: str) -> str:
+    return f"mim.cluster.{cluster}.events"
+
 
 # `handler(node, payload)`: the node it came from and the payload as sent.
 Handler = Callable[[str, Any], None]
@@ -79,8 +86,9 @@ class ClusterBus(BrokerLink):
         self._held: deque[_Outgoing] = deque()
         self._write: Callable[[bytes], None] | None = None
         self._channel_number = 0
-        self._nodes_exchange = short_string(NODES_EXCHANGE)
-        self._events_exchange = short_string(EVENTS_EXCHANGE)
+        self.cluster = settings.name
+        self._nodes_exchange = short_string(nodes_exchange(self.cluster))
+        self._events_exchange = short_string(events_exchange(self.cluster))
         self._node_keys: dict[str, bytes] = {}
         # Called without arguments each time the bus is (again) connected, or lost.
         self.connected_listeners: list[Callable[[], None]] = []
@@ -157,8 +165,9 @@ class ClusterBus(BrokerLink):
 
     async def _prepare(self, connection: BrokerConnection) -> None:
         channel = await connection.channel()
-        await channel.exchange_declare(exchange=NODES_EXCHANGE, exchange_type="direct")
-        await channel.exchange_declare(exchange=EVENTS_EXCHANGE, exchange_type="fanout")
+        nodes, events = nodes_exchange(self.cluster), events_exchange(self.cluster)
+        await channel.exchange_declare(exchange=nodes, exchange_type="direct")
+        await channel.exchange_declare(exchange=events, exchange_type="fanout")
         # A channel closed by the broker (an error of ours) takes the connection with it, so
         # that a new one is made.
         channel.on_closed.addBoth(lambda _: disconnect(connection))
@@ -169,8 +178,8 @@ class ClusterBus(BrokerLink):
         # needed: the session table is read again on reconnection.
         expires = {"x-expires": int(self.node_timeout * 1000)}
         for queue, exchange, key, exclusive, arguments in (
-            (f"mim.node.{self.node}", NODES_EXCHANGE, self.node, False, expires),
-            (f"mim.events.{self.node}", EVENTS_EXCHANGE, "", True, None),
+            (f"mim.{self.cluster}.node.{self.node}", nodes, self.node, False, expires),
+            (f"mim.{self.cluster}.events.{self.node}", events, "", True, None),
         ):
             await channel.queue_declare(
                 queue=queue, exclusive=exclusive, auto_delete=exclusive, arguments=arguments

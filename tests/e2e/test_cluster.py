@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from psycopg2.extensions import parse_dsn
 from slixmpp.xmlstream import ET
 from twisted.internet import defer, reactor
 from twisted.words.protocols.jabber.jid import JID
@@ -64,7 +65,8 @@ def node_config(
         "[auth]\nfailure_delay = 0.0\n"
         '[storage]\nbackend = "postgresql"\nauto_migrate = true\n'
         f"[storage.postgresql]\ndsn = {json.dumps(dsn)}\npool_size = 2\n"
-        f'[cluster]\nenabled = true\nnode = "{node}"\nnode_timeout = {node_timeout}\n'
+        f'[cluster]\nenabled = true\nname = "{parse_dsn(dsn)["dbname"]}"\nnode = "{node}"\n'
+        f"node_timeout = {node_timeout}\n"
         f"heartbeat_interval = 0.5\nrabbit = {{ port = {rabbit_port} }}\n{extra}"
     )
 

@@ -6,6 +6,7 @@ published through node two; a configuration changed on node one is what node two
 import json
 import os
 
+from psycopg2.extensions import parse_dsn
 from slixmpp.exceptions import IqError
 from twisted.trial import unittest
 from twisted.words.protocols.jabber.jid import JID
@@ -56,7 +57,8 @@ class CoherenceTests(unittest.TestCase):
                 "[auth]\nfailure_delay = 0.0\n"
                 '[storage]\nbackend = "postgresql"\nauto_migrate = true\n'
                 f"[storage.postgresql]\ndsn = {json.dumps(self.dsn)}\npool_size = 2\n"
-                f'[cluster]\nenabled = true\nnode = "{unique("node")}"\n'
+                f'[cluster]\nenabled = true\nname = "{parse_dsn(self.dsn)["dbname"]}"\n'
+                f'node = "{unique("node")}"\n'
             )
         server = MimService(load_config(path))
         server.startService()

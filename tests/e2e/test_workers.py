@@ -12,6 +12,7 @@ import signal
 import socket
 import tempfile
 
+from psycopg2.extensions import parse_dsn
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
@@ -76,7 +77,7 @@ class WorkersTests(unittest.TestCase):
                 f'[server]\ndata_dir = "data"\n[[listeners]]\nport = {self.port}\n'
                 f'[storage]\nbackend = "postgresql"\n'
                 f"[storage.postgresql]\ndsn = {json.dumps(self.dsn)}\n"
-                f"[cluster]\nenabled = true\n{extra}"
+                f'[cluster]\nenabled = true\nname = "{parse_dsn(self.dsn)["dbname"]}"\n{extra}'
             )
         return path
 
