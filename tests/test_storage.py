@@ -11,9 +11,15 @@ from psycopg2.errors import LockNotAvailable
 from psycopg2.extensions import make_dsn
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from txpostgres import txpostgres
 
 from mim_twisted.storage import open_database, sql
-from mim_twisted.storage.interfaces import IDatabase, RosterItem, SchemaOutdated, SchemaTooNew
+from mim_twisted.storage.interfaces import (
+    IDatabase,
+    RosterItem,
+    SchemaOutdated,
+    SchemaTooNew,
+)
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.storage.migrations import (
     SCHEMA_DIR,
@@ -101,6 +107,8 @@ class PostgresStorageTests(
         # takes the account's row lock, so while another transaction holds it, they wait, here
         # until their lock_timeout.
         await self.register(ALICE)
+        # Something to pop: popping nothing takes no lock.
+        await self.offline.store(*ALICE, message(0), 10)
         holder = psycopg2.connect(self.dsn)
         self.addCleanup(holder.close)
         with holder.cursor() as cursor:
@@ -118,6 +126,46 @@ class PostgresStorageTests(
         ]
         for change in changes:
             await self.assertFailure(change(), LockNotAvailable)
+
+    def record_statements(self) -> list[str]:
+        """The statements the database sends from now on, as sent."""
+        sent: list[str] = []
+        execute = txpostgres.Cursor.execute
+
+        def recording(cursor: txpostgres.Cursor, query: str, params: object = None) -> Deferred:
+            sent.append(query)
+            return execute(cursor, query, params)
+
+        self.patch(txpostgres.Cursor, "execute", recording)
+        return sent
+
+    async def test_a_login_reads_are_a_round_trip_each(self) -> None:
+        await self.register(ALICE)
+        sent = self.record_statements()
+        await self.accounts.get_credentials(*ALICE)
+        await self.rosters.get_roster(*ALICE)
+        self.assertEqual(
+            sent,
+            [
+                "SELECT scram_sha1, scram_sha256 FROM users WHERE server = %s AND username = %s",
+                "SELECT roster_version FROM users WHERE server = %s AND username = %s",
+                sql.SELECT_ROSTER_ITEMS.replace("?", "%s"),
+            ],
+        )
+
+    async def test_popping_nothing_is_one_read(self) -> None:
+        await self.register(ALICE)
+        await self.offline.store(*ALICE, message(1), 10)
+        sent = self.record_statements()
+        self.assertEqual(len(await self.offline.pop_all(*ALICE)), 1)
+        self.assertEqual(sent[0], sql.ANY_OFFLINE_MESSAGE.replace("?", "%s"))
+        self.assertTrue(sent[1].startswith("BEGIN; SELECT 1 FROM users"))
+        self.assertEqual(sent[-1], "COMMIT")
+        self.assertEqual(await self.offline.count(*ALICE), 0)
+        del sent[:]
+        # Nothing stored: nothing locked, nothing deleted.
+        self.assertEqual(await self.offline.pop_all(*ALICE), [])
+        self.assertEqual(sent, [sql.ANY_OFFLINE_MESSAGE.replace("?", "%s")])
 
     async def test_concurrent_publishes_keep_max_items(self) -> None:
         # Over several connections, so that the transactions overlap: without the node's row
@@ -196,6 +244,8 @@ class MySQLStorageTests(
         # takes the account's row lock, so while another transaction holds it, they wait, here
         # not at all (innodb_lock_wait_timeout 0).
         await self.register(ALICE)
+        # Something to pop: popping nothing takes no lock.
+        await self.offline.store(*ALICE, message(0), 10)
         self.hold_row_lock(
             "SELECT 1 FROM users WHERE server = %s AND username = %s FOR UPDATE", ALICE
         )
