@@ -2,6 +2,7 @@
 
 import base64
 
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -632,3 +633,88 @@ class StanzaTimeoutTests(StreamTestCase):
             self.clock.advance(20)
         self.assertFalse(transport.disconnecting)
         self.assertIn(b"<body>hi</body>", transport.value())
+
+
+class Received(protocol.Protocol):
+    """A raw client: what the server wrote, as it arrives."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.arrived: defer.Deferred | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.arrived is not None:
+            arrived, self.arrived = self.arrived, None
+            arrived.callback(None)
+
+    async def until(self, ending: bytes) -> bytes:
+        """All that arrived, once it ends with ``ending``."""
+        while not self.data.endswith(ending):
+            self.arrived = defer.Deferred()
+            await self.arrived.addTimeout(5, reactor)
+        return self.data
+
+
+class DirectWriteTests(StreamTestCase):
+    """On plain TCP, a turn's first write goes straight to the socket, without the reactor
+    watching the socket for writability; the turn's later writes are buffered behind it."""
+
+    async def connect_tcp(self) -> tuple:
+        factory = C2SFactory(
+            self.factory.settings,
+            accounts=self.database.accounts,
+            im=self.core.router,
+            clock=reactor,
+        )
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        watched = []
+        add_writer = reactor.addWriter
+        self.patch(reactor, "addWriter", lambda w: (watched.append(w), add_writer(w))[1])
+        client = Received()
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await endpoints.connectProtocol(endpoint, client)
+        self.addCleanup(client.transport.abortConnection)
+        while not factory.streams:
+            await task.deferLater(reactor, 0.01)
+        (stream,) = factory.streams
+        return stream, client, watched
+
+    async def test_the_header_and_features_are_written_at_once(self) -> None:
+        stream, client, watched = await self.connect_tcp()
+        client.transport.write(HEADER)
+        data = await client.until(b"</stream:features>")
+        self.assertTrue(data.startswith(b"<?xml version='1.0'?><stream:stream"))
+        self.assertIn(b"<mechanism>PLAIN</mechanism>", data)
+        self.assertNotIn(stream.transport, watched)
+
+    async def test_the_later_writes_of_a_turn_follow_in_order(self) -> None:
+        stream, client, watched = await self.connect_tcp()
+        for n in range(3):
+            stream.send(f"<message id='{n}'/>")
+        data = await client.until(b"<message id='2'/>")
+        self.assertEqual(data, b"<message id='0'/><message id='1'/><message id='2'/>")
+        # The first went straight out; the two behind it were buffered.
+        self.assertIn(stream.transport, watched)
+        await task.deferLater(reactor, 0.01)
+        del watched[:]
+        stream.send("<message id='3'/>")
+        await client.until(b"<message id='3'/>")
+        self.assertNotIn(stream.transport, watched)
+
+    async def test_a_bound_client_stanzas_turn_buffering_back_on(self) -> None:
+        stream, client, watched = await self.connect_tcp()
+        # One reply per reactor turn, as a client that waits for each gets them.
+        for sent, reply in [
+            (HEADER, b"</stream:features>"),
+            (plain_auth("alice", "secret"), b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"),
+            (HEADER, b"</stream:features>"),
+            (bind_request("home"), b"</iq>"),
+        ]:
+            client.transport.write(sent)
+            await client.until(reply)
+        self.assertNotIn(stream.transport, watched)
+        client.transport.write(b"<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>")
+        await client.until(b"id='p1' type='result'/>")
+        self.assertIn(stream.transport, watched)

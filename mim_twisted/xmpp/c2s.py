@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.internet import defer, interfaces, protocol
+from twisted.internet import defer, interfaces, protocol, tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.words.protocols.jabber import error
@@ -99,6 +99,10 @@ class C2SStream(protocol.Protocol):
         self._stanza_timer = None
         self._timed_stanza = 0  # which started stanza `_stanza_timer` is running for
         self._write_blocked = False
+        # Negotiating on plain TCP (not TLS, not a test's transport): the replies may go
+        # straight to the socket (see _write).
+        self._direct_writes = False
+        self._direct_turn = -1  # the reactor turn of the last direct write (see WriteTurns)
         self._read_pauses: set[str] = set()
         self._shaper: ReadShaper | None = None
         self._shaper_timer = None
@@ -115,6 +119,7 @@ class C2SStream(protocol.Protocol):
         # Stanzas are complete messages: Nagle's algorithm would only hold them back (~40 ms).
         if interfaces.ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
+        self._direct_writes = isinstance(self.transport, tcp.Connection)
         if self.settings.max_read_rate:
             rate = self.settings.max_read_rate
             self._shaper = ReadShaper(rate, rate, self.factory.clock.seconds())
@@ -242,6 +247,9 @@ class C2SStream(protocol.Protocol):
         """Write a stanza; elements are serialised in the stream's default namespace."""
         if self.closed:
             return
+        self._write(self._serialise(stanza))
+
+    def _serialise(self, stanza: domish.Element | bytes | str) -> bytes:
         if self.settings.log_traffic:
             traffic.log_sent(self.log_name(), stanza)
         if isinstance(stanza, domish.Element):
@@ -256,14 +264,39 @@ class C2SStream(protocol.Protocol):
         if isinstance(stanza, str):
             stanza = stanza.encode("utf-8")
         self.factory.stanzas_out[_sent_stanza_kind(stanza)] += 1
+        return stanza
+
+    def _write(self, data: bytes) -> None:
+        if self.closed:
+            return
         if self._write_blocked:
-            self._bytes_while_blocked += len(stanza)
+            self._bytes_while_blocked += len(data)
             if self._bytes_while_blocked > self.settings.max_outgoing_buffer:
                 log.warn("{peer}: client reads too slowly, disconnecting", peer=self.log_name())
                 self.closed = True
                 self.transport.abortConnection()
                 return
-        self.transport.write(stanza)
+        transport = self.transport
+        if (
+            self._direct_writes
+            and self._direct_turn != self.factory.write_turns.number
+            and _nothing_buffered(transport)
+        ):
+            # Twisted buffers every write and has the reactor watch the socket for
+            # writability until the buffer is flushed: two epoll_ctl calls and a reactor pass
+            # per reply. A login is a handful of exchanges with one reply each, so while
+            # negotiating, the first write of a reactor turn goes to the socket at once; the
+            # turn's later ones are buffered behind it. Once the client sends stanzas, all is
+            # buffered as Twisted does, so that what one turn routes to a client (messages,
+            # notifications) leaves in one send().
+            self._direct_turn = self.factory.write_turns.current()
+            written = transport.writeSomeData(data)
+            if not isinstance(written, int):
+                written = 0  # the connection is lost: the buffered write finds that out
+            if written == len(data):
+                return
+            data = data[written:]
+        transport.write(data)
 
     # IPushProducer: the transport tells us when its write buffer is full or drained.
     def pauseProducing(self) -> None:
@@ -308,14 +341,16 @@ class C2SStream(protocol.Protocol):
         transport.loseConnection()
         self._close_timer = self.factory.clock.callLater(CLOSE_GRACE, transport.abortConnection)
 
-    def _send_header(self, domain: str) -> None:
+    def _send_header(self, domain: str, features: bytes | None = None) -> None:
+        """Our stream header, and the features (serialised) in the same write if given."""
         self.stream_id = secrets.token_hex(8)
-        self.send(
+        header = self._serialise(
             "<?xml version='1.0'?>"
             f"<stream:stream xmlns='{namespaces.CLIENT}' xmlns:stream='{namespaces.STREAMS}'"
             f" id='{self.stream_id}' from='{domain}' version='1.0' xml:lang='en'>"
         )
         self._header_sent = True
+        self._write(header if features is None else header + features)
 
     # -- stream header and features --------------------------------------------------------
 
@@ -333,8 +368,28 @@ class C2SStream(protocol.Protocol):
             self.stream_error("unsupported-version", "XMPP 1.0 streams only")
         else:
             self.domain = domain
-            self._send_header(domain)
-            self.send(self._features())
+            self._send_header(domain, self._serialised_features())
+
+    def _serialised_features(self) -> bytes:
+        """The features for the stream's state; each state's serialised once per listener."""
+        tls_available = not self.secure and self.settings.tls_options is not None
+        extras = self.factory.bound_features if self.username is not None else ()
+        if self.secure and self.username is None:
+            extras = self.factory.secure_preauth_features
+        key = (
+            self.username is not None,
+            self.secure,
+            tls_available,
+            tuple(self.sasl.offered()),
+            tuple(extras),
+        )
+        cache = self.factory.serialised_features
+        serialised = cache.get(key)
+        if serialised is None or self.settings.log_traffic:
+            serialised = cache[key] = self._serialise(self._features())
+        else:
+            self.factory.stanzas_out[None] += 1
+        return serialised
 
     def _features(self) -> domish.Element:
         features = domish.Element((namespaces.STREAMS, "features"))
@@ -421,6 +476,7 @@ class C2SStream(protocol.Protocol):
             )
         self.transport.startTLS(options)
         self.secure = True
+        self._direct_writes = False
         self._new_parser()
 
     def handshakeCompleted(self) -> None:
@@ -496,6 +552,7 @@ class C2SStream(protocol.Protocol):
             return
         stanza["from"] = self.jid.full()
         self.factory.stanzas_in[stanza.name] += 1
+        self._direct_writes = False  # negotiation is over (see _write)
         try:
             self.session.stanza_received(stanza)
         except Exception:
@@ -528,6 +585,38 @@ def _sent_stanza_kind(data: bytes) -> str | None:
     """The kind of a serialised stanza (message, presence, iq); None for other stream data."""
     start = _STANZA_START.match(data)
     return start[1].decode() if start else None
+
+
+def _nothing_buffered(transport: tcp.Connection) -> bool:
+    """Whether a plain TCP transport has nothing waiting to be written and is open for writing
+    (what Twisted's FileDescriptor.write checks, and its buffers)."""
+    return (
+        transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    )
+
+
+class WriteTurns:
+    """Numbers the reactor turns in which streams wrote straight to their sockets: a turn ends
+    (the number moves on) before the reactor next polls, once anything was written directly."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.number = 0
+        self._next = None
+
+    def current(self) -> int:
+        """The number of this turn, which will have ended when the reactor next polls."""
+        if self._next is None:
+            self._next = self._clock.callLater(0, self._advance)
+        return self.number
+
+    def _advance(self) -> None:
+        self._next = None
+        self.number += 1
 
 
 def _ignore(*args: object) -> None:
@@ -582,6 +671,9 @@ class C2SFactory(protocol.ServerFactory):
         self.stanzas_out: Counter[str | None] = Counter()  # None: not a stanza
         self.logins: Counter[tuple[str, str]] = Counter()  # (mechanism, "success" | "failure")
         self.tls_failures = 0
+        self.write_turns = WriteTurns(self.clock)
+        # Stream features by the stream's state (see C2SStream._serialised_features).
+        self.serialised_features: dict[tuple, bytes] = {}
 
     def buildProtocol(self, addr: object) -> C2SStream:
         return C2SStream(self)
