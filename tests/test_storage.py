@@ -148,8 +148,7 @@ class PostgresStorageTests(
             sent,
             [
                 "SELECT scram_sha1, scram_sha256 FROM users WHERE server = %s AND username = %s",
-                "SELECT roster_version FROM users WHERE server = %s AND username = %s",
-                sql.SELECT_ROSTER_ITEMS.replace("?", "%s"),
+                sql.SELECT_ROSTER.replace("?", "%s"),
             ],
         )
 

@@ -117,6 +117,17 @@ SELECT_ROSTER_ITEMS = (
     " WHERE i.server = ? AND i.username = ?"
 )
 SELECT_ROSTER_ITEM = SELECT_ROSTER_ITEMS + " AND i.jid = ?"
+# The version and the items in one statement, so from one snapshot: the account's row, with a
+# NULL item when it has none.
+SELECT_ROSTER = (
+    "SELECT u.roster_version, i.jid, i.name, i.subscription, i.ask, i.pending_in,"
+    " i.pending_in_stanza, i.approved, i.in_roster, g.grp"
+    " FROM users AS u LEFT JOIN roster_items AS i"
+    " ON i.server = u.server AND i.username = u.username"
+    " LEFT JOIN roster_groups AS g"
+    " ON g.server = i.server AND g.username = i.username AND g.jid = i.jid"
+    " WHERE u.server = ? AND u.username = ?"
+)
 INSERT_ROSTER_ITEM = (
     "INSERT INTO roster_items (server, username, jid, name, subscription, ask, pending_in,"
     " pending_in_stanza, approved, in_roster) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -368,12 +379,10 @@ class SQLRosterStore(_SQLStore):
 
     @transaction
     def get_roster(self, domain: str, username: str) -> Transaction[tuple[int, list[RosterItem]]]:
-        # The version is read first: in PostgreSQL each statement sees what was committed before
-        # it began, so the items may be newer than the version, never older, and a client that
-        # caches them under this version misses no change.
-        rows = yield SELECT_ROSTER_VERSION, (domain, username)
+        # One statement: the items are those of the version, which a client caches them under.
+        rows = yield SELECT_ROSTER, (domain, username)
         version = rows[0][0] if rows else 0
-        return version, _roster_items((yield SELECT_ROSTER_ITEMS, (domain, username)))
+        return version, _roster_items([row[1:] for row in rows if row[1] is not None])
 
     @transaction
     def get_item(self, domain: str, username: str, jid: str) -> Transaction[RosterItem | None]:
