@@ -31,8 +31,10 @@ class EventBuffer(Generic[EventT]):
             raise ValueError("the limit and the window hold at least one event")
         self.limit = limit
         self.window = window
-        # (sequence number, event), oldest first; sequence numbers order events as they came.
-        self._pending: deque[tuple[int, EventT]] = deque()
+        # Sequence numbers order events as they came. The pending events are the newest ones,
+        # consecutive: the first has `_next_sequence - len(_pending)`, so that a buffered event
+        # costs no (number, event) pair until it is handed over.
+        self._pending: deque[EventT] = deque()
         self._resend: list[tuple[int, EventT]] = []
         self._in_flight: dict[int, EventT] = {}
         self._next_sequence = 0
@@ -57,16 +59,16 @@ class EventBuffer(Generic[EventT]):
 
     def add(self, event: EventT) -> bool:
         """Hold a new event; True if that dropped one (the oldest never sent, or this one)."""
-        sequence = self._next_sequence
-        self._next_sequence = sequence + 1
         pending = self._pending
         # `full`, inline: this runs for every event.
         if len(pending) + len(self._resend) + len(self._in_flight) < self.limit:
-            pending.append((sequence, event))
+            pending.append(event)
+            self._next_sequence += 1
             return False
         if pending:
             pending.popleft()
-            pending.append((sequence, event))
+            pending.append(event)
+            self._next_sequence += 1
         self.dropped += 1
         self.burst_dropped += 1
         return True
@@ -86,13 +88,16 @@ class EventBuffer(Generic[EventT]):
                 sequences.append(sequence)
                 events.append(event)
             room -= len(again)
-        count = min(room, len(self._pending))
         pending = self._pending
-        for _ in range(count):
-            sequence, event = pending.popleft()
-            in_flight[sequence] = event
-            sequences.append(sequence)
-            events.append(event)
+        count = min(room, len(pending))
+        if count > 0:
+            first = self._next_sequence - len(pending)
+            taken = range(first, first + count)
+            pop = pending.popleft
+            fresh = [pop() for _ in taken]
+            in_flight.update(zip(taken, fresh, strict=True))
+            sequences.extend(taken)
+            events.extend(fresh)
         self.published += len(sequences)
         return sequences, events
 

@@ -94,11 +94,12 @@ class EventSource:
 
     def message_sent(self, session: Any, message: domish.Element) -> None:
         """A local user sent a message: routing key the sender's, to = the address written."""
-        exchange = self.messages.get(message.getAttribute("type"))
+        attributes = message.attributes  # read directly: this runs for every message
+        exchange = self.messages.get(attributes.get("type"))
         if exchange is None:
             return
         text = message_body(message)
-        to = message.getAttribute("to")
+        to = attributes.get("to")
         if text is None:
             return
         try:
@@ -110,13 +111,14 @@ class EventSource:
 
     def message_delivered(self, session: Any, message: domish.Element) -> None:
         """A message was written to a local session: routing key the recipient's."""
-        exchange = self.messages.get(message.getAttribute("type"))
+        attributes = message.attributes
+        exchange = self.messages.get(attributes.get("type"))
         if exchange is None:
             return
         text = message_body(message)
         if text is None:
             return
-        sender = message.getAttribute("from", "")
+        sender = attributes.get("from", "")
         try:
             sender = parse_jid(sender).full()
         except (InvalidFormat, UnicodeError):
