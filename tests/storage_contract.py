@@ -866,6 +866,8 @@ class PubSubStoreContract(StorageContract):
             lambda: self.pubsub.add_subscription(SERVICE, "other", subscription("b@x", "1")),
             lambda: self.pubsub.update_subscription(SERVICE, "other", subscription("b@x", "1")),
             lambda: self.pubsub.publish_item(SERVICE, "other", item(1), 10),
+            lambda: self.pubsub.publish_items(SERVICE, "other", [item(1)], 10),
+            lambda: self.pubsub.publish_items(SERVICE, "other", [], 10),
             lambda: self.pubsub.purge_items(SERVICE, "other"),
         ]
         for write in writes:
@@ -1131,6 +1133,39 @@ class PubSubStoreContract(StorageContract):
         await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
         await self.publish(*range(15))
         self.assertEqual(await self.ids(), [f"item{n}" for n in reversed(range(15))])
+
+    async def test_publish_items_as_one_publication_after_another(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.publish(1, 2)
+        (old,) = await self.pubsub.get_items(SERVICE, "news", item_ids=["item1"])
+        before = datetime.now(UTC)
+        # item1 replaced (keeping its created_at), item5 given twice: the later one stays.
+        replacement = PubSubItem("item5", "<entry xmlns='urn:example'>again</entry>", "bob@x/r")
+        batch = [item(3), item(1), item(5), item(4), replacement]
+        await self.pubsub.publish_items(SERVICE, "news", batch, None)
+        after = datetime.now(UTC)
+        items = await self.pubsub.get_items(SERVICE, "news")
+        self.assertEqual([i.item_id for i in items], ["item5", "item4", "item1", "item3", "item2"])
+        self.assertEqual((items[0].payload, items[0].publisher), (replacement.payload, "bob@x/r"))
+        times = [i.modified_at for i in items]
+        self.assertEqual(times, sorted(set(times), reverse=True))
+        self.assertTrue(all(before <= t <= after for t in times[:4]))
+        self.assertEqual(items[2].created_at, old.created_at)
+        self.assertEqual(items[1].created_at, items[1].modified_at)
+        await self.publish(6)
+        self.assertEqual(await self.ids(max_items=1), ["item6"])
+
+    async def test_publish_items_trims_once_to_max_items(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.publish(1, 2, max_items=3)
+        await self.pubsub.publish_items(SERVICE, "news", [item(n) for n in (3, 4, 1)], 3)
+        self.assertEqual(await self.ids(), ["item1", "item4", "item3"])
+        await self.pubsub.publish_items(SERVICE, "news", [item(7), item(8)], 1)
+        self.assertEqual(await self.ids(), ["item8"])
+        await self.pubsub.publish_items(SERVICE, "news", [item(9), item(8)], 1)
+        self.assertEqual(await self.ids(), ["item8"])
+        await self.pubsub.publish_items(SERVICE, "news", [], 1)
+        self.assertEqual(await self.ids(), ["item8"])
 
     async def test_get_items_limit_and_ids(self) -> None:
         await self.pubsub.create_node(SERVICE, "news", {}, OWNER)

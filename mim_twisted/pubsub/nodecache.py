@@ -255,6 +255,11 @@ class NodeCache:
         # Only its failure matters here: the node may be gone (see the module docstring).
         return self._write((service, name), self.store.publish_item(service, name, item, max_items))
 
+    def publish_items(self, service: str, name: str, items: Any, max_items: int | None) -> Deferred:
+        return self._write(
+            (service, name), self.store.publish_items(service, name, items, max_items)
+        )
+
 
 def _subscriptions(change: Callable[[tuple], tuple]) -> Callable[[_Held], None]:
     def apply(held: _Held) -> None:

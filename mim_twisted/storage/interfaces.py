@@ -409,6 +409,11 @@ class IPubSubStore(Interface):
         The item's own times are ignored. ``modified_at`` is now, or a microsecond after the
         node's newest item if that is not earlier, so that the newest item is always one."""
 
+    def publish_items(service, name, items, max_items):
+        """``publish_item`` for each of ``items`` in turn, in one transaction (one node lock, one
+        trim at the end): the same items, times and order as those calls one after the other.
+        A node's queue stores the publications waiting in it together (group commit)."""
+
     def get_items(service, name, max_items=None, item_ids=None):
         """Deferred firing with items newest first (by modified_at), at most ``max_items``,
         only those in ``item_ids`` when given (ids not on the node are left out)."""

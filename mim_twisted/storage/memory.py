@@ -413,6 +413,20 @@ class MemoryPubSubStore:
                 del node.items[old.item_id]
         return succeed(None)
 
+    def publish_items(
+        self, service: str, name: str, items: Iterable[PubSubItem], max_items: int | None
+    ) -> Deferred[None]:
+        try:
+            node = self._node(service, name)
+        except NodeNotFound:
+            return fail()
+        for item in items:
+            self.publish_item(service, name, item, None)
+        if max_items is not None:
+            for old in node.newest_first()[max_items:]:
+                del node.items[old.item_id]
+        return succeed(None)
+
     def get_items(
         self,
         service: str,

@@ -739,6 +739,37 @@ class SQLPubSubStore(_SQLStore):
             yield upsert
 
     @transaction
+    def publish_items(
+        self, service: str, name: str, items: Iterable[PubSubItem], max_items: int | None
+    ) -> Transaction[None]:
+        # publish_item's three round trips for any number of items: one node lock, the upserts
+        # and one trim in the second.
+        items = list(items)
+        rows = yield Batch(
+            (LOCK_NODE, (service, name)), (NODE_AND_NEWEST_MODIFIED_AT, (service, name))
+        )
+        if not rows:
+            raise NodeNotFound(f"{service} {name}")
+        ((node_id, newest),) = rows
+        if not items:
+            return
+        now = datetime.now(UTC)
+        modified_at = None if newest is None else _utc_datetime(newest)
+        upserts = []
+        for item in items:
+            # Each a microsecond after the one before at least: their order is the given one.
+            modified_at = next_modified_at(now, modified_at)
+            stamp = _utc_text(modified_at)
+            upserts.append(
+                (UPSERT_ITEM, (node_id, item.item_id, item.payload, item.publisher, stamp, stamp))
+            )
+        if max_items == 1:
+            upserts.append((TRIM_ITEMS_BUT, (node_id, items[-1].item_id)))
+        elif max_items is not None:
+            upserts.append((TRIM_ITEMS, (node_id, node_id, max_items)))
+        yield Batch(*upserts)
+
+    @transaction
     def get_items(
         self,
         service: str,
