@@ -3,6 +3,7 @@
 from collections.abc import Awaitable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from mim_twisted.pubsub import config as cfg
@@ -24,6 +25,7 @@ from mim_twisted.pubsub.core import (
     NodeCreated,
     NodeDeleted,
     NodePurged,
+    Publication,
     PubSubService,
     Relation,
     SubscriptionChange,
@@ -664,6 +666,121 @@ class PublishTests(Base):
             "precondition-not-met",
         )
         self.assertEqual([i.item_id for i in await self.pubsub.items(ALICE, "news")], ["1"])
+
+
+class RecordedStoreBase(Base):
+    """Base with the item ids of each publish_items recorded."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.stored: list[list[str]] = []
+        publish_items = self.store.publish_items
+
+        def recorded(service, name, items, max_items):
+            self.stored.append([item.item_id for item in items])
+            return publish_items(service, name, items, max_items)
+
+        self.store.publish_items = recorded
+
+    async def outcomes(self, *publications: Publication) -> list[Any]:
+        """Item ids, and (condition, pubsub condition) for the refused."""
+        return [
+            (o.condition, o.pubsub_condition) if isinstance(o, PubSubError) else o
+            async for o in self.pubsub.publish_many(publications)
+        ]
+
+
+class PublishManyTests(RecordedStoreBase):
+    """Publications to one node stored together, with the outcomes of one by one."""
+
+    async def test_checked_each_stored_once_in_order(self) -> None:
+        await self.node(max_items=2)
+        self.events.clear()
+        outcomes = await self.outcomes(
+            Publication(ALICE, "news", "1", ENTRY),
+            Publication(BOB, "news", "2", ENTRY),
+            Publication(ALICE, "news", None, None, has_item=False),
+            Publication(ALICE, "news", "3", ENTRY, {"pubsub#max_items": "5"}),
+            Publication(ALICE, "news", None, ENTRY),
+            Publication(ALICE, "news", "1", ENTRY),
+        )
+        generated = outcomes[4]
+        self.assertEqual(
+            outcomes,
+            [
+                "1",
+                ("forbidden", None),
+                ("bad-request", "item-required"),
+                ("conflict", "precondition-not-met"),
+                generated,
+                "1",
+            ],
+        )
+        self.assertEqual(self.stored, [["1", generated, "1"]])
+        self.assertEqual([e.item_id for e in self.events], ["1", generated, "1"])
+        self.assertEqual([e.publisher for e in self.events], [ALICE] * 3)
+        items = await self.pubsub.items(ALICE, "news")
+        self.assertEqual([item.item_id for item in items], ["1", generated])
+
+    async def test_a_failed_store_fails_the_publications_that_passed_their_checks(self) -> None:
+        await self.node()
+        self.events.clear()
+        self.store.publish_items = lambda *args: defer.fail(RuntimeError("gone"))
+        outcomes = [
+            o
+            async for o in self.pubsub.publish_many(
+                [Publication(ALICE, "news", "1", ENTRY), Publication(BOB, "news", "2", ENTRY)]
+            )
+        ]
+        self.assertIsInstance(outcomes[0], RuntimeError)
+        self.assertEqual(outcomes[1].condition, "forbidden")
+        self.assertEqual(self.events, [])
+
+    async def test_what_sees_the_one_before_runs_one_at_a_time(self) -> None:
+        # notify_retract: which items each pushes out depends on the one before.
+        await self.node(max_items=1, notify_retract=True)
+        self.events.clear()
+        outcomes = await self.outcomes(
+            Publication(ALICE, "news", "1", ENTRY), Publication(ALICE, "news", "2", ENTRY)
+        )
+        self.assertEqual(outcomes, ["1", "2"])
+        self.assertEqual(self.stored, [])
+        self.assertEqual(
+            [(type(e), getattr(e, "item_ids", None)) for e in self.events],
+            [(ItemPublished, None), (ItemPublished, None), (ItemsRetracted, ("1",))],
+        )
+        # A missing node: the first creates it, or says it is not there.
+        self.assertEqual(
+            await self.outcomes(Publication(ALICE, "nowhere", "1", ENTRY)),
+            [("item-not-found", None)],
+        )
+
+
+class PepPublishManyTests(RecordedStoreBase):
+    is_pep = True
+    service_key = "alice@localhost"
+    defaults = PEP_NODE_DEFAULTS
+
+    async def test_checked_each_stored_once_in_order(self) -> None:
+        self.events.clear()
+        outcomes = await self.outcomes(
+            Publication(ALICE, "urn:xmpp:omemo:2:devices", "a", "<devices/>"),
+            Publication(ALICE, "urn:xmpp:omemo:2:devices", "b", "<devices/>"),
+        )
+        self.assertEqual(outcomes, ["a", "b"])
+        self.assertEqual(
+            [type(e) for e in self.events], [NodeCreated, ItemPublished, ItemPublished]
+        )
+        # Once it exists, they are stored together.
+        outcomes = await self.outcomes(
+            Publication(ALICE, "urn:xmpp:omemo:2:devices", "c", "<devices/>"),
+            Publication(BOB, "urn:xmpp:omemo:2:devices", "x", "<devices/>"),
+            Publication(ALICE, "urn:xmpp:omemo:2:devices", "d", "<devices/>"),
+        )
+        self.assertEqual(outcomes, ["c", ("forbidden", None), "d"])
+        self.assertEqual(self.stored, [["c", "d"]])
+        [item] = await self.pubsub.items(ALICE, "urn:xmpp:omemo:2:devices")
+        self.assertEqual(item.item_id, "d")
 
 
 class RetractTests(Base):

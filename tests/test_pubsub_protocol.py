@@ -33,16 +33,24 @@ class GatedStore:
         self._store = store
         self.held: list[defer.Deferred] = []
         self.hold = False
+        self.batches: list[list[str]] = []  # the item ids of each publish_items
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
 
     def publish_item(self, *args: object) -> defer.Deferred:
+        return self._gated(self._store.publish_item, args)
+
+    def publish_items(self, *args: object) -> defer.Deferred:
+        self.batches.append([item.item_id for item in args[2]])
+        return self._gated(self._store.publish_items, args)
+
+    def _gated(self, write, args: tuple) -> defer.Deferred:
         if not self.hold:
-            return self._store.publish_item(*args)
+            return write(*args)
         gate: defer.Deferred = defer.Deferred()
         self.held.append(gate)
-        return gate.addCallback(lambda _: self._store.publish_item(*args))
+        return gate.addCallback(lambda _: write(*args))
 
 
 def error_type(stanza: object) -> str | None:
@@ -224,6 +232,80 @@ class SyncBroadcastTests(PubSubComponentTestCase):
         self.owner.take()
         self.send(self.owner, publish("news", "inline"))
         self.assertEqual([s.name for s in self.owner.take()], ["message", "iq"])
+
+
+class GroupCommitTests(PubSubComponentTestCase):
+    """The publications waiting in a node's queue are stored in one transaction, and answered
+    and notified as one by one."""
+
+    pubsub_settings = {"workers": 1, "sync_broadcast": True}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.send(self.owner, subscribe("news", "alice@localhost"))
+        self.owner.take()
+        self.bob = self.online("bob@localhost/phone")
+        self.store.hold = True
+        self.send(self.owner, publish("news", "1"))  # taken by the worker, held
+        self.send(self.owner, publish("news", "2"))
+        two_items = publish("news", "two").replace("</publish>", "<item id='more'/></publish>")
+        self.send(self.owner, two_items)
+        self.send(self.bob, publish("news", "3"))  # not a publisher of the node
+        self.send(self.owner, publish("news", "4"))
+        self.assertEqual(self.owner.take(), [])
+
+    def what(self, session) -> list[tuple[str, str]]:
+        """What the session got: ("message", item id) or (iq id, type or error condition)."""
+        got = []
+        for stanza in session.take():
+            if stanza.name == "message":
+                [item] = next(next(stanza.elements()).elements()).elements()
+                got.append(("message", item["id"]))
+            elif stanza["type"] == "error":
+                got.append((stanza["id"], error_condition(stanza)))
+            else:
+                got.append((stanza["id"], stanza["type"]))
+        return got
+
+    def test_stored_together_answered_and_notified_in_order(self) -> None:
+        self.store.hold = False
+        self.store.held.pop(0).callback(None)
+        self.assertEqual(self.store.batches, [["1"], ["2", "4"]])
+        self.assertEqual(
+            self.what(self.owner),
+            [
+                ("message", "1"),
+                ("p-1", "result"),
+                ("message", "2"),
+                ("p-2", "result"),
+                ("p-two", "bad-request"),
+                ("message", "4"),
+                ("p-4", "result"),
+            ],
+        )
+        self.assertEqual(self.what(self.bob), [("p-3", "forbidden")])
+        items = self.successResultOf(self.database.pubsub.get_items(SERVICE, "news"))
+        self.assertEqual([i.item_id for i in items], ["4", "2", "1"])
+
+    def test_a_failed_transaction_fails_the_publications_it_held(self) -> None:
+        self.store.held.pop(0).callback(None)
+        self.store.held.pop(0).errback(RuntimeError("the database went away"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(
+            self.what(self.owner),
+            [
+                ("message", "1"),
+                ("p-1", "result"),
+                ("p-2", "internal-server-error"),
+                ("p-two", "bad-request"),
+                ("p-4", "internal-server-error"),
+            ],
+        )
+        self.assertEqual(self.what(self.bob), [("p-3", "forbidden")])
+        # The next publication is stored on its own as before.
+        self.store.hold = False
+        self.send(self.owner, publish("news", "5"))
+        self.assertEqual(self.what(self.owner), [("message", "5"), ("p-5", "result")])
 
 
 class ErrorRenderingTests(PubSubComponentTestCase):

@@ -3,7 +3,7 @@
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mim_twisted.pubsub.queues import QueueFull, WorkerPool
+from mim_twisted.pubsub.queues import MAX_GROUP, Grouped, QueueFull, WorkerPool
 
 
 def node_on_queue(pool: WorkerPool, index: int, avoid: set[str] = frozenset()) -> str:
@@ -118,3 +118,97 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertNoResult(drained)
         self.gates["second"].callback(None)
         self.assertEqual(self.successResultOf(drained), ["first", "second"])
+
+
+class GroupedJobTests(unittest.TestCase):
+    """Jobs of one group waiting together in a queue run with one call of their runner."""
+
+    def setUp(self) -> None:
+        self.pool = WorkerPool(workers=1, max_queue_length=100)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.calls: list[list[str]] = []
+        self.gate: defer.Deferred | None = None
+        self.answered: list[str] = []
+
+    async def runner(self, requests: list[str]):
+        self.calls.append(requests)
+        if self.gate is not None:
+            await self.gate
+        for index, request in enumerate(requests):
+            # Each is answered before the runner goes on to the next.
+            self.assertEqual([r for r in requests if r in self.answered], requests[:index])
+            if request.startswith("bad"):
+                yield ValueError(request)
+            elif request == "crash":
+                raise RuntimeError("the whole group")
+            else:
+                yield f"ok {request}"
+
+    def submit(self, request: str, group: str = "news") -> defer.Deferred:
+        done = self.pool.submit("pubsub.localhost", group, Grouped(group, request, self.runner))
+        done.addBoth(lambda result: self.answered.append(request) or result)
+        return done
+
+    def plain(self, name: str) -> defer.Deferred:
+        async def job() -> str:
+            self.calls.append([name])
+            return name
+
+        return self.pool.submit("pubsub.localhost", "news", job)
+
+    def test_the_waiting_jobs_of_a_group_run_together_in_order(self) -> None:
+        self.gate = defer.Deferred()
+        first = self.submit("1")
+        waiting = [self.submit(str(n)) for n in range(2, 5)]
+        self.assertEqual(self.calls, [["1"]])
+        self.gate.callback(None)
+        self.assertEqual(self.calls, [["1"], ["2", "3", "4"]])
+        self.assertEqual(
+            [self.successResultOf(d) for d in [first, *waiting]], ["ok 1", "ok 2", "ok 3", "ok 4"]
+        )
+        self.assertEqual(self.answered, ["1", "2", "3", "4"])
+
+    def test_a_group_is_cut_by_other_jobs_and_groups_and_at_max_group(self) -> None:
+        self.gate = defer.Deferred()
+        self.submit("1")
+        for n in range(MAX_GROUP + 1):
+            self.submit(f"a{n}")
+        self.plain("plain")
+        self.submit("b1")
+        self.submit("other", group="other")
+        self.submit("b2")
+        self.gate.callback(None)
+        self.assertEqual(
+            self.calls,
+            [
+                ["1"],
+                [f"a{n}" for n in range(MAX_GROUP)],
+                [f"a{MAX_GROUP}"],
+                ["plain"],
+                ["b1"],
+                ["other"],
+                ["b2"],
+            ],
+        )
+
+    def test_an_outcome_that_is_an_exception_fails_its_request_only(self) -> None:
+        self.gate = defer.Deferred()
+        self.submit("1")
+        results = [self.submit(r) for r in ("2", "bad", "3")]
+        self.gate.callback(None)
+        self.assertEqual(self.successResultOf(results[0]), "ok 2")
+        self.failureResultOf(results[1], ValueError)
+        self.assertEqual(self.successResultOf(results[2]), "ok 3")
+
+    def test_a_runner_that_raises_fails_the_requests_not_answered(self) -> None:
+        self.gate = defer.Deferred()
+        self.submit("1")
+        results = [self.submit(r) for r in ("2", "crash", "3")]
+        after = self.plain("after")
+        self.gate.callback(None)
+        self.assertEqual(self.successResultOf(results[0]), "ok 2")
+        self.failureResultOf(results[1], RuntimeError)
+        self.failureResultOf(results[2], RuntimeError)
+        self.assertEqual(self.successResultOf(after), "after")
+        self.assertEqual(self.successResultOf(self.pool.refuse_requests()), None)

@@ -16,7 +16,7 @@ JIDs are strings already normalised by the protocol layer; ``actor`` is the requ
 """
 
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -196,6 +196,18 @@ PubSubEvent = (
     NodeCreated | NodeEvent | SubscriptionChanged | SubscriptionPending | AffiliationChanged
 )
 Broadcaster = Callable[[PubSubEvent], object]
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One publish request: the arguments of ``PubSubService.publish``."""
+
+    actor: str
+    node: str | None
+    item_id: str | None = None
+    payload: str | None = None
+    publish_options: Mapping[str, Any] | None = None
+    has_item: bool = True
 
 
 @dataclass
@@ -555,6 +567,82 @@ class PubSubService:
                 ItemsRetracted, name, config, True, subscriptions, item_ids=tuple(pushed_out)
             )
         return item_id
+
+    async def publish_many(
+        self, publications: Sequence[Publication]
+    ) -> AsyncIterator[str | None | Exception]:
+        """Several publications to one node, with the outcome of ``publish`` one after the other
+        for each: its item id, or the exception that call would raise, yielded in order, each
+        once its notifications are broadcast. Their items are stored in one transaction (group
+        commit); its failure is the outcome of every publication that passed its checks.
+
+        A publication cannot change what the next one is checked against (configuration and
+        affiliations), so all are checked first. One that creates its node, or that must read
+        which items it pushes out (notify_retract), sees what the one before it did: these run
+        one at a time.
+        """
+        name = publications[0].node
+        stored = await self.store.get_node(self.service_key, name) if name else None
+        state = None if stored is None else await self._state_of(stored)
+        if state is None or (
+            state.config["pubsub#persist_items"] and state.config["pubsub#notify_retract"]
+        ):
+            for publication in publications:
+                try:
+                    outcome = await self.publish(
+                        publication.actor,
+                        publication.node,
+                        publication.item_id,
+                        publication.payload,
+                        publication.publish_options,
+                        has_item=publication.has_item,
+                    )
+                except Exception as refused:
+                    outcome = refused
+                yield outcome
+            return
+        config = dict(state.config)
+        outcomes: list[str | None | Exception] = []
+        items: list[PubSubItem] = []
+        for publication in publications:
+            try:
+                if not await self._may_publish(state, publication.actor):
+                    raise Forbidden("the publish model does not allow this publisher")
+                if publication.publish_options:
+                    check_preconditions(publication.publish_options, state.config, self.limits)
+                _check_publication(config, publication.has_item, publication.payload)
+            except Exception as refused:
+                outcomes.append(refused)
+                continue
+            item_id = publication.item_id
+            if publication.has_item and not item_id:
+                item_id = _new_id()
+            outcomes.append(item_id)
+            if config["pubsub#persist_items"]:
+                items.append(PubSubItem(item_id, publication.payload or "", publication.actor))
+        if items:
+            try:
+                await self.store.publish_items(
+                    self.service_key, state.name, items, config["pubsub#max_items"]
+                )
+            except Exception as failed:
+                for outcome in outcomes:
+                    yield outcome if isinstance(outcome, Exception) else failed
+                return
+        subscriptions = await self._node_subscriptions(state.name)
+        for publication, outcome in zip(publications, outcomes, strict=True):
+            if not isinstance(outcome, Exception):
+                await self._node_event(
+                    ItemPublished,
+                    state.name,
+                    config,
+                    config["pubsub#deliver_notifications"],
+                    subscriptions,
+                    item_id=outcome,
+                    payload=publication.payload or "",
+                    publisher=publication.actor,
+                )
+            yield outcome
 
     async def retract(
         self, actor: str, node: str | None, item_id: str | None, notify: bool = False

@@ -14,7 +14,7 @@ queues everybody shares.
 """
 
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -30,9 +30,9 @@ from wokkel.pubsub import NS_PUBSUB, NS_PUBSUB_ERRORS, NS_PUBSUB_OWNER, PubSubRe
 from mim_twisted.im.sessions import Session
 from mim_twisted.im.stanzas import reply_error
 from mim_twisted.pubsub import forms
-from mim_twisted.pubsub.core import PubSubService, SubscriptionChange
+from mim_twisted.pubsub.core import Publication, PubSubService, SubscriptionChange
 from mim_twisted.pubsub.errors import PubSubError
-from mim_twisted.pubsub.queues import QueueFull, WorkerPool
+from mim_twisted.pubsub.queues import Grouped, QueueFull, WorkerPool
 from mim_twisted.storage.interfaces import PubSubItem, PubSubSubscription, log_request_failure
 from mim_twisted.xmpp.stanza_errors import error_response
 
@@ -106,6 +106,41 @@ def parse_request(iq: domish.Element) -> PubSubRequest:
     return request
 
 
+def _publication(request: PubSubRequest, iq: domish.Element) -> Publication:
+    items = request.items or []
+    if len(items) > 1:
+        raise PubSubError("bad-request", "invalid-payload", text="One item per publish")
+    item = items[0] if items else None
+    payload = None
+    if item is not None:
+        children = list(item.elements())
+        if len(children) > 1:
+            raise PubSubError("bad-request", "invalid-payload", text="One payload per item")
+        payload = children[0].toXml() if children else None
+    pubsub = next(iq.elements(NS_PUBSUB, "pubsub"))
+    options = forms.submitted_values(
+        forms.find_form(next(pubsub.elements(NS_PUBSUB, "publish-options"), None)),
+        forms.NS_PUBLISH_OPTIONS,
+    )
+    return Publication(
+        iq["from"],
+        request.nodeIdentifier,
+        item.getAttribute("id") if item is not None else None,
+        payload,
+        options,
+        has_item=item is not None,
+    )
+
+
+def _published(request: PubSubRequest, item_id: str | None) -> domish.Element:
+    result = _pubsub()
+    publish = result.addElement("publish")
+    publish["node"] = request.nodeIdentifier
+    if item_id is not None:
+        publish.addElement("item")["id"] = item_id
+    return result
+
+
 def _pubsub(namespace: str = NS_PUBSUB) -> domish.Element:
     return domish.Element((namespace, "pubsub"))
 
@@ -168,7 +203,6 @@ class PubSubComponent:
         # Requests by result, for the metrics: "ok", "error", "refused" (resource-constraint).
         self.results: Counter[str] = Counter() if results is None else results
         self._verbs: dict[str, Callable[[str, PubSubRequest, domish.Element], Awaitable]] = {
-            "publish": self._publish,
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
             "optionsGet": self._options_get,
@@ -225,7 +259,11 @@ class PubSubComponent:
             except Exception:
                 return fail().addErrback(_as_stanza_error, iq)
             node = request.nodeIdentifier or ""
-            work = partial(self._pubsub, request, iq)
+            if request.verb == "publish":
+                # Stored with the node's other publications waiting in its queue (group commit).
+                work = Grouped((self.host, node), (request, iq), self._publish_group)
+            else:
+                work = partial(self._pubsub, request, iq)
         else:
             return fail(error.StanzaError("service-unavailable"))
         try:
@@ -238,7 +276,9 @@ class PubSubComponent:
         done.addCallback(_result_iq, iq)
         return done.addErrback(_as_stanza_error, iq)
 
-    def _submit(self, session: Session, node: str, job: Callable[[], Awaitable]) -> Deferred:
+    def _submit(
+        self, session: Session, node: str, job: Callable[[], Awaitable] | Grouped
+    ) -> Deferred:
         """Queue ``job`` under ``node`` for ``session``; QueueFull if the session has
         `max_in_flight` requests queued or running already, the node's queue is full or the
         server is stopping."""
@@ -277,36 +317,25 @@ class PubSubComponent:
 
     # -- subscriber and publisher use cases (XEP-0060 §6, §7) ---------------------------------
 
-    async def _publish(self, actor: str, request: PubSubRequest, iq: domish.Element) -> Any:
-        items = request.items or []
-        if len(items) > 1:
-            raise PubSubError("bad-request", "invalid-payload", text="One item per publish")
-        item = items[0] if items else None
-        payload = None
-        if item is not None:
-            children = list(item.elements())
-            if len(children) > 1:
-                raise PubSubError("bad-request", "invalid-payload", text="One payload per item")
-            payload = children[0].toXml() if children else None
-        pubsub = next(iq.elements(NS_PUBSUB, "pubsub"))
-        options = forms.submitted_values(
-            forms.find_form(next(pubsub.elements(NS_PUBSUB, "publish-options"), None)),
-            forms.NS_PUBLISH_OPTIONS,
-        )
-        item_id = await self.service.publish(
-            actor,
-            request.nodeIdentifier,
-            item.getAttribute("id") if item is not None else None,
-            payload,
-            options,
-            has_item=item is not None,
-        )
-        result = _pubsub()
-        publish = result.addElement("publish")
-        publish["node"] = request.nodeIdentifier
-        if item_id is not None:
-            publish.addElement("item")["id"] = item_id
-        return result
+    async def _publish_group(
+        self, requests: list[tuple[PubSubRequest, domish.Element]]
+    ) -> AsyncIterator[domish.Element | Exception]:
+        """Publish requests to one node, answered each in turn as one by one would be; those
+        that parse go to the service together."""
+        publications: list[Publication] = []
+        malformed: dict[int, Exception] = {}
+        for index, (request, iq) in enumerate(requests):
+            try:
+                publications.append(_publication(request, iq))
+            except Exception as refused:
+                malformed[index] = refused
+        outcomes = self.service.publish_many(publications) if publications else None
+        for index, (request, _) in enumerate(requests):
+            if index in malformed:
+                yield malformed[index]
+                continue
+            outcome = await anext(outcomes)
+            yield outcome if isinstance(outcome, Exception) else _published(request, outcome)
 
     async def _subscribe(self, actor: str, request: PubSubRequest, iq: domish.Element) -> Any:
         options = request.options.getValues() if request.options is not None else None
