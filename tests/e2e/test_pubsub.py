@@ -88,6 +88,47 @@ class PubSubTests(ServerTestCase):
             [entry] = item
             self.assertEqual((entry.tag, entry.text), ("{urn:example:news}entry", "hello"))
 
+    async def test_a_burst_of_publications_is_answered_and_notified_in_order(self) -> None:
+        # Sent in one go, they wait together in the node's queue and are stored together.
+        other = await self.online("other@localhost/tablet")
+        await wait_for(self.pubsub(self.owner).create_node(SERVICE, "burst"))
+        await wait_for(self.pubsub(self.reader).subscribe(SERVICE, "burst"))
+        notified: list[str] = []
+        all_notified = asyncio.get_running_loop().create_future()
+
+        def on_publish(message) -> None:
+            notified.append(message["pubsub_event"]["items"]["item"]["id"])
+            if len(notified) == 20 and not all_notified.done():
+                all_notified.set_result(None)
+
+        self.reader.xmpp.add_event_handler("pubsub_publish", on_publish)
+        sent = [
+            asyncio.ensure_future(
+                self.pubsub(self.owner).publish(SERVICE, "burst", id=f"i{n}", payload=payload("x"))
+            )
+            for n in range(10)
+        ]
+        intruder = asyncio.ensure_future(
+            self.pubsub(other).publish(SERVICE, "burst", id="x", payload=payload("x"))
+        )
+        sent += [
+            asyncio.ensure_future(
+                self.pubsub(self.owner).publish(SERVICE, "burst", id=f"i{n}", payload=payload("x"))
+            )
+            for n in range(10, 20)
+        ]
+        results = await wait_for(asyncio.gather(*sent))
+        published = [r["pubsub"]["publish"]["item"]["id"] for r in results]
+        self.assertEqual(published, [f"i{n}" for n in range(20)])
+        await self.expect_error(intruder, "forbidden")
+        await wait_for(all_notified)
+        self.assertEqual(notified, [f"i{n}" for n in range(20)])
+        result = await wait_for(self.pubsub(self.reader).get_items(SERVICE, "burst"))
+        # The node keeps 10 items, the newest.
+        self.assertEqual(
+            [i["id"] for i in result["pubsub"]["items"]], [f"i{n}" for n in range(10, 20)]
+        )
+
     async def test_items_retrieval_and_restart_survival(self) -> None:
         await wait_for(self.pubsub(self.owner).create_node(SERVICE, "log"))
         for n in range(3):
