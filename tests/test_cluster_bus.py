@@ -116,7 +116,10 @@ class BrokerTests(unittest.TestCase):
         for bus in (ours, theirs, our_peer, their_peer):
             bus.on("ping", lambda node, payload, bus=bus: heard.append((bus.cluster, payload)))
         yield defer.ensureDeferred(
-            until(lambda: all(bus.connected for bus in (ours, theirs, our_peer, their_peer)))
+            until(
+                lambda: all(bus.connected for bus in (ours, theirs, our_peer, their_peer)),
+                timeout=60,
+            )
         )
         theirs.broadcast("ping", "theirs, to all")
         theirs.send("n2", "ping", "theirs, to n2")
