@@ -5,8 +5,9 @@ apart). `mim.cluster.<name>.nodes` is a direct exchange keyed by node name, each
 its own queue: what one node has for another (stanzas for its sessions).
 `mim.cluster.<name>.events` is a fanout exchange every node reads: what all must know
 (sessions up and down, heartbeats, caches to drop). A node's queue waits for it through a lost
-connection for `node_timeout`, then the broker deletes it, so nothing piles up for a node that
-is gone; its events queue goes with its connection.
+connection for twice `node_timeout`: long enough for the others, once they take it for dead,
+to take what waits there (`drain`); then the broker deletes it, so nothing piles up for a node
+that is gone. Its events queue goes with its connection.
 
 A message is a kind and a JSON payload; `on(kind, handler)` subscribes to a kind, whichever
 exchange it comes on, and a node does not hear its own broadcasts. While the broker is away,
@@ -20,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import pika.exceptions
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +39,10 @@ def nodes_exchange(cluster: str) -> str:
 
 def events_exchange(cluster: str) -> str:
     return f"mim.cluster.{cluster}.events"
+
+
+def node_queue(cluster: str, node: str) -> str:
+    return f"mim.{cluster}.node.{node}"
 
 
 # `handler(node, payload)`: the node it came from and the payload as sent.
@@ -173,12 +179,13 @@ class ClusterBus(BrokerLink):
         channel.on_closed.addBoth(lambda _: disconnect(connection))
         raw = channel._channel
         # The node's queue outlives a lost connection for as long as the node is not yet
-        # taken for dead, so what other nodes send meanwhile waits for it; the broker deletes
-        # it once it has had no consumer for that long. Events missed while away are not
-        # needed: the session table is read again on reconnection.
-        expires = {"x-expires": int(self.node_timeout * 1000)}
+        # taken for dead, so what other nodes send meanwhile waits for it, and as long again
+        # for the others to drain it once they have taken it for dead (a heartbeat interval
+        # late at most); the broker deletes it once it has been unused for that long. Events
+        # missed while away are not needed: the session table is read again on reconnection.
+        expires = {"x-expires": int(2 * self.node_timeout * 1000)}
         for queue, exchange, key, exclusive, arguments in (
-            (f"mim.{self.cluster}.node.{self.node}", nodes, self.node, False, expires),
+            (node_queue(self.cluster, self.node), nodes, self.node, False, expires),
             (f"mim.{self.cluster}.events.{self.node}", events, "", True, None),
         ):
             await channel.queue_declare(
@@ -218,6 +225,32 @@ class ClusterBus(BrokerLink):
             )
             for listener in self.lost_listeners:
                 listener()
+
+    async def drain(self, node: str) -> list[tuple[str, Any]]:
+        """Take what waits in the queue of `node`, a node taken for dead: the (kind, payload)
+        of each message, oldest first. Nothing while this node's own connection is down or
+        once the queue is gone; a message taken here is taken by no other node."""
+        connection = self.connection
+        if connection is None or not self.connected:
+            return []
+        # A channel of its own: the broker closes it if the queue has gone (404), which must
+        # not take the channel the node consumes on with it.
+        channel = await connection.channel()
+        taken = []
+        try:
+            while True:
+                message = await channel.basic_get(node_queue(self.cluster, node), auto_ack=True)
+                if message is None:
+                    break
+                try:
+                    kind, _, payload = decode(message.body)
+                except ValueError:
+                    continue
+                taken.append((kind, payload))
+        except pika.exceptions.ChannelClosedByBroker:
+            return taken  # the queue has expired, or was never there
+        channel.close()
+        return taken
 
     def stopService(self) -> defer.Deferred:
         super().stopService()

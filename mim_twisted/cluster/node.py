@@ -191,6 +191,20 @@ class ClusterNode(service.Service):
             count=len(records),
         )
         self._sessions_ended(node, records)
+        # What other nodes sent its sessions and it never read: undeliverable to them, as to
+        # sessions that have gone (each node takes what it finds; a message is taken once).
+        undelivered = 0
+        for kind, payload in await self.bus.drain(node):
+            if kind == "stanzas":
+                for _, xml in unpack_stanzas(payload):
+                    undelivered += 1
+                    self._not_here(parse_stanza(xml))
+        if undelivered:
+            log.info(
+                "Cluster: {count} stanzas waiting for dead node {node} handled here",
+                count=undelivered,
+                node=node,
+            )
 
     def _sessions_ended(self, node: str, records: list) -> None:
         """Sessions of a node gone without closing them: unavailable to their contacts."""
@@ -220,18 +234,25 @@ class ClusterNode(service.Service):
                 session.send(xml)
 
     def _not_here(self, stanza: domish.Element) -> None:
-        """The session it was sent to has gone meanwhile (RFC 6121 §8.5.3.2.1, §8.5.3.2.2)."""
+        """The session it was sent to has gone meanwhile: as if the stanza had come now to
+        the address it bears (RFC 6121 §8.5.2.1.1, §8.5.3.2.1, §8.5.3.2.2)."""
         if self.core is None:
             return
         kind = stanza.getAttribute("type", "normal")
-        if stanza.name == "message" and kind == "chat":
-            target = parse_jid(stanza["to"])
+        if stanza.name == "iq":
+            if kind in ("get", "set"):
+                self._bounce(stanza)
+            return
+        if stanza.name != "message":
+            return  # presence: of no use to anyone else
+        target = parse_jid(stanza["to"])
+        # A chat message, or a normal one sent to the bare JID: to another resource, or
+        # stored offline.
+        if kind == "chat" or (kind == "normal" and not target.resource):
             keeping = self.core.router.messages.redeliver(target.userhostJID(), stanza)
             if keeping is not None:
                 self.core.router.routing.track(keeping)
-        elif stanza.name == "message" and kind in ("normal", "groupchat"):
-            self._bounce(stanza)
-        elif stanza.name == "iq" and kind in ("get", "set"):
+        elif kind in ("normal", "groupchat"):
             self._bounce(stanza)
 
     def _undeliverable(self, stanzas: list[tuple[str, str]]) -> None:

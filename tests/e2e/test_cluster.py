@@ -13,6 +13,7 @@ import signal
 import sys
 
 from psycopg2.extensions import parse_dsn
+from slixmpp.exceptions import IqError
 from slixmpp.xmlstream import ET
 from twisted.internet import defer, reactor
 from twisted.words.protocols.jabber.jid import JID
@@ -332,6 +333,34 @@ class ClusterTests(ServerTestCase):
         to_alice = alice.next_event("message")
         relay.restore()
         self.assertEqual((await wait_for(to_alice, timeout=20))["body"], "held")
+
+    async def test_stanzas_waiting_for_a_node_taken_for_dead_are_handled_by_the_others(self):
+        relay = BrokerRelay()
+        self.addCleanup(lambda: defer.ensureDeferred(relay.close()))
+        three = await self.start_node(relay.port)
+        await self.until_connected(three)
+        alice = await self.online(self.one, "alice@localhost/home")
+        alice.xmpp.register_plugin("xep_0030")
+        carol = self.client_on(three, "carol@localhost/home")
+        self.assertEqual(await carol.connect(), "session_start")
+        carol.xmpp.send_presence()
+        await eventually(lambda: self.available_everywhere("carol@localhost/home"))
+        relay.cut()
+        await eventually(lambda: not three.server.cluster_bus.connected)
+        # Into the queue of a node that will not read it again: once the others take it for
+        # dead, the message is stored offline and the request refused (RFC 6121 §8.5.3.2).
+        alice.xmpp.send_message(mto="carol@localhost/home", mbody="waited", mtype="chat")
+        with self.assertRaises(IqError) as raised:
+            await wait_for(
+                alice.xmpp.plugin["xep_0030"].get_info(jid="carol@localhost/home", timeout=20),
+                timeout=25,
+            )
+        self.assertEqual(raised.exception.condition, "service-unavailable")
+        carol_again = self.client_on(self.two, "carol@localhost/phone")
+        self.assertEqual(await carol_again.connect(), "session_start")
+        stored = carol_again.next_event("message")
+        carol_again.xmpp.send_presence()
+        self.assertEqual((await wait_for(stored))["body"], "waited")
 
 
 class ClusterProcessTests(ServerTestCase):
