@@ -5,9 +5,11 @@ Every node broadcasts a heartbeat each `heartbeat_interval`. A node not heard fo
 `node_timeout` while this one's bus is up is taken for dead: its sessions leave the table here,
 and the node whose delete removed its rows from `cluster_sessions` (one, whichever is first)
 sends the unavailable presence of its available users to their contacts, as their own node
-would have when their connections closed. While this node's bus is down it judges no one; when
+would have when their connections closed; the stanzas waiting in its queue are taken and
+handled as for sessions that have gone. While this node's bus is down it judges no one; when
 the bus is back, it reads the table again and announces its own sessions once more (the others
-may have missed its announcements, or taken it for dead).
+may have missed its announcements, or taken it for dead); if they took it for dead, its
+available sessions' presence goes to their contacts again.
 """
 
 from typing import Any
@@ -61,6 +63,7 @@ class ClusterNode(service.Service):
         self._last_heard: dict[str, float] = {}
         self._heartbeat: task.LoopingCall | None = None
         self._judging = False  # the bus is up: silence means something
+        self._lost_at: float | None = None  # when the bus went down
         self._left_over: list = []  # the sessions of a previous run under this name
 
     # -- start and stop ----------------------------------------------------------------------
@@ -126,11 +129,14 @@ class ClusterNode(service.Service):
         if self.sessions is not None and not isinstance(session, RemoteSession):
             self.sessions.announce(session)
 
-    async def _reload(self) -> None:
-        self.sessions.replace_all(await self.table.load())
+    async def _reload(self) -> set[str]:
+        """The other nodes' sessions read again; the full JIDs the table has for this one."""
+        rows = await self.table.load()
+        self.sessions.replace_all(rows)
         now = self.reactor.seconds()
         for node in self.sessions.nodes():
             self._last_heard.setdefault(node, now)
+        return {record[0] for node, record in rows if node == self.node}
 
     def _bus_up(self) -> None:
         if not self.running:
@@ -139,14 +145,40 @@ class ClusterNode(service.Service):
         for node in self._last_heard:
             self._last_heard[node] = now
         self._judging = True
-        reloading = defer.ensureDeferred(self._reload())
-        reloading.addCallback(lambda _: self.sessions.announce_all())
+        # Away long enough for the others to have taken this node for dead (its last
+        # heartbeat may have gone up to an interval before the connection).
+        away = self._lost_at is not None and (
+            now - self._lost_at >= self.settings.node_timeout - self.settings.heartbeat_interval
+        )
+        self._lost_at = None
+        reloading = defer.ensureDeferred(self._back(away))
         reloading.addErrback(lambda failure: log.failure("Cluster: reading the table", failure))
         # Database work that a stop waits for before the database closes.
         self.table.writing.track(reloading)
 
+    async def _back(self, away: bool) -> None:
+        held = await self._reload()
+        # Sessions whose rows the others deleted, taking this node for dead: their contacts
+        # were told they had ended.
+        ended = [
+            session
+            for session in self.sessions.live_sessions()
+            if away and session.presence is not None and session.jid.full() not in held
+        ]
+        self.sessions.announce_all()
+        if ended and self.core is not None:
+            log.info(
+                "Cluster: node {node} was taken for dead; the presence of its {count}"
+                " available sessions is sent again",
+                node=self.node,
+                count=len(ended),
+            )
+            for session in ended:
+                self.core.presence.rebroadcast(session)
+
     def _bus_down(self) -> None:
         self._judging = False
+        self._lost_at = self.reactor.seconds()
 
     # -- heartbeats ------------------------------------------------------------------------
 

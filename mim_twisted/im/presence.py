@@ -158,6 +158,12 @@ class PresenceService:
         """
         self._enqueue(session, self._ended, session)
 
+    def rebroadcast(self, session: Session) -> None:
+        """The session's broadcast presence again to its contacts and resources, and theirs to
+        it, as for an initial presence: they were told it had ended while it had not (its
+        cluster node was taken for dead, and is back)."""
+        self._enqueue(session, self._rebroadcast, session)
+
     def idle(self, timeout: float | None = None) -> defer.Deferred:
         """Fires (with None) once no presence work is queued or under way, failed work included.
 
@@ -309,6 +315,18 @@ class PresenceService:
                 await self.offline.release(session)
         if initial:
             await self.hooks.run(hooks.USER_AVAILABLE, session)
+
+    async def _rebroadcast(self, session: Session) -> None:
+        if self._gone(session) or session.presence is None:
+            return
+        owner = session.jid.userhostJID()
+        _, items = await self.rosters.get_roster(owner.host, owner.user)
+        presence = session.presence
+        if self._gone(session) or presence is None:
+            return  # it ended, or went unavailable, while the roster was read
+        self._broadcast(session, presence, items)
+        self._send_contacts_presence(session, items)
+        await self.hooks.run(hooks.USER_AVAILABLE, session)
 
     async def _ended(self, session: Session) -> None:
         if session.presence is not None or session.directed_to:

@@ -362,6 +362,23 @@ class ClusterTests(ServerTestCase):
         carol_again.xmpp.send_presence()
         self.assertEqual((await wait_for(stored))["body"], "waited")
 
+    async def test_a_node_taken_for_dead_and_back_makes_its_users_available_again(self):
+        relay = BrokerRelay()
+        self.addCleanup(lambda: defer.ensureDeferred(relay.close()))
+        three = await self.start_node(relay.port)
+        await self.until_connected(three)
+        alice = await self.online(self.one, "alice@localhost/home", approve=True)
+        bob = await self.online(three, "bob@localhost/home", approve=True)
+        await self.befriend(alice, bob)
+        bob_gone = alice.next_event("got_offline", lambda p: p["from"].bare == "bob@localhost")
+        relay.cut()
+        # node_timeout is 2 s: the others end its sessions.
+        await wait_for(bob_gone, timeout=10)
+        bob_back = alice.next_event("got_online", lambda p: p["from"].bare == "bob@localhost")
+        relay.restore()
+        await wait_for(bob_back, timeout=20)
+        await eventually(lambda: self.available_everywhere("bob@localhost/home"))
+
 
 class ClusterProcessTests(ServerTestCase):
     """Nodes as `twistd -n mim` processes."""
