@@ -27,6 +27,7 @@ from mim_twisted.storage.interfaces import RosterItem
 from mim_twisted.tap import MimService
 from mim_twisted.xmpp.tls import SELF_SIGNED_NAME
 from tests import pgsupport
+from tests.certfactory import Authority
 from tests.e2e.harness import (
     Client,
     ServerTestCase,
@@ -378,6 +379,34 @@ class ClusterTests(ServerTestCase):
         relay.restore()
         await wait_for(bob_back, timeout=20)
         await eventually(lambda: self.available_everywhere("bob@localhost/home"))
+
+    async def test_sasl_external_on_one_node_message_to_the_other(self) -> None:
+        authority = Authority()
+        certificates = os.path.abspath(self.mktemp())
+        ca_file = authority.write_pem(certificates)
+        verifying = await self.start_node(
+            extra=f'[tls]\nverify_peer = true\nclient_ca = ["{ca_file}"]\n'
+        )
+        await self.until_connected(verifying)
+        bob = await self.online(self.one, "bob@localhost/desk")
+        alice = Client(
+            "alice@localhost/phone", "", verifying.port, verifying.certificate, "EXTERNAL"
+        )
+        self.addCleanup(alice.close)
+        alice.xmpp.ssl_context.load_cert_chain(
+            *authority.issue("alice", ["alice@localhost"]).write_pem(certificates, "alice")
+        )
+        self.assertEqual(await alice.connect(), "session_start")
+        self.assertEqual(alice.bound_jid, "alice@localhost/phone")
+        to_bob = bob.next_event("message")
+        alice.xmpp.send_message(mto="bob@localhost", mbody="by certificate", mtype="chat")
+        message = await wait_for(to_bob)
+        self.assertEqual(
+            (message["from"].full, message["body"]), (alice.bound_jid, "by certificate")
+        )
+        to_alice = alice.next_event("message")
+        bob.xmpp.send_message(mto=alice.bound_jid, mbody="answered", mtype="chat")
+        self.assertEqual((await wait_for(to_alice))["body"], "answered")
 
 
 class ClusterProcessTests(ServerTestCase):
