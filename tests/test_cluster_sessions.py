@@ -14,12 +14,16 @@ from mim_twisted.cluster.sessions import (
     ClusterSessions,
     Outbox,
     RemoteSession,
+    SessionTable,
     record_of,
     unpack_stanzas,
     wanted,
 )
 from mim_twisted.config import load_config
 from mim_twisted.im.stream_management import parse_stanza
+from mim_twisted.inflight import InFlight
+from mim_twisted.storage import open_database
+from tests import pgsupport
 
 
 class FakeBus:
@@ -45,9 +49,15 @@ class FakeBus:
 class FakeStore:
     def __init__(self) -> None:
         self.rows: dict[str, tuple[str, list]] = {}
+        self.writing = InFlight()
 
     def save(self, record, node) -> None:
         self.rows[record[0]] = (node, record)
+
+    def claim(self, record, node) -> defer.Deferred:
+        holder = self.rows.get(record[0], (None,))[0]
+        self.save(record, node)
+        return defer.succeed(holder)
 
     def remove(self, jid, node) -> None:
         if self.rows.get(jid, (None,))[0] == node:
@@ -244,6 +254,54 @@ class ClusterSessionsTests(unittest.TestCase):
             [("n4", ["c@localhost/1", None, None, None]), ("n1", ["d@localhost/1", 0, None, None])]
         )
         self.assertEqual(self.sessions.nodes(), {"n4"})  # its own rows are not remote
+
+    def test_a_claim_finding_another_node_replaces_its_session(self) -> None:
+        # Bound there at the same moment: not yet announced here, but in the table.
+        self.store.rows["a@localhost/same"] = ("n2", ["a@localhost/same", None, None, None])
+        local = FakeSession("a@localhost/same")
+        self.sessions.bind(local)
+        self.assertEqual(self.bus.sent, [("n2", "replace", "a@localhost/same")])
+        self.assertEqual(self.bus.broadcasts[-1], ("session", record_of(local)))
+
+
+class SessionTableRaceTests(unittest.TestCase):
+    """Two nodes binding one full JID at once, on one PostgreSQL database: the table decides."""
+
+    async def node(self, dsn: str, name: str) -> tuple[ClusterSessions, FakeBus, SessionTable]:
+        database = await open_database("postgresql", postgresql_dsn=dsn, auto_migrate=True)
+        self.addCleanup(database.close)
+        bus = FakeBus()
+        table = SessionTable(database)
+        return ClusterSessions(name, bus, Outbox(bus, Clock(), lambda _: None), table), bus, table
+
+    async def test_the_later_claim_replaces_the_other_session(self) -> None:
+        dsn = pgsupport.create_temp_database(self)
+        nodes = [await self.node(dsn, name) for name in ("n1", "n2")]
+        bound = [FakeSession("a@localhost/same") for _ in nodes]
+        for (sessions, _, _), session in zip(nodes, bound, strict=True):
+            sessions.bind(session)  # neither has heard of the other's
+        for _, _, table in nodes:
+            await table.writing.idle()
+        replaces = [
+            (index, sent)
+            for index, (_, bus, _) in enumerate(nodes)
+            for sent in bus.sent
+            if sent[1] == "replace"
+        ]
+        self.assertEqual(len(replaces), 1)
+        [(winner, (loser_name, _, jid))] = replaces
+        loser = 1 - winner
+        self.assertEqual((loser_name, jid), (nodes[loser][0].node, "a@localhost/same"))
+        [(node, *_)] = await nodes[0][2].load()
+        self.assertEqual(node, nodes[winner][0].node)
+        # The loser's node ends its session; its unbinding leaves the winner's row.
+        nodes[loser][1].handlers["replace"](nodes[winner][0].node, jid)
+        self.assertEqual(bound[loser].replaced_count, 1)
+        self.assertEqual(bound[winner].replaced_count, 0)
+        nodes[loser][0].unbind(bound[loser])
+        await nodes[loser][2].writing.idle()
+        [(node, *_)] = await nodes[0][2].load()
+        self.assertEqual(node, nodes[winner][0].node)
 
 
 class FakeDatabase:

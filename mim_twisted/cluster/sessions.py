@@ -11,7 +11,10 @@ Each bound session is a row of `cluster_sessions` in PostgreSQL (its node, prior
 available, last broadcast presence and caps features), written by its node on bind, presence,
 caps and close, and announced on the fanout exchange ("session", "unbound"); every node keeps
 the others' sessions in memory from those announcements, loaded from the table when it starts
-and again when its bus comes back (what was announced meanwhile was missed).
+and again when its bus comes back (what was announced meanwhile was missed). The row, keyed by
+the full JID, decides between two nodes binding one full JID at once: a bind claims it, and
+the node whose claim finds another node's row replaces that node's session (RFC 6120 §7.7.2.2);
+a presence or caps change writes only a row its node still holds.
 
 A session's interest in pushes (roster, block list, carbons) is known only to its node: a remote
 session takes everything, and its node drops what the session did not ask for (`wanted`).
@@ -22,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
@@ -209,7 +213,29 @@ class ClusterSessions:
             remote.replaced()
             self._forget(remote.node, jid)
         self.local.bind(session)
-        self.announce(session)
+        record = record_of(session)
+        self.bus.broadcast("session", record)
+        # The table decides between binds of one full JID on two nodes at once, which
+        # neither has heard of yet: the later claim replaces the holder it finds.
+        claiming = self.store.claim(record, self.node)
+        claiming.addCallback(self._claimed, session, remote.node if remote is not None else None)
+        claiming.addErrback(
+            lambda failure: log.failure("Cluster: claiming {jid}", failure, jid=jid)
+        )
+        self.store.writing.track(claiming)
+
+    def _claimed(self, holder: str | None, session: Session, replaced: str | None) -> None:
+        jid = session.jid.full()
+        if not self._holds(session):
+            # Ended while its row was written: the row goes, unless a newer session has it.
+            if self.local.session(session.jid) is None:
+                self.store.remove(jid, self.node)
+            return
+        if holder in (None, self.node, replaced):
+            return
+        # Said again, after the older session's own announcements.
+        self.bus.broadcast("session", record_of(session))
+        self.bus.send(holder, "replace", jid)
 
     def unbind(self, session: Session) -> None:
         if not self._holds(session):
@@ -339,13 +365,45 @@ class SessionTable:
         )
         self.writing.track(writing)
 
+    def claim(self, record: Record, node: str) -> defer.Deferred:
+        """The row of a session just bound on `node`, whoever held its full JID: a Deferred
+        firing with the node that held it (None if none did); the caller tracks it in
+        `writing`."""
+        jid, priority, presence, features = record
+        values = (jid, node, priority, presence, json.dumps(features) if features else None)
+
+        async def body(session: Any) -> str | None:
+            while True:
+                if await session.execute(
+                    "INSERT INTO cluster_sessions (jid, node, priority, presence, features)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (jid) DO NOTHING RETURNING node",
+                    values,
+                ):
+                    return None
+                # Held: by whom, locked until this transaction ends; none if it was deleted
+                # meanwhile, and then inserted again.
+                holder = await session.execute(
+                    "SELECT node FROM cluster_sessions WHERE jid = %s FOR UPDATE", (jid,)
+                )
+                if holder:
+                    await session.execute(
+                        "UPDATE cluster_sessions SET node = %s, priority = %s, presence = %s,"
+                        " features = %s WHERE jid = %s",
+                        values[1:] + (jid,),
+                    )
+                    return holder[0][0]
+
+        return self.database.run(body)
+
     def save(self, record: Record, node: str) -> None:
+        """A change of the session's presence or caps, unless another node holds its full
+        JID (then the session here is the older one, being replaced)."""
         jid, priority, presence, features = record
         self._write(
             "INSERT INTO cluster_sessions (jid, node, priority, presence, features)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (jid) DO UPDATE SET node = EXCLUDED.node,"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (jid) DO UPDATE SET"
             " priority = EXCLUDED.priority, presence = EXCLUDED.presence,"
-            " features = EXCLUDED.features",
+            " features = EXCLUDED.features WHERE cluster_sessions.node = EXCLUDED.node",
             (jid, node, priority, presence, json.dumps(features) if features else None),
         )
 
