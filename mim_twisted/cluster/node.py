@@ -129,14 +129,14 @@ class ClusterNode(service.Service):
         if self.sessions is not None and not isinstance(session, RemoteSession):
             self.sessions.announce(session)
 
-    async def _reload(self) -> set[str]:
-        """The other nodes' sessions read again; the full JIDs the table has for this one."""
+    async def _reload(self) -> dict[str, str]:
+        """The other nodes' sessions read again; the node of each full JID in the table."""
         rows = await self.table.load()
         self.sessions.replace_all(rows)
         now = self.reactor.seconds()
         for node in self.sessions.nodes():
             self._last_heard.setdefault(node, now)
-        return {record[0] for node, record in rows if node == self.node}
+        return {record[0]: node for node, record in rows}
 
     def _bus_up(self) -> None:
         if not self.running:
@@ -157,14 +157,18 @@ class ClusterNode(service.Service):
         self.table.writing.track(reloading)
 
     async def _back(self, away: bool) -> None:
-        held = await self._reload()
-        # Sessions whose rows the others deleted, taking this node for dead: their contacts
-        # were told they had ended.
-        ended = [
-            session
-            for session in self.sessions.live_sessions()
-            if away and session.presence is not None and session.jid.full() not in held
-        ]
+        holders = await self._reload()
+        ended = []
+        if away:
+            for session in list(self.sessions.live_sessions()):
+                holder = holders.get(session.jid.full())
+                if holder is None and session.presence is not None:
+                    # Its row deleted by the others, taking this node for dead: its
+                    # contacts were told it had ended.
+                    ended.append(session)
+                elif holder not in (None, self.node):
+                    # Bound again on another node meanwhile: this one is the older.
+                    session.replaced()
         self.sessions.announce_all()
         if ended and self.core is not None:
             log.info(

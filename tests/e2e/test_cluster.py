@@ -380,6 +380,30 @@ class ClusterTests(ServerTestCase):
         await wait_for(bob_back, timeout=20)
         await eventually(lambda: self.available_everywhere("bob@localhost/home"))
 
+    async def test_a_node_taken_for_dead_and_back_ends_sessions_bound_again_elsewhere(self):
+        relay = BrokerRelay()
+        self.addCleanup(lambda: defer.ensureDeferred(relay.close()))
+        three = await self.start_node(relay.port)
+        await self.until_connected(three)
+        alice = await self.online(self.one, "alice@localhost/home", approve=True)
+        bob = await self.online(three, "bob@localhost/home", approve=True)
+        await self.befriend(alice, bob)
+        bob_gone = alice.next_event("got_offline", lambda p: p["from"].bare == "bob@localhost")
+        relay.cut()
+        await wait_for(bob_gone, timeout=10)
+        # Bob's client, finding its server gone, logs in on another node.
+        bob_again = await self.online(self.two, "bob@localhost/home")
+        conflict = bob.next_event("stream_error")
+        relay.restore()
+        self.assertEqual((await wait_for(conflict, timeout=20))["condition"], "conflict")
+        await eventually(lambda: self.available_everywhere("bob@localhost/home"))
+        for node in (self.one, three):
+            session = node.server.core.sessions.session(JID("bob@localhost/home"))
+            self.assertEqual(getattr(session, "node", None), self.two.name)
+        to_bob = bob_again.next_event("message")
+        alice.xmpp.send_message(mto="bob@localhost/home", mbody="which one?", mtype="chat")
+        self.assertEqual((await wait_for(to_bob))["body"], "which one?")
+
     async def test_sasl_external_on_one_node_message_to_the_other(self) -> None:
         authority = Authority()
         certificates = os.path.abspath(self.mktemp())
