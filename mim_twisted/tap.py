@@ -69,6 +69,7 @@ from mim_twisted.storage.interfaces import IDatabase, SchemaOutdated, SchemaTooN
 from mim_twisted.workers import (
     FIRST_LISTENER_FD,
     STATUS_FD,
+    WorkerStartFailed,
     WorkerSupervisor,
     adopted_endpoint,
     check_workers,
@@ -936,7 +937,12 @@ def makeService(options: Options) -> MimService | WorkerSupervisor:
     )
     twistd_options = options.parent
     if workers > 1:
-        supervisor = WorkerSupervisor(config, workers, partial(worker_command, options, config))
+        supervisor = WorkerSupervisor(
+            config,
+            workers,
+            partial(worker_command, options, config),
+            prepare=partial(prepare_workers, config),
+        )
         if twistd_options is not None:
             supervisor.start_report = StartReport(twistd_options, supervisor.reactor)
             supervisor.log_output = LogOutput(twistd_options, config.log.level, config.log.format)
@@ -948,6 +954,16 @@ def makeService(options: Options) -> MimService | WorkerSupervisor:
         server.log_output = LogOutput(twistd_options, config.log.level, config.log.format)
         ReloadOnHangup(server.reload).setServiceParent(server)
     return server
+
+
+def prepare_workers(config: Config) -> None:
+    """The data directory and the TLS files, made and checked once by the supervisor: workers
+    starting together would each generate a self-signed certificate over the others'."""
+    permissions.secure_data_directory(config.data_dir)
+    try:
+        load_tls_options(config)
+    except TLSFilesError as error:
+        raise WorkerStartFailed(f"mim: could not start: {error}") from None
 
 
 def _make_worker(options: Options, config: Config) -> MimService:

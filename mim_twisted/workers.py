@@ -242,6 +242,7 @@ class WorkerSupervisor(service.MultiService):
         count: int,
         worker_command: Callable[[int], list[str]],
         reactor: Any = None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         service.MultiService.__init__(self)
         if reactor is None:
@@ -250,6 +251,9 @@ class WorkerSupervisor(service.MultiService):
         self.count = count
         self.worker_command = worker_command
         self.reactor = reactor
+        # What must exist once before any worker starts (the data directory, a generated
+        # certificate): made here, so that the workers do not race each other to make it.
+        self.prepare = prepare
         self.ports: list[IListeningPort] = []
         self.workers = [_Worker(index) for index in range(1, count + 1)]
         self.ready: defer.Deferred = defer.Deferred()
@@ -272,6 +276,8 @@ class WorkerSupervisor(service.MultiService):
         self._starting.addCallbacks(self._started, self._start_failed)
 
     async def _start(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
         for listener in self.config.listeners:
             endpoint = endpoints.serverFromString(self.reactor, listener.endpoint)
             port = await endpoint.listen(_NoConnections())

@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from mim_twisted import ctl
 from mim_twisted.auth.scram import derive_all
 from mim_twisted.config import load_config
+from mim_twisted.storage import permissions
 from mim_twisted.storage.sqlite import SQLiteDatabase
 from mim_twisted.tap import MimService
 from mim_twisted.xmpp.tls import SELF_SIGNED_NAME, generate_self_signed
@@ -160,3 +161,23 @@ class SQLiteDatabasePermissionTests(PermissionTestCase):
         self.addCleanup(database.close)
         self.assertEqual(mode(directory), 0o755)
         self.assertEqual(mode(os.path.join(directory, "mim.sqlite3")), 0o600)
+
+
+class DirectoryRaceTests(PermissionTestCase):
+    def test_a_directory_made_meanwhile_by_another_process_is_tightened(self) -> None:
+        # Two workers starting together: both find no directory, the other makes it first.
+        path = os.path.join(os.path.abspath(self.mktemp()), "data")
+        real_stat = os.stat
+        made_by_the_other: list[str] = []
+
+        def stat_after_the_other_made_it(target, *args, **kwargs):
+            if target == path and not made_by_the_other:
+                made_by_the_other.append(target)
+                os.makedirs(path, mode=0o755)
+                os.chmod(path, 0o755)
+                raise FileNotFoundError(target)
+            return real_stat(target, *args, **kwargs)
+
+        self.patch(os, "stat", stat_after_the_other_made_it)
+        permissions.secure_directory(path)
+        self.assertEqual(stat.S_IMODE(real_stat(path).st_mode), 0o700)

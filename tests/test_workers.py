@@ -3,6 +3,7 @@ options, and a worker's log lines in the supervisor's log (e2e: tests/e2e/test_w
 
 import json
 import os
+import stat
 
 from twisted.logger import LogLevel, eventAsJSON, globalLogPublisher
 from twisted.python import usage
@@ -10,8 +11,15 @@ from twisted.trial import unittest
 
 from mim_twisted.config import ConfigError, load_config
 from mim_twisted.ctl import MERGES, admin_sockets
-from mim_twisted.tap import Options
-from mim_twisted.workers import WorkerProcess, check_workers, worker_config
+from mim_twisted.tap import Options, makeService, prepare_workers
+from mim_twisted.workers import (
+    WorkerProcess,
+    WorkerStartFailed,
+    WorkerSupervisor,
+    check_workers,
+    worker_config,
+)
+from mim_twisted.xmpp.tls import SELF_SIGNED_NAME
 
 
 class WorkerConfigTests(unittest.TestCase):
@@ -170,3 +178,51 @@ class MimctlMergeTests(unittest.TestCase):
         self.assertEqual(
             admin_sockets(config), [f"{config.admin_socket}.1", f"{config.admin_socket}.2"]
         )
+
+
+class PrepareTests(unittest.TestCase):
+    """What the supervisor makes once before the workers start (they raced to make it)."""
+
+    def config(self, extra: str = "") -> object:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "mim.toml")
+        with open(path, "w") as f:
+            f.write(f"[server]\ndata_dir = {json.dumps(os.path.join(directory, 'data'))}\n{extra}")
+        return load_config(path)
+
+    def test_the_data_directory_and_the_certificate_are_made_once(self) -> None:
+        config = self.config()
+        prepare_workers(config)
+        self.assertEqual(stat.S_IMODE(os.stat(config.data_dir).st_mode), 0o700)
+        certificate = os.path.join(config.data_dir, SELF_SIGNED_NAME)
+        with open(certificate, "rb") as f:
+            made = f.read()
+        prepare_workers(config)
+        with open(certificate, "rb") as f:
+            self.assertEqual(f.read(), made)
+
+    def test_unusable_tls_files_are_one_line(self) -> None:
+        garbage = os.path.abspath(self.mktemp())
+        with open(garbage, "w") as f:
+            f.write("not a certificate\n")
+        config = self.config(
+            f"[tls]\ncertificate = {json.dumps(garbage)}\nprivate_key = {json.dumps(garbage)}\n"
+        )
+        error = self.assertRaises(WorkerStartFailed, prepare_workers, config)
+        self.assertEqual(
+            str(error), f"mim: could not start: {garbage}: no PEM certificate in the file"
+        )
+
+    def test_the_supervisor_prepares_before_it_starts_workers(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(
+                '[storage]\nbackend = "postgresql"\n[cluster]\nenabled = true\nworkers = 2\n'
+                "[admin]\nenabled = false\n"
+            )
+        options = Options()
+        options.parseOptions(["-c", path])
+        supervisor = makeService(options)
+        self.assertIsInstance(supervisor, WorkerSupervisor)
+        self.assertEqual(supervisor.prepare.func, prepare_workers)

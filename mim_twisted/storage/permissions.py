@@ -34,7 +34,12 @@ def secure_directory(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        os.makedirs(path, mode=PRIVATE_DIRECTORY_MODE)
+        try:
+            os.makedirs(path, mode=PRIVATE_DIRECTORY_MODE)
+        except FileExistsError:
+            # Another process (a worker starting beside this one) made it meanwhile.
+            _tighten(path, os.stat(path).st_mode)
+            return
         # makedirs' mode passes through the umask, which may take more than group and others.
         os.chmod(path, PRIVATE_DIRECTORY_MODE)
         return
