@@ -235,6 +235,11 @@ class ConnectionPool:
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             log.warn("PostgreSQL connection lost: {reason}; reconnecting", reason=_one_line(reason))
+        # A restart ends every connection: read what the idle ones hold now, so that those the
+        # server closed too are replaced in this outage rather than found one by one later
+        # (each then a new "lost" after a "restored").
+        for idle in list(self._idle):
+            idle.doRead()
         if not self._live:
             for request in self._waiting:
                 self._limit_wait(request)
