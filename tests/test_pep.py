@@ -457,11 +457,11 @@ class BlockingTests(PepTestCase):
 
 
 class LastItemBookkeepingTests(PepTestCase):
-    def test_a_session_that_ends_while_its_roster_is_read_is_not_remembered(self) -> None:
-        self.subscribe("bob", "alice")
+    def hold_roster_reads(self) -> list:
+        """PEP's roster reads from now on wait: each a call in the list that lets it finish."""
         pep = self.pubsub.pep
         rosters = pep.rosters
-        waiting = []
+        waiting: list = []
 
         def held_roster(host: str, user: str):
             reading = rosters.get_roster(host, user)
@@ -470,27 +470,22 @@ class LastItemBookkeepingTests(PepTestCase):
             return gate
 
         pep.rosters = mock.Mock(get_roster=held_roster)
+        return waiting
+
+    def test_a_session_that_ends_while_its_roster_is_read_is_not_remembered(self) -> None:
+        self.subscribe("bob", "alice")
+        waiting = self.hold_roster_reads()
         bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
         self.assertEqual(len(waiting), 1)
         self.disconnect(bob)
         waiting.pop()()
-        self.assertEqual(pep._last_sent, {})
+        self.assertEqual(self.pubsub.pep._last_sent, {})
 
     def test_a_stopping_server_waits_for_last_items_being_sent(self) -> None:
         # The IM core waits for the router's work under way before the database closes; last
         # items still reading the store are part of it.
         self.subscribe("bob", "alice")
-        pep = self.pubsub.pep
-        rosters = pep.rosters
-        waiting = []
-
-        def held_roster(host: str, user: str):
-            reading = rosters.get_roster(host, user)
-            gate = defer.Deferred()
-            waiting.append(lambda: reading.chainDeferred(gate))
-            return gate
-
-        pep.rosters = mock.Mock(get_roster=held_roster)
+        waiting = self.hold_roster_reads()
         self.with_caps("bob@localhost/phone", NODE + "+notify")
         idle = self.core.router.routing.idle()
         self.assertNoResult(idle)

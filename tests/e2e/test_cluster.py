@@ -363,7 +363,10 @@ class ClusterTests(ServerTestCase):
         carol_again.xmpp.send_presence()
         self.assertEqual((await wait_for(stored))["body"], "waited")
 
-    async def test_a_node_taken_for_dead_and_back_makes_its_users_available_again(self):
+    async def node_taken_for_dead(self) -> tuple:
+        """A third node behind a relay, its user bob alice's contact on node one, cut from the
+        broker until the others take it for dead (node_timeout is 2 s) and end bob's session:
+        (relay, the node, alice, bob)."""
         relay = BrokerRelay()
         self.addCleanup(lambda: defer.ensureDeferred(relay.close()))
         three = await self.start_node(relay.port)
@@ -373,24 +376,18 @@ class ClusterTests(ServerTestCase):
         await self.befriend(alice, bob)
         bob_gone = alice.next_event("got_offline", lambda p: p["from"].bare == "bob@localhost")
         relay.cut()
-        # node_timeout is 2 s: the others end its sessions.
         await wait_for(bob_gone, timeout=10)
+        return relay, three, alice, bob
+
+    async def test_a_node_taken_for_dead_and_back_makes_its_users_available_again(self):
+        relay, three, alice, bob = await self.node_taken_for_dead()
         bob_back = alice.next_event("got_online", lambda p: p["from"].bare == "bob@localhost")
         relay.restore()
         await wait_for(bob_back, timeout=20)
         await eventually(lambda: self.available_everywhere("bob@localhost/home"))
 
     async def test_a_node_taken_for_dead_and_back_ends_sessions_bound_again_elsewhere(self):
-        relay = BrokerRelay()
-        self.addCleanup(lambda: defer.ensureDeferred(relay.close()))
-        three = await self.start_node(relay.port)
-        await self.until_connected(three)
-        alice = await self.online(self.one, "alice@localhost/home", approve=True)
-        bob = await self.online(three, "bob@localhost/home", approve=True)
-        await self.befriend(alice, bob)
-        bob_gone = alice.next_event("got_offline", lambda p: p["from"].bare == "bob@localhost")
-        relay.cut()
-        await wait_for(bob_gone, timeout=10)
+        relay, three, alice, bob = await self.node_taken_for_dead()
         # Bob's client, finding its server gone, logs in on another node.
         bob_again = await self.online(self.two, "bob@localhost/home")
         conflict = bob.next_event("stream_error")
