@@ -20,11 +20,9 @@ from twisted.logger import Logger
 from twisted.words.protocols.jabber import error
 from twisted.words.xish import domish
 
+from mim_twisted import hooks
 from mim_twisted.cluster.bus import ClusterBus
 from mim_twisted.cluster.sessions import (
-    NS_BLOCKING,
-    NS_CARBONS,
-    NS_ROSTER,
     ClusterSessions,
     Outbox,
     RemoteSession,
@@ -33,6 +31,9 @@ from mim_twisted.cluster.sessions import (
     wanted,
 )
 from mim_twisted.config import ClusterConfig
+from mim_twisted.im.blocking import NS_BLOCKING
+from mim_twisted.im.carbons import NS_CARBONS
+from mim_twisted.im.roster import NS_ROSTER
 from mim_twisted.im.stream_management import parse_stanza
 from mim_twisted.xmpp.jids import parse_jid
 from mim_twisted.xmpp.stanza_errors import error_response
@@ -100,7 +101,7 @@ class ClusterNode(service.Service):
         self.core = core
         core.presence.caps_listeners.append(lambda session, presence: self._announce(session))
         core.caps.on_caps_learned.append(self._announce)
-        core.hooks.add("user_unavailable", lambda session, presence: self._announce(session))
+        core.hooks.add(hooks.USER_UNAVAILABLE, lambda session, presence: self._announce(session))
         left_over, self._left_over = self._left_over, []
         self._sessions_ended(self.node, left_over)
 

@@ -31,16 +31,15 @@ from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
 from mim_twisted.cluster.bus import ClusterBus
+from mim_twisted.im.blocking import NS_BLOCKING
+from mim_twisted.im.carbons import NS_CARBONS
+from mim_twisted.im.roster import NS_ROSTER
 from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stream_management import parse_stanza
 from mim_twisted.inflight import InFlight
 from mim_twisted.xmpp.jids import parse_jid
 
 log = Logger()
-
-NS_ROSTER = "jabber:iq:roster"
-NS_BLOCKING = "urn:xmpp:blocking"
-NS_CARBONS = "urn:xmpp:carbons:2"
 
 # Where a payload carried once for several recipients had its recipient's 'to' attribute: a
 # character that XML cannot contain.
