@@ -620,6 +620,15 @@ class GroupchatExchangeConfig:
     recv_topic: str = option("groupchat_msg_recv", amqp_name)
 
 
+def _require_pika(what: str) -> None:
+    """For `enabled = true` of a part that talks to RabbitMQ."""
+    if importlib.util.find_spec("pika") is None:
+        raise _CheckError(
+            f"{what} needs pika, which is not installed: pip install 'mim-twisted[rabbitmq]'",
+            key="enabled",
+        )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
     """Where a RabbitMQ broker is and how to log in: the event pusher's and the cluster's."""
@@ -642,12 +651,8 @@ class RabbitConfig(BrokerConfig):
     groupchat_msg_exchange: GroupchatExchangeConfig = option({}, table(GroupchatExchangeConfig))
 
     def __post_init__(self) -> None:
-        if self.enabled and importlib.util.find_spec("pika") is None:
-            raise _CheckError(
-                "the event pusher needs pika, which is not installed:"
-                " pip install 'mim-twisted[rabbitmq]'",
-                key="enabled",
-            )
+        if self.enabled:
+            _require_pika("the event pusher")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -683,12 +688,8 @@ class ClusterConfig:
     workers: int = option(1, integer(1, 64))
 
     def __post_init__(self) -> None:
-        if self.enabled and importlib.util.find_spec("pika") is None:
-            raise _CheckError(
-                "the cluster needs pika, which is not installed:"
-                " pip install 'mim-twisted[rabbitmq]'",
-                key="enabled",
-            )
+        if self.enabled:
+            _require_pika("the cluster")
         if self.workers > 1 and not self.enabled:
             raise _CheckError("needs cluster.enabled = true (each worker is a node)", key="workers")
         if self.heartbeat_interval >= self.node_timeout:

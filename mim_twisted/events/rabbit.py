@@ -12,6 +12,7 @@ the buffer has room. The process is started with `spawnProcess` and started agai
 whenever it exits; its log lines come into this process's log.
 """
 
+import dataclasses
 import os
 import random
 import socket
@@ -26,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import mim_twisted
-from mim_twisted.config import RabbitConfig
+from mim_twisted.config import BrokerConfig, RabbitConfig
 from mim_twisted.events import pipe
 from mim_twisted.events.buffer import EventBuffer
 from mim_twisted.events.formats import HOOK_PRIORITY, Event, EventSource
@@ -199,13 +200,10 @@ class RabbitPublisher(service.Service):
     def process_settings(self) -> dict[str, Any]:
         settings = self.settings
         return {
+            # Every connection key, so that the process's BrokerConfig is the one configured.
             "broker": {
-                "host": settings.host,
-                "port": settings.port,
-                "virtual_host": settings.virtual_host,
-                "username": settings.username,
-                "password": settings.password,
-                "tls": settings.tls,
+                field.name: getattr(settings, field.name)
+                for field in dataclasses.fields(BrokerConfig)
             },
             "confirms": settings.confirms,
             "connection_name": self.connection_name,
