@@ -401,13 +401,16 @@ class PepService:
         sent = self._last_sent.setdefault(session, set())
         for owner in owners:
             service = self.service(owner)
+            blocked: bool | None = None  # read once per owner, at its first item
             for node in sorted(wanted):
                 if (owner, node) in sent:
                     continue
                 # Marked before the reads, so that a second trigger meanwhile skips it.
                 sent.add((owner, node))
                 item = await service.last_published(session.jid.full(), node)
-                if item is not None and await self._blocked(owner, session.jid):
+                if item is not None and blocked is None:
+                    blocked = await self._blocked(owner, session.jid)
+                if blocked:
                     item = None  # as if not allowed
                 if item is None or session.closed:
                     sent.discard((owner, node))  # nothing yet, or not allowed: not sent
