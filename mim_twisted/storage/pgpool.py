@@ -62,9 +62,9 @@ def _reads_only(statement: str) -> bool:
     return all(part.lstrip()[:6].upper() == "SELECT" for part in statement.split(";"))
 
 
-def _plain_read(statement: str) -> bool:
-    """SELECTs that neither write nor lock rows."""
-    return _reads_only(statement) and " FOR " not in statement.upper()
+def _no_row_locks(statement: str) -> bool:
+    """For SELECTs: whether they lock no rows (no FOR UPDATE / FOR SHARE): plain reads."""
+    return " FOR " not in statement.upper()
 
 
 class Session:
@@ -86,9 +86,10 @@ class Session:
     async def execute(self, statement: str, parameters: tuple | None = None) -> list[tuple]:
         """Run ``statement`` (psycopg2 placeholders, none read without ``parameters``); its
         rows, ``[]`` for one without."""
-        if not _reads_only(statement):
+        reads_only = _reads_only(statement)
+        if not reads_only:
             self.wrote = True
-        if not self.begun and not _plain_read(statement):
+        if not self.begun and not (reads_only and _no_row_locks(statement)):
             # One simple-query message: psycopg2 fills the parameters in on the client side,
             # and the rows are the last statement's.
             statement = "BEGIN; " + statement
