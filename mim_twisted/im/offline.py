@@ -34,8 +34,7 @@ def delay_stamp(moment: datetime.datetime) -> str:
 
 def _stamped_by(message: domish.Element, domain: str) -> bool:
     return any(
-        child.name == "delay" and child.uri == NS_DELAY and child.getAttribute("from") == domain
-        for child in message.elements()
+        delay.getAttribute("from") == domain for delay in message.elements(NS_DELAY, "delay")
     )
 
 
