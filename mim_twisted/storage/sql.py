@@ -714,36 +714,17 @@ class SQLPubSubStore(_SQLStore):
     ) -> Transaction[bool]:
         return bool((yield DELETE_SUBSCRIPTION, (service, name, jid, subid)))
 
-    @transaction
     def publish_item(
         self, service: str, name: str, item: PubSubItem, max_items: int | None
-    ) -> Transaction[None]:
-        # Three round trips on PostgreSQL with BEGIN and COMMIT: a publication waits for them.
-        rows = yield Batch(
-            (LOCK_NODE, (service, name)), (NODE_AND_NEWEST_MODIFIED_AT, (service, name))
-        )
-        if not rows:
-            raise NodeNotFound(f"{service} {name}")
-        ((node_id, newest),) = rows
-        modified_at = next_modified_at(
-            datetime.now(UTC), None if newest is None else _utc_datetime(newest)
-        )
-        # created_at is written only by the insert: a replaced item keeps its own.
-        now = _utc_text(modified_at)
-        upsert = UPSERT_ITEM, (node_id, item.item_id, item.payload, item.publisher, now, now)
-        if max_items == 1:
-            yield Batch(upsert, (TRIM_ITEMS_BUT, (node_id, item.item_id)))
-        elif max_items is not None:
-            yield Batch(upsert, (TRIM_ITEMS, (node_id, node_id, max_items)))
-        else:
-            yield upsert
+    ) -> Deferred[None]:
+        return self.publish_items(service, name, [item], max_items)
 
     @transaction
     def publish_items(
         self, service: str, name: str, items: Iterable[PubSubItem], max_items: int | None
     ) -> Transaction[None]:
-        # publish_item's three round trips for any number of items: one node lock, the upserts
-        # and one trim in the second.
+        # Three round trips on PostgreSQL with BEGIN and COMMIT, for any number of items: one
+        # node lock, then the upserts and one trim.
         items = list(items)
         rows = yield Batch(
             (LOCK_NODE, (service, name)), (NODE_AND_NEWEST_MODIFIED_AT, (service, name))
