@@ -223,9 +223,9 @@ class StorageTimer:
                 store._run = self.timed(run)
 
     def timed(self, run: Callable[..., defer.Deferred]) -> Callable[..., defer.Deferred]:
-        def timed_run(*args: Any) -> defer.Deferred:
+        def timed_run(*args: Any, **kwargs: Any) -> defer.Deferred:
             started = time.monotonic()
-            running = run(*args)
+            running = run(*args, **kwargs)
             running.addBoth(self._finished, started)
             return running
 

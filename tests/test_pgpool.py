@@ -1,5 +1,6 @@
 """The PostgreSQL pool's transactions begun lazily: the plain reads a body starts with run on
-their own, BEGIN goes with its first write or row lock, COMMIT only after one."""
+their own, BEGIN goes with its first write or row lock, COMMIT only after one; and a statement
+that is a transaction by itself, sent alone."""
 
 import psycopg2.errors
 from twisted.trial.unittest import TestCase
@@ -14,13 +15,18 @@ OWN_TRANSACTION = (
 )
 
 
-class LazyBeginTests(TestCase):
+class PoolTestCase(TestCase):
     async def open_pool(self) -> ConnectionPool:
-        dsn = pgsupport.create_temp_database(self)
+        """A pool of one connection to a new database with an empty table t (`self.dsn`)."""
+        self.dsn = pgsupport.create_temp_database(self)
+        pool = await self.connect(self.dsn)
+        await pool.run(lambda session: session.execute("CREATE TABLE t (x int)"))
+        return pool
+
+    async def connect(self, dsn: str) -> ConnectionPool:
         pool = ConnectionPool(dsn, 1)
         self.addCleanup(pool.close)
         await pool.start()
-        await pool.run(lambda session: session.execute("CREATE TABLE t (x int)"))
         return pool
 
     async def own_transaction(self, session: Session) -> bool:
@@ -29,6 +35,8 @@ class LazyBeginTests(TestCase):
     async def count(self, pool: ConnectionPool) -> int:
         return (await pool.run(lambda session: session.execute("SELECT count(*) FROM t")))[0][0]
 
+
+class LazyBeginTests(PoolTestCase):
     async def test_leading_plain_reads_run_outside_the_transaction(self) -> None:
         pool = await self.open_pool()
 
@@ -77,3 +85,40 @@ class LazyBeginTests(TestCase):
             await pool.run(body, lazy_begin=True)
         self.assertTrue(await pool.run(self.own_transaction, lazy_begin=True))
         self.assertEqual(await self.count(pool), 0)
+
+
+class AloneTests(PoolTestCase):
+    """A statement that is a transaction by itself: sent without BEGIN and COMMIT."""
+
+    async def test_a_write_alone_commits_as_it_ends(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> list[tuple]:
+            return await session.execute(
+                f"INSERT INTO t VALUES (%s) RETURNING ({OWN_TRANSACTION})", (1,)
+            )
+
+        self.assertEqual(await pool.run(body, alone=True), [(True,)])
+        # Seen from another connection: committed, with no COMMIT sent.
+        self.assertEqual(await self.count(await self.connect(self.dsn)), 1)
+
+    async def test_a_body_alone_has_one_statement(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> None:
+            await session.execute("INSERT INTO t VALUES (%s)", (1,))
+            await session.execute("INSERT INTO t VALUES (%s)", (2,))
+
+        with self.assertRaises(RuntimeError):
+            await pool.run(body, alone=True)
+        self.assertEqual(await self.count(pool), 1)
+
+    async def test_a_failed_statement_alone_leaves_the_connection_usable(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> None:
+            await session.execute("INSERT INTO missing VALUES (1)")
+
+        with self.assertRaises(psycopg2.errors.UndefinedTable):
+            await pool.run(body, alone=True)
+        self.assertTrue(await pool.run(self.own_transaction, lazy_begin=True))

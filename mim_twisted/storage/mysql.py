@@ -247,7 +247,8 @@ class MySQLDatabase(sql.SQLStores):
         self._pool = ConnectionPool(connect_options, pool_size, **pool_options)
         super().__init__(self._run)
 
-    def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
+    def _run(self, make_transaction: sql.TransactionFactory[T], alone: bool = False) -> Deferred[T]:
+        # A statement alone is a transaction like any other here.
         return self._pool.run(_sql_transaction(make_transaction))
 
     def start(self) -> Deferred["MySQLDatabase"]:

@@ -11,6 +11,11 @@ runs again on another connection; so does a read-only one that lost it during CO
 one that lost it during COMMIT may or may not have been committed: it fails with OutcomeUnknown
 rather than risk doing twice what it did. While no connection is up, a request waits a moment
 for one, then fails with DatabaseUnavailable.
+
+A statement that is a whole transaction by itself (``run(..., alone=True)``) is sent without
+BEGIN and COMMIT: PostgreSQL commits it as it ends, in one round trip instead of three. One that
+writes and lost its connection on the way may or may not have been committed, as during a
+COMMIT: OutcomeUnknown; a read runs again.
 """
 
 import collections
@@ -78,18 +83,27 @@ class Session:
     SELECTs have no side effects (not, say, pg_advisory_xact_lock).
     """
 
-    def __init__(self, cursor: txpostgres.Cursor, *, lazy_begin: bool = False) -> None:
+    def __init__(
+        self, cursor: txpostgres.Cursor, *, lazy_begin: bool = False, alone: bool = False
+    ) -> None:
         self._cursor = cursor
         self.wrote = False
         self.begun = not lazy_begin
+        # One statement, committed by itself as it ends (``ConnectionPool.run``).
+        self.alone = alone
+        self._executed = False
 
     async def execute(self, statement: str, parameters: tuple | None = None) -> list[tuple]:
         """Run ``statement`` (psycopg2 placeholders, none read without ``parameters``); its
         rows, ``[]`` for one without."""
+        if self.alone:
+            if self._executed:
+                raise RuntimeError("a body run alone has one statement")
+            self._executed = True
         reads_only = _reads_only(statement)
         if not reads_only:
             self.wrote = True
-        if not self.begun and not (reads_only and _no_row_locks(statement)):
+        if not self.begun and not self.alone and not (reads_only and _no_row_locks(statement)):
             # One simple-query message: psycopg2 fills the parameters in on the client side,
             # and the rows are the last statement's.
             statement = "BEGIN; " + statement
@@ -317,16 +331,17 @@ class ConnectionPool:
 
     # Running transactions.
 
-    def run(self, body: Body[T], *, lazy_begin: bool = False) -> Deferred[T]:
+    def run(self, body: Body[T], *, lazy_begin: bool = False, alone: bool = False) -> Deferred[T]:
         """Run ``body`` in a transaction on one of the connections; Deferred with its result.
-        ``lazy_begin``: its leading plain reads run before the transaction (see Session)."""
-        return Deferred.fromCoroutine(self._run(body, lazy_begin))
+        ``lazy_begin``: its leading plain reads run before the transaction (see Session).
+        ``alone``: its one statement is sent without BEGIN and COMMIT, and commits as it ends."""
+        return Deferred.fromCoroutine(self._run(body, lazy_begin, alone))
 
-    async def _run(self, body: Body[T], lazy_begin: bool) -> T:
+    async def _run(self, body: Body[T], lazy_begin: bool, alone: bool) -> T:
         # Every idle connection may turn out dead before the pool learns that they all are.
         for _ in range(self._size):
             try:
-                return await self._run_once(body, lazy_begin)
+                return await self._run_once(body, lazy_begin, alone)
             except _ConnectionLost as lost:
                 if not lost.retryable:
                     raise OutcomeUnknown(
@@ -334,19 +349,20 @@ class ConnectionPool:
                         " may not have been saved"
                     ) from None
         try:
-            return await self._run_once(body, lazy_begin)
+            return await self._run_once(body, lazy_begin, alone)
         except _ConnectionLost as lost:
             raise DatabaseUnavailable(f"PostgreSQL connection lost: {lost}") from None
 
-    async def _run_once(self, body: Body[T], lazy_begin: bool) -> T:
+    async def _run_once(self, body: Body[T], lazy_begin: bool, alone: bool) -> T:
         connection = await self._acquire()
-        committing = False
+        # A statement alone commits as it ends: it is its own COMMIT.
+        committing = alone
         session = None
         try:
             cursor = connection.cursor()
-            if not lazy_begin:
+            if not (lazy_begin or alone):
                 await cursor.execute("BEGIN")
-            session = Session(cursor, lazy_begin=lazy_begin)
+            session = Session(cursor, lazy_begin=lazy_begin or alone, alone=alone)
             result = await body(session)
             if session.begun:
                 committing = True

@@ -74,14 +74,15 @@ class PostgresDatabase(sql.SQLStores):
         self._pool = ConnectionPool(dsn, pool_size, **pool_options)
         super().__init__(self._run)
 
-    def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
+    def _run(self, make_transaction: sql.TransactionFactory[T], alone: bool = False) -> Deferred[T]:
         # sql.py's plain SELECTs have no side effects: they may run before the transaction.
-        return self._pool.run(_sql_transaction(make_transaction), lazy_begin=True)
+        return self._pool.run(_sql_transaction(make_transaction), lazy_begin=True, alone=alone)
 
-    def run(self, body: Body[T]) -> Deferred[T]:
+    def run(self, body: Body[T], *, alone: bool = False) -> Deferred[T]:
         """Run `body(session)` in a transaction, for statements of PostgreSQL's own (the
-        cluster's session table); retried as the pool retries."""
-        return self._pool.run(body)
+        cluster's session table); retried as the pool retries. ``alone``: the body runs one
+        statement, sent without BEGIN and COMMIT (see pgpool)."""
+        return self._pool.run(body, alone=alone)
 
     def start(self) -> Deferred["PostgresDatabase"]:
         """Open the connections; Deferred firing with this database."""

@@ -78,7 +78,8 @@ def steps(step: Step) -> tuple[tuple[str, tuple], ...]:
 
 
 TransactionFactory = Callable[[], Transaction[T]]
-Run = Callable[[TransactionFactory[Any]], Deferred[Any]]
+# run(make_transaction, alone=False); ``alone``: the transaction is one statement (``statement``).
+Run = Callable[..., Deferred[Any]]
 
 # Appended to a SELECT of users rows, it locks them until the transaction ends, so that concurrent
 # transactions on one account's data run one after the other. PostgreSQL runs transactions
@@ -149,9 +150,13 @@ DELETE_OFFLINE_MESSAGES = (
     " RETURNING id, sender, stanza, stored_at"
 )
 
+# Only for an existing account, whose row it locks (FOR UPDATE, as LOCK_ACCOUNT does): one
+# statement, so one round trip on PostgreSQL.
 UPSERT_LAST_ACTIVITY = (
-    "INSERT INTO last_activity (server, username, logged_out_at, status) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (server, username)"
+    "INSERT INTO last_activity (server, username, logged_out_at, status)"
+    " SELECT server, username, ?, ? FROM users WHERE server = ? AND username = ?"
+    + FOR_UPDATE
+    + " ON CONFLICT (server, username)"
     " DO UPDATE SET logged_out_at = excluded.logged_out_at, status = excluded.status"
 )
 SELECT_LAST_ACTIVITY = (
@@ -288,6 +293,19 @@ def transaction(
     @functools.wraps(method)
     def run(self: S, *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         return self._run(functools.partial(method, self, *args, **kwargs))
+
+    return run
+
+
+def statement(
+    method: Callable[Concatenate[S, P], Transaction[T]],
+) -> Callable[Concatenate[S, P], Deferred[T]]:
+    """As ``transaction``, for a transaction of one statement: a backend may send it alone,
+    committed as it ends (PostgreSQL: one round trip, without BEGIN and COMMIT)."""
+
+    @functools.wraps(method)
+    def run(self: S, *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        return self._run(functools.partial(method, self, *args, **kwargs), alone=True)
 
     return run
 
@@ -478,13 +496,11 @@ class SQLOfflineStore(_SQLStore):
 
 @implementer(ILastActivityStore)
 class SQLLastActivityStore(_SQLStore):
-    @transaction
+    @statement
     def set_last_activity(
         self, domain: str, username: str, activity: LastActivity
     ) -> Transaction[None]:
-        if (yield LOCK_ACCOUNT, (domain, username)):
-            row = (domain, username, activity.logged_out_at, activity.status)
-            yield UPSERT_LAST_ACTIVITY, row
+        yield UPSERT_LAST_ACTIVITY, (activity.logged_out_at, activity.status, domain, username)
 
     @transaction
     def get_last_activity(self, domain: str, username: str) -> Transaction[LastActivity | None]:

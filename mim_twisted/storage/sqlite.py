@@ -45,7 +45,7 @@ def _execute(cursor: adbapi.Transaction, make_transaction: sql.TransactionFactor
         except StopIteration as done:
             return done.value
         for statement, parameters in sql.steps(step):
-            cursor.execute(statement.removesuffix(sql.FOR_UPDATE), parameters)
+            cursor.execute(statement.replace(sql.FOR_UPDATE, ""), parameters)
             rows = cursor.fetchall()
 
 
@@ -115,7 +115,8 @@ class SQLiteDatabase(sql.SQLStores):
         )
         super().__init__(self._run)
 
-    def _run(self, make_transaction: sql.TransactionFactory[T]) -> Deferred[T]:
+    def _run(self, make_transaction: sql.TransactionFactory[T], alone: bool = False) -> Deferred[T]:
+        # A statement alone is a transaction like any other here.
         return self._run_interaction(_execute, make_transaction)
 
     def schema_version(self) -> Deferred[int]:
