@@ -183,6 +183,30 @@ class ClusterSessionsTests(unittest.TestCase):
             "n1", self.bus, Outbox(self.bus, self.clock, lambda _: None), self.store
         )
 
+    def test_the_changes_of_one_turn_are_announced_once(self) -> None:
+        local = FakeSession("a@localhost/here")
+        self.sessions.bind(local)
+        self.bus.broadcasts.clear()
+        # An available presence whose caps are known: the presence and the caps, one turn.
+        local.presence, local.message_priority = presence(5), 5
+        self.sessions.announce(local)
+        local.caps_features = frozenset({"urn:xmpp:omemo:2:devices+notify"})
+        self.sessions.announce(local)
+        self.assertEqual(self.bus.broadcasts, [])
+        self.clock.advance(0)
+        self.assertEqual(self.bus.broadcasts, [("session", record_of(local))])
+        self.assertEqual(self.store.rows["a@localhost/here"], ("n1", record_of(local)))
+
+    def test_a_change_of_a_session_gone_in_the_same_turn_is_not_announced(self) -> None:
+        local = FakeSession("a@localhost/here")
+        self.sessions.bind(local)
+        self.sessions.announce(local)
+        self.sessions.unbind(local)
+        self.bus.broadcasts.clear()
+        self.clock.advance(0)
+        self.assertEqual(self.bus.broadcasts, [])
+        self.assertNotIn("a@localhost/here", self.store.rows)
+
     def test_local_and_remote_sessions_side_by_side(self) -> None:
         local = FakeSession("a@localhost/here")
         self.sessions.bind(local)
@@ -311,7 +335,7 @@ class FakeDatabase:
         self.waiting: list[defer.Deferred] = []
         self.hold = False
 
-    def run(self, body) -> defer.Deferred:
+    def run(self, body, alone: bool = False) -> defer.Deferred:
         if self.hold:
             self.waiting.append(defer.Deferred())
             return self.waiting[-1]

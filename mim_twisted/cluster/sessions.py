@@ -196,6 +196,8 @@ class ClusterSessions:
         self.local = SessionManager()  # this node's sessions
         self._remote: dict[JID, dict[str, RemoteSession]] = {}
         self._by_node: dict[str, set[JID]] = defaultdict(set)  # full JIDs per node
+        # This node's sessions whose change is announced at the end of the turn, in order.
+        self._announcing: dict[Session, None] = {}
         bus.on("session", self._announced)
         bus.on("unbound", self._unbound)
         bus.on("replace", self._replace)
@@ -272,12 +274,21 @@ class ClusterSessions:
         return resources.get(session.jid.resource) is session
 
     def announce(self, session: Session) -> None:
-        """The session was bound, or its presence or caps changed: row and announcement."""
-        if session.ended or not self._holds(session):
-            return
-        record = record_of(session)
-        self.store.save(record, self.node)
-        self.bus.broadcast("session", record)
+        """The session's presence or caps changed: its row is written and announced once the
+        reactor turn is over, once however many changes the turn made (an available presence
+        whose caps are known already changes both at once)."""
+        if not self._announcing:
+            self.outbox.reactor.callLater(0, self._announce_changed)
+        self._announcing[session] = None
+
+    def _announce_changed(self) -> None:
+        changed, self._announcing = self._announcing, {}
+        for session in changed:
+            if session.ended or not self._holds(session):
+                continue  # gone meanwhile: its unbinding said so
+            record = record_of(session)
+            self.store.save(record, self.node)
+            self.bus.broadcast("session", record)
 
     def announce_all(self) -> None:
         for session in list(self.local.live_sessions()):
@@ -346,6 +357,12 @@ class ClusterSessions:
             session.stream_error(condition, text)
 
 
+_CLAIM_FREE_ROW = (
+    "INSERT INTO cluster_sessions (jid, node, priority, presence, features)"
+    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (jid) DO NOTHING RETURNING node"
+)
+
+
 class SessionTable:
     """`cluster_sessions` in the PostgreSQL database. Writes are sent and not waited for: a
     failure is logged, and the announcement on the bus still keeps the other nodes current."""
@@ -358,7 +375,8 @@ class SessionTable:
         async def body(session: Any) -> None:
             await session.execute(statement, parameters)
 
-        writing = self.database.run(body)
+        # One statement, committed as it ends: one round trip.
+        writing = self.database.run(body, alone=True)
         writing.addErrback(
             lambda failure: log.failure("Cluster: writing the session table", failure)
         )
@@ -371,13 +389,23 @@ class SessionTable:
         jid, priority, presence, features = record
         values = (jid, node, priority, presence, json.dumps(features) if features else None)
 
+        async def insert(session: Any) -> list[tuple]:
+            return await session.execute(_CLAIM_FREE_ROW, values)
+
+        # Most full JIDs are held by no one: the insert alone, one round trip; the transaction
+        # below only when another node's row is there.
+        claiming = self.database.run(insert, alone=True)
+        claiming.addCallback(lambda inserted: None if inserted else self._take_over(values))
+        return claiming
+
+    def _take_over(self, values: tuple) -> defer.Deferred:
+        """The row of `values`' full JID, held by another node (or deleted meanwhile): the node
+        that held it."""
+        jid = values[0]
+
         async def body(session: Any) -> str | None:
             while True:
-                if await session.execute(
-                    "INSERT INTO cluster_sessions (jid, node, priority, presence, features)"
-                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (jid) DO NOTHING RETURNING node",
-                    values,
-                ):
+                if await session.execute(_CLAIM_FREE_ROW, values):
                     return None
                 # Held: by whom, locked until this transaction ends; none if it was deleted
                 # meanwhile, and then inserted again.
