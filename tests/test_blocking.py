@@ -10,6 +10,7 @@ from mim_twisted import hooks
 from mim_twisted.im import blocking
 from mim_twisted.im.blocking import NS_BLOCKING, NS_BLOCKING_ERRORS, blocks
 from mim_twisted.im.disco import NS_DISCO_INFO
+from mim_twisted.im.roster import NS_ROSTER
 from tests.imsupport import (
     FakeSession,
     HeldStore,
@@ -316,7 +317,8 @@ class RoutingTests(BlockingTestCase):
         self.assertEqual(alice.stream_errors, ["policy-violation"])
 
     def test_after_a_restart_presence_is_held_to_the_stored_list(self) -> None:
-        # bob's first stanza is his broadcast presence: the gate reads his list all the same.
+        # bob's first stanza is his broadcast presence, which needs no gate: the presence layer
+        # reads his list before it goes to his contacts.
         self.successResultOf(
             self.database.block_lists.block("localhost", "bob", ["alice@localhost"])
         )
@@ -340,3 +342,44 @@ class RoutingTests(BlockingTestCase):
         bob = self.online("bob@localhost/phone")
         self.send(self.alice, "<message to='bob@localhost' type='chat'><body>hi</body></message>")
         self.assertEqual([str(m.body) for m in bob.take()], ["hi"])
+
+
+class LazyReadTests(BlockingTestCase):
+    """A list is read when first needed, not at every login."""
+
+    users = ("alice", "bob", "carol")
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.held = HeldStore(self.database.block_lists)
+        self.database.block_lists = self.held
+        self.build()
+
+    def test_a_login_with_no_subscription_reads_no_list(self) -> None:
+        carol = self.connect("carol@localhost/home")
+        self.send(carol, presence_xml())
+        self.send(carol, f"<iq type='get' id='r1'><query xmlns='{NS_ROSTER}'/></iq>")
+        self.send(carol, "<iq type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        self.assertEqual(self.held.calls(), [])
+        self.assertEqual(
+            [(s.name, s.getAttribute("type")) for s in carol.take()],
+            [("presence", None), ("iq", "result"), ("iq", "result")],
+        )
+
+    def test_a_broadcast_to_a_contact_waits_for_the_list(self) -> None:
+        self.subscribe("alice", "bob")
+        alice = self.connect("alice@localhost/desk")
+        self.send(alice, presence_xml())
+        self.held.release_all()
+        self.forget()
+        bob = self.connect("bob@localhost/phone")
+        self.send(bob, presence_xml())
+        self.assertEqual(self.held.calls(), ["get_block_list"])
+        self.assertEqual(alice.take(), [])
+        self.held.release_all()
+        self.assertEqual([s["from"] for s in alice.take()], ["bob@localhost/phone"])
+
+    def test_a_stanza_to_someone_else_reads_the_list(self) -> None:
+        carol = self.connect("carol@localhost/home")
+        self.send(carol, "<message to='example.org' type='chat'><body>hi</body></message>")
+        self.assertEqual(self.held.calls(), ["get_block_list"])

@@ -17,10 +17,12 @@ Every stanza a local session sends passes `gate` before it is routed:
 Broadcast presence does not pass the gate; the presence layer asks `presence_blocked` for each
 contact instead.
 
-The lists of the accounts with sessions here are kept in memory (`BlockLists`), read when a
-session sends its first stanza, so that routing asks the database only for accounts with no
-session here. In a cluster each change is announced to the other nodes, which read the list
-again (mim_twisted.cluster.coherence).
+The lists of the accounts with sessions here are kept in memory (`BlockLists`), read when first
+needed: by a session's first stanza to another JID (one to itself or to the server is never
+refused), or by its broadcast presence once it shares a subscription with a contact (presence
+judges by the lists in memory); so that routing asks the database only for accounts with no
+session here, and a login that needs no list reads none. In a cluster each change is announced
+to the other nodes, which read the list again (mim_twisted.cluster.coherence).
 """
 
 import secrets
@@ -210,6 +212,7 @@ class BlockingService:
             router.account_iq[NS_BLOCKING, name] = self.handle_iq
         router.gates.append(self.gate)
         self.presence.presence_blocked = self.presence_blocked
+        self.presence.read_block_list = self.lists.get
         hooks_table.add(hooks.SESSION_ENDED, self.session_ended)
         disco.add_server_feature(NS_BLOCKING)
 
@@ -228,15 +231,13 @@ class BlockingService:
     ) -> "bool | defer.Deferred[bool]":
         """True when the stanza is refused (and answered as it should be), else False."""
         owner = session.jid.userhostJID()
-        # Read for every session, whatever it sends first: its broadcast presence and the
-        # presence sent to it are checked against the list in memory (`presence_blocked`).
-        own = self.lists.get(owner)
         if recipient.userhostJID() == owner or (
             recipient.user is None and recipient.host in self.domains
         ):
-            # To itself or to the server: never refused.
-            return own.addCallback(lambda _: False) if isinstance(own, defer.Deferred) else False
-        lists = [own]
+            # To itself or to the server: never refused, and no list is needed. (Its broadcast
+            # presence has the presence layer read the list when a contact may see it.)
+            return False
+        lists = [self.lists.get(owner)]
         if self._local_account(recipient):
             lists.append(self.lists.get(recipient.userhostJID()))
         if any(isinstance(block_list, defer.Deferred) for block_list in lists):
@@ -275,8 +276,10 @@ class BlockingService:
 
     def presence_blocked(self, user: JID, contact: JID) -> bool:
         """Whether broadcast presence between a user's session and a contact is blocked, by
-        either of them. Lists not in memory count as empty: the list of every account with a
-        session that has sent anything is in memory, as the gate read it."""
+        either of them. Lists not in memory count as empty: the list of every available account
+        that shares a subscription with anyone is in memory (the presence layer read it before
+        its broadcast, `PresenceService.read_block_list`), and so is that of every account whose
+        session sent a stanza to someone else (the gate read it)."""
         own = self.lists.cached(user) or frozenset()
         theirs = self.lists.cached(contact) or frozenset()
         return blocks(own, contact) or blocks(theirs, user)

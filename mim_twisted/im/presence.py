@@ -107,6 +107,9 @@ class PresenceService:
         # (a user's full JID, a contact's JID): whether broadcast presence between them is
         # blocked by either (XEP-0191, blocking.py); nothing is, without blocking.
         self.presence_blocked: Callable[[JID, JID], bool] = lambda user, contact: False
+        # Reads an account's block list into memory for `presence_blocked` (the list, or a
+        # Deferred of it); None without blocking.
+        self.read_block_list: Callable[[JID], object] | None = None
         # Per session with work under way: what waits behind the item being handled.
         self._queues: dict[Session, deque[tuple[Work, tuple]]] = {}
         self._idle_waiters: list[defer.Deferred] = []
@@ -294,6 +297,7 @@ class PresenceService:
         try:
             owner = session.jid.userhostJID()
             _, items = await self.rosters.get_roster(owner.host, owner.user)
+            await self._read_block_list(owner, items)
             if self._gone(session):
                 return  # it ended while the roster was read: nothing was announced
             initial = session.presence is None
@@ -321,6 +325,7 @@ class PresenceService:
             return
         owner = session.jid.userhostJID()
         _, items = await self.rosters.get_roster(owner.host, owner.user)
+        await self._read_block_list(owner, items)
         presence = session.presence
         if self._gone(session) or presence is None:
             return  # it ended, or went unavailable, while the roster was read
@@ -345,12 +350,24 @@ class PresenceService:
             # Contacts and other resources never told of this one's availability hear no end.
             owner = session.jid.userhostJID()
             _, items = await self.rosters.get_roster(owner.host, owner.user)
+            await self._read_block_list(owner, items)
             self._broadcast(session, sent, items)
         for jid in sorted(session.directed_to):
             self._deliver(sent, parse_jid(jid))
         session.directed_to.clear()
         if was_available:
             await self.hooks.run(hooks.USER_UNAVAILABLE, session, presence)
+
+    async def _read_block_list(self, owner: JID, items: list[RosterItem]) -> None:
+        """`presence_blocked` judges by the lists in memory: the owner's is read before its
+        presence goes to, or comes from, a contact it shares a subscription with. (A login
+        with no such contact reads none.)"""
+        if self.read_block_list is None:
+            return
+        if any(item.subscription != "none" for item in items):
+            block_list = self.read_block_list(owner)
+            if isinstance(block_list, defer.Deferred):
+                await block_list
 
     def _broadcast(
         self, session: Session, presence: domish.Element, items: list[RosterItem]
