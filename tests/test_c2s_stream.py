@@ -387,6 +387,28 @@ class StartTlsRequiredTests(StreamTestCase):
         self.assertIsNone(stream.username)
 
 
+class SaslWireTests(StreamTestCase):
+    def test_challenges_are_written_as_their_elements(self) -> None:
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER)
+        self.read(transport)
+        # No initial response: an empty challenge ("=") asks for the client-first-message.
+        stream.dataReceived(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'/>"
+        )
+        self.assertEqual(
+            self.read(transport),
+            b"<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>=</challenge>",
+        )
+        token = base64.b64encode(b"n,,n=alice,r=abcdefgh")
+        stream.dataReceived(
+            b"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>%s</response>" % token
+        )
+        [challenge] = parse_server_output(self.read(transport)).elements
+        self.assertEqual(challenge.tag, "{urn:ietf:params:xml:ns:xmpp-sasl}challenge")
+        self.assertTrue(base64.b64decode(challenge.text).startswith(b"r=abcdefgh"))
+
+
 class ParserLimitTests(StreamTestCase):
     settings = {"max_stanza_size": 1_000_000}
 

@@ -34,6 +34,7 @@ at the pace its own address budget allows.
 Pure logic: the caller passes the time, so tests drive it with any clock.
 """
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -54,6 +55,9 @@ class FailureBudgetSettings:
     max_tracked: int = DEFAULT_MAX_TRACKED
 
 
+# Each login asks at least twice (before the attempt and once its outcome is known); parsing the
+# address is most of the budget's cost.
+@functools.lru_cache(maxsize=4096)
 def address_key(host: str) -> str:
     """What an address is counted as: IPv4 as it is, IPv6 by its /64 (IPv4-mapped as IPv4)."""
     try:
