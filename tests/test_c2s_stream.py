@@ -16,6 +16,7 @@ from mim_twisted.xmpp.c2s import CLOSE_GRACE, C2SFactory, C2SSettings
 from mim_twisted.xmpp.connection import BoundSession, ClientConnection, SessionOpener
 from mim_twisted.xmpp.namespaces import BIND, CLIENT, SASL, SESSION, STREAMS, TLS
 from mim_twisted.xmpp.sasl import plain
+from tests.imsupport import HeldStore
 from tests.test_sasl_mechanisms import synchronously
 from tests.wire import STREAM_ERROR, STREAM_ERRORS, STREAM_FEATURES, parse_server_output
 from tests.xml_samples import BILLION_LAUGHS
@@ -407,6 +408,30 @@ class SaslWireTests(StreamTestCase):
         [challenge] = parse_server_output(self.read(transport)).elements
         self.assertEqual(challenge.tag, "{urn:ietf:params:xml:ns:xmpp-sasl}challenge")
         self.assertTrue(base64.b64decode(challenge.text).startswith(b"r=abcdefgh"))
+
+
+class SaslPauseTests(StreamTestCase):
+    """Nothing is read from the client while a SASL step waits for the database; a step
+    answered at once pauses nothing."""
+
+    def test_a_step_answered_at_once_does_not_pause_reading(self) -> None:
+        stream, transport = self.connect()
+        pauses: list[str] = []
+        transport.pauseProducing = lambda: pauses.append("paused")
+        stream.dataReceived(HEADER + plain_auth("alice", "secret"))
+        self.assertIn(b"<success", transport.value())
+        self.assertEqual(pauses, [])
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_a_step_waiting_for_the_database_pauses_reading(self) -> None:
+        held = HeldStore(self.database.accounts, answers_only=True)
+        self.factory.accounts = held
+        stream, transport = self.connect()
+        stream.dataReceived(HEADER + plain_auth("alice", "secret"))
+        self.assertEqual(transport.producerState, "paused")
+        held.release_all()
+        self.assertIn(b"<success", transport.value())
+        self.assertEqual(transport.producerState, "producing")
 
 
 class ParserLimitTests(StreamTestCase):

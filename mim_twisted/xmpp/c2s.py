@@ -205,6 +205,8 @@ class C2SStream(protocol.Protocol):
         self._read_pauses.add(reason)
 
     def resume_reading(self, reason: str) -> None:
+        if reason not in self._read_pauses:
+            return  # not paused for it
         self._read_pauses.discard(reason)
         if not self._read_pauses and not self.closed:
             self.transport.resumeProducing()

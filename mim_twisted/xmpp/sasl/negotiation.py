@@ -145,8 +145,10 @@ class SaslNegotiation:
         self._step(self._mechanism.start(initial_response))
 
     def _step(self, result: defer.Deferred) -> None:
-        # Nothing else is read from the client while a step is being worked on.
-        self.stream.pause_reading("sasl")
+        # Nothing else is read from the client while a step is being worked on; a step answered
+        # at once (no database read) needs no pause.
+        if not result.called:
+            self.stream.pause_reading("sasl")
         self._pending = result
         result.addCallbacks(self._answered, self._errored)
         result.addBoth(self._step_done)
