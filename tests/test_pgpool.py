@@ -1,6 +1,6 @@
 """The PostgreSQL pool's transactions begun lazily: the plain reads a body starts with run on
-their own, BEGIN goes with its first write or row lock, COMMIT only after one; and a statement
-that is a transaction by itself, sent alone."""
+their own, BEGIN goes with its first write or row lock, COMMIT only after one, or with the body's
+last statement; and a statement that is a transaction by itself, sent alone."""
 
 import psycopg2.errors
 from twisted.trial.unittest import TestCase
@@ -85,6 +85,44 @@ class LazyBeginTests(PoolTestCase):
             await pool.run(body, lazy_begin=True)
         self.assertTrue(await pool.run(self.own_transaction, lazy_begin=True))
         self.assertEqual(await self.count(pool), 0)
+
+    async def test_the_last_statement_may_carry_the_commit(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> list[tuple]:
+            await session.execute("INSERT INTO t VALUES (%s)", (1,))
+            rows = await session.execute("INSERT INTO t VALUES (%s) RETURNING x", (2,), commit=True)
+            self.assertTrue(session.committed)
+            with self.assertRaises(RuntimeError):
+                await session.execute("SELECT 1")
+            return rows
+
+        self.assertEqual(await pool.run(body, lazy_begin=True), [])
+        self.assertEqual(await self.count(pool), 2)
+        # The connection is out of the transaction: the next body begins its own.
+        self.assertTrue(await pool.run(self.own_transaction, lazy_begin=True))
+
+    async def test_a_failure_of_the_last_statement_rolls_everything_back(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> None:
+            await session.execute("INSERT INTO t VALUES (%s)", (1,))
+            await session.execute("INSERT INTO missing VALUES (%s)", (2,), commit=True)
+
+        with self.assertRaises(psycopg2.errors.UndefinedTable):
+            await pool.run(body, lazy_begin=True)
+        self.assertEqual(await self.count(pool), 0)
+        self.assertTrue(await pool.run(self.own_transaction, lazy_begin=True))
+
+    async def test_a_plain_read_with_commit_begins_nothing(self) -> None:
+        pool = await self.open_pool()
+
+        async def body(session: Session) -> bool:
+            rows = await session.execute(OWN_TRANSACTION, commit=True)
+            self.assertFalse(session.begun)
+            return rows[0][0]
+
+        self.assertTrue(await pool.run(body, lazy_begin=True))
 
 
 class AloneTests(PoolTestCase):

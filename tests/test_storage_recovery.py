@@ -241,6 +241,33 @@ class PostgresRecoveryTests(TestCase):
         await until(lambda: log.starting("PostgreSQL connection restored"))
         self.assertOneOutage(log)
 
+    async def test_a_write_that_lost_its_connection_with_commit_sent_is_reported(self) -> None:
+        log = LogCapture(self)
+        pool = await self.open_pool()
+        runs = []
+
+        async def create_and_commit(session: Session) -> None:
+            runs.append(1)
+            # COMMIT goes in the same message, after the sleep during which the server dies.
+            await session.execute("CREATE TABLE done (x int); SELECT pg_sleep(10)", commit=True)
+
+        creating = pool.run(create_and_commit)
+        await until(lambda: self.sleeping() == 1)
+        pgsupport.terminate_backends(self.dsn)
+        with self.assertRaises(OutcomeUnknown):
+            await creating
+        self.assertEqual(runs, [1])
+        self.assertEqual(await pool.run(self.table_exists), False)
+        await until(lambda: log.starting("PostgreSQL connection restored"))
+
+    def sleeping(self) -> int:
+        with psycopg2.connect(self.dsn) as watcher, watcher.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event = 'PgSleep'"
+            )
+            return cursor.fetchone()[0]
+
     async def table_exists(self, session: Session) -> bool:
         rows = await session.execute("SELECT to_regclass('done') IS NOT NULL")
         return rows[0][0]

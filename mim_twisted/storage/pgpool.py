@@ -6,11 +6,12 @@ connection is replaced, at once and then with a doubling back-off; an outage is 
 it begins and once when every connection is back.
 
 Transactions are begun and committed here, so that a failure is known to have happened before or
-during COMMIT. One whose connection was lost before COMMIT was sent has not been committed, so it
-runs again on another connection; so does a read-only one that lost it during COMMIT. A writing
-one that lost it during COMMIT may or may not have been committed: it fails with OutcomeUnknown
-rather than risk doing twice what it did. While no connection is up, a request waits a moment
-for one, then fails with DatabaseUnavailable.
+during COMMIT (which a body may have sent with its last statement: `Session.execute`). One whose
+connection was lost before COMMIT was sent has not been committed, so it runs again on another
+connection; so does a read-only one that lost it during COMMIT. A writing one that lost it during
+COMMIT may or may not have been committed: it fails with OutcomeUnknown rather than risk doing
+twice what it did. While no connection is up, a request waits a moment for one, then fails
+with DatabaseUnavailable.
 
 A statement that is a whole transaction by itself (``run(..., alone=True)``) is sent without
 BEGIN and COMMIT: PostgreSQL commits it as it ends, in one round trip instead of three. One that
@@ -92,10 +93,18 @@ class Session:
         # One statement, committed by itself as it ends (``ConnectionPool.run``).
         self.alone = alone
         self._executed = False
+        # Set when COMMIT was sent with the body's last statement (``execute(commit=True)``).
+        self.committing = False
+        self.committed = False
 
-    async def execute(self, statement: str, parameters: tuple | None = None) -> list[tuple]:
+    async def execute(
+        self, statement: str, parameters: tuple | None = None, *, commit: bool = False
+    ) -> list[tuple]:
         """Run ``statement`` (psycopg2 placeholders, none read without ``parameters``); its
-        rows, ``[]`` for one without."""
+        rows, ``[]`` for one without. With ``commit`` it is the body's last statement: the
+        transaction, if begun, is committed in the same round trip, and no rows come back."""
+        if self.committed:
+            raise RuntimeError("the transaction is committed already")
         if self.alone:
             if self._executed:
                 raise RuntimeError("a body run alone has one statement")
@@ -108,7 +117,13 @@ class Session:
             # and the rows are the last statement's.
             statement = "BEGIN; " + statement
             self.begun = True
+        if commit and self.begun:
+            statement += "; COMMIT"
+            self.committing = True
         await self._cursor.execute(statement, parameters)
+        if self.committing:
+            self.committed = True
+            return []
         # psycopg2's fetchall raises for a statement that returns no rows.
         return [] if self._cursor.description is None else self._cursor.fetchall()
 
@@ -364,7 +379,7 @@ class ConnectionPool:
                 await cursor.execute("BEGIN")
             session = Session(cursor, lazy_begin=lazy_begin or alone, alone=alone)
             result = await body(session)
-            if session.begun:
+            if session.begun and not session.committed:
                 committing = True
                 await cursor.execute("COMMIT")
             return result
@@ -373,6 +388,7 @@ class ConnectionPool:
                 self._lost(connection, error)
                 # Before COMMIT nothing was committed; a transaction that only read may run again.
                 wrote = session is not None and session.wrote
+                committing = committing or (session is not None and session.committing)
                 raise _ConnectionLost(error, retryable=not (committing and wrote)) from None
             if session is None or session.begun:
                 await self._roll_back(connection)

@@ -43,13 +43,16 @@ def _sql_transaction(make_transaction: sql.TransactionFactory[T]):
                 step = transaction.send(rows)
             except StopIteration as done:
                 return done.value
+            if session.committed:
+                raise RuntimeError("a transaction went on after its last batch")
             if isinstance(step, sql.Batch):
                 # One simple-query message: psycopg2 fills the parameters in on the client side.
                 statement = "; ".join(_postgres_statement(text) for text, _ in step.steps)
                 parameters = tuple(value for _, values in step.steps for value in values)
+                rows = await session.execute(statement, parameters, commit=step.last)
             else:
                 statement, parameters = _postgres_statement(step[0]), step[1]
-            rows = await session.execute(statement, parameters)
+                rows = await session.execute(statement, parameters)
 
     return body
 

@@ -7,7 +7,9 @@ later, for RETURNING.
 
 A transaction is a generator that yields ``(statement, parameters)`` and is sent back the rows of
 each statement (``[]`` for one that returns none); what it returns is the result. It may yield a
-``Batch`` of statements instead, whose rows but the last one's it does not need. A backend's
+``Batch`` of statements instead, whose rows but the last one's it does not need; a
+``Batch(..., last=True)`` ends the transaction (nothing follows it and it is sent back no rows),
+so that PostgreSQL commits in the same round trip. A backend's
 ``Run`` function is given a function that makes the transaction, and executes it in a single
 database transaction, rolled back if it raises, and returns a Deferred firing with its result: the
 logic is written once, while SQLite runs it with blocking calls on adbapi's thread and PostgreSQL
@@ -60,12 +62,16 @@ P = ParamSpec("P")
 class Batch:
     """Statements a transaction yields together, run one after the other, of which it is sent
     back the last one's rows: PostgreSQL takes them in one round trip, the other backends run
-    them in turn. Each statement still sees what the ones before it did."""
+    them in turn. Each statement still sees what the ones before it did. With ``last`` the
+    transaction yields nothing after it and needs no rows back: PostgreSQL's COMMIT goes in the
+    same round trip."""
 
     steps: tuple[tuple[str, tuple], ...]
+    last: bool
 
-    def __init__(self, *steps: tuple[str, tuple]) -> None:
+    def __init__(self, *steps: tuple[str, tuple], last: bool = False) -> None:
         object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "last", last)
 
 
 Step = tuple[str, tuple] | Batch
@@ -739,8 +745,8 @@ class SQLPubSubStore(_SQLStore):
     def publish_items(
         self, service: str, name: str, items: Iterable[PubSubItem], max_items: int | None
     ) -> Transaction[None]:
-        # Three round trips on PostgreSQL with BEGIN and COMMIT, for any number of items: one
-        # node lock, then the upserts and one trim.
+        # Two round trips on PostgreSQL for any number of items: BEGIN and one node lock, then
+        # the upserts, one trim and COMMIT.
         items = list(items)
         rows = yield Batch(
             (LOCK_NODE, (service, name)), (NODE_AND_NEWEST_MODIFIED_AT, (service, name))
@@ -764,7 +770,7 @@ class SQLPubSubStore(_SQLStore):
             upserts.append((TRIM_ITEMS_BUT, (node_id, items[-1].item_id)))
         elif max_items is not None:
             upserts.append((TRIM_ITEMS, (node_id, node_id, max_items)))
-        yield Batch(*upserts)
+        yield Batch(*upserts, last=True)
 
     @transaction
     def get_items(
