@@ -438,6 +438,7 @@ def build_pubsub(
             limits=limits,
             relation=relation,
             blocking=core.blocking,
+            held_rosters=rosters.held_items if isinstance(rosters, RosterCache) else None,
         )
         pep.install(core.router, core.disco, core.hooks)
     return PubSub(pool, broadcaster, services, purge, pep, observers, store)

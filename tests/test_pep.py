@@ -456,21 +456,73 @@ class BlockingTests(PepTestCase):
         self.assertEqual(len(self.notifications(laptop)), 1)
 
 
+class FanoutPathTests(PepTestCase):
+    """An event whose owner's roster and block lists in play are in memory is fanned out at
+    once; otherwise it waits for the reads, and the owner's later events wait behind it."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.subscribe("bob", "alice")
+
+    def test_from_memory_without_reading_the_roster(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        waiting = hold_roster_reads(self.pubsub.pep)
+        self.ask(alice, publish(NODE, "one"))
+        self.assertEqual(waiting, [])
+        self.assertEqual(
+            [event_items(n) for n in self.notifications(bob)], [("alice@localhost", NODE, ["one"])]
+        )
+
+    def test_events_wait_in_order_behind_a_roster_read(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        pep_service = self.pubsub.pep
+        held_rosters, pep_service.held_rosters = pep_service.held_rosters, None
+        waiting = hold_roster_reads(pep_service)
+        self.ask(alice, publish(NODE, "one"))
+        pep_service.held_rosters = held_rosters  # in memory again, but "one" is still waiting
+        self.ask(alice, publish(NODE, "two"))
+        self.assertEqual(len(waiting), 1)
+        self.assertEqual(self.notifications(bob), [])
+        waiting.pop(0)()  # "one" is sent; "two" now reads the roster in turn
+        waiting.pop(0)()
+        self.assertEqual([event_items(n)[2] for n in self.notifications(bob)], [["one"], ["two"]])
+
+    def test_a_block_list_not_in_memory_is_read(self) -> None:
+        alice = self.online("alice@localhost/desk")
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        carol = self.with_caps("carol@localhost/pc", NODE + "+notify")
+        self.subscribe("carol", "alice")
+        self.assertEqual(self.ask(bob, block("alice@localhost"))["type"], "result")
+        self.core.blocking.lists.forget(bob.jid.userhostJID())
+        self.forget()
+        self.ask(alice, publish(NODE, "one"))
+        self.clock.advance(0)
+        self.assertEqual(self.notifications(bob), [])
+        self.assertEqual(len(self.notifications(carol)), 1)
+
+
+def hold_roster_reads(pep_service: pep.PepService) -> list:
+    """The service's roster reads from now on wait: each a call in the list that lets it
+    finish."""
+    rosters = pep_service.rosters
+    waiting: list = []
+
+    def held_roster(host: str, user: str):
+        reading = rosters.get_roster(host, user)
+        gate = defer.Deferred()
+        waiting.append(lambda: reading.chainDeferred(gate))
+        return gate
+
+    pep_service.rosters = mock.Mock(get_roster=held_roster)
+    return waiting
+
+
 class LastItemBookkeepingTests(PepTestCase):
     def hold_roster_reads(self) -> list:
         """PEP's roster reads from now on wait: each a call in the list that lets it finish."""
-        pep = self.pubsub.pep
-        rosters = pep.rosters
-        waiting: list = []
-
-        def held_roster(host: str, user: str):
-            reading = rosters.get_roster(host, user)
-            gate = defer.Deferred()
-            waiting.append(lambda: reading.chainDeferred(gate))
-            return gate
-
-        pep.rosters = mock.Mock(get_roster=held_roster)
-        return waiting
+        return hold_roster_reads(self.pubsub.pep)
 
     def test_a_session_that_ends_while_its_roster_is_read_is_not_remembered(self) -> None:
         self.subscribe("bob", "alice")

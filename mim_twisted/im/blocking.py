@@ -58,6 +58,8 @@ MAX_BLOCKED_JIDS = 1000  # per account: a list beyond it is refused with resourc
 
 def blocks(block_list: frozenset[str], jid: JID) -> bool:
     """Whether a list blocks `jid`: its full JID, bare JID, domain/resource or domain."""
+    if not block_list:
+        return False
     candidates = {jid.full(), jid.userhost(), jid.host}
     if jid.resource is not None:
         candidates.add(f"{jid.host}/{jid.resource}")

@@ -57,6 +57,11 @@ class RosterCache:
             return succeed((held.version, list(held.items)))
         return self._read((domain, username))
 
+    def held_items(self, domain: str, username: str) -> tuple[RosterItem, ...] | None:
+        """The account's roster items if held, without reading the store; None otherwise."""
+        held = self._held.get((domain, username))
+        return None if held is None else held.items
+
     def get_item(self, domain: str, username: str, jid: str) -> Deferred:
         held = self._held.get((domain, username))
         if held is not None:

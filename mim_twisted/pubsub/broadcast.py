@@ -75,6 +75,9 @@ class Fanout:
     # Whom it must not reach (XEP-0191 blocking, PEP): asked of each recipient as subscribed
     # and of each of its sessions.
     blocked: Callable[[JID], bool] | None = None
+    # Sessions reached as they are, each addressed by its full JID: PEP's implicit recipients,
+    # found and checked (access model, blocking) by whoever made the fan-out.
+    sessions: tuple[Session, ...] = ()
 
 
 class Broadcaster:
@@ -174,6 +177,12 @@ class Broadcaster:
         for start in range(0, len(recipients), SLICE):
             for recipient in recipients[start : start + SLICE]:
                 self._deliver(fanout, recipient)
+            yield None
+        notification, sessions = fanout.notification, fanout.sessions
+        for start in range(0, len(sessions), SLICE):
+            for session in sessions[start : start + SLICE]:
+                if not session.closed:
+                    session.send(notification.to(session.jid.full()))
             yield None
 
     def _deliver(self, fanout: Fanout, recipient: Recipient) -> None:

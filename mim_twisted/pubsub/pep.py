@@ -85,6 +85,15 @@ MAX_SERVICES = 100_000
 
 # The affiliations that pass a whitelist node (XEP-0060 §4.5).
 _WHITELISTED = frozenset({"owner", "publisher", "member"})
+# The access models under which the node's affiliations decide who is notified implicitly.
+_BY_AFFILIATION = frozenset({"whitelist", "authorize", "roster"})
+
+
+class _NotInMemory:
+    """What the fan-out needs is not all in memory: it waits for reads."""
+
+
+_NOT_IN_MEMORY = _NotInMemory()
 
 
 def notify_nodes(features: Iterable[str]) -> frozenset[str]:
@@ -153,6 +162,7 @@ class PepService:
         limits: ServiceLimits,
         relation: core.RelationCallback,
         blocking: BlockingService | None = None,
+        held_rosters: Callable[[str, str], tuple[RosterItem, ...] | None] | None = None,
     ) -> None:
         self.domains = domains
         self.store = store
@@ -164,6 +174,9 @@ class PepService:
         self.limits = limits
         self.relation = relation
         self.blocking = blocking
+        # (domain, username) -> the roster items if in memory, else None (RosterCache's): an
+        # event whose owner's roster is held is fanned out at once.
+        self.held_rosters = held_rosters
         # Account -> its request handler, the least recently used dropped beyond
         # MAX_SERVICES: any JID on a served domain can be asked, an account or not.
         self._components: OrderedDict[str, PubSubComponent] = OrderedDict()
@@ -234,50 +247,123 @@ class PepService:
     # -- notifications -------------------------------------------------------------------------
 
     def _event(self, event: core.PubSubEvent) -> None:
-        if isinstance(event, core.NodeEvent):
-            sending = self.broadcaster.send_when_found(self._fanout(event))
-            defer.ensureDeferred(sending).addErrback(
-                _log_failure, "notifying the event of {owner}", event.service
-            )
-        else:
+        if not isinstance(event, core.NodeEvent):
             self.broadcaster(event)
+            return
+        if not self._order.locked(event.service):
+            # No earlier event of the owner's waits for a read: with what it needs in memory
+            # (the owner's roster, the block lists) the fan-out is made at once.
+            try:
+                fanout = self._fanout_in_memory(event)
+            except Exception:
+                log.failure("notifying the event of {owner}", owner=event.service)
+                return
+            if fanout is not _NOT_IN_MEMORY:
+                if fanout is not None:
+                    self.broadcaster.send(fanout)
+                return
+        sending = self.broadcaster.send_when_found(self._fanout(event))
+        defer.ensureDeferred(sending).addErrback(
+            _log_failure, "notifying the event of {owner}", event.service
+        )
+
+    def _fanout_in_memory(self, event: core.NodeEvent) -> "Fanout | None | _NotInMemory":
+        """The event's notification with every recipient, from what is in memory only;
+        _NOT_IN_MEMORY when something must be read first."""
+        if self.held_rosters is None or event.config["pubsub#access_model"] in _BY_AFFILIATION:
+            return _NOT_IN_MEMORY
+        owner = parse_jid(event.service)
+        contacts = self.held_rosters(owner.host, owner.user)
+        if contacts is None:
+            return _NOT_IN_MEMORY
+        fanout = fanout_of(event)
+        if fanout is None:
+            return None
+        sessions = self._implicit_sessions(event, fanout.recipients, contacts, {})
+        lists: dict[str, frozenset[str]] = {}
+        if self.blocking is not None:
+            for account in self._block_lists_needed(owner, fanout, sessions):
+                held = self.blocking.lists.cached(account)
+                if held is None:
+                    return _NOT_IN_MEMORY
+                lists[account.userhost()] = held
+        return self._completed(event.service, fanout, sessions, lists)
 
     async def _fanout(self, event: core.NodeEvent) -> Fanout | None:
-        """The event's notification with every recipient, explicit and implicit."""
+        """The event's notification with every recipient, explicit and implicit, once the
+        owner's roster and the block lists in play are read."""
         async with self._order.hold(event.service):
             fanout = fanout_of(event)
             if fanout is None:
                 return None
-            implicit = await self._implicit_recipients(event, fanout.recipients)
-            recipients = fanout.recipients + implicit
-            blocked = await self._blocked_check(
-                event.service, [r.jid for r in recipients], fanout.store_offline
-            )
-            return replace(fanout, recipients=recipients, blocked=blocked)
+            owner = parse_jid(event.service)
+            _, contacts = await self.rosters.get_roster(owner.host, owner.user)
+            affiliations: dict[str, str] = {}
+            if event.config["pubsub#access_model"] in _BY_AFFILIATION:
+                affiliations = await self.store.get_affiliations(event.service, event.node)
+            sessions = self._implicit_sessions(event, fanout.recipients, contacts, affiliations)
+            lists: dict[str, frozenset[str]] = {}
+            if self.blocking is not None:
+                for account in self._block_lists_needed(owner, fanout, sessions):
+                    lists[account.userhost()] = await self.blocking.block_list(account)
+            return self._completed(event.service, fanout, sessions, lists)
 
-    async def _blocked_check(
-        self, owner: str, recipients: Iterable[str], store_offline: bool
-    ) -> Callable[[JID], bool] | None:
-        """Whom the owner's notification must not reach, blocked one way or the other; None
-        when no list in play blocks anything. The lists read are the owner's and those of the
-        local recipients it may reach: with sessions here, or any when kept offline."""
-        if self.blocking is None:
-            return None
-        owner_jid = parse_jid(owner)
-        owner_list = await self.blocking.block_list(owner_jid)
-        lists: dict[str, frozenset[str]] = {}
-        for recipient in recipients:
+    def _implicit_sessions(
+        self,
+        event: core.NodeEvent,
+        explicit: list[Recipient],
+        contacts: Iterable[RosterItem],
+        affiliations: Mapping[str, str],
+    ) -> list[Session]:
+        """The owner's and the contacts' available sessions whose caps ask for the node, that
+        the access model admits and that no explicit subscription reaches already."""
+        reached = {recipient.jid for recipient in explicit}
+        candidates: list[tuple[str, RosterItem | None]] = [(event.service, None)]
+        candidates += [(c.jid, c) for c in contacts if c.subscription in ("from", "both")]
+        sessions = []
+        for jid, contact in candidates:
+            affiliation = "owner" if jid == event.service else affiliations.get(jid, "none")
+            if jid in reached or not admits_contact(event.config, contact, affiliation):
+                continue
+            for session in self._wanting(jid, event.node):
+                if not reached or session.jid.full() not in reached:
+                    sessions.append(session)
+        return sessions
+
+    def _block_lists_needed(
+        self, owner: JID, fanout: Fanout, sessions: Iterable[Session]
+    ) -> list[JID]:
+        """The accounts whose block lists decide whom the owner's notification may reach: the
+        owner's, the implicit recipients', and those of the local explicit recipients it may
+        reach (with sessions here, or any when kept offline)."""
+        accounts = {owner.userhost(): owner}
+        for recipient in fanout.recipients:
             try:
-                account = parse_jid(recipient).userhostJID()
+                account = parse_jid(recipient.jid).userhostJID()
             except (InvalidFormat, UnicodeError):
                 continue
-            key = account.userhost()
-            if account.user is None or account.host not in self.domains or key in lists:
+            if account.user is None or account.host not in self.domains:
                 continue
-            if store_offline or self.sessions.sessions_of(account):
-                lists[key] = await self.blocking.block_list(account)
-        if not owner_list and not any(lists.values()):
-            return None
+            if fanout.store_offline or self.sessions.sessions_of(account):
+                accounts.setdefault(account.userhost(), account)
+        for session in sessions:
+            account = session.jid.userhostJID()
+            accounts.setdefault(account.userhost(), account)
+        return list(accounts.values())
+
+    def _completed(
+        self,
+        owner: str,
+        fanout: Fanout,
+        sessions: list[Session],
+        lists: Mapping[str, frozenset[str]],
+    ) -> Fanout:
+        """The fan-out with its implicit sessions, without whom a block list in ``lists``
+        ({bare JID: list}, the owner's among them) keeps from it, either way."""
+        if not any(lists.values()):
+            return replace(fanout, sessions=tuple(sessions))
+        owner_jid = parse_jid(owner)
+        owner_list = lists.get(owner, frozenset())
 
         def blocked(jid: JID) -> bool:
             if jid.userhost() == owner:
@@ -285,37 +371,17 @@ class PepService:
             theirs = lists.get(jid.userhost(), frozenset())
             return blocks(owner_list, jid) or blocks(theirs, owner_jid)
 
-        return blocked
+        kept = tuple(session for session in sessions if not blocked(session.jid))
+        return replace(fanout, sessions=kept, blocked=blocked)
 
     async def _blocked(self, owner: str, recipient: JID) -> bool:
         """Whether the owner's items must not reach ``recipient`` (a session's full JID)."""
         if self.blocking is None or recipient.userhost() == owner:
             return False
-        check = await self._blocked_check(owner, [recipient.full()], False)
-        return check is not None and check(recipient)
-
-    async def _implicit_recipients(
-        self, event: core.NodeEvent, explicit: list[Recipient]
-    ) -> list[Recipient]:
-        """The owner's and the contacts' available resources whose caps ask for the node, that
-        the access model admits and that no explicit subscription reaches already."""
-        owner = parse_jid(event.service)
-        _, contacts = await self.rosters.get_roster(owner.host, owner.user)
-        affiliations: dict[str, str] = {}
-        if event.config["pubsub#access_model"] in ("whitelist", "authorize", "roster"):
-            affiliations = await self.store.get_affiliations(event.service, event.node)
-        reached = {recipient.jid for recipient in explicit}
-        candidates: list[tuple[str, RosterItem | None]] = [(event.service, None)]
-        candidates += [(c.jid, c) for c in contacts if c.subscription in ("from", "both")]
-        recipients = []
-        for jid, contact in candidates:
-            affiliation = "owner" if jid == event.service else affiliations.get(jid, "none")
-            if jid in reached or not admits_contact(event.config, contact, affiliation):
-                continue
-            for session in self._wanting(jid, event.node):
-                if session.jid.full() not in reached:
-                    recipients.append(Recipient(session.jid.full()))
-        return recipients
+        owner_jid = parse_jid(owner)
+        owner_list = await self.blocking.block_list(owner_jid)
+        theirs = await self.blocking.block_list(recipient.userhostJID())
+        return blocks(owner_list, recipient) or blocks(theirs, owner_jid)
 
     def _wanting(self, bare: str, node: str) -> list[Session]:
         """The available sessions of a local bare JID whose caps ask for the node."""
