@@ -482,6 +482,39 @@ def published(*subscribers: str) -> core.ItemPublished:
     )
 
 
+class PublishedNotificationTextTests(unittest.TestCase):
+    """A publication's notification is written as text: the same message as its element."""
+
+    def check(self, event: core.ItemPublished) -> None:
+        notification = broadcast.fanout_of(event).notification
+        text = notification.to("bob@localhost/a'<b>").decode()
+        element = notification.element
+        element["to"] = "bob@localhost/a'<b>"
+        self.assertEqual(parse(text).toXml(), parse(element.toXml()).toXml())
+        self.assertEqual(parse(text)["to"], "bob@localhost/a'<b>")
+
+    def test_item_with_payload(self) -> None:
+        self.check(published("bob@localhost"))
+
+    def test_item_without_payload_or_payloads_not_delivered(self) -> None:
+        self.check(dataclasses.replace(published(), payload=""))
+        no_payloads = {**published().config, "pubsub#deliver_payloads": False}
+        self.check(dataclasses.replace(published(), config=no_payloads))
+
+    def test_no_item_publisher_and_markup_in_names(self) -> None:
+        self.check(dataclasses.replace(published(), item_id=None))
+        reply = {**published().config, "pubsub#itemreply": "publisher"}
+        self.check(
+            dataclasses.replace(
+                published(),
+                config=reply,
+                node="a&b'<c>",
+                item_id='"1"&<2>',
+                publisher="alice@localhost/d'<>&",
+            )
+        )
+
+
 class OfflineNotificationTests(unittest.TestCase):
     """A `normal` notification is kept for offline subscribers that are local accounts."""
 

@@ -40,15 +40,38 @@ SLICE = 200  # recipients written per cooperator step
 
 
 class Notification:
-    """A message serialised once, addressed per recipient."""
+    """A message serialised once, addressed per recipient.
+
+    Made of the message element, or (`of_text`) of its text, written directly by whoever knows
+    its shape (an item's publication, the commonest), with a function that makes the same
+    message as an element only if it is asked for: kept offline, or copied for SHIM headers.
+    """
 
     def __init__(self, message: domish.Element) -> None:
         marker = "mim-to-" + secrets.token_hex(8)
         message["to"] = marker
         head, tail = message.toXml(defaultUri="jabber:client").split(marker)
-        self.element = message
+        self._element: domish.Element | None = message
+        self._make: Callable[[], domish.Element] = lambda: message
         self._head = head.encode("utf-8")
         self._tail = tail.encode("utf-8")
+
+    @classmethod
+    def of_text(cls, head: str, tail: str, make: Callable[[], domish.Element]) -> "Notification":
+        """The message ``head`` + the escaped recipient JID + ``tail``, which ``make()`` makes as
+        an element."""
+        notification = cls.__new__(cls)
+        notification._element = None
+        notification._make = make
+        notification._head = head.encode("utf-8")
+        notification._tail = tail.encode("utf-8")
+        return notification
+
+    @property
+    def element(self) -> domish.Element:
+        if self._element is None:
+            self._element = self._make()
+        return self._element
 
     def to(self, recipient: str) -> bytes:
         return self._head + domish.escapeToXml(recipient, isattrib=1).encode("utf-8") + self._tail
@@ -261,13 +284,50 @@ def fanout_of(event: core.PubSubEvent) -> Fanout | None:
     ):
         return None
     kind = config.get("pubsub#notification_type", "headline")
-    message = _message(event.service, kind)
-    message.addElement((NS_EVENT, "event")).addChild(_event_payload(event))
+    message_id = secrets.token_hex(6)
+
+    def message() -> domish.Element:
+        made = _message(event.service, kind, message_id)
+        made.addElement((NS_EVENT, "event")).addChild(_event_payload(event))
+        return made
+
+    if isinstance(event, core.ItemPublished):
+        notification = _published_notification(event, kind, message_id, message)
+    else:
+        notification = Notification(message())
     return Fanout(
-        Notification(message),
+        notification,
         _subscribers(event),
         store_offline=kind == "normal" and not config.get("pubsub#presence_based_delivery", False),
     )
+
+
+def _published_notification(
+    event: core.ItemPublished, kind: str, message_id: str, message: Callable[[], domish.Element]
+) -> Notification:
+    """The notification of a publication, written as text: what ``message()`` serialises to."""
+    item = ""
+    if event.item_id is not None:
+        attributes = f" id='{_attribute(event.item_id)}'"
+        if event.config.get("pubsub#itemreply") == "publisher":
+            attributes += f" publisher='{_attribute(event.publisher)}'"
+        if event.payload and event.config.get("pubsub#deliver_payloads", True):
+            item = f"<item{attributes}>{event.payload}</item>"
+        else:
+            item = f"<item{attributes}/>"
+    head = (
+        f"<message from='{_attribute(event.service)}' type='{_attribute(kind)}'"
+        f" id='{message_id}' to='"
+    )
+    tail = (
+        f"'><event xmlns='{NS_EVENT}'><items node='{_attribute(event.node)}'>{item}</items>"
+        "</event></message>"
+    )
+    return Notification.of_text(head, tail, message)
+
+
+def _attribute(value: str) -> str:
+    return domish.escapeToXml(value, isattrib=1)
 
 
 def _subscribers(event: core.NodeEvent) -> list[Recipient]:
@@ -298,11 +358,11 @@ def _show_values(subscriptions: list[PubSubSubscription]) -> frozenset[str] | No
     return frozenset(values)
 
 
-def _message(service: str, kind: str) -> domish.Element:
+def _message(service: str, kind: str, message_id: str | None = None) -> domish.Element:
     message = domish.Element((None, "message"))
     message["from"] = service
     message["type"] = kind
-    message["id"] = secrets.token_hex(6)
+    message["id"] = message_id or secrets.token_hex(6)
     return message
 
 
