@@ -8,10 +8,11 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial import unittest
+from twisted.words.protocols.jabber import xmlstream
 
 from mim_twisted.im.offline import OfflineDelivery
 from mim_twisted.im.sessions import SessionManager
-from mim_twisted.pubsub import broadcast, core
+from mim_twisted.pubsub import broadcast, core, protocol
 from mim_twisted.pubsub.errors import PubSubError
 from mim_twisted.pubsub.protocol import stanza_error
 from mim_twisted.storage.interfaces import PubSubSubscription
@@ -480,6 +481,25 @@ def published(*subscribers: str) -> core.ItemPublished:
         payload="<entry xmlns='urn:example'/>",
         publisher="alice@localhost/desk",
     )
+
+
+class PublishedResultTextTests(unittest.TestCase):
+    """A publication's result <iq/> is written as text: what the element would serialise to."""
+
+    def check(self, request: str, node: str, item_id: str | None) -> None:
+        iq = parse(request)
+        expected = xmlstream.toResponse(iq, "result")
+        publish = expected.addElement((NS_PUBSUB, "pubsub")).addElement("publish")
+        publish["node"] = node
+        if item_id is not None:
+            publish.addElement("item")["id"] = item_id
+        text = protocol._published(iq, node, item_id)
+        self.assertEqual(parse(text).toXml(), parse(expected.toXml()).toXml())
+
+    def test_addressed_and_not(self) -> None:
+        self.check("<iq type='set' id='p1' from='a@x/r' to='pubsub.x'/>", "news", "1")
+        self.check("<iq type='set' id='p&amp;2' from='a@x/r&apos;s'/>", "n'<&>", "i'<&>")
+        self.check("<iq type='set' id='p3' from='a@x/r'/>", "news", None)
 
 
 class PublishedNotificationTextTests(unittest.TestCase):

@@ -268,7 +268,7 @@ class Router:
 
     @staticmethod
     def _send_iq_result(
-        result: domish.Element | None, session: Session, iq: domish.Element
+        result: domish.Element | str | None, session: Session, iq: domish.Element
     ) -> None:
         session.send(result if result is not None else xmlstream.toResponse(iq, "result"))
 
