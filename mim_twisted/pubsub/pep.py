@@ -6,12 +6,12 @@ and its requests go through the same worker pool under (bare JID, node), so one 
 stay in order. The IQs with the pubsub namespaces addressed to an account's bare JID (or to no
 one: the sender's own account) reach it through the router's account IQ table.
 
-Who is notified of a node event (`PepService._notify`): the explicit subscribers, as on any
-node, and, without subscribing (XEP-0163 §4), every available resource of the owner and of its
-contacts with a `from`/`both` presence subscription whose entity caps ask for `<node>+notify`,
-each held to the node's access model. The last item goes to such a resource once per
-availability: when its available presence arrives with known caps, when its caps become known
-later, and when a contact's presence subscription is approved, with an XEP-0203 delay.
+Who is notified of a node event: the explicit subscribers, as on any node, and, without
+subscribing (XEP-0163 §4), every available resource of the owner and of its contacts with a
+`from`/`both` presence subscription whose entity caps ask for `<node>+notify`, each held to the
+node's access model (`PepService._implicit_sessions`). The last item goes to such a resource
+once per availability: when its available presence arrives with known caps, when its caps become
+known later, and when a contact's presence subscription is approved, with an XEP-0203 delay.
 
 Blocking (XEP-0191) holds both ways, as for messages: neither notifications nor last items go
 to a contact the owner has blocked, or to one that has blocked the owner, subscribed or not.
@@ -325,8 +325,18 @@ class PepService:
             affiliation = "owner" if jid == event.service else affiliations.get(jid, "none")
             if jid in reached or not admits_contact(event.config, contact, affiliation):
                 continue
-            for session in self._wanting(jid, event.node):
-                if not reached or session.jid.full() not in reached:
+            try:
+                account = parse_jid(jid)
+            except (InvalidFormat, UnicodeError):
+                continue
+            if account.host not in self.domains:
+                continue
+            for session in self.sessions.sessions_of(account):
+                if (
+                    session.message_priority is not None
+                    and self.caps.wants_notify(session, event.node)
+                    and (not reached or session.jid.full() not in reached)
+                ):
                     sessions.append(session)
         return sessions
 
@@ -382,20 +392,6 @@ class PepService:
         owner_list = await self.blocking.block_list(owner_jid)
         theirs = await self.blocking.block_list(recipient.userhostJID())
         return blocks(owner_list, recipient) or blocks(theirs, owner_jid)
-
-    def _wanting(self, bare: str, node: str) -> list[Session]:
-        """The available sessions of a local bare JID whose caps ask for the node."""
-        try:
-            jid = parse_jid(bare)
-        except Exception:
-            return []
-        if jid.host not in self.domains:
-            return []
-        return [
-            session
-            for session in self.sessions.sessions_of(jid)
-            if session.message_priority is not None and self.caps.wants_notify(session, node)
-        ]
 
     # -- the last items --------------------------------------------------------------------------
 
