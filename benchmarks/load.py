@@ -44,6 +44,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import resource
 import secrets
 import socket
@@ -136,11 +137,16 @@ class XmppConnection(asyncio.Protocol):
         self.handler: Callable[[ET.Element], None] | None = None
         self.lost = asyncio.get_running_loop().create_future()
         self.error: Exception | None = None
+        # Once set, every byte received goes to it instead of the parser (see NotificationScanner).
+        self.scanner: NotificationScanner | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.scanner is not None:
+            self.scanner.feed(data)
+            return
         try:
             elements = self.parser.feed(data)
         except ET.ParseError as e:
@@ -799,6 +805,8 @@ class Fanout:
         self.items = items * publishers
         self.completed = 0
         self.all_done = asyncio.get_running_loop().create_future()
+        self.verified = 0  # notifications parsed in full (see NotificationScanner)
+        self.malformed: list[str] = []
 
     def notified(self, item_id: str | None) -> None:
         published = self.published_at.get(item_id)
@@ -819,14 +827,101 @@ class Fanout:
                 self.all_done.set_result(None)
 
 
-def _notification_handler(fanout: Fanout) -> Callable[[ET.Element], None]:
-    def on_stanza(element: ET.Element) -> None:
-        if element.tag != TAG_MESSAGE:
-            return
-        for item in element.iterfind(PATH_EVENT_ITEM):
-            fanout.notified(item.get("id"))
+# The start tag of an <item/> with its id (either quote), not of <items/>.
+ITEM_ID = re.compile(rb"<item\s[^>]*?\bid=(?:'([^']*)'|\"([^\"]*)\")")
+MESSAGE_START = b"<message"
+MESSAGE_END = b"</message>"
+# What a stanza cut out of the stream is parsed in: the stream's default namespace.
+STANZA_OPEN = f"<stream xmlns='{NS_CLIENT}'>".encode()
+STANZA_CLOSE = b"</stream>"
+NS_LOAD = "urn:mim-twisted:load"
 
-    return on_stanza
+
+class NotificationScanner:
+    """A subscriber's receiving end while items are published: the item ids of the
+    notifications are found in the received bytes, without building an element per stanza
+    (parsing every notification cost the load generator more CPU than the server spent on it).
+
+    What the scanner takes as notifications is checked: the first one and then every
+    `verify_every`-th is cut out of the stream (from its <message to its </message>) and parsed
+    with namespaces, and must be a <message/> from the service, to this subscriber, with an
+    <event/> of that node whose <item/> has the id found and the payload published. Anything
+    else is counted in `fanout.malformed`. Only complete <message/>s are looked at; the rest
+    waits for the next bytes.
+    """
+
+    def __init__(
+        self, fanout: "Fanout", client: "Client", expected: "ExpectedNotification", every: int
+    ) -> None:
+        self.fanout = fanout
+        self.client = client
+        self.expected = expected
+        self.every = every
+        self.countdown = 1  # the first notification is checked
+        self.rest = b""
+
+    def feed(self, data: bytes) -> None:
+        data = self.rest + data if self.rest else data
+        end = data.rfind(MESSAGE_END)
+        if end < 0:
+            self.rest = data
+            return
+        end += len(MESSAGE_END)
+        self.rest = data[end:]
+        notified = self.fanout.notified
+        for match in ITEM_ID.finditer(data, 0, end):
+            item_id = (match[1] if match[1] is not None else match[2]).decode()
+            self.countdown -= 1
+            if self.countdown == 0:
+                self.countdown = self.every
+                self.verify(data, match.start(), item_id)
+            notified(item_id)
+
+    def verify(self, data: bytes, at: int, item_id: str) -> None:
+        start = data.rfind(MESSAGE_START, 0, at)
+        stop = data.find(MESSAGE_END, at)
+        problem = None
+        if start < 0 or stop < 0:
+            problem = "an <item/> outside a <message/>"
+        else:
+            stanza = data[start : stop + len(MESSAGE_END)]
+            try:
+                problem = self.expected.problem(
+                    ET.fromstring(STANZA_OPEN + stanza + STANZA_CLOSE)[0], self.client, item_id
+                )
+            except ET.ParseError as e:
+                problem = f"not well-formed: {e}: {stanza[:200]!r}"
+        self.fanout.verified += 1
+        if problem is not None:
+            self.fanout.malformed.append(problem)
+
+
+class ExpectedNotification:
+    """What a notification of an item published in the scenario must be (XEP-0060 §7.1.2.1)."""
+
+    def __init__(self, service: str, node: str, payload: str) -> None:
+        self.service = service
+        self.node = node
+        self.payload = payload
+
+    def problem(self, message: ET.Element, client: "Client", item_id: str) -> str | None:
+        """What is wrong with `message` as the notification of `item_id` to `client`."""
+        if message.tag != TAG_MESSAGE:
+            return f"{message.tag} instead of {TAG_MESSAGE}"
+        if message.get("from") != self.service:
+            return f"from {message.get('from')!r} instead of {self.service!r}"
+        if message.get("to") not in (client.bare, client.jid):
+            return f"to {message.get('to')!r} instead of {client.bare!r}"
+        items = message.find(f"{{{NS_EVENT}}}event/{{{NS_EVENT}}}items")
+        if items is None or items.get("node") != self.node:
+            return f"no <event><items node={self.node!r}/></event>"
+        item = items.find(f"{{{NS_EVENT}}}item[@id='{item_id}']")
+        if item is None:
+            return f"no <item id={item_id!r}/> in the event"
+        entry = item.find(f"{{{NS_LOAD}}}entry")
+        if entry is None or entry.text != self.payload:
+            return f"item {item_id!r} without the payload published"
+        return None
 
 
 async def _bounded(limit: int, calls: list[Callable[[], Awaitable]]) -> list:
@@ -876,8 +971,6 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
             if _iq_error(reply):
                 raise XmppError(f"publisher affiliations: {_iq_error(reply)}")
         fanout = Fanout(len(subscribers), opts.items, opts.window, len(publishers))
-        for subscriber in subscribers:
-            subscriber.on_stanza = _notification_handler(fanout)
 
         def subscribe(subscriber: Client) -> Callable[[], Awaitable]:
             payload = (
@@ -898,7 +991,12 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
         await asyncio.sleep(opts.settle)
 
         payload = (opts.body * (opts.payload_size // len(opts.body) + 1))[: opts.payload_size]
-        entry = f"<entry xmlns='urn:mim-twisted:load'>{escape(payload)}</entry>"
+        entry = f"<entry xmlns='{NS_LOAD}'>{escape(payload)}</entry>"
+        expected = ExpectedNotification(service, node, payload)
+        for subscriber in subscribers:
+            subscriber.conn.scanner = NotificationScanner(
+                fanout, subscriber, expected, opts.verify_every
+            )
         publish_replies: list[float] = []
         publish_errors: list[str] = []
 
@@ -935,6 +1033,11 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
             await asyncio.wait_for(asyncio.shield(fanout.all_done), opts.timeout)
         elapsed = max(fanout.last_delivery - started, 1e-9)
         cpu = meter.figures()
+        if fanout.malformed:
+            raise XmppError(
+                f"{len(fanout.malformed)} of {fanout.verified} notifications checked are wrong,"
+                f" first: {fanout.malformed[0]}"
+            )
     finally:
         cleanup_error = None
         if publisher is not None:
@@ -945,7 +1048,7 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
             except (XmppError, TimeoutError) as e:
                 cleanup_error = f"{type(e).__name__}: {e}"
         await close_all(clients)
-    expected = fanout.items * len(subscribers)
+    expected_count = fanout.items * len(subscribers)
     return {
         "scenario": "pubsub-fanout",
         "subscribers": len(subscribers),
@@ -961,7 +1064,8 @@ async def scenario_pubsub(opts: argparse.Namespace, run: int) -> dict:
         "publish_to_first_ms": percentiles(fanout.first_latencies),
         "publish_reply_ms": percentiles(publish_replies),
         "delivered": fanout.notifications,
-        "missing": expected - fanout.notifications,
+        "missing": expected_count - fanout.notifications,
+        "verified": fanout.verified,
         "publish_errors": len(publish_errors),
         **cpu,
         **({"delete_node_error": cleanup_error} if cleanup_error else {}),
@@ -1294,6 +1398,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--publishers", type=int, default=1, help="pubsub: publishers, each publishing --items"
     )
+    parser.add_argument(
+        "--verify-every", type=int, default=64, help="pubsub: parse the first notification of"
+        " each subscriber and then every Nth in full, checking it (1: every notification)"
+    )  # fmt: skip
     parser.add_argument("--body-size", type=int, default=64, help="messages: body characters")
     parser.add_argument("--payload-size", type=int, default=128, help="pubsub: payload characters")
     parser.add_argument("--body", default="The quick brown fox jumps over the lazy dog. ")
@@ -1340,8 +1448,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     if opts.window is None:
         opts.window = 1 if opts.scenario in ("pubsub-fanout", "pep") else 10
-    if min(opts.clients, opts.concurrency, opts.window, opts.runs, opts.items) < 1:
-        parser.error("--clients, --concurrency, --window, --runs and --items must be positive")
+    counts = (opts.clients, opts.concurrency, opts.window, opts.runs, opts.items, opts.verify_every)
+    if min(counts) < 1:
+        parser.error(
+            "--clients, --concurrency, --window, --runs, --items and --verify-every must be"
+            " positive"
+        )
     _check_loopback(opts.host)
     return opts
 
