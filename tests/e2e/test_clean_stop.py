@@ -7,9 +7,11 @@ failure or an unhandled error in a Deferred).
 """
 
 import asyncio
+from collections.abc import Callable
 
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.xmlstream import ET
+from twisted.internet import defer
 
 from mim_twisted.pubsub.protocol import MAX_IN_FLIGHT
 from mim_twisted.tap import open_storage
@@ -20,6 +22,31 @@ PASSWORD = "stop gracefully"
 SERVICE = "pubsub.localhost"
 PUBLICATIONS = MAX_IN_FLIGHT  # as many as one session may have queued
 MESSAGES = 100  # limits.max_offline_messages: all of them fit
+
+
+class HeldWrites:
+    """The PubSub store's item writes, each waiting until `release` is called."""
+
+    def __init__(self, store: object, patch: Callable[..., object]) -> None:
+        self.released = False
+        self.waiting: list[defer.Deferred] = []
+        for name in ("publish_item", "publish_items"):
+            patch(store, name, self._held(getattr(store, name)))
+
+    def _held(self, write: Callable[..., defer.Deferred]) -> Callable[..., defer.Deferred]:
+        def write_when_released(*args: object) -> defer.Deferred:
+            if self.released:
+                return write(*args)
+            waiting: defer.Deferred = defer.Deferred()
+            self.waiting.append(waiting)
+            return waiting.addCallback(lambda _: write(*args))
+
+        return write_when_released
+
+    def release(self) -> None:
+        self.released = True
+        for waiting in self.waiting:
+            waiting.callback(None)
 
 
 class CleanStopTests(ServerTestCase):
@@ -53,6 +80,9 @@ class CleanStopTests(ServerTestCase):
                 return "no answer"
             return "published"
 
+        # The node's writes wait until the stop has begun, so that its queue still holds
+        # publications then, however fast the database is.
+        writes = HeldWrites(self.server.pubsub.node_cache.store, self.patch)
         publications = [asyncio.ensure_future(publish(n)) for n in range(PUBLICATIONS)]
         for number in range(MESSAGES):
             alice.xmpp.send_message(mto="bob@localhost", mbody=f"message {number}", mtype="chat")
@@ -61,7 +91,9 @@ class CleanStopTests(ServerTestCase):
         await wait_for(alice.xmpp.plugin["xep_0199"].ping("localhost", timeout=30))
         self.assertGreater(sum(self.server.pubsub.pool.pending()), 0)
         disconnected = alice.next_event("disconnected")
-        await self.server.stopService()
+        stopped = self.server.stopService()
+        writes.release()
+        await stopped
         await wait_for(disconnected)
         outcomes = await wait_for(asyncio.gather(*publications))
         self.assertEqual(outcomes, ["published"] * PUBLICATIONS)
