@@ -38,6 +38,7 @@ from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stream_management import parse_stanza
 from mim_twisted.inflight import InFlight
 from mim_twisted.xmpp.jids import parse_jid
+from mim_twisted.xmpp.serialise import to_xml
 
 log = Logger()
 
@@ -66,7 +67,7 @@ class Outbox:
 
     def deliver(self, node: str, jid: str, stanza: domish.Element | bytes | str) -> None:
         if isinstance(stanza, domish.Element):
-            stanza = stanza.toXml(defaultUri="jabber:client")
+            stanza = to_xml(stanza)
         elif isinstance(stanza, bytes):
             stanza = stanza.decode("utf-8")
         if not self._pending:

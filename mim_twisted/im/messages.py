@@ -21,6 +21,7 @@ from mim_twisted.im.offline import OfflineDelivery
 from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stanzas import reply_error
 from mim_twisted.storage.interfaces import IAccountStore
+from mim_twisted.xmpp.serialise import to_bytes
 
 log = Logger()
 
@@ -138,7 +139,7 @@ class MessageRouter:
             reply_error(sender, message, "resource-constraint", "Offline storage is full")
 
     def _deliver(self, sessions: list[Session], message: domish.Element) -> None:
-        data = message.toXml(defaultUri="jabber:client").encode("utf-8")  # serialised once
+        data = to_bytes(message)  # serialised once
         self.outcomes["delivered"] += len(sessions)
         for session in sessions:
             waiting = session.held_messages

@@ -18,6 +18,7 @@ from twisted.words.xish import domish
 from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.sessions import Session
 from mim_twisted.storage.interfaces import IOfflineStore, OfflineMessage
+from mim_twisted.xmpp.serialise import to_bytes
 
 log = Logger()
 
@@ -109,7 +110,7 @@ class OfflineDelivery:
             if session.closed:
                 await self._keep_undelivered(session.jid, waiting[index:])
                 return
-            session.send(message.toXml(defaultUri="jabber:client").encode("utf-8"))
+            session.send(to_bytes(message))
             if session.closed:
                 await self._keep_undelivered(session.jid, waiting[index + _taken(session) :])
                 return

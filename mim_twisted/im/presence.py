@@ -48,6 +48,7 @@ from mim_twisted.storage.interfaces import (
     log_request_failure,
 )
 from mim_twisted.xmpp.jids import parse_jid
+from mim_twisted.xmpp.serialise import to_xml
 
 log = Logger()
 
@@ -390,7 +391,7 @@ class PresenceService:
                     continue
                 presence = contact_session.presence
                 presence["to"] = session.jid.full()
-                session.send(presence.toXml(defaultUri="jabber:client"))
+                session.send(to_xml(presence))
 
     def _deliver(self, presence: domish.Element, to: JID) -> None:
         """Deliver to a full JID's session, or to every available session of a bare JID."""
@@ -402,7 +403,7 @@ class PresenceService:
         else:
             recipients = self.available_sessions(to)
         if recipients:
-            data = presence.toXml(defaultUri="jabber:client")
+            data = to_xml(presence)
             for recipient in recipients:
                 recipient.send(data)
 

@@ -21,6 +21,7 @@ from mim_twisted.im.stream_management import failed
 from mim_twisted.xmpp import bind
 from mim_twisted.xmpp.connection import ClientConnection
 from mim_twisted.xmpp.namespaces import SM
+from mim_twisted.xmpp.serialise import to_xml
 
 if TYPE_CHECKING:
     from mim_twisted.im.router import Router
@@ -96,7 +97,7 @@ class Session:
         if counted and not isinstance(stanza, bytes):
             # Kept serialised: serialised once, and the ledger's budget is in bytes.
             if isinstance(stanza, domish.Element):
-                stanza = stanza.toXml(defaultUri="jabber:client")
+                stanza = to_xml(stanza)
             stanza = stanza.encode("utf-8")
         if self.connection is not None:
             self.connection.send(stanza)

@@ -27,6 +27,7 @@ from twisted.words.xish import domish
 from mim_twisted.inflight import InFlight
 from mim_twisted.xmpp.connection import ClientConnection
 from mim_twisted.xmpp.namespaces import SM, STANZAS
+from mim_twisted.xmpp.serialise import to_xml
 from mim_twisted.xmpp.stanza_errors import error_response
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class StanzaLedger:
 def stanza_size(stanza: Stanza) -> int:
     """Bytes or characters; a session serialises what it keeps, so an element is rare here."""
     if isinstance(stanza, domish.Element):
-        return len(stanza.toXml(defaultUri="jabber:client"))
+        return len(to_xml(stanza))
     return len(stanza)
 
 

@@ -30,6 +30,7 @@ from mim_twisted.xmpp import bind, namespaces, traffic
 from mim_twisted.xmpp.connection import BoundSession, SessionOpener
 from mim_twisted.xmpp.parser import RestrictedXml, StanzaTooLarge, StreamParser
 from mim_twisted.xmpp.sasl.negotiation import SaslNegotiation
+from mim_twisted.xmpp.serialise import to_xml
 from mim_twisted.xmpp.shaper import ReadShaper
 from mim_twisted.xmpp.stanza_errors import error_response
 from mim_twisted.xmpp.tls import ClientCertificateCheck, ClientCertificatePolicy
@@ -262,7 +263,7 @@ class C2SStream(protocol.Protocol):
                     prefixesInScope=["stream"],
                 )
             else:
-                stanza = stanza.toXml(defaultUri=namespaces.CLIENT)
+                stanza = to_xml(stanza)
         if isinstance(stanza, str):
             stanza = stanza.encode("utf-8")
         self.factory.stanzas_out[_sent_stanza_kind(stanza)] += 1
