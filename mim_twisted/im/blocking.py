@@ -54,6 +54,7 @@ NS_BLOCKING = "urn:xmpp:blocking"
 NS_BLOCKING_ERRORS = "urn:xmpp:blocking:errors"
 
 MAX_BLOCKED_JIDS = 1000  # per account: a list beyond it is refused with resource-constraint
+_NONE_BLOCKED: frozenset[str] = frozenset()
 
 
 def blocks(block_list: frozenset[str], jid: JID) -> bool:
@@ -233,23 +234,23 @@ class BlockingService:
     ) -> "bool | defer.Deferred[bool]":
         """True when the stanza is refused (and answered as it should be), else False."""
         owner = session.jid.userhostJID()
-        if recipient.userhostJID() == owner or (
-            recipient.user is None and recipient.host in self.domains
-        ):
+        account = recipient.userhostJID()
+        if account == owner or (recipient.user is None and recipient.host in self.domains):
             # To itself or to the server: never refused, and no list is needed. (Its broadcast
             # presence has the presence layer read the list when a contact may see it.)
             return False
-        lists = [self.lists.get(owner)]
-        if self._local_account(recipient):
-            lists.append(self.lists.get(recipient.userhostJID()))
-        if any(isinstance(block_list, defer.Deferred) for block_list in lists):
+        own = self.lists.get(owner)
+        theirs = self.lists.get(account) if self._local_account(recipient) else _NONE_BLOCKED
+        if not own and not theirs:
+            return False  # two empty lists, the usual case: nothing to judge
+        if isinstance(own, defer.Deferred) or isinstance(theirs, defer.Deferred):
             waiting = defer.gatherResults(
-                [b if isinstance(b, defer.Deferred) else defer.succeed(b) for b in lists],
+                [b if isinstance(b, defer.Deferred) else defer.succeed(b) for b in (own, theirs)],
                 consumeErrors=True,
             )
             waiting.addCallback(lambda known: self._judge(session, stanza, recipient, *known))
             return waiting
-        return self._judge(session, stanza, recipient, *lists)
+        return self._judge(session, stanza, recipient, own, theirs)
 
     def _judge(
         self,
@@ -257,7 +258,7 @@ class BlockingService:
         stanza: domish.Element,
         recipient: JID,
         own: frozenset[str],
-        theirs: frozenset[str] = frozenset(),
+        theirs: frozenset[str],
     ) -> bool:
         kind = stanza.getAttribute("type")
         answerable = kind not in ("error", "result")
