@@ -2,11 +2,14 @@
 
 import dataclasses
 
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.words.xish import domish
 
-from mim_twisted.im.carbons import NS_CARBONS, NS_FORWARD, eligible
+from mim_twisted.cluster.sessions import ClusterSessions, Outbox, unpack_stanzas
+from mim_twisted.im.carbons import NS_CARBONS, NS_FORWARD, Carbons, eligible
 from mim_twisted.im.disco import NS_DISCO_INFO
+from tests import test_cluster_sessions as cluster
 from tests.imsupport import FakeSession, ImCoreTestCase, error_condition, parse
 
 JABBER_CLIENT = "jabber:client"
@@ -204,3 +207,50 @@ class CopyTests(CarbonsTestCase):
         [copy] = self.phone.take()
         forwarded_message(copy, "sent")
         self.assertEqual(self.successResultOf(self.database.offline.count("localhost", "carol")), 1)
+
+    def test_copies_end_with_the_enabled_sessions_and_start_again_with_a_new_one(self) -> None:
+        for session in (self.desk, self.phone):
+            self.disconnect(session)
+        self.forget()
+        self.chat(self.plain, "bob@localhost")
+        self.chat(self.bob, "alice@localhost/plain")
+        self.assertEqual(len(self.bob.take()), 1)
+        self.assertEqual(len(self.plain.take()), 1)  # the message, no copy
+        tablet = self.online("alice@localhost/tablet")
+        self.enable(tablet)
+        self.chat(self.plain, "bob@localhost")
+        [copy] = tablet.take()
+        forwarded_message(copy, "sent")
+
+    def test_disabled_again_by_every_session(self) -> None:
+        for session in (self.desk, self.phone):
+            self.enable(session, "disable")
+        self.chat(self.bob, "alice@localhost/plain")
+        self.assertEqual((self.desk.take(), self.phone.take()), ([], []))
+        self.enable(self.desk)
+        self.chat(self.bob, "alice@localhost/plain")
+        forwarded_message(self.desk.take()[0], "received")
+
+
+class RemoteCopyTests(unittest.TestCase):
+    """On a cluster node, a session of the account on another node is sent the copies whether
+    or not a session here has carbons on: its node drops those it did not ask for."""
+
+    def test_copy_to_a_session_on_another_node(self) -> None:
+        bus, clock = cluster.FakeBus(), Clock()
+        table = ClusterSessions("n1", bus, Outbox(bus, clock, lambda _: None), cluster.FakeStore())
+        carbons = Carbons(table)
+        desk = cluster.FakeSession("alice@localhost/desk")
+        table.bind(desk)
+        message = parse("<message to='bob@localhost' type='chat'><body>Hi</body></message>")
+        message["from"] = "alice@localhost/desk"
+        carbons.sent(desk, message)
+        clock.advance(0)
+        self.assertEqual(bus.sent, [])
+        bus.handlers["session"]("n2", ["alice@localhost/phone", 0, None, None])
+        carbons.sent(desk, message)
+        clock.advance(0)
+        [(node, kind, payload)] = bus.sent
+        [(jid, xml)] = unpack_stanzas(payload)
+        self.assertEqual((node, kind, jid), ("n2", "stanzas", "alice@localhost/phone"))
+        forwarded_message(parse(xml), "sent")

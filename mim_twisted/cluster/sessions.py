@@ -260,6 +260,9 @@ class ClusterSessions:
             sessions.extend(remote.values())
         return sessions
 
+    def has_remote_sessions(self, bare_jid: JID) -> bool:
+        return bare_jid in self._remote
+
     def live_sessions(self) -> Iterator[Session]:
         """This node's sessions."""
         return self.local.live_sessions()

@@ -71,6 +71,10 @@ class Carbons:
 
     def __init__(self, sessions: SessionManager) -> None:
         self.sessions = sessions
+        # The local sessions that have carbons on, by account. An account with none, and no
+        # session on another node (whose node decides for it), gets no copies: that is known
+        # without walking its sessions, for each message sent and delivered.
+        self._enabled: dict[JID, set[Session]] = {}
 
     def install(
         self,
@@ -83,8 +87,9 @@ class Carbons:
             # Clients send them with no 'to' (to their own account); some to the server.
             router.account_iq[NS_CARBONS, name] = self.handle_iq
             router.server_iq[NS_CARBONS, name] = self.handle_iq
+        messages.sent_listeners.append(self.sent)
         messages.delivery_listeners.append(self.delivered)
-        hooks_table.add(hooks.MESSAGE_SENT, self.sent)
+        hooks_table.add(hooks.SESSION_ENDED, self.session_ended)
         disco.add_server_feature(NS_CARBONS)
 
     def handle_iq(self, session: Session, iq: domish.Element, target: JID) -> None:
@@ -94,6 +99,21 @@ class Carbons:
             raise error.StanzaError("bad-request", text="Carbons are switched with type 'set'")
         payload = next(iq.elements())
         session.carbons = payload.name == "enable"
+        bare = session.jid.userhostJID()
+        if session.carbons:
+            self._enabled.setdefault(bare, set()).add(session)
+        else:
+            self._forget(bare, session)
+
+    def session_ended(self, session: Session) -> None:
+        self._forget(session.jid.userhostJID(), session)
+
+    def _forget(self, bare: JID, session: Session) -> None:
+        enabled = self._enabled.get(bare)
+        if enabled is not None:
+            enabled.discard(session)
+            if not enabled:
+                del self._enabled[bare]
 
     def sent(self, sender: Session, message: domish.Element) -> None:
         """A local session sent a message: its account's other interested resources see it."""
@@ -110,7 +130,10 @@ class Carbons:
             self._send_copies(message, "received", others)
 
     def _interested(self, jid: JID) -> list[Session]:
-        return [s for s in self.sessions.sessions_of(jid.userhostJID()) if s.carbons]
+        bare = jid.userhostJID()
+        if bare not in self._enabled and not self.sessions.has_remote_sessions(bare):
+            return []
+        return [s for s in self.sessions.sessions_of(bare) if s.carbons]
 
     @staticmethod
     def _send_copies(message: domish.Element, direction: str, sessions: Iterable[Session]) -> None:

@@ -43,8 +43,11 @@ class MessageRouter:
         self.hooks = hooks_table
         # Messages by outcome, for the metrics: "delivered" (per session), "offline", "bounced".
         self.outcomes: Counter[str] = Counter()
-        # Called with (sessions, message) for each delivery to sessions of one account, e.g. by
-        # carbons, which copy the message to the account's other sessions.
+        # Called with (sender, message) for each message a local session sends, and with
+        # (sessions, message) for each delivery to sessions of one account: carbons copy the
+        # message to the account's other sessions. Called directly, unlike the hooks, which
+        # are for extensions.
+        self.sent_listeners: list[Callable[[Session, domish.Element], None]] = []
         self.delivery_listeners: list[Callable[[list[Session], domish.Element], None]] = []
 
     def route(
@@ -55,6 +58,8 @@ class MessageRouter:
         A message to an online user is delivered at once (None is returned: no Deferred or
         coroutine on the hot path); otherwise the database is asked, and the Deferred returned.
         """
+        for listener in self.sent_listeners:
+            listener(sender, message)
         if self.hooks.has_handlers(hooks.MESSAGE_SENT):
             self.hooks.run(hooks.MESSAGE_SENT, sender, message)
         kind = message.getAttribute("type", "normal")
