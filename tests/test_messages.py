@@ -9,6 +9,7 @@ from twisted.trial import unittest
 from twisted.words.xish import domish
 
 from mim_twisted import hooks
+from mim_twisted.im.messages import highest_priority
 from mim_twisted.im.offline import NS_DELAY
 from mim_twisted.storage.interfaces import OfflineMessage
 from tests.imsupport import (
@@ -183,6 +184,18 @@ class BareJidTests(MessageTestCase):
         # RFC 6121 §5.2.2: a 'type' that is not understood is "normal".
         self.assertEqual(self.message("bob@localhost", "memo"), [])
         self.assertEqual(bodies(self.stored()), ["Hello"])
+
+
+class HighestPriorityTests(unittest.TestCase):
+    def test_the_available_sessions_with_the_top_priority(self) -> None:
+        sessions = {}
+        for name, priority in (("a", 0), ("b", None), ("c", 5), ("d", -1), ("e", 5), ("f", 3)):
+            sessions[name] = FakeSession(f"u@localhost/{name}")
+            sessions[name].message_priority = priority
+        chosen = highest_priority(list(sessions.values()))
+        self.assertEqual([s.jid.resource for s in chosen], ["c", "e"])
+        self.assertEqual(highest_priority([sessions["a"]]), [sessions["a"]])
+        self.assertEqual(highest_priority([sessions["b"], sessions["d"]]), [])
 
 
 class OfflineStorageTests(MessageTestCase):

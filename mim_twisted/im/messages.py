@@ -106,20 +106,16 @@ class MessageRouter:
             self.outcomes["bounced"] += 1
             reply_error(sender, message, "service-unavailable")
             return None
-        # Available from the moment the server received the presence (PresenceService.handle).
-        available = [
-            s for s in sessions if s.message_priority is not None and s.message_priority >= 0
-        ]
         if kind == "headline":
             if not full:
-                self._deliver(available, message)
-        elif available:
-            top = max(s.message_priority for s in available)
-            self._deliver([s for s in available if s.message_priority == top], message)
-        else:
-            keeping = self.offline.keep(bare, message)
-            return keeping.addCallback(self._kept, sender, message)
-        return None
+                self._deliver(available(sessions), message)
+            return None
+        recipients = highest_priority(sessions)
+        if recipients:
+            self._deliver(recipients, message)
+            return None
+        keeping = self.offline.keep(bare, message)
+        return keeping.addCallback(self._kept, sender, message)
 
     def redeliver(self, bare: JID, message: domish.Element) -> defer.Deferred | None:
         """A message that a session of `bare` ended without acknowledging (XEP-0198), sent on
@@ -127,14 +123,9 @@ class MessageRouter:
         the same delivery as a live message (behind their held offline messages, with carbons),
         or else into offline storage: then the Deferred returned fires with whether it was
         stored."""
-        available = [
-            s
-            for s in self.sessions.sessions_of(bare)
-            if s.message_priority is not None and s.message_priority >= 0
-        ]
-        if available:
-            top = max(s.message_priority for s in available)
-            self._deliver([s for s in available if s.message_priority == top], message)
+        recipients = highest_priority(self.sessions.sessions_of(bare))
+        if recipients:
+            self._deliver(recipients, message)
             return None
         return self.offline.keep(bare, message)
 
@@ -157,3 +148,27 @@ class MessageRouter:
         if self.hooks.has_handlers(hooks.MESSAGE_DELIVERED):
             for session in sessions:
                 self.hooks.run(hooks.MESSAGE_DELIVERED, session, message)
+
+
+# Available from the moment the server received the presence (PresenceService.handle), with a
+# non-negative priority: the sessions that messages to the bare JID may go to.
+
+
+def available(sessions: list[Session]) -> list[Session]:
+    return [s for s in sessions if s.message_priority is not None and s.message_priority >= 0]
+
+
+def highest_priority(sessions: list[Session]) -> list[Session]:
+    """The available sessions with the highest priority among them (RFC 6121 §8.5.2.1.1)."""
+    top = 0
+    chosen: list[Session] = []
+    for session in sessions:
+        priority = session.message_priority
+        if priority is None or priority < top:
+            continue
+        if priority > top:
+            top = priority
+            chosen = [session]
+        else:
+            chosen.append(session)
+    return chosen

@@ -144,9 +144,12 @@ class Router:
         """A client may not date a message in this server's name (XEP-0203): the offline store
         keeps a stamp of its own and trusts one it finds from a served domain."""
         forged = [
-            delay
-            for delay in message.elements(NS_DELAY, "delay")
-            if delay.getAttribute("from") in self.domains
+            child
+            for child in message.children
+            if isinstance(child, domish.Element)
+            and child.uri == NS_DELAY
+            and child.name == "delay"
+            and child.getAttribute("from") in self.domains
         ]
         for delay in forged:
             message.children.remove(delay)

@@ -88,6 +88,7 @@ class C2SStream(protocol.Protocol):
         self._certificate_check: ClientCertificateCheck | None = None
         self.username: str | None = None
         self.jid: JID | None = None
+        self._full_jid = ""
         self.session: BoundSession | None = None  # opened by the layer above once bound
         self.bound_at: float | None = None  # clock.seconds() when the resource was bound
         self.tls_established = False
@@ -543,6 +544,7 @@ class C2SStream(protocol.Protocol):
 
     def _session_opened(self, jid: JID, session: BoundSession) -> None:
         self.jid = jid
+        self._full_jid = jid.full()  # what every stanza from the client is stamped with
         self.session = session
         self.bound_at = self.factory.clock.seconds()
         if self._auth_timer is not None and self._auth_timer.active():
@@ -553,7 +555,7 @@ class C2SStream(protocol.Protocol):
         if stanza.name not in STANZA_NAMES:
             self.stream_error("unsupported-stanza-type", f"Unexpected <{stanza.name}/>")
             return
-        stanza["from"] = self.jid.full()
+        stanza.attributes["from"] = self._full_jid
         self.factory.stanzas_in[stanza.name] += 1
         self._direct_writes = False  # negotiation is over (see _write)
         try:
@@ -582,12 +584,13 @@ class C2SStream(protocol.Protocol):
 _NOT_COUNTED = object()
 
 _STANZA_START = re.compile(rb"<(message|presence|iq)[\s/>]")
+_KINDS = {name.encode(): name for name in STANZA_NAMES}
 
 
 def _sent_stanza_kind(data: bytes) -> str | None:
     """The kind of a serialised stanza (message, presence, iq); None for other stream data."""
     start = _STANZA_START.match(data)
-    return start[1].decode() if start else None
+    return _KINDS[start[1]] if start else None
 
 
 def _nothing_buffered(transport: tcp.Connection) -> bool:

@@ -75,12 +75,15 @@ def _write(element: domish.Element, parent_default: str, out: list[str]) -> None
     else:
         out.append("<" + name)
     for key, value in element.attributes.items():
+        # Checked here: most values need no escaping, and a call costs more than the checks.
+        if "&" in value or "<" in value or ">" in value or "'" in value or '"' in value:
+            value = escape_attribute(value)
         if type(key) is tuple:
             if key[0] != XML_NS:
                 raise _Unusual
-            out.append(f" xml:{key[1]}='{escape_attribute(value)}'")
+            out.append(f" xml:{key[1]}='{value}'")
         else:
-            out.append(f" {key}='{escape_attribute(value)}'")
+            out.append(f" {key}='{value}'")
     children = element.children
     if not children:
         out.append("/>")
@@ -89,7 +92,9 @@ def _write(element: domish.Element, parent_default: str, out: list[str]) -> None
     for child in children:
         kind = type(child)
         if kind is str:
-            out.append(escape_text(child))
+            if "&" in child or "<" in child or ">" in child:
+                child = escape_text(child)
+            out.append(child)
         elif kind is _Element:
             _write(child, default, out)
         elif kind is _SerializedXML:
