@@ -40,9 +40,6 @@ from mim_twisted.xmpp.stanza_errors import error_response
 
 log = Logger()
 
-# What a stanza for another node must contain for its node to look at it before sending it on.
-_FILTERED = (NS_ROSTER, NS_BLOCKING, NS_CARBONS)
-
 
 class ClusterNode(service.Service):
     """A child of the server between the bus and the IM core: `sessions` is the IM core's
@@ -262,7 +259,8 @@ class ClusterNode(service.Service):
             if session is None:
                 self._not_here(parse_stanza(xml))
                 continue
-            if any(namespace in xml for namespace in _FILTERED):
+            # What it must contain for this node to look at it before sending it on.
+            if NS_ROSTER in xml or NS_BLOCKING in xml or NS_CARBONS in xml:
                 if not wanted(session, parse_stanza(xml)):
                     continue
             if session.held_messages is not None and xml.startswith("<message"):

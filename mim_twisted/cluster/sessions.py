@@ -38,7 +38,7 @@ from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stream_management import parse_stanza
 from mim_twisted.inflight import InFlight
 from mim_twisted.xmpp.jids import parse_jid
-from mim_twisted.xmpp.serialise import to_xml
+from mim_twisted.xmpp.serialise import escape_attribute, to_xml
 
 log = Logger()
 
@@ -96,7 +96,7 @@ class Outbox:
 
 
 def _to_attribute(jid: str) -> str:
-    return f"to='{domish.escapeToXml(jid, isattrib=1)}'"
+    return f"to='{escape_attribute(jid)}'"
 
 
 def unpack_stanzas(payload: Any) -> list[tuple[str, str]]:
@@ -128,6 +128,7 @@ class RemoteSession:
 
     def __init__(self, jid: JID, node: str, outbox: Outbox) -> None:
         self.jid = jid
+        self._full_jid = jid.full()  # what its stanzas are sent to, for each one
         self.node = node
         self.outbox = outbox
         self.priority = 0
@@ -145,7 +146,7 @@ class RemoteSession:
         self.caps_features = frozenset(features) if features is not None else None
 
     def send(self, stanza: domish.Element | bytes | str) -> None:
-        self.outbox.deliver(self.node, self.jid.full(), stanza)
+        self.outbox.deliver(self.node, self._full_jid, stanza)
 
     def replaced(self) -> None:
         self.outbox.bus.send(self.node, "replace", self.jid.full())
