@@ -221,7 +221,7 @@ class ClusterSessionsTests(unittest.TestCase):
             {"a@localhost/here", "a@localhost/there"},
         )
         self.assertEqual(len(self.sessions), 1)  # this node's
-        self.assertTrue(self.sessions.has_remote_sessions(JID("a@localhost")))
+        self.assertTrue(self.sessions.has_remote_sessions(JID("a@localhost/elsewhere")))
         self.assertFalse(self.sessions.has_remote_sessions(JID("b@localhost")))
         remote.send("<message/>")
         self.clock.advance(0)

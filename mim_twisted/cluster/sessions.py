@@ -261,8 +261,8 @@ class ClusterSessions:
             sessions.extend(remote.values())
         return sessions
 
-    def has_remote_sessions(self, bare_jid: JID) -> bool:
-        return bare_jid in self._remote
+    def has_remote_sessions(self, jid: JID) -> bool:
+        return jid.userhostJID() in self._remote
 
     def live_sessions(self) -> Iterator[Session]:
         """This node's sessions."""

@@ -71,10 +71,11 @@ class Carbons:
 
     def __init__(self, sessions: SessionManager) -> None:
         self.sessions = sessions
-        # The local sessions that have carbons on, by account. An account with none, and no
-        # session on another node (whose node decides for it), gets no copies: that is known
-        # without walking its sessions, for each message sent and delivered.
-        self._enabled: dict[JID, set[Session]] = {}
+        # The local sessions that have carbons on, by account (its bare JID as text). An
+        # account with none, and no session on another node (whose node decides for it), gets
+        # no copies: that is known without walking its sessions, for each message sent and
+        # delivered.
+        self._enabled: dict[str, set[Session]] = {}
 
     def install(
         self,
@@ -99,21 +100,18 @@ class Carbons:
             raise error.StanzaError("bad-request", text="Carbons are switched with type 'set'")
         payload = next(iq.elements())
         session.carbons = payload.name == "enable"
-        bare = session.jid.userhostJID()
         if session.carbons:
-            self._enabled.setdefault(bare, set()).add(session)
+            self._enabled.setdefault(session.jid.userhost(), set()).add(session)
         else:
-            self._forget(bare, session)
+            self.session_ended(session)
 
     def session_ended(self, session: Session) -> None:
-        self._forget(session.jid.userhostJID(), session)
-
-    def _forget(self, bare: JID, session: Session) -> None:
-        enabled = self._enabled.get(bare)
+        account = session.jid.userhost()
+        enabled = self._enabled.get(account)
         if enabled is not None:
             enabled.discard(session)
             if not enabled:
-                del self._enabled[bare]
+                del self._enabled[account]
 
     def sent(self, sender: Session, message: domish.Element) -> None:
         """A local session sent a message: its account's other interested resources see it."""
@@ -130,10 +128,9 @@ class Carbons:
             self._send_copies(message, "received", others)
 
     def _interested(self, jid: JID) -> list[Session]:
-        bare = jid.userhostJID()
-        if bare not in self._enabled and not self.sessions.has_remote_sessions(bare):
+        if jid.userhost() not in self._enabled and not self.sessions.has_remote_sessions(jid):
             return []
-        return [s for s in self.sessions.sessions_of(bare) if s.carbons]
+        return [s for s in self.sessions.sessions_of(jid.userhostJID()) if s.carbons]
 
     @staticmethod
     def _send_copies(message: domish.Element, direction: str, sessions: Iterable[Session]) -> None:

@@ -224,9 +224,9 @@ class SessionManager:
         resources = self._by_bare.get(bare_jid.userhostJID(), {})
         return [session for session in resources.values() if not session.closed]
 
-    def has_remote_sessions(self, bare_jid: JID) -> bool:
-        """Whether the account has sessions on other nodes: never, in the table of one
-        process."""
+    def has_remote_sessions(self, jid: JID) -> bool:
+        """Whether the account of `jid` has sessions on other nodes: never, in the table of
+        one process."""
         return False
 
     def live_sessions(self) -> Iterator[Session]:
