@@ -1,6 +1,8 @@
 """The cluster's session table without a broker or a database: the outbox's batching, remote
 sessions, the table's view of both kinds, and what a node drops of what others send it."""
 
+import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 from twisted.internet import defer
@@ -22,8 +24,11 @@ from mim_twisted.cluster.sessions import (
 from mim_twisted.config import load_config
 from mim_twisted.im.stream_management import parse_stanza
 from mim_twisted.inflight import InFlight
+from mim_twisted.pubsub import broadcast
+from mim_twisted.pubsub.broadcast import Notification
 from mim_twisted.storage import open_database
 from tests import pgsupport
+from tests.test_pubsub_protocol import published
 
 
 class FakeBus:
@@ -122,7 +127,7 @@ class OutboxTests(unittest.TestCase):
         self.assertEqual(
             payload,
             [
-                ["<message \x00><event/></message>", "<message to='d@localhost'/>"],
+                ["<message to='\x00'><event/></message>", "<message to='d@localhost'/>"],
                 [["b@localhost/1", 0], ["c@localhost/2", 0], ["d@localhost/3", 1]],
             ],
         )
@@ -140,6 +145,53 @@ class OutboxTests(unittest.TestCase):
         self.outbox.deliver("n2", "b@localhost/1", "<message/>")
         self.clock.advance(0)
         self.assertEqual(self.refused, [[("b@localhost/1", "<message/>")]])
+
+    def test_a_notification_is_carried_once_with_each_address(self) -> None:
+        message = domish.Element((None, "message"))
+        message["from"] = "pubsub.localhost"
+        message.addElement(("http://jabber.org/protocol/pubsub#event", "event"))
+        notification = Notification(message)
+        self.outbox.deliver("n2", "a@localhost/0", "<presence/>")
+        for jid, address in (
+            ("b@localhost/1", "b@localhost"),
+            ("b@localhost/2", "b@localhost"),
+            ("c'o@localhost/3", "c'o@localhost/3"),
+        ):
+            self.outbox.notify("n2", jid, notification, address)
+        self.clock.advance(0)
+        [(_, _, payload)] = self.bus.sent
+        texts, deliveries = payload
+        self.assertEqual(texts[0], "<presence/>")
+        self.assertEqual(texts[1], notification.template("\x00"))
+        self.assertEqual(texts[1].count("\x00"), 1)
+        self.assertEqual(
+            deliveries,
+            [
+                ["a@localhost/0", 0],
+                ["b@localhost/1", 1, "b@localhost"],
+                ["b@localhost/2", 1, "b@localhost"],
+                ["c'o@localhost/3", 1],
+            ],
+        )
+        self.assertEqual(
+            unpack_stanzas(payload),
+            [
+                ("a@localhost/0", "<presence/>"),
+                ("b@localhost/1", notification.to("b@localhost").decode()),
+                ("b@localhost/2", notification.to("b@localhost").decode()),
+                ("c'o@localhost/3", notification.to("c'o@localhost/3").decode()),
+            ],
+        )
+        self.assertIn("to='c&apos;o@localhost/3'", unpack_stanzas(payload)[3][1])
+
+    def test_a_refused_notification_comes_back_addressed(self) -> None:
+        self.bus.full = True
+        notification = Notification(domish.Element((None, "message")))
+        self.outbox.notify("n2", "b@localhost/1", notification, "b@localhost")
+        self.clock.advance(0)
+        self.assertEqual(
+            self.refused, [[("b@localhost/1", notification.to("b@localhost").decode())]]
+        )
 
 
 class RecordTests(unittest.TestCase):
@@ -376,3 +428,88 @@ class ClusterNodeTests(unittest.TestCase):
         self.successResultOf(stopping)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.bus.connected_listeners, [])
+
+
+class DeliveredSession(FakeSession):
+    """A local session that keeps what it is sent."""
+
+    def __init__(self, jid: str) -> None:
+        super().__init__(jid)
+        self.presence = presence(0)
+        self.message_priority = 0
+        self.held_messages = None
+        self.received: list[bytes | str] = []
+
+    def send(self, stanza) -> None:
+        self.received.append(stanza)
+
+
+class ClusterFanoutTests(unittest.TestCase):
+    """A PubSub notification from the node's owner to subscribers on two nodes: each node's
+    sessions get the same bytes as on one server, the other node's through one bus message
+    with the notification once."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.buses = {"n1": FakeBus(), "n2": FakeBus()}
+        self.tables = {
+            name: ClusterSessions(name, bus, Outbox(bus, self.clock, list), FakeStore())
+            for name, bus in self.buses.items()
+        }
+        self.sessions: dict[str, DeliveredSession] = {}
+        for name, jid in (
+            ("n1", "bob@localhost/desk"),
+            ("n2", "bob@localhost/phone"),
+            ("n2", "carol@localhost/home"),
+            ("n2", "dave@localhost/away"),
+        ):
+            session = self.sessions[jid] = DeliveredSession(jid)
+            self.tables[name].local.bind(session)
+            for other, table in self.tables.items():
+                if other != name:
+                    table.remember(name, record_of(session))
+        self.broadcaster = broadcast.Broadcaster(
+            self.tables["n1"], None, self.clock, domains={"localhost"}, sync=True
+        )
+        settings = load_config(None).cluster
+        self.receiver = ClusterNode(
+            settings, self.buses["n2"], SimpleNamespace(database=FakeDatabase()), self.clock
+        )
+        self.receiver.sessions = self.tables["n2"]
+
+    def test_each_session_gets_its_copy_and_the_payload_crosses_once(self) -> None:
+        event = published("bob@localhost", "carol@localhost/home", "dave@localhost")
+        event = replace(
+            event, config={}, subscriptions=(*event.subscriptions, *event.subscriptions[2:])
+        )
+        self.broadcaster(event)
+        self.clock.advance(0)
+        [(node, kind, payload)] = self.buses["n1"].sent
+        self.assertEqual((node, kind), ("n2", "stanzas"))
+        texts, deliveries = payload
+        self.assertEqual(len(texts), 2)  # the notification, and dave's with its SubIds
+        self.assertEqual(
+            [d[0] for d in deliveries],
+            ["bob@localhost/phone", "carol@localhost/home", "dave@localhost/away"],
+        )
+        self.receiver._stanzas("n1", json.loads(json.dumps(payload)))
+        # As on one server: bob's session here got it from the broadcaster itself.
+        [here] = self.sessions["bob@localhost/desk"].received
+        self.assertIn(b"to='bob@localhost'", here)
+        self.assertEqual(self.sessions["bob@localhost/phone"].received, [here])
+        self.assertEqual(
+            self.sessions["carol@localhost/home"].received,
+            [here.replace(b"to='bob@localhost'", b"to='carol@localhost/home'")],
+        )
+        [dave] = self.sessions["dave@localhost/away"].received
+        self.assertIn(b"to='dave@localhost'", dave)
+        self.assertEqual(dave.count(b"name='SubId'"), 2)
+
+    def test_a_session_gone_meanwhile_is_not_sent_anything(self) -> None:
+        self.broadcaster(published("carol@localhost"))
+        self.clock.advance(0)
+        [(_, _, payload)] = self.buses["n1"].sent
+        carol = self.sessions["carol@localhost/home"]
+        self.tables["n2"].local.unbind(carol)
+        self.receiver._stanzas("n1", payload)  # a headline: nothing to keep or bounce
+        self.assertEqual(carol.received, [])

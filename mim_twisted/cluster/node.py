@@ -27,13 +27,11 @@ from mim_twisted.cluster.sessions import (
     Outbox,
     RemoteSession,
     SessionTable,
+    deliveries,
     unpack_stanzas,
     wanted,
 )
 from mim_twisted.config import ClusterConfig
-from mim_twisted.im.blocking import NS_BLOCKING
-from mim_twisted.im.carbons import NS_CARBONS
-from mim_twisted.im.roster import NS_ROSTER
 from mim_twisted.im.stream_management import parse_stanza
 from mim_twisted.xmpp.jids import parse_jid
 from mim_twisted.xmpp.stanza_errors import error_response
@@ -254,19 +252,17 @@ class ClusterNode(service.Service):
 
     def _stanzas(self, node: str, payload: Any) -> None:
         local = self.sessions.local
-        for jid, xml in unpack_stanzas(payload):
+        for jid, address, stanza in deliveries(payload):
             session = local.session(parse_jid(jid))
             if session is None:
-                self._not_here(parse_stanza(xml))
+                self._not_here(parse_stanza(stanza.text(address)))
                 continue
-            # What it must contain for this node to look at it before sending it on.
-            if NS_ROSTER in xml or NS_BLOCKING in xml or NS_CARBONS in xml:
-                if not wanted(session, parse_stanza(xml)):
-                    continue
-            if session.held_messages is not None and xml.startswith("<message"):
-                session.held_messages.append(parse_stanza(xml))
+            if stanza.filtered and not wanted(session, parse_stanza(stanza.text(address))):
+                continue
+            if session.held_messages is not None and stanza.message:
+                session.held_messages.append(parse_stanza(stanza.text(address)))
             else:
-                session.send(xml)
+                session.send(stanza.data(address))
 
     def _not_here(self, stanza: domish.Element) -> None:
         """The session it was sent to has gone meanwhile: as if the stanza had come now to

@@ -5,7 +5,10 @@ sessions_of), so the router, presence, messages, carbons and PubSub reach a sess
 node exactly as a local one: through a `RemoteSession`, whose `send` puts the stanza in the
 `Outbox` for its node. The outbox sends what one reactor turn gathered for a node as one bus
 message, a payload sent to several of its sessions (a presence broadcast, a message to several
-resources, a PubSub notification whose copies differ only in their 'to') carried once.
+resources, a PubSub notification whose copies differ only in their 'to') carried once. A PubSub
+notification comes to a remote session as it is (`RemoteSession.notify`: serialised once, with
+the place of its 'to'), so the owner of the node adds a JID and an address per recipient on
+another node, and that node addresses the copies of its own sessions.
 
 Each bound session is a row of `cluster_sessions` in PostgreSQL (its node, priority while
 available, last broadcast presence and caps features), written by its node on bind, presence,
@@ -23,7 +26,7 @@ session takes everything, and its node drops what the session did not ask for (`
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -40,10 +43,15 @@ from mim_twisted.inflight import InFlight
 from mim_twisted.xmpp.jids import parse_jid
 from mim_twisted.xmpp.serialise import escape_attribute, to_xml
 
+if TYPE_CHECKING:
+    from mim_twisted.pubsub.broadcast import Notification
+
 log = Logger()
 
-# Where a payload carried once for several recipients had its recipient's 'to' attribute: a
-# character that XML cannot contain.
+# What a stanza for another node must contain for its node to look at it before sending it on.
+
+# Where a payload carried once for several recipients had its recipient's address (the value
+# of its 'to' attribute, escaped): a character that XML cannot contain.
 RECIPIENT = "\x00"
 
 # (full JID, priority or None while unavailable, presence XML or None, caps features or None)
@@ -70,45 +78,103 @@ class Outbox:
             stanza = to_xml(stanza)
         elif isinstance(stanza, bytes):
             stanza = stanza.decode("utf-8")
+        self._add(node, (jid, stanza))
+
+    def notify(self, node: str, jid: str, notification: "Notification", address: str) -> None:
+        """A PubSub notification addressed to `address` (as subscribed), for the session `jid`."""
+        self._add(node, (jid, notification, address))
+
+    def _add(self, node: str, entry: tuple) -> None:
         if not self._pending:
             self.reactor.callLater(0, self._flush)
-        self._pending.setdefault(node, []).append((jid, stanza))
+        self._pending.setdefault(node, []).append(entry)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, {}
-        for node, stanzas in pending.items():
-            # Each distinct payload once, deliveries referring to it by index; a recipient's
-            # own address is left out, so that a notification sent to many (each copy
-            # addressed to its recipient) is carried once.
-            payloads: dict[str, int] = {}
+        for node, entries in pending.items():
+            # Each distinct payload once, deliveries referring to it by index, with the
+            # recipient's address left out of it: [full JID, index], and the address third
+            # when it is not the full JID. A notification is one payload however many of the
+            # node's sessions it goes to; so is a stanza whose copies differ only in their 'to'.
+            payloads: dict[str | Notification, int] = {}
+            texts = []
             deliveries = []
-            for jid, xml in stanzas:
+            for entry in entries:
+                if len(entry) == 3:
+                    jid, notification, address = entry
+                    index = payloads.get(notification)
+                    if index is None:
+                        index = payloads[notification] = len(texts)
+                        texts.append(notification.template(RECIPIENT))
+                    deliveries.append([jid, index] if address == jid else [jid, index, address])
+                    continue
+                jid, xml = entry
                 addressed = _to_attribute(jid)
                 if addressed in xml:
-                    xml = xml.replace(addressed, RECIPIENT, 1)
-                deliveries.append([jid, payloads.setdefault(xml, len(payloads))])
+                    xml = xml.replace(addressed, _to_attribute(RECIPIENT), 1)
+                index = payloads.get(xml)
+                if index is None:
+                    index = payloads[xml] = len(texts)
+                    texts.append(xml)
+                deliveries.append([jid, index])
             self.bus.send(
                 node,
                 "stanzas",
-                [list(payloads), deliveries],
-                lambda stanzas=stanzas: self.undeliverable(stanzas),
+                [texts, deliveries],
+                lambda entries=entries: self.undeliverable([_rendered(e) for e in entries]),
             )
+
+
+def _rendered(entry: tuple) -> tuple[str, str]:
+    """(full JID, stanza XML) of an outbox entry."""
+    if len(entry) == 3:
+        jid, notification, address = entry
+        return jid, notification.to(address).decode("utf-8")
+    return entry
 
 
 def _to_attribute(jid: str) -> str:
     return f"to='{escape_attribute(jid)}'"
 
 
+class Payload:
+    """One payload of a "stanzas" message, as its deliveries need it: serialised for a
+    recipient's address once the address is known, and what is known of it beforehand."""
+
+    def __init__(self, text: str) -> None:
+        self.addressed = RECIPIENT in text
+        head, _, tail = text.partition(RECIPIENT)
+        self._head, self._tail = head, tail
+        self._head_bytes, self._tail_bytes = head.encode("utf-8"), tail.encode("utf-8")
+        self.message = text.startswith("<message")
+        # A push that its session may not have asked for (see `wanted`).
+        self.filtered = NS_ROSTER in text or NS_BLOCKING in text or NS_CARBONS in text
+
+    def text(self, address: str) -> str:
+        if not self.addressed:
+            return self._head
+        return self._head + domish.escapeToXml(address, isattrib=1) + self._tail
+
+    def data(self, address: str) -> bytes:
+        if not self.addressed:
+            return self._head_bytes
+        return (
+            self._head_bytes + domish.escapeToXml(address, isattrib=1).encode() + self._tail_bytes
+        )
+
+
+def deliveries(payload: Any) -> Iterator[tuple[str, str, Payload]]:
+    """The (full JID, address, payload) of each delivery of a "stanzas" message."""
+    texts, entries = payload
+    payloads = [Payload(text) for text in texts]
+    for entry in entries:
+        jid = entry[0]
+        yield jid, entry[2] if len(entry) > 2 else jid, payloads[entry[1]]
+
+
 def unpack_stanzas(payload: Any) -> list[tuple[str, str]]:
     """The (full JID, stanza XML) of a "stanzas" message."""
-    payloads, deliveries = payload
-    stanzas = []
-    for jid, index in deliveries:
-        xml = payloads[index]
-        if RECIPIENT in xml:
-            xml = xml.replace(RECIPIENT, _to_attribute(jid), 1)
-        stanzas.append((jid, xml))
-    return stanzas
+    return [(jid, stanza.text(address)) for jid, address, stanza in deliveries(payload)]
 
 
 class RemoteSession:
@@ -147,6 +213,10 @@ class RemoteSession:
 
     def send(self, stanza: domish.Element | bytes | str) -> None:
         self.outbox.deliver(self.node, self._full_jid, stanza)
+
+    def notify(self, notification: "Notification", address: str) -> None:
+        """A PubSub notification to `address` (the JID subscribed), for this session."""
+        self.outbox.notify(self.node, self.jid.full(), notification, address)
 
     def replaced(self) -> None:
         self.outbox.bus.send(self.node, "replace", self.jid.full())

@@ -6,7 +6,9 @@ outside the worker, so a large audience never holds up the node's next request. 
 is cut into slices handed to Twisted's cooperator, so other connections keep being served.
 
 Each notification is serialised once: the bytes before and after the `to` attribute are kept
-and only the escaped recipient JID is put between them for each subscriber.
+and only the escaped recipient JID is put between them for each subscriber. A session on another
+cluster node is handed the notification itself (`notify`), so that its node gets it once for
+all its sessions (cluster/sessions.py) and addresses the copies there.
 
 Notifications that are kept for offline subscribers (`Fanout.store_offline`) are kept only for
 accounts on the served domains: an owner may subscribe any JID, a remote one too, and a local
@@ -75,6 +77,10 @@ class Notification:
 
     def to(self, recipient: str) -> bytes:
         return self._head + domish.escapeToXml(recipient, isattrib=1).encode("utf-8") + self._tail
+
+    def template(self, placeholder: str) -> str:
+        """The serialised message with `placeholder` where the escaped recipient goes."""
+        return self._head.decode("utf-8") + placeholder + self._tail.decode("utf-8")
 
 
 def _show(session: Session) -> str:
@@ -233,7 +239,12 @@ class Broadcaster:
             sessions = [s for s in sessions if _show(s) in recipient.show_values]
         for session in sessions:
             if fanout.blocked is None or not fanout.blocked(session.jid):
-                session.send(notification.to(recipient.jid))
+                # A session on another node takes the notification as it is (RemoteSession).
+                notify = getattr(session, "notify", None)
+                if notify is None:
+                    session.send(notification.to(recipient.jid))
+                else:
+                    notify(notification, recipient.jid)
         if not sessions and fanout.store_offline and self._has_offline_storage(jid):
             message = notification.element
             message["to"] = jid.full()
