@@ -325,8 +325,9 @@ class ClusterSessions:
         return self._remote_session(full_jid)
 
     def sessions_of(self, bare_jid: JID) -> list[Session | RemoteSession]:
-        sessions: list[Any] = self.local.sessions_of(bare_jid)
-        remote = self._remote.get(bare_jid.userhostJID())
+        bare = bare_jid.userhostJID()
+        sessions: list[Any] = self.local.sessions_of(bare)
+        remote = self._remote.get(bare)
         if remote:
             sessions.extend(remote.values())
         return sessions
