@@ -1,4 +1,4 @@
-"""The recipients of a node's notifications, sorted out once per subscriber list."""
+"""The recipients of a node's notifications, sorted out once while its subscriptions stay."""
 
 from dataclasses import replace
 
@@ -16,7 +16,9 @@ class RecipientListTests(unittest.TestCase):
         calls = []
         recipients = broadcast._recipients
         self.patch(broadcast, "_recipients", lambda *a: calls.append(a) or recipients(*a))
-        again = broadcast.fanout_of(replace(event, item_id="2")).recipients
+        # The node cache hands each publication a copy of the subscriptions it holds.
+        copy = tuple(list(event.subscriptions))
+        again = broadcast.fanout_of(replace(event, item_id="2", subscriptions=copy)).recipients
         self.assertEqual(again, first)
         self.assertIsNot(again, first)  # each fan-out its own list
         self.assertEqual(calls, [])
@@ -51,10 +53,18 @@ class RecipientListTests(unittest.TestCase):
             ["bob@localhost", "erin@localhost"],
         )
 
+    def test_a_changed_subscription_is_sorted_out_again(self) -> None:
+        event = published("bob@localhost", "carol@localhost")
+        broadcast.fanout_of(event)
+        bob, carol = event.subscriptions
+        changed = (bob, replace(carol, options={"pubsub#deliver": False}))
+        recipients = broadcast.fanout_of(replace(event, subscriptions=changed)).recipients
+        self.assertEqual([r.jid for r in recipients], ["bob@localhost"])
+
     def test_the_oldest_lists_are_let_go(self) -> None:
         lists = broadcast._RecipientLists(2)
         events = [published(f"u{n}@localhost") for n in range(3)]
         for event in events:
-            lists.get(event)
+            lists.get(event.subscriptions, False)
         self.assertEqual(len(lists._lists), 2)
-        self.assertNotIn((id(events[0].subscriptions), False), lists._lists)
+        self.assertNotIn((1, id(events[0].subscriptions[0]), False), lists._lists)

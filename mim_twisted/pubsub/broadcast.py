@@ -15,8 +15,9 @@ accounts on the served domains: an owner may subscribe any JID, a remote one too
 name that has no account is logged without a traceback.
 """
 
+import operator
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
@@ -342,24 +343,25 @@ def _attribute(value: str) -> str:
 
 
 class _RecipientLists:
-    """The recipients of the subscriptions of a node, kept by the identity of the subscriptions
-    tuple: the node cache hands every publication the tuple it holds until a subscription
-    changes, so a node's thousand subscribers are sorted out once, not at each publication.
-    Each entry holds its tuple, whose identity therefore stays its own."""
+    """The recipients of the subscriptions of a node, kept for as long as its subscriptions
+    are the same objects: the node cache hands every publication its own copy of the list it
+    holds, with the same subscription objects in it until one changes, so a node's thousand
+    subscribers are sorted out once, not at each publication. An entry holds the subscriptions
+    it was made from, whose identities therefore stay theirs."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._lists: dict[tuple[int, bool], tuple[tuple, list[Recipient]]] = {}
+        self._lists: dict[tuple[int, int, bool], tuple[tuple, list[Recipient]]] = {}
 
-    def get(self, event: core.NodeEvent) -> list[Recipient]:
-        subscriptions = event.subscriptions
-        deleted = isinstance(event, core.NodeDeleted)
-        key = (id(subscriptions), deleted)
+    def get(self, subscriptions: Sequence[PubSubSubscription], deleted: bool) -> list[Recipient]:
+        if not subscriptions:
+            return []
+        key = (len(subscriptions), id(subscriptions[0]), deleted)
         held = self._lists.get(key)
-        if held is None or held[0] is not subscriptions:
-            if len(self._lists) >= self.size:
+        if held is None or not all(map(operator.is_, held[0], subscriptions)):
+            if held is None and len(self._lists) >= self.size:
                 del self._lists[next(iter(self._lists))]
-            held = self._lists[key] = (subscriptions, _recipients(subscriptions, deleted))
+            held = self._lists[key] = (tuple(subscriptions), _recipients(subscriptions, deleted))
         return list(held[1])
 
 
@@ -368,9 +370,7 @@ _recipient_lists = _RecipientLists(256)
 
 def _subscribers(event: core.NodeEvent) -> list[Recipient]:
     """One recipient per subscribed JID (a node deletion also tells pending subscribers)."""
-    if isinstance(event.subscriptions, tuple):
-        return _recipient_lists.get(event)
-    return _recipients(event.subscriptions, isinstance(event, core.NodeDeleted))
+    return _recipient_lists.get(event.subscriptions, isinstance(event, core.NodeDeleted))
 
 
 def _recipients(subscriptions: Iterable[PubSubSubscription], deleted: bool) -> list[Recipient]:
