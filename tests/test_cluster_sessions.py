@@ -513,3 +513,19 @@ class ClusterFanoutTests(unittest.TestCase):
         self.tables["n2"].local.unbind(carol)
         self.receiver._stanzas("n1", payload)  # a headline: nothing to keep or bounce
         self.assertEqual(carol.received, [])
+
+    def test_one_bus_message_for_a_large_fan_out_written_in_steps(self) -> None:
+        users = [f"user{n}@localhost" for n in range(600)]
+        for n, user in enumerate(users):
+            name = ("n1", "n2")[n % 2]
+            session = self.sessions[user] = DeliveredSession(f"{user}/r")
+            self.tables[name].local.bind(session)
+            self.tables[("n2", "n1")[n % 2]].remember(name, record_of(session))
+        broadcaster = broadcast.Broadcaster(self.tables["n1"], None, self.clock)
+        broadcaster(published(*users))
+        for _ in range(10):  # the fan-out's steps, and the outbox's turn
+            self.clock.advance(0)
+        [(node, _, payload)] = self.buses["n1"].sent
+        self.assertEqual((node, len(payload[0]), len(payload[1])), ("n2", 1, 300))
+        self.receiver._stanzas("n1", payload)
+        self.assertTrue(all(len(self.sessions[user].received) == 1 for user in users))

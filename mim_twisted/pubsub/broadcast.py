@@ -39,7 +39,8 @@ log = Logger()
 
 NS_EVENT = "http://jabber.org/protocol/pubsub#event"
 NS_SHIM = "http://jabber.org/protocol/shim"
-SLICE = 200  # recipients written per cooperator step
+SLICE = 200  # notifications written per cooperator step
+LOOKUP_SLICE = 1000  # recipients looked up per cooperator step
 
 
 class Notification:
@@ -203,19 +204,45 @@ class Broadcaster:
         return idle.addCallback(lambda _: self.cooperator.stop())
 
     def _write(self, fanout: Fanout) -> Iterator[None]:
+        """Each step looks up to LOOKUP_SLICE recipients up (what goes to another node's
+        sessions is handed over at once, so their node gets it in one bus message), then the
+        local copies are written, SLICE per step."""
         recipients = fanout.recipients
-        for start in range(0, len(recipients), SLICE):
-            for recipient in recipients[start : start + SLICE]:
-                self._deliver(fanout, recipient)
+        for start in range(0, len(recipients), LOOKUP_SLICE):
+            writes: list[tuple[Session, Notification, str]] = []
+            for recipient in recipients[start : start + LOOKUP_SLICE]:
+                self._deliver(fanout, recipient, writes)
+            yield from self._write_copies(writes)
+        notification = fanout.notification
+        writes = []
+        for session in fanout.sessions:
+            address = session.jid.full()
+            # A session on another node takes the notification as it is (RemoteSession).
+            notify = getattr(session, "notify", None)
+            if notify is None:
+                writes.append((session, notification, address))
+            else:
+                notify(notification, address)
+        yield from self._write_copies(writes)
+
+    def _write_copies(self, writes: list[tuple[Session, Notification, str]]) -> Iterator[None]:
+        """The local copies, SLICE per cooperator step."""
+        if not writes:
             yield None
-        notification, sessions = fanout.notification, fanout.sessions
-        for start in range(0, len(sessions), SLICE):
-            for session in sessions[start : start + SLICE]:
+        for first in range(0, len(writes), SLICE):
+            for session, notification, address in writes[first : first + SLICE]:
                 if not session.closed:
-                    session.send(notification.to(session.jid.full()))
+                    session.send(notification.to(address))
             yield None
 
-    def _deliver(self, fanout: Fanout, recipient: Recipient) -> None:
+    def _deliver(
+        self,
+        fanout: Fanout,
+        recipient: Recipient,
+        writes: list[tuple[Session, Notification, str]],
+    ) -> None:
+        """Send to the recipient's sessions on other nodes, keep it offline if it has none
+        anywhere, and add the copies for its sessions here to `writes`."""
         try:
             jid = parse_jid(recipient.jid)
         except (InvalidFormat, UnicodeError):
@@ -243,7 +270,7 @@ class Broadcaster:
                 # A session on another node takes the notification as it is (RemoteSession).
                 notify = getattr(session, "notify", None)
                 if notify is None:
-                    session.send(notification.to(recipient.jid))
+                    writes.append((session, notification, recipient.jid))
                 else:
                     notify(notification, recipient.jid)
         if not sessions and fanout.store_offline and self._has_offline_storage(jid):
