@@ -153,14 +153,12 @@ class Payload:
     def text(self, address: str) -> str:
         if not self.addressed:
             return self._head
-        return self._head + domish.escapeToXml(address, isattrib=1) + self._tail
+        return self._head + escape_attribute(address) + self._tail
 
     def data(self, address: str) -> bytes:
         if not self.addressed:
             return self._head_bytes
-        return (
-            self._head_bytes + domish.escapeToXml(address, isattrib=1).encode() + self._tail_bytes
-        )
+        return self._head_bytes + escape_attribute(address).encode() + self._tail_bytes
 
 
 def deliveries(payload: Any) -> Iterator[tuple[str, str, Payload]]:

@@ -34,6 +34,7 @@ from mim_twisted.pubsub.forms import node_config_form, subscription_authorizatio
 from mim_twisted.pubsub.protocol import subscription_element
 from mim_twisted.storage.interfaces import AccountNotFound, PubSubSubscription
 from mim_twisted.xmpp.jids import parse_jid
+from mim_twisted.xmpp.serialise import escape_attribute
 
 log = Logger()
 
@@ -78,7 +79,7 @@ class Notification:
         return self._element
 
     def to(self, recipient: str) -> bytes:
-        return self._head + domish.escapeToXml(recipient, isattrib=1).encode("utf-8") + self._tail
+        return self._head + escape_attribute(recipient).encode("utf-8") + self._tail
 
     def template(self, placeholder: str) -> str:
         """The serialised message with `placeholder` where the escaped recipient goes."""
@@ -213,16 +214,9 @@ class Broadcaster:
             for recipient in recipients[start : start + LOOKUP_SLICE]:
                 self._deliver(fanout, recipient, writes)
             yield from self._write_copies(writes)
-        notification = fanout.notification
         writes = []
         for session in fanout.sessions:
-            address = session.jid.full()
-            # A session on another node takes the notification as it is (RemoteSession).
-            notify = getattr(session, "notify", None)
-            if notify is None:
-                writes.append((session, notification, address))
-            else:
-                notify(notification, address)
+            _hand(session, fanout.notification, session.jid.full(), writes)
         yield from self._write_copies(writes)
 
     def _write_copies(self, writes: list[tuple[Session, Notification, str]]) -> Iterator[None]:
@@ -267,12 +261,7 @@ class Broadcaster:
             sessions = [s for s in sessions if _show(s) in recipient.show_values]
         for session in sessions:
             if fanout.blocked is None or not fanout.blocked(session.jid):
-                # A session on another node takes the notification as it is (RemoteSession).
-                notify = getattr(session, "notify", None)
-                if notify is None:
-                    writes.append((session, notification, recipient.jid))
-                else:
-                    notify(notification, recipient.jid)
+                _hand(session, notification, recipient.jid, writes)
         if not sessions and fanout.store_offline and self._has_offline_storage(jid):
             message = notification.element
             message["to"] = jid.full()
@@ -285,6 +274,21 @@ class Broadcaster:
         if jid.user is None or jid.resource is not None:
             return False
         return self.domains is None or jid.host in self.domains
+
+
+def _hand(
+    session: Session,
+    notification: Notification,
+    address: str,
+    writes: list[tuple[Session, Notification, str]],
+) -> None:
+    """A session on another node takes the notification as it is (RemoteSession); a copy for
+    a session here is added to `writes`."""
+    notify = getattr(session, "notify", None)
+    if notify is None:
+        writes.append((session, notification, address))
+    else:
+        notify(notification, address)
 
 
 def _not_written(failure: Failure) -> None:
@@ -347,26 +351,22 @@ def _published_notification(
     """The notification of a publication, written as text: what ``message()`` serialises to."""
     item = ""
     if event.item_id is not None:
-        attributes = f" id='{_attribute(event.item_id)}'"
+        attributes = f" id='{escape_attribute(event.item_id)}'"
         if event.config.get("pubsub#itemreply") == "publisher":
-            attributes += f" publisher='{_attribute(event.publisher)}'"
+            attributes += f" publisher='{escape_attribute(event.publisher)}'"
         if event.payload and event.config.get("pubsub#deliver_payloads", True):
             item = f"<item{attributes}>{event.payload}</item>"
         else:
             item = f"<item{attributes}/>"
     head = (
-        f"<message from='{_attribute(event.service)}' type='{_attribute(kind)}'"
+        f"<message from='{escape_attribute(event.service)}' type='{escape_attribute(kind)}'"
         f" id='{message_id}' to='"
     )
     tail = (
-        f"'><event xmlns='{NS_EVENT}'><items node='{_attribute(event.node)}'>{item}</items>"
+        f"'><event xmlns='{NS_EVENT}'><items node='{escape_attribute(event.node)}'>{item}</items>"
         "</event></message>"
     )
     return Notification.of_text(head, tail, message)
-
-
-def _attribute(value: str) -> str:
-    return domish.escapeToXml(value, isattrib=1)
 
 
 class _RecipientLists:

@@ -34,6 +34,7 @@ from mim_twisted.pubsub.core import Publication, PubSubService, SubscriptionChan
 from mim_twisted.pubsub.errors import PubSubError
 from mim_twisted.pubsub.queues import Grouped, QueueFull, WorkerPool
 from mim_twisted.storage.interfaces import PubSubItem, PubSubSubscription, log_request_failure
+from mim_twisted.xmpp.serialise import escape_attribute
 from mim_twisted.xmpp.stanza_errors import error_response
 
 log = Logger()
@@ -136,7 +137,7 @@ def _published(iq: domish.Element, node: str, item_id: str | None) -> str:
     """The result <iq/> of a publication (XEP-0060 §7.1.2) as text, written directly rather than
     built and serialised: publications are the commonest request by far."""
     addressing = "".join(
-        f" {name}='{_attribute(value)}'"
+        f" {name}='{escape_attribute(value)}'"
         for name, value in (
             ("to", iq.getAttribute("from")),
             ("from", iq.getAttribute("to")),
@@ -144,15 +145,11 @@ def _published(iq: domish.Element, node: str, item_id: str | None) -> str:
         )
         if value
     )
-    item = "" if item_id is None else f"<item id='{_attribute(item_id)}'/>"
+    item = "" if item_id is None else f"<item id='{escape_attribute(item_id)}'/>"
     return (
         f"<iq{addressing} type='result'><pubsub xmlns='{NS_PUBSUB}'>"
-        f"<publish node='{_attribute(node)}'>{item}</publish></pubsub></iq>"
+        f"<publish node='{escape_attribute(node)}'>{item}</publish></pubsub></iq>"
     )
-
-
-def _attribute(value: str) -> str:
-    return domish.escapeToXml(value, isattrib=1)
 
 
 def _pubsub(namespace: str = NS_PUBSUB) -> domish.Element:
