@@ -15,30 +15,13 @@ import sys
 import time
 
 import pika
+from bench import rabbitmq_pid
+from load import _process_cpu
 
 WINDOW = 2000
 BODY = json.dumps(
     {"from_user_id": "load1@localhost/res", "to_user_id": "load2@localhost", "message": "x" * 60}
 ).encode()
-
-
-def rabbitmq_pid() -> int:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if b"beam" in cmdline and b"rabbit" in cmdline:
-                return int(entry)
-    raise SystemExit("no RabbitMQ process found")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Run:
@@ -51,6 +34,9 @@ class Run:
         self.started = self.cpu_at_start = 0.0
         parameters = pika.ConnectionParameters("127.0.0.1")
         self.connection = pika.SelectConnection(parameters, on_open_callback=self.opened)
+
+    def cpu_seconds(self) -> float:
+        return _process_cpu(self.pid, os.sysconf("SC_CLK_TCK"))
 
     def opened(self, connection: pika.SelectConnection) -> None:
         connection.channel(on_open_callback=self.channel_opened)
@@ -70,7 +56,7 @@ class Run:
         self.channel.confirm_delivery(self.settled, callback=self.start)
 
     def start(self, _frame) -> None:
-        self.started, self.cpu_at_start = time.monotonic(), cpu_seconds(self.pid)
+        self.started, self.cpu_at_start = time.monotonic(), self.cpu_seconds()
         self.pump()
 
     def pump(self) -> None:
@@ -85,7 +71,7 @@ class Run:
             self.pump()
             return
         seconds = time.monotonic() - self.started
-        cpu = cpu_seconds(self.pid) - self.cpu_at_start
+        cpu = self.cpu_seconds() - self.cpu_at_start
         print(
             f"{self.events} confirmed in {seconds:.2f} s = {self.events / seconds:,.0f}/s;"
             f" RabbitMQ CPU {cpu:.2f} s = {cpu / self.events * 1e6:.1f} µs per event"
