@@ -96,6 +96,18 @@ class _NotInMemory:
 _NOT_IN_MEMORY = _NotInMemory()
 
 
+def _blocked_either_way(owner: JID, lists: Mapping[str, frozenset[str]], jid: JID) -> bool:
+    """Whether the owner's items must not reach ``jid``: blocked by the owner's list or the
+    owner blocked by theirs (``lists``: {bare JID: block list}). The owner's own resources
+    never are."""
+    if jid.userhost() == owner.userhost():
+        return False
+    empty: frozenset[str] = frozenset()
+    return blocks(lists.get(owner.userhost(), empty), jid) or blocks(
+        lists.get(jid.userhost(), empty), owner
+    )
+
+
 def notify_nodes(features: Iterable[str]) -> frozenset[str]:
     """The nodes whose notifications a client's caps ask for (`<node>+notify`)."""
     return frozenset(
@@ -373,13 +385,9 @@ class PepService:
         if not any(lists.values()):
             return replace(fanout, sessions=tuple(sessions))
         owner_jid = parse_jid(owner)
-        owner_list = lists.get(owner, frozenset())
 
         def blocked(jid: JID) -> bool:
-            if jid.userhost() == owner:
-                return False  # the owner's own resources: never blocked
-            theirs = lists.get(jid.userhost(), frozenset())
-            return blocks(owner_list, jid) or blocks(theirs, owner_jid)
+            return _blocked_either_way(owner_jid, lists, jid)
 
         kept = tuple(session for session in sessions if not blocked(session.jid))
         return replace(fanout, sessions=kept, blocked=blocked)
@@ -389,9 +397,11 @@ class PepService:
         if self.blocking is None or recipient.userhost() == owner:
             return False
         owner_jid = parse_jid(owner)
-        owner_list = await self.blocking.block_list(owner_jid)
-        theirs = await self.blocking.block_list(recipient.userhostJID())
-        return blocks(owner_list, recipient) or blocks(theirs, owner_jid)
+        lists = {
+            owner: await self.blocking.block_list(owner_jid),
+            recipient.userhost(): await self.blocking.block_list(recipient.userhostJID()),
+        }
+        return _blocked_either_way(owner_jid, lists, recipient)
 
     # -- the last items --------------------------------------------------------------------------
 
