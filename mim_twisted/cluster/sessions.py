@@ -437,6 +437,17 @@ _CLAIM_FREE_ROW = (
 )
 
 
+def _row(record: Record, node: str) -> tuple:
+    """The values of a session's row: jid, node, priority, presence, features (JSON)."""
+    jid, priority, presence, features = record
+    return (jid, node, priority, presence, json.dumps(features) if features else None)
+
+
+def _record(jid: str, priority: Any, presence: Any, features: str | None) -> Record:
+    """A session's record from its row's columns (node left out)."""
+    return [jid, priority, presence, json.loads(features) if features else None]
+
+
 class SessionTable:
     """`cluster_sessions` in the PostgreSQL database. Writes are sent and not waited for: a
     failure is logged, and the announcement on the bus still keeps the other nodes current."""
@@ -460,8 +471,7 @@ class SessionTable:
         """The row of a session just bound on `node`, whoever held its full JID: a Deferred
         firing with the node that held it (None if none did); the caller tracks it in
         `writing`."""
-        jid, priority, presence, features = record
-        values = (jid, node, priority, presence, json.dumps(features) if features else None)
+        values = _row(record, node)
 
         async def insert(session: Any) -> list[tuple]:
             return await session.execute(_CLAIM_FREE_ROW, values)
@@ -499,13 +509,12 @@ class SessionTable:
     def save(self, record: Record, node: str) -> None:
         """A change of the session's presence or caps, unless another node holds its full
         JID (then the session here is the older one, being replaced)."""
-        jid, priority, presence, features = record
         self._write(
             "INSERT INTO cluster_sessions (jid, node, priority, presence, features)"
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (jid) DO UPDATE SET"
             " priority = EXCLUDED.priority, presence = EXCLUDED.presence,"
             " features = EXCLUDED.features WHERE cluster_sessions.node = EXCLUDED.node",
-            (jid, node, priority, presence, json.dumps(features) if features else None),
+            _row(record, node),
         )
 
     def remove(self, jid: str, node: str) -> None:
@@ -518,10 +527,7 @@ class SessionTable:
             )
 
         rows = await self.database.run(body)
-        return [
-            (node, [jid, priority, presence, json.loads(features) if features else None])
-            for node, jid, priority, presence, features in rows
-        ]
+        return [(node, _record(*row)) for node, *row in rows]
 
     async def remove_node(self, node: str) -> list[Record]:
         """Delete the rows of `node`; the ones this call deleted (none if another node's did)."""
@@ -534,7 +540,4 @@ class SessionTable:
             )
 
         rows = await self.database.run(body)
-        return [
-            [jid, priority, presence, json.loads(features) if features else None]
-            for jid, priority, presence, features in rows
-        ]
+        return [_record(*row) for row in rows]
