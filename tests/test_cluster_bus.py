@@ -3,10 +3,11 @@ every other node but not the sender, and what waits while the broker is away is 
 
 import dataclasses
 
+import pika
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mim_twisted.cluster.bus import ClusterBus, decode, encode
+from mim_twisted.cluster.bus import ClusterBus, decode, encode, node_queue
 from mim_twisted.config import load_config
 from tests.rabbitsupport import BrokerRelay, require_broker, unique
 
@@ -58,8 +59,18 @@ class BrokerTests(unittest.TestCase):
         require_broker()
         self.cluster_name = unique("cluster")
 
-    def start(self, node: str, port: int = 5672, cluster_name: str | None = None) -> ClusterBus:
+    def start(
+        self,
+        node: str,
+        port: int = 5672,
+        cluster_name: str | None = None,
+        node_timeout: float | None = None,
+    ) -> ClusterBus:
         settings = cluster_settings(node, port, cluster_name=cluster_name or self.cluster_name)
+        if node_timeout is not None:
+            settings = dataclasses.replace(
+                settings, node_timeout=node_timeout, heartbeat_interval=node_timeout / 3
+            )
         bus = ClusterBus(settings, reactor, retry_policy=lambda attempt: 0.1)
         bus.startService()
         self.addCleanup(bus.stopService)
@@ -136,3 +147,25 @@ class BrokerTests(unittest.TestCase):
                 ]
             ),
         )
+
+    @defer.inlineCallbacks
+    def test_a_node_queue_left_with_another_expiry_is_made_again(self):
+        # A node restarted with another node_timeout (or after an upgrade that changed it)
+        # finds its queue declared with other arguments: the broker refuses the declaration
+        # (PRECONDITION_FAILED) until the queue is made again.
+        node = unique("n")
+        queue = node_queue(self.cluster_name, node)
+        connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+        self.addCleanup(connection.close)
+        channel = connection.channel()
+        channel.queue_declare(queue, arguments={"x-expires": 3_600_000})
+        self.addCleanup(channel.queue_delete, queue)
+        bus = self.start(node, node_timeout=10.0)
+        other = self.start(unique("o"))
+        heard = []
+        bus.on("ping", lambda node, payload: heard.append(payload))
+        yield defer.ensureDeferred(until(lambda: bus.connected and other.connected))
+        other.send(node, "ping", 1)
+        yield defer.ensureDeferred(until(lambda: heard == [1]))
+        declared = channel.queue_declare(queue, passive=True)
+        self.assertEqual(declared.method.consumer_count, 1)

@@ -45,6 +45,9 @@ def node_queue(cluster: str, node: str) -> str:
     return f"mim.{cluster}.node.{node}"
 
 
+# AMQP's reply code for a declaration that differs from the existing entity's.
+PRECONDITION_FAILED = 406
+
 # `handler(node, payload)`: the node it came from and the payload as sent.
 Handler = Callable[[str, Any], None]
 
@@ -183,14 +186,11 @@ class ClusterBus(BrokerLink):
         # for the others to drain it once they have taken it for dead (a heartbeat interval
         # late at most); the broker deletes it once it has been unused for that long. Events
         # missed while away are not needed: the session table is read again on reconnection.
-        expires = {"x-expires": int(2 * self.node_timeout * 1000)}
-        for queue, exchange, key, exclusive, arguments in (
-            (node_queue(self.cluster, self.node), nodes, self.node, False, expires),
-            (f"mim.{self.cluster}.events.{self.node}", events, "", True, None),
-        ):
-            await channel.queue_declare(
-                queue=queue, exclusive=exclusive, auto_delete=exclusive, arguments=arguments
-            )
+        own_queue = node_queue(self.cluster, self.node)
+        await self._declare_node_queue(connection, own_queue)
+        events_queue = f"mim.{self.cluster}.events.{self.node}"
+        await channel.queue_declare(queue=events_queue, exclusive=True, auto_delete=True)
+        for queue, exchange, key in ((own_queue, nodes, self.node), (events_queue, events, "")):
             await channel.queue_bind(queue=queue, exchange=exchange, routing_key=key)
             consuming: defer.Deferred = defer.Deferred()
             # pika's own channel: a callback per message, no Deferred queue in between.
@@ -199,6 +199,32 @@ class ClusterBus(BrokerLink):
         self._channel_number = raw.channel_number
         # Through the same transport as pika's own frames, so they keep their order.
         self._write = connection.transport.write
+
+    async def _declare_node_queue(self, connection: BrokerConnection, queue: str) -> None:
+        """Declare the node's own queue, making it again if it is there with other arguments.
+
+        Arguments of a queue cannot change: a node started again with another `node_timeout`
+        would have its declaration refused (PRECONDITION_FAILED) for as long as the queue
+        lives, which, consumed by no one, is until it expires. What waits in it was for the
+        node's previous run, whose sessions are gone."""
+        expires = {"x-expires": int(2 * self.node_timeout * 1000)}
+        # Channels of their own: a refused declaration closes the channel it was made on.
+        channel = await connection.channel()
+        try:
+            await channel.queue_declare(queue=queue, arguments=expires)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code != PRECONDITION_FAILED:
+                raise
+            log.warn(
+                "Cluster: queue {queue} was declared with other arguments ({reason}); it is"
+                " deleted and made again",
+                queue=queue,
+                reason=e.reply_text,
+            )
+            channel = await connection.channel()
+            await channel.queue_delete(queue=queue)
+            await channel.queue_declare(queue=queue, arguments=expires)
+        channel.close()
 
     def _ready(self) -> None:
         held, self._held = self._held, deque()

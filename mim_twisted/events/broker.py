@@ -40,13 +40,23 @@ LOGIN_REFUSED = (
 
 
 class BrokerConnection(TwistedProtocolConnection):
-    """A pika connection whose `lost` fires (with None) when the TCP connection goes."""
+    """A pika connection that says when its TCP connection has gone (`when_lost`)."""
 
     def __init__(self, link: "BrokerLink", parameters: pika.ConnectionParameters):
         super().__init__(parameters, custom_reactor=link.reactor)
         self.link = link
-        self.lost: defer.Deferred = defer.Deferred()
         self.lost_reason: Failure | None = None
+        self._lost_waiters: list[defer.Deferred] = []
+
+    def when_lost(self) -> defer.Deferred:
+        """A Deferred of its own, fired with None once the TCP connection has gone (at once if
+        it has): cancelling one, as a stop does to what waits on it, leaves the others be."""
+        waiting: defer.Deferred = defer.Deferred()
+        if self.lost_reason is not None:
+            waiting.callback(None)
+        else:
+            self._lost_waiters.append(waiting)
+        return waiting
 
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(_BatchedWrites(transport, self.link.reactor))
@@ -56,8 +66,10 @@ class BrokerConnection(TwistedProtocolConnection):
         # The link first: nothing more is sent on the channel that closes.
         self.link.connection_lost(self, reason)
         super().connectionLost(reason)
-        if not self.lost.called:  # cancelled when the service stopped waiting on it
-            self.lost.callback(None)
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for waiting in waiters:
+            if not waiting.called:  # cancelled: its waiter has stopped waiting
+                waiting.callback(None)
 
 
 class _BatchedWrites:
@@ -168,7 +180,7 @@ class BrokerLink(service.Service):
             failures = 0
             self.connection = connection
             self._ready()
-            await connection.lost
+            await connection.when_lost()
 
     async def _prepare(self, connection: BrokerConnection) -> None:
         """Declare what the link uses on a new connection; fail to have it made again."""
@@ -222,12 +234,12 @@ class BrokerLink(service.Service):
         if connection is not None and connection.is_open:
             # A clean AMQP close, rather than a cut the broker would log as unexpected.
             connection.close()
-            lost = connection.lost.addTimeout(CLOSE_TIMEOUT, self.reactor)
+            lost = connection.when_lost().addTimeout(CLOSE_TIMEOUT, self.reactor)
             await lost.addErrback(lambda _: disconnect(connection))
 
 
 def fail_unless_called(_: object, waiting: defer.Deferred) -> None:
-    """For `connection.lost`: the connection went before the broker answered, so no answer
+    """For `connection.when_lost()`: the connection went before the broker answered, so no answer
     will come to what `waiting` waits for."""
     if not waiting.called:
         waiting.errback(error.ConnectionLost("the connection went during its set-up"))

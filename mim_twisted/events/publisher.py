@@ -137,7 +137,7 @@ class EventLink(BrokerLink):
             channel._channel.confirm_delivery(
                 lambda frame: self._settled(unconfirmed, frame), selected.callback
             )
-            connection.lost.addCallback(fail_unless_called, selected)
+            connection.when_lost().addCallback(fail_unless_called, selected)
             await selected
         self._prepared = unconfirmed
 
