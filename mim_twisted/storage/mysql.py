@@ -280,6 +280,9 @@ class MySQLDatabase(sql.SQLStores):
                     session.execute(statement)
                 session.execute("DELETE FROM schema_version")
                 session.execute("INSERT INTO schema_version (version) VALUES (%s)", (step.version,))
+            # Committed before the lock goes: a migration that waited on it must read this
+            # version, not the empty table the last step's DELETE left uncommitted.
+            session.execute("COMMIT")
             return _read_version(session)
         finally:
             session.execute("SELECT RELEASE_LOCK(%s)", (_MIGRATION_LOCK,))
