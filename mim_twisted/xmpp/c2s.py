@@ -34,6 +34,7 @@ from mim_twisted.xmpp.serialise import to_xml
 from mim_twisted.xmpp.shaper import ReadShaper
 from mim_twisted.xmpp.stanza_errors import error_response
 from mim_twisted.xmpp.tls import ClientCertificateCheck, ClientCertificatePolicy
+from mim_twisted.xmpp.tlswrite import TurnWrites, nothing_buffered, send_or_buffer, speed_up
 
 log = Logger()
 
@@ -284,7 +285,7 @@ class C2SStream(protocol.Protocol):
         if (
             self._direct_writes
             and self._direct_turn != self.factory.write_turns.number
-            and _nothing_buffered(transport)
+            and nothing_buffered(transport)
         ):
             # Twisted buffers every write and has the reactor watch the socket for
             # writability until the buffer is flushed: two epoll_ctl calls and a reactor pass
@@ -294,12 +295,8 @@ class C2SStream(protocol.Protocol):
             # buffered as Twisted does, so that what one turn routes to a client (messages,
             # notifications) leaves in one send().
             self._direct_turn = self.factory.write_turns.current()
-            written = transport.writeSomeData(data)
-            if not isinstance(written, int):
-                written = 0  # the connection is lost: the buffered write finds that out
-            if written == len(data):
-                return
-            data = data[written:]
+            send_or_buffer(transport, data)
+            return
         transport.write(data)
 
     # IPushProducer: the transport tells us when its write buffer is full or drained.
@@ -479,6 +476,7 @@ class C2SStream(protocol.Protocol):
                 options, self.settings.client_certificates
             )
         self.transport.startTLS(options)
+        speed_up(self.transport, self.factory.tls_writes)
         self.secure = True
         self._direct_writes = False
         self._new_parser()
@@ -593,18 +591,6 @@ def _sent_stanza_kind(data: bytes) -> str | None:
     return _KINDS[start[1]] if start else None
 
 
-def _nothing_buffered(transport: tcp.Connection) -> bool:
-    """Whether a plain TCP transport has nothing waiting to be written and is open for writing
-    (what Twisted's FileDescriptor.write checks, and its buffers)."""
-    return (
-        transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-    )
-
-
 class WriteTurns:
     """Numbers the reactor turns in which streams wrote straight to their sockets: a turn ends
     (the number moves on) before the reactor next polls, once anything was written directly."""
@@ -678,6 +664,7 @@ class C2SFactory(protocol.ServerFactory):
         self.logins: Counter[tuple[str, str]] = Counter()  # (mechanism, "success" | "failure")
         self.tls_failures = 0
         self.write_turns = WriteTurns(self.clock)
+        self.tls_writes = TurnWrites(self.clock)  # see mim_twisted.xmpp.tlswrite
         # Stream features by the stream's state (see C2SStream._serialised_features).
         self.serialised_features: dict[tuple, bytes] = {}
 
