@@ -97,6 +97,14 @@ def meta_data_form(node: PubSubNode, owners: list[str]) -> data_form.Form:
     return form
 
 
+# Forms read before, by their shape (see submitted_values): clients send the same few
+# publish-options forms (OMEMO's, for one) with every publication. Only small forms are kept,
+# so that the memory they take stays small whatever clients send.
+_READ: dict[tuple, dict | None] = {}
+MAX_FORMS_READ = 256
+MAX_FORM_TEXT = 2048  # characters of attribute values and text of a form kept
+
+
 def submitted_values(element: domish.Element | None, namespace: str) -> dict | None:
     """The values of a submitted form (x type='submit'), None for none or a cancelled one.
 
@@ -105,6 +113,39 @@ def submitted_values(element: domish.Element | None, namespace: str) -> dict | N
     """
     if element is None:
         return None
+    shape, size = _shape(element)
+    key = (namespace, shape)
+    try:
+        values = _READ[key]
+    except KeyError:
+        values = _read(element, namespace)  # a bad request is raised again every time
+        if size <= MAX_FORM_TEXT:
+            if len(_READ) >= MAX_FORMS_READ:
+                _READ.clear()
+            _READ[key] = values
+    if values is None:
+        return None
+    # A copy: the caller owns the dictionary and its lists.
+    return {var: list(value) if isinstance(value, list) else value for var, value in values.items()}
+
+
+def _shape(element: domish.Element) -> tuple[tuple, int]:
+    """All of an element that wokkel reads a form from, hashable (equal shapes, equal forms),
+    and the number of characters of its attribute values and text."""
+    size = sum(len(value) for value in element.attributes.values())
+    children = []
+    for child in element.children:
+        if isinstance(child, domish.Element):
+            shape, child_size = _shape(child)
+            children.append(shape)
+            size += child_size
+        else:
+            children.append(child)
+            size += len(child)
+    return (element.uri, element.name, tuple(element.attributes.items()), tuple(children)), size
+
+
+def _read(element: domish.Element, namespace: str) -> dict | None:
     try:
         form = data_form.Form.fromElement(element)
     except data_form.Error as e:
