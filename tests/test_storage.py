@@ -1,5 +1,6 @@
 """The storage backends against their contract, and the schema migrations on real databases."""
 
+import dataclasses
 import os
 import sqlite3
 from importlib.resources.abc import Traversable
@@ -185,6 +186,23 @@ class PostgresStorageTests(
             [database.pubsub.publish_item(SERVICE, "news", item(n), 1) for n in range(12)]
         )
         self.assertEqual(len(await database.pubsub.get_items(SERVICE, "news")), 1)
+
+    async def test_a_publication_is_one_round_trip(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        sent = self.record_statements()
+        await self.pubsub.publish_item(SERVICE, "news", item(1), 1)
+        await self.pubsub.publish_items(SERVICE, "news", [item(2), item(3)], 10)
+        self.assertEqual(len(sent), 2)
+        self.assertTrue(all(s.startswith("BEGIN; ") and s.endswith("; COMMIT") for s in sent))
+
+    async def test_a_refused_item_is_not_a_missing_node(self) -> None:
+        # A missing node is told by its NULL node_id; another column's NULL is the error it is.
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        bad = dataclasses.replace(item(1), publisher=None)
+        await self.assertFailure(
+            self.pubsub.publish_item(SERVICE, "news", bad, 1), psycopg2.errors.NotNullViolation
+        )
+        self.assertEqual(await self.pubsub.get_items(SERVICE, "news"), [])
 
     async def test_writes_to_a_node_wait_for_its_row(self) -> None:
         # What keeps concurrent writes to a node from racing (trimming, the order of

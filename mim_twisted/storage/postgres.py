@@ -1,14 +1,18 @@
 """Storage in PostgreSQL through a pool of asynchronous psycopg2 connections (see pgpool.py)."""
 
 import functools
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from importlib.resources.abc import Traversable
 from typing import TypeVar
 
+from psycopg2 import errors
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mim_twisted.storage import migrations, sql
-from mim_twisted.storage.interfaces import IDatabase
+from mim_twisted.storage.interfaces import IDatabase, NodeNotFound, PubSubItem
 from mim_twisted.storage.pgpool import Body, ConnectionPool, Session
 
 T = TypeVar("T")
@@ -57,6 +61,64 @@ def _sql_transaction(make_transaction: sql.TransactionFactory[T]):
     return body
 
 
+# An item stamped in the statement that writes it, a microsecond after the node's newest item
+# at least (see next_modified_at); a missing node makes node_id NULL, which the table refuses.
+UPSERT_ITEM_AFTER_NEWEST = (
+    "INSERT INTO pubsub_items (node_id, item_id, payload, publisher, created_at, modified_at)"
+    " SELECT node.id, ?, ?, ?, stamp.at, stamp.at"
+    f" FROM (SELECT {sql.NODE_ID} AS id) AS node CROSS JOIN LATERAL"
+    " (SELECT greatest(CAST(? AS TIMESTAMPTZ), max(i.modified_at) + interval '1 microsecond')"
+    " AS at FROM pubsub_items AS i WHERE i.node_id = node.id) AS stamp"
+    " ON CONFLICT (node_id, item_id) DO UPDATE SET"
+    " payload = excluded.payload, publisher = excluded.publisher,"
+    " modified_at = excluded.modified_at"
+)
+TRIM_NAMED_ITEMS = (
+    f"DELETE FROM pubsub_items WHERE node_id = {sql.NODE_ID} AND item_id NOT IN"
+    f" (SELECT item_id FROM pubsub_items WHERE node_id = {sql.NODE_ID}"
+    " ORDER BY modified_at DESC LIMIT ?)"
+)
+TRIM_NAMED_ITEMS_BUT = f"DELETE FROM pubsub_items WHERE node_id = {sql.NODE_ID} AND item_id <> ?"
+
+
+class PostgresPubSubStore(sql.SQLPubSubStore):
+    """Publications in one round trip instead of two: the items' modified_at is worked out by
+    the statements that write them rather than read first (a publication's CPU and latency are
+    mostly its round trips). Each statement of the transaction sees what was committed before
+    it began, as the two round trips did: the node's lock is still taken first."""
+
+    def publish_items(
+        self, service: str, name: str, items: Iterable[PubSubItem], max_items: int | None
+    ) -> Deferred[None]:
+        items = list(items)
+        if not items:
+            return super().publish_items(service, name, items, max_items)
+        publishing = self._publish_items(service, name, items, max_items)
+        return publishing.addErrback(_node_not_found, service, name)
+
+    @sql.transaction
+    def _publish_items(
+        self, service: str, name: str, items: list[PubSubItem], max_items: int | None
+    ) -> sql.Transaction[None]:
+        now = datetime.now(UTC)
+        steps = [(sql.LOCK_NODE, (service, name))]
+        for item in items:
+            row = (item.item_id, item.payload, item.publisher, service, name, now)
+            steps.append((UPSERT_ITEM_AFTER_NEWEST, row))
+        if max_items == 1:
+            steps.append((TRIM_NAMED_ITEMS_BUT, (service, name, items[-1].item_id)))
+        elif max_items is not None:
+            steps.append((TRIM_NAMED_ITEMS, (service, name, service, name, max_items)))
+        yield sql.Batch(*steps, last=True)
+
+
+def _node_not_found(failure: Failure, service: str, name: str) -> None:
+    failure.trap(errors.NotNullViolation)
+    if failure.value.diag.column_name != "node_id":
+        failure.raiseException()
+    raise NodeNotFound(f"{service} {name}")
+
+
 @implementer(IDatabase)
 class PostgresDatabase(sql.SQLStores):
     """The database at ``dsn`` (a libpq connection string) over ``pool_size`` connections.
@@ -76,6 +138,7 @@ class PostgresDatabase(sql.SQLStores):
         self._schema_dir = schema_dir
         self._pool = ConnectionPool(dsn, pool_size, **pool_options)
         super().__init__(self._run)
+        self.pubsub = PostgresPubSubStore(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T], alone: bool = False) -> Deferred[T]:
         # sql.py's plain SELECTs have no side effects: they may run before the transaction.
