@@ -142,7 +142,7 @@ class XmppConnection(asyncio.Protocol):
         self.lost = asyncio.get_running_loop().create_future()
         self.error: Exception | None = None
         # Once set, every byte received goes to it instead of the parser (see NotificationScanner).
-        self.scanner: NotificationScanner | None = None
+        self.scanner: NotificationScanner | PepScanner | None = None
         self._direct: tuple | None = None  # see read_directly
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -211,7 +211,7 @@ class XmppConnection(asyncio.Protocol):
             raise XmppError(f"stream error: {' '.join(conditions)}")
         return element
 
-    def read_directly(self, scanner: "NotificationScanner") -> None:
+    def read_directly(self, scanner: "NotificationScanner | PepScanner") -> None:
         """From now on, hand every byte received to `scanner`, read by a callback of the event
         loop's own straight from the socket and through the TLS object of the connection.
 
@@ -1184,6 +1184,8 @@ class PepRing:
         self.notifications = 0
         self.latencies: list[float] = []
         self.sent_at: dict[str, float] = {}
+        self.verified = 0  # notifications parsed in full (see PepScanner)
+        self.malformed: list[str] = []
 
     def notified(self, label: str | None) -> None:
         sent_at = self.sent_at.get(label or "")
@@ -1210,6 +1212,108 @@ def _pep_handler(client: Client, ring: PepRing, caps_node: str) -> Callable[[ET.
             _answer_iq(client, element, caps_node)
 
     return on_stanza
+
+
+DEVICE_LABEL = re.compile(rb"<device\s[^>]*?\blabel=(?:'([^']*)'|\"([^\"]*)\")")
+STANZA_NAME = re.compile(rb"<([A-Za-z][\w:.-]*)")
+
+
+class PepScanner:
+    """A PEP user's receiving end while the users publish: the labels of the device lists
+    notified are found in the received bytes, as `NotificationScanner` finds item ids
+    (parsing each notification cost the load generator about as much CPU as the server
+    spent on it). Every other top-level stanza (the replies to the user's publications, a
+    presence, a request) is cut out, parsed with namespaces and handled as before.
+
+    The first notification and then every `verify_every`-th are parsed too and must be a
+    <message/> whose <event/> item holds a device list with the label found; anything else
+    is counted in `ring.malformed`. What is not complete yet waits for the next bytes.
+    """
+
+    def __init__(self, client: "Client", ring: PepRing, every: int) -> None:
+        self.client = client
+        self.ring = ring
+        self.every = every
+        self.countdown = 1  # the first notification is checked
+        self.rest = b""
+
+    def feed(self, data: bytes) -> None:
+        data = self.rest + data if self.rest else data
+        at = 0
+        while True:
+            start = data.find(b"<", at)
+            if start < 0:
+                at = len(data)
+                break
+            if data.startswith(MESSAGE_START, start):
+                end = data.find(MESSAGE_END, start)
+                if end >= 0:
+                    end += len(MESSAGE_END)
+                    self._message(data, start, end)
+            else:
+                end = self._other(data, start)
+            if end < 0:
+                at = start
+                break
+            at = end
+        self.rest = data[at:]
+
+    def _message(self, data: bytes, start: int, end: int) -> None:
+        match = DEVICE_LABEL.search(data, start, end)
+        if match is None:
+            self._handle(data[start:end])
+            return
+        label = (match[1] if match[1] is not None else match[2]).decode()
+        self.countdown -= 1
+        if self.countdown == 0:
+            self.countdown = self.every
+            self._verify(data[start:end], label)
+        self.ring.notified(label)
+
+    def _other(self, data: bytes, start: int) -> int:
+        """Where the top-level element at `start` ends (-1: not received whole yet), having
+        handled it."""
+        name = STANZA_NAME.match(data, start)
+        close = data.find(b">", start)
+        if name is None or close < 0:
+            if data.startswith(b"</stream:stream", start):
+                self.client.conn._fail(XmppError("the server closed the stream"))
+                return len(data)
+            return -1
+        if name[1].startswith(b"stream:"):
+            self.client.conn._fail(XmppError(f"stream error: {data[start : start + 300]!r}"))
+            return len(data)
+        if data[close - 1 : close] == b"/":
+            end = close + 1
+        else:
+            tail = b"</" + name[1] + b">"
+            end = data.find(tail, close)
+            if end < 0:
+                return -1
+            end += len(tail)
+        self._handle(data[start:end])
+        return end
+
+    def _parse(self, stanza: bytes) -> ET.Element | None:
+        try:
+            return ET.fromstring(STANZA_OPEN + stanza + STANZA_CLOSE)[0]
+        except ET.ParseError as e:
+            self.ring.malformed.append(f"not well-formed: {e}: {stanza[:200]!r}")
+            return None
+
+    def _handle(self, stanza: bytes) -> None:
+        element = self._parse(stanza)
+        if element is not None:
+            self.client._dispatch(element)
+
+    def _verify(self, stanza: bytes, label: str) -> None:
+        self.ring.verified += 1
+        message = self._parse(stanza)
+        if message is None:
+            return
+        device = message.find(f"{PATH_EVENT_ITEM}/{{{NS_OMEMO}}}devices/{{{NS_OMEMO}}}device")
+        if message.tag != TAG_MESSAGE or device is None or device.get("label") != label:
+            self.ring.malformed.append(f"not the notification of {label}: {stanza[:300]!r}")
 
 
 def _answer_iq(client: Client, iq: ET.Element, caps_node: str) -> None:
@@ -1316,6 +1420,9 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
             raise XmppError(f"only {ring.approved} of {expected} subscriptions approved")
         exchange_seconds = now() - exchange_started
         await asyncio.sleep(opts.settle)
+        # The streams are quiet now: from here on their bytes are scanned (see PepScanner).
+        for client in clients:
+            client.conn.read_directly(PepScanner(client, ring, opts.verify_every))
 
         def publish_loop(client: Client) -> Callable[[], Awaitable]:
             async def loop() -> None:
@@ -1359,6 +1466,11 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
         failures = [t.exception() for t in done if not t.cancelled() and t.exception()]
         if failures:
             raise XmppError(f"{len(failures)} publishers failed, first: {failures[0]!r}")
+        if ring.malformed:
+            raise XmppError(
+                f"{len(ring.malformed)} of {ring.verified} notifications checked are wrong,"
+                f" first: {ring.malformed[0]}"
+            )
     finally:
         await close_all(clients)
     return {
@@ -1374,6 +1486,7 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
         "notifications_per_publish": round(ring.notifications / max(ring.published, 1), 2),
         "publish_to_notification_ms": percentiles(ring.latencies),
         "publish_errors": len(ring.publish_errors),
+        "verified": ring.verified,
         **cpu,
     }
 
