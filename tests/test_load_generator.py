@@ -1,5 +1,5 @@
-"""benchmarks/load.py's receiving end of the PubSub fan-out: notifications counted from the bytes
-received, and a sample of them parsed in full and checked."""
+"""benchmarks/load.py's receiving ends of the PubSub fan-out and of PEP: notifications counted
+from the bytes received, and a sample of them parsed in full and checked."""
 
 import asyncio
 import importlib.util
@@ -102,6 +102,80 @@ class NotificationScannerTests(unittest.TestCase):
         scanner.feed(whole[-3:])
         self.assertEqual(fanout.ids, ["0-1"])
         self.assertEqual(scanner.rest, b"")
+
+
+def device_list(label: str, *, owner: str = "load3@localhost") -> bytes:
+    return (
+        f"<message from='{owner}' to='load7@localhost/r' type='headline'>"
+        "<event xmlns='http://jabber.org/protocol/pubsub#event'>"
+        "<items node='urn:xmpp:omemo:2:devices'><item id='current'>"
+        f"<devices xmlns='urn:xmpp:omemo:2'><device id='3' label='{label}'/></devices>"
+        "</item></items></event></message>"
+    ).encode()
+
+
+class FakePepClient:
+    def __init__(self) -> None:
+        self.handled: list[str] = []
+        self.conn = SimpleNamespace(failed=[])
+        self.conn._fail = self.conn.failed.append
+
+    def _dispatch(self, element) -> None:
+        self.handled.append(element.tag.split("}")[-1] + ":" + (element.get("id") or ""))
+
+
+def pep_user(every: int = 1) -> tuple:
+    ring = load.PepRing()
+    ring.measuring = True
+    ring.sent_at = {f"3.{k}": 0.0 for k in range(20)}
+    client = FakePepClient()
+    return ring, client, load.PepScanner(client, ring, every)
+
+
+class PepScannerTests(unittest.TestCase):
+    def test_notifications_counted_and_other_stanzas_handled_however_the_bytes_are_cut(
+        self,
+    ) -> None:
+        stream = (
+            b"\n"
+            + device_list("3.1")
+            + b"<iq type='result' id='q1'/>"
+            # another server's way: double quotes and a default namespace on the stanza
+            + b'<message xmlns="jabber:client" from="load3@localhost"><event'
+            b' xmlns="http://jabber.org/protocol/pubsub#event"><items node="n"><item id="c">'
+            b'<devices xmlns="urn:xmpp:omemo:2"><device label="3.2" id="3"/></devices>'
+            b"</item></items></event></message>"
+            + b"<iq type='result' id='q2'><pubsub xmlns='http://jabber.org/protocol/pubsub'/></iq>"
+            + b"<message from='a@localhost' id='m1'><body>no device list</body></message>"
+            + device_list("3.3")
+        )
+        for size in (1, 2, 7, 64, len(stream)):
+            ring, client, scanner = pep_user()
+            for start in range(0, len(stream), size):
+                scanner.feed(stream[start : start + size])
+            self.assertEqual(ring.notifications, 3, size)
+            self.assertEqual((ring.verified, ring.malformed), (3, []), size)
+            self.assertEqual(client.handled, ["iq:q1", "iq:q2", "message:m1"], size)
+            self.assertEqual(scanner.rest, b"", size)
+
+    def test_the_first_and_then_every_nth_is_parsed_and_what_is_wrong_reported(self) -> None:
+        ring, client, scanner = pep_user(every=4)
+        scanner.feed(b"".join(device_list(f"3.{k}") for k in range(10)))
+        self.assertEqual((ring.notifications, ring.verified), (10, 3))
+        ring, client, scanner = pep_user()
+        scanner.feed(device_list("3.1").replace(b"pubsub#event", b"pubsub"))
+        scanner.feed(b"<message><device label='3.2'><x></device></message>")
+        self.assertEqual(ring.notifications, 2)
+        self.assertEqual(len(ring.malformed), 2, ring.malformed)
+        self.assertIn("not the notification of 3.1", ring.malformed[0])
+        self.assertIn("not well-formed", ring.malformed[1])
+
+    def test_the_end_of_the_stream_and_a_stream_error_fail_the_connection(self) -> None:
+        for end in (b"</stream:stream>", b"<stream:error><conflict/></stream:error>"):
+            ring, client, scanner = pep_user()
+            scanner.feed(device_list("3.1") + end)
+            self.assertEqual(ring.notifications, 1)
+            self.assertEqual(len(client.conn.failed), 1, end)
 
 
 class DirectReadingTests(unittest.TestCase):
