@@ -1599,7 +1599,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--publishers", type=int, default=1, help="pubsub: publishers, each publishing --items"
     )
     parser.add_argument(
-        "--verify-every", type=int, default=64, help="pubsub: parse the first notification of"
+        "--verify-every", type=int, default=64, help="pubsub, pep: parse the first notification of"
         " each subscriber and then every Nth in full, checking it (1: every notification)"
     )  # fmt: skip
     parser.add_argument("--body-size", type=int, default=64, help="messages: body characters")
