@@ -12,14 +12,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LegacyLogObserverWrapper,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     jsonFileLogObserver,
-    textFileLogObserver,
 )
 from twisted.python import logfile
 from zope.interface import provider
@@ -62,7 +64,7 @@ def _destination(twistd_options: Mapping[str, Any], log_format: str) -> ILogObse
         _rotate_on_sigusr1(stream)
     if log_format == "json":
         return _json_lines_observer(stream)
-    return textFileLogObserver(stream)
+    return FileLogObserver(stream, ClassicText())
 
 
 def _json_lines_observer(stream: Any) -> ILogObserver:
@@ -72,7 +74,7 @@ def _json_lines_observer(stream: Any) -> ILogObserver:
 
     @provider(ILogObserver)
     def observe(event: dict) -> None:
-        write_json({**event, "text": formatEvent(event)})
+        write_json({**event, "text": format_message(event)})
 
     return observe
 
@@ -87,3 +89,49 @@ def _rotate_on_sigusr1(stream: logfile.LogFile) -> None:
             reactor.callFromThread(stream.rotate)
 
         signal.signal(signal.SIGUSR1, rotate)
+
+
+def format_message(event: dict) -> str:
+    """The event's message, as Twisted's ``formatEvent`` makes it, for less: one with neither
+    Twisted's call syntax ("{f()}") nor flattened fields is formatted by ``str.format_map``,
+    which gives the same text, instead of ``string.Formatter`` in Python."""
+    message = event.get("log_format")
+    if type(message) is str and "()" not in message and "log_flattened" not in event:
+        try:
+            return message.format_map(event)
+        except Exception:
+            pass  # Twisted's formatEvent says what could not be formatted
+    return formatEvent(event)
+
+
+class ClassicText:
+    """The text of twistd's log (``formatEventAsClassicLogText``), made for less: a busy server
+    logs a line per login, and Twisted makes each line's time stamp through a new time zone
+    object and its message through ``string.Formatter``. Here the stamp is made once per second
+    and the message by ``format_message``; an event with a failure is Twisted's to format."""
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._stamp = "-"
+
+    def __call__(self, event: dict) -> str | None:
+        system = event.get("log_system")
+        if "log_failure" in event or not (system is None or type(system) is str):
+            return formatEventAsClassicLogText(event, formatTime=self._time)
+        text = format_message(event)
+        if not text:
+            return None
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        line = f"{self._time(event.get('log_time'))} [{system}] {text}"
+        return line.replace("\n", "\n\t") + "\n"
+
+    def _time(self, when: float | None) -> str:
+        # The stamp has whole seconds (RFC 3339 with the local offset): one per second.
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._second, self._stamp = second, formatTime(second)
+        return self._stamp

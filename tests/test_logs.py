@@ -5,11 +5,11 @@ import os
 import signal
 
 from twisted.internet import reactor, task
-from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
 from twisted.trial import unittest
 
 from mim_twisted.config import load_config
-from mim_twisted.logs import LEVELS, LogOutput
+from mim_twisted.logs import LEVELS, ClassicText, LogOutput
 
 
 class LogOutputTests(unittest.TestCase):
@@ -59,6 +59,28 @@ class LogOutputTests(unittest.TestCase):
     def test_daemon_cannot_log_to_stdout(self) -> None:
         with self.assertRaises(SystemExit):
             LogOutput({"logfile": "-", "nodaemon": False}, "info", "text")
+
+
+class ClassicTextTests(unittest.TestCase):
+    def test_same_text_as_twisted(self) -> None:
+        events: list[dict] = []
+        log = Logger(namespace="mim_twisted.test", observer=LogPublisher(events.append))
+        log.info("{peer} bound {jid}", peer="127.0.0.1:1", jid="alice@localhost/phone")
+        log.info("two\nlines {value!r} {number:.2f}", value="it's", number=3.14159)
+        log.info("called {function()}", function=lambda: "once")
+        log.info("missing {field}")
+        log.info("")
+        log.warn("{items[0]} {number.real}", items=["first"], number=3)
+        try:
+            raise ValueError("bad")
+        except ValueError:
+            log.failure("failed {what}", what="division")
+        events.append({"log_format": "from a worker", "log_system": "worker 1 x#info"})
+        events.append({"log_format": "no time, level or namespace"})
+        events.append({"log_format": "system not text", "log_system": 5, "log_time": 0.0})
+        text = ClassicText()
+        for event in events:
+            self.assertEqual(text(event), formatEventAsClassicLogText(event))
 
 
 class LevelNamesTests(unittest.TestCase):
