@@ -21,6 +21,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 
 import mim_twisted
+from mim_twisted.auth.credentialcache import CredentialCache
 from mim_twisted.config import MAX_UNIX_SOCKET_PATH
 from mim_twisted.listeners import describe_address
 from mim_twisted.xmpp.jids import parse_jid
@@ -141,6 +142,10 @@ class AdminCommands:
         core = self.server.core
         if core is None:
             return []
+        if isinstance(core.accounts, CredentialCache):
+            # mimctl kicks after it changed the password or removed the account: the next
+            # login must read the credentials from the database.
+            core.accounts.forget(target.host, target.user)
         # This process's own: each node (or worker) of a cluster is asked for its own.
         local = core.sessions.local
         if target.resource is None:

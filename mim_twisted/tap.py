@@ -28,6 +28,7 @@ import mim_twisted
 from mim_twisted import gctuning, hooks, storage
 from mim_twisted.admin import AdminService
 from mim_twisted.auth.certs import ExternalSettings
+from mim_twisted.auth.credentialcache import CredentialCache
 from mim_twisted.auth.throttle import AuthFailureBudget, FailureBudgetSettings
 from mim_twisted.cluster import coherence
 from mim_twisted.config import Config, ConfigError, ListenerConfig, changed_keys, load_config
@@ -223,6 +224,8 @@ class ImCore:
     caps: CapsService
     registration: RegistrationService
     blocking: BlockingService | None = None  # None when the module is off
+    # What logins read credentials from: the store, or a CredentialCache in front of it.
+    accounts: Any = None
 
     def install(self, factory: C2SFactory) -> None:
         """Offer the core's stream features and pre-authentication requests on a listener."""
@@ -296,8 +299,14 @@ def build_im_core(
     disco.add_server_feature(FEATURE_MSGOFFLINE)  # offline storage is part of every IM core
     ping.install(router, disco)
     version.install(router, disco)
+    accounts: Any = database.accounts
+    if not config.cluster.enabled and config.admin.enabled:
+        # Logins read no credentials from the database for accounts that logged in lately.
+        # Only where every password change is seen: this process's own (registration) and
+        # mimctl's, which it tells the admin socket of (see credentialcache.py).
+        accounts = CredentialCache(database.accounts, clock)
     registration = RegistrationService(
-        database.accounts,
+        accounts,
         sessions,
         clock,
         enabled=config.registration.enabled,
@@ -331,6 +340,7 @@ def build_im_core(
         caps_service,
         registration,
         blocking,
+        accounts,
     )
 
 
@@ -782,10 +792,10 @@ class MimService(service.MultiService, ServerRegistry):
         return self
 
     def _client_factory(self, listener: ListenerConfig) -> C2SFactory:
-        database, core = self.database, self.core
+        core = self.core
         factory = C2SFactory(
             self._c2s_settings(listener, self.tls_options),
-            accounts=database.accounts,
+            accounts=core.accounts,
             im=core.router,
             clock=self.reactor,
             mechanism_factory=self.create_sasl_mechanism,

@@ -196,6 +196,26 @@ class AdminSocketTests(ServerTestCase):
         renewed = self.client("alice@localhost/desk", "new secret")
         self.assertEqual(await renewed.connect(), "session_start")
 
+    async def test_passwd_is_enforced_at_once_after_a_login(self) -> None:
+        # The login before holds alice's credentials in the server's cache: the change must
+        # still refuse the old password on the next login.
+        alice = await self.online("alice@localhost/desk")
+        await alice.close()
+        status, _, err = await self.mimctl(
+            "passwd", "--password-stdin", "alice@localhost", stdin="new secret\n"
+        )
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(await self.client("alice@localhost/a", PASSWORD).connect(), "failed_auth")
+        renewed = self.client("alice@localhost/b", "new secret")
+        self.assertEqual(await renewed.connect(), "session_start")
+
+    async def test_unregister_is_enforced_at_once_after_a_login(self) -> None:
+        alice = await self.online("alice@localhost/desk")
+        await alice.close()
+        status, _, err = await self.mimctl("unregister", "alice@localhost")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(await self.client("alice@localhost/a", PASSWORD).connect(), "failed_auth")
+
     async def test_stats(self) -> None:
         alice = await self.online("alice@localhost/desk")
         await self.online("bob@localhost/desk")
