@@ -382,6 +382,50 @@ class SessionTableRaceTests(unittest.TestCase):
         self.assertEqual(node, nodes[winner][0].node)
 
 
+class SessionTableTurnTests(unittest.TestCase):
+    """With a reactor, the table's writes of one turn go in one statement per kind."""
+
+    async def test_the_writes_of_a_turn_go_together(self) -> None:
+        dsn = pgsupport.create_temp_database(self)
+        database = await open_database("postgresql", postgresql_dsn=dsn, auto_migrate=True)
+        self.addCleanup(database.close)
+        runs = []
+        run = database.run
+
+        def counted(body, alone: bool = False) -> defer.Deferred:
+            runs.append(alone)
+            return run(body, alone=alone)
+
+        database.run = counted
+        clock, bus = Clock(), FakeBus()
+        table = SessionTable(database, clock)
+        sessions = ClusterSessions("n1", bus, Outbox(bus, clock, lambda _: None), table)
+        bound = [FakeSession(f"u{index}@localhost/r") for index in range(3)]
+        for session in bound:
+            sessions.bind(session)
+        self.assertEqual(runs, [])
+        clock.advance(0)
+        await table.writing.idle()
+        self.assertEqual(runs, [True])  # one insert for the three claims
+        for session in bound:
+            session.presence, session.message_priority = presence(5), 5
+            sessions.announce(session)
+        clock.advance(0)
+        await table.writing.idle()
+        rows = sorted((await table.load()), key=lambda row: row[1][0])
+        self.assertEqual(
+            [(node, record[0], record[1]) for node, record in rows],
+            [("n1", f"u{index}@localhost/r", 5) for index in range(3)],
+        )
+        for session in bound:
+            sessions.unbind(session)
+        clock.advance(0)
+        await table.writing.idle()
+        # The claims' insert, the saves, the load above, the removals: one statement each.
+        self.assertEqual(runs, [True, True, False, True])
+        self.assertEqual(await table.load(), [])
+
+
 class FakeDatabase:
     """`run(body)` answers with the Deferreds a test holds, or with no rows."""
 

@@ -69,7 +69,7 @@ class ClusterNode(service.Service):
         return defer.ensureDeferred(self._start())
 
     async def _start(self) -> None:
-        self.table = SessionTable(self.storage.database)
+        self.table = SessionTable(self.storage.database, self.reactor)
         outbox = Outbox(self.bus, self.reactor, self._undeliverable)
         self.sessions = ClusterSessions(self.node, self.bus, outbox, self.table)
         self.bus.on("heartbeat", self._heard)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
@@ -435,6 +436,26 @@ _CLAIM_FREE_ROW = (
     "INSERT INTO cluster_sessions (jid, node, priority, presence, features)"
     " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (jid) DO NOTHING RETURNING node"
 )
+_ROW_VALUES = "(%s, %s, %s, %s, %s)"
+
+
+def _claim_free_rows(count: int) -> str:
+    return (
+        "INSERT INTO cluster_sessions (jid, node, priority, presence, features) VALUES "
+        + ", ".join([_ROW_VALUES] * count)
+        + " ON CONFLICT (jid) DO NOTHING RETURNING jid"
+    )
+
+
+def _save_rows(count: int) -> str:
+    # A row another node holds is left alone: the session here is the older one, replaced.
+    return (
+        "INSERT INTO cluster_sessions (jid, node, priority, presence, features) VALUES "
+        + ", ".join([_ROW_VALUES] * count)
+        + " ON CONFLICT (jid) DO UPDATE SET priority = EXCLUDED.priority,"
+        " presence = EXCLUDED.presence, features = EXCLUDED.features"
+        " WHERE cluster_sessions.node = EXCLUDED.node"
+    )
 
 
 def _row(record: Record, node: str) -> tuple:
@@ -450,13 +471,26 @@ def _record(jid: str, priority: Any, presence: Any, features: str | None) -> Rec
 
 class SessionTable:
     """`cluster_sessions` in the PostgreSQL database. Writes are sent and not waited for: a
-    failure is logged, and the announcement on the bus still keeps the other nodes current."""
+    failure is logged, and the announcement on the bus still keeps the other nodes current.
 
-    def __init__(self, database: Any) -> None:
+    With a reactor, the writes of one reactor turn go together at its end, one statement for
+    its claims, one for its saves, one for its removals: a burst of logins binds, announces and
+    ends many sessions in a turn. Without one (tests), each write goes at once. Statements may
+    reach the database in another order than they were made, as they did when each had its
+    own: a claim, a save and a removal of one row each hold up on their own (see `claim`,
+    `ClusterSessions._claimed`).
+    """
+
+    def __init__(self, database: Any, reactor: Any = None) -> None:
         self.database = database
+        self.reactor = reactor
         self.writing = InFlight()  # what a stop waits for before the database closes
+        self._claims: list[tuple[tuple, defer.Deferred]] = []
+        self._saves: dict[str, tuple] = {}  # by full JID: the last change of the turn
+        self._removals: dict[str, list[str]] = {}  # node -> full JIDs
+        self._flushed: defer.Deferred | None = None  # fires once the turn's writes are done
 
-    def _write(self, statement: str, parameters: tuple) -> None:
+    def _write(self, statement: str, parameters: tuple) -> defer.Deferred:
         async def body(session: Any) -> None:
             await session.execute(statement, parameters)
 
@@ -467,20 +501,62 @@ class SessionTable:
         )
         self.writing.track(writing)
 
+    def _pending(self) -> None:
+        """Something waits to be written: at the end of the turn, or now without a reactor."""
+        if self.reactor is None:
+            self._flush()
+        elif self._flushed is None:
+            self._flushed = self.writing.track(defer.Deferred())
+            self.reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        claims, self._claims = self._claims, []
+        saves, self._saves = self._saves, {}
+        removals, self._removals = self._removals, {}
+        flushed, self._flushed = self._flushed, None
+        if claims:
+            self._claim_rows(claims)
+        if saves:
+            rows = list(saves.values())
+            self._write(_save_rows(len(rows)), sum(rows, ()))
+        for node, jids in removals.items():
+            self._write(
+                "DELETE FROM cluster_sessions WHERE node = %s AND jid = ANY(%s)", (node, jids)
+            )
+        if flushed is not None:
+            flushed.callback(None)  # what it stood for is tracked now: the writes, the claims
+
     def claim(self, record: Record, node: str) -> defer.Deferred:
         """The row of a session just bound on `node`, whoever held its full JID: a Deferred
         firing with the node that held it (None if none did); the caller tracks it in
         `writing`."""
-        values = _row(record, node)
+        claiming: defer.Deferred = defer.Deferred()
+        self._claims.append((_row(record, node), claiming))
+        self._pending()
+        return claiming
+
+    def _claim_rows(self, claims: list[tuple[tuple, defer.Deferred]]) -> None:
+        rows = [values for values, _ in claims]
 
         async def insert(session: Any) -> list[tuple]:
-            return await session.execute(_CLAIM_FREE_ROW, values)
+            return await session.execute(_claim_free_rows(len(rows)), sum(rows, ()))
 
         # Most full JIDs are held by no one: the insert alone, one round trip; the transaction
-        # below only when another node's row is there.
-        claiming = self.database.run(insert, alone=True)
-        claiming.addCallback(lambda inserted: None if inserted else self._take_over(values))
-        return claiming
+        # of `_take_over` only for a row another node holds (or a full JID claimed twice).
+        def inserted(result: list[tuple]) -> None:
+            free = {jid for (jid,) in result}
+            for values, claiming in claims:
+                if values[0] in free:
+                    free.discard(values[0])
+                    claiming.callback(None)
+                else:
+                    self._take_over(values).chainDeferred(claiming)
+
+        def failed(failure: Failure) -> None:
+            for _, claiming in claims:
+                claiming.errback(failure)
+
+        self.database.run(insert, alone=True).addCallbacks(inserted, failed)
 
     def _take_over(self, values: tuple) -> defer.Deferred:
         """The row of `values`' full JID, held by another node (or deleted meanwhile): the node
@@ -509,16 +585,12 @@ class SessionTable:
     def save(self, record: Record, node: str) -> None:
         """A change of the session's presence or caps, unless another node holds its full
         JID (then the session here is the older one, being replaced)."""
-        self._write(
-            "INSERT INTO cluster_sessions (jid, node, priority, presence, features)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (jid) DO UPDATE SET"
-            " priority = EXCLUDED.priority, presence = EXCLUDED.presence,"
-            " features = EXCLUDED.features WHERE cluster_sessions.node = EXCLUDED.node",
-            _row(record, node),
-        )
+        self._saves[record[0]] = _row(record, node)
+        self._pending()
 
     def remove(self, jid: str, node: str) -> None:
-        self._write("DELETE FROM cluster_sessions WHERE jid = %s AND node = %s", (jid, node))
+        self._removals.setdefault(node, []).append(jid)
+        self._pending()
 
     async def load(self) -> list[tuple[str, Record]]:
         async def body(session: Any) -> list[tuple]:
