@@ -9,6 +9,7 @@ from mim_twisted.xmpp.jids import (
     MAX_CACHED_PART,
     nodeprep_cached,
     parse_jid,
+    prepared_jid,
     resourceprep_cached,
     with_resource,
 )
@@ -51,3 +52,15 @@ class WithResourceTests(unittest.TestCase):
 
     def test_an_empty_resource_is_none(self) -> None:
         self.assertIsNone(with_resource(parse_jid("alice@localhost"), "").resource)
+
+
+class PreparedJidTests(unittest.TestCase):
+    def test_equals_the_parsed_jid_of_a_full_jid_text(self) -> None:
+        for text in ("Alice@LocalHost/Phone/x@y", "alice@localhost", "localhost/res", "localhost"):
+            parsed = parse_jid(text)
+            jid = prepared_jid(parsed.full())
+            self.assertEqual(
+                (jid.user, jid.host, jid.resource), (parsed.user, parsed.host, parsed.resource)
+            )
+            self.assertEqual((jid, hash(jid)), (parsed, hash(parsed)))
+            self.assertEqual(jid.userhostJID(), parsed.userhostJID())

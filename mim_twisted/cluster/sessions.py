@@ -41,7 +41,7 @@ from mim_twisted.im.roster import NS_ROSTER
 from mim_twisted.im.sessions import Session, SessionManager
 from mim_twisted.im.stream_management import parse_stanza
 from mim_twisted.inflight import InFlight
-from mim_twisted.xmpp.jids import parse_jid
+from mim_twisted.xmpp.jids import parse_jid, prepared_jid
 from mim_twisted.xmpp.serialise import escape_attribute, to_xml
 
 if TYPE_CHECKING:
@@ -375,7 +375,9 @@ class ClusterSessions:
         return self._remote.get(jid.userhostJID(), {}).get(jid.resource)
 
     def remember(self, node: str, record: Record) -> RemoteSession:
-        jid = parse_jid(record[0])
+        # Each announcement of a new session (a new full JID): stringprep again would cost
+        # more than the rest of it.
+        jid = prepared_jid(record[0])
         resources = self._remote.setdefault(jid.userhostJID(), {})
         session = resources.get(jid.resource)
         if session is None or session.node != node:
@@ -418,7 +420,7 @@ class ClusterSessions:
         self.remember(node, record)
 
     def _unbound(self, node: str, jid: str) -> None:
-        self._forget(node, parse_jid(jid))
+        self._forget(node, prepared_jid(jid))
 
     def _replace(self, node: str, jid: str) -> None:
         session = self.local.session(parse_jid(jid))

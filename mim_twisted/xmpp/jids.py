@@ -51,3 +51,13 @@ def with_resource(bare: JID, resource: str) -> JID:
     full = JID.__new__(JID)
     full.user, full.host, full.resource = bare.user, bare.host, resource or None
     return full
+
+
+def prepared_jid(text: str) -> JID:
+    """The JID of a text this server made of one (``JID.full()``, sent between cluster nodes):
+    its parts are in their prepared forms already, so they are split, not prepared again."""
+    bare, slash, resource = text.partition("/")
+    user, at, host = bare.rpartition("@")
+    jid = JID.__new__(JID)
+    jid.user, jid.host, jid.resource = user if at else None, host, resource if slash else None
+    return jid
