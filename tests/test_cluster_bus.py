@@ -54,6 +54,45 @@ class BufferTests(unittest.TestCase):
         self.assertFalse(bus.connected)
 
 
+class BroadcastTurnTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.bus = ClusterBus(cluster_settings("n1"), self.clock)  # not connected: held
+
+    def bodies(self) -> list[tuple[str, str, object]]:
+        return [decode(message.body) for message in self.bus._held]
+
+    def test_the_broadcasts_of_a_turn_are_one_message(self) -> None:
+        self.bus.broadcast("session", ["a@localhost/r", None, None, None])
+        self.bus.broadcast("unbound", "b@localhost/r")
+        self.assertEqual(self.bodies(), [])
+        self.clock.advance(0)
+        self.assertEqual(
+            self.bodies(),
+            [("batch", "n1", [["session", ["a@localhost/r", None, None, None]],
+                              ["unbound", "b@localhost/r"]])],
+        )  # fmt: skip
+        self.bus.broadcast("heartbeat", None)
+        self.clock.advance(0)
+        self.assertEqual(self.bodies()[1:], [("heartbeat", "n1", None)])
+
+    def test_a_message_to_one_node_goes_after_the_broadcasts_before_it(self) -> None:
+        self.bus.broadcast("session", "first")
+        self.bus.send("n2", "replace", "a@localhost/r")
+        self.clock.advance(0)
+        self.assertEqual(
+            self.bodies(), [("session", "n1", "first"), ("replace", "n1", "a@localhost/r")]
+        )
+
+    def test_a_batch_is_handled_in_order(self) -> None:
+        heard = []
+        for kind in ("session", "unbound"):
+            self.bus.on(kind, lambda node, payload, kind=kind: heard.append((kind, node, payload)))
+        body = encode("n2", "batch", [["session", 1], ["unbound", 2], ["session", 3]])
+        self.bus._received(None, None, None, body)
+        self.assertEqual(heard, [("session", "n2", 1), ("unbound", "n2", 2), ("session", "n2", 3)])
+
+
 class BrokerTests(unittest.TestCase):
     def setUp(self) -> None:
         require_broker()

@@ -51,6 +51,9 @@ PRECONDITION_FAILED = 406
 # `handler(node, payload)`: the node it came from and the payload as sent.
 Handler = Callable[[str, Any], None]
 
+# The kind of a message carrying several broadcasts: its payload is their [kind, payload]s.
+BATCH = "batch"
+
 
 class _Outgoing(NamedTuple):
     exchange: bytes  # AMQP shortstrs
@@ -102,6 +105,9 @@ class ClusterBus(BrokerLink):
         # Called without arguments each time the bus is (again) connected, or lost.
         self.connected_listeners: list[Callable[[], None]] = []
         self.lost_listeners: list[Callable[[], None]] = []
+        # The broadcasts of this reactor turn, sent together at its end (see broadcast).
+        self._broadcasts: list[list[Any]] = []
+        self._broadcasting: Any = None
 
     @property
     def connected(self) -> bool:
@@ -119,10 +125,29 @@ class ClusterBus(BrokerLink):
         self._handlers.setdefault(kind, []).append(handler)
 
     def broadcast(self, kind: str, payload: Any) -> None:
-        """To every other node (JSON-serialisable `payload`)."""
-        self._publish(
-            _Outgoing(self._events_exchange, b"\x00", encode(self.node, kind, payload), None)
-        )
+        """To every other node (JSON-serialisable `payload`).
+
+        The broadcasts of one reactor turn go as one message at its end (a burst of logins
+        announces many sessions a turn, and each message costs every node a few frames to
+        read), or at once before a message to one node, so that the node's messages keep
+        their order."""
+        if not self._broadcasts:
+            self._broadcasting = self.reactor.callLater(0, self._send_broadcasts)
+        self._broadcasts.append([kind, payload])
+
+    def _send_broadcasts(self) -> None:
+        if self._broadcasting is not None and self._broadcasting.active():
+            self._broadcasting.cancel()
+        self._broadcasting = None
+        broadcasts, self._broadcasts = self._broadcasts, []
+        if not broadcasts:
+            return
+        if len(broadcasts) == 1:
+            [(kind, payload)] = broadcasts
+            body = encode(self.node, kind, payload)
+        else:
+            body = encode(self.node, BATCH, broadcasts)
+        self._publish(_Outgoing(self._events_exchange, b"\x00", body, None))
 
     def send(
         self,
@@ -132,6 +157,7 @@ class ClusterBus(BrokerLink):
         undeliverable: Callable[[], None] | None = None,
     ) -> None:
         """To one node; `undeliverable()` is called if the buffer has no room for it."""
+        self._send_broadcasts()
         key = self._node_keys.get(node)
         if key is None:
             key = self._node_keys[node] = short_string(node)
@@ -164,6 +190,13 @@ class ClusterBus(BrokerLink):
             return
         if node == self.node:
             return  # its own broadcast
+        if kind != BATCH:
+            self._dispatch(node, kind, payload)
+            return
+        for each_kind, each_payload in payload:
+            self._dispatch(node, each_kind, each_payload)
+
+    def _dispatch(self, node: str, kind: str, payload: Any) -> None:
         for handler in self._handlers.get(kind, ()):
             try:
                 handler(node, payload)
@@ -279,5 +312,6 @@ class ClusterBus(BrokerLink):
         return taken
 
     def stopService(self) -> defer.Deferred:
+        self._send_broadcasts()  # the last turn's ("stopped"), before the connection closes
         super().stopService()
         return defer.ensureDeferred(self._close())
