@@ -6,6 +6,7 @@ syslog). ``LogOutput`` builds the same destination from twistd's options and put
 filter (changeable while running, for SIGHUP) and the text or JSON-lines format in front of it.
 """
 
+import json
 import signal
 import sys
 from collections.abc import Mapping
@@ -18,13 +19,12 @@ from twisted.logger import (
     LegacyLogObserverWrapper,
     LogLevel,
     LogLevelFilterPredicate,
+    eventAsJSON,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
-    jsonFileLogObserver,
 )
 from twisted.python import logfile
-from zope.interface import provider
 
 LEVELS = {
     "debug": LogLevel.debug,
@@ -69,14 +69,44 @@ def _destination(twistd_options: Mapping[str, Any], log_format: str) -> ILogObse
 
 def _json_lines_observer(stream: Any) -> ILogObserver:
     # One JSON object per line; "text" is the rendered message, for readers that do not
-    # interpret twisted.logger's log_format.
-    write_json = jsonFileLogObserver(stream, recordSeparator="")
+    # interpret twisted.logger's log_format. A worker's log goes to its supervisor this way.
+    return FileLogObserver(stream, json_line)
 
-    @provider(ILogObserver)
-    def observe(event: dict) -> None:
-        write_json({**event, "text": format_message(event)})
 
-    return observe
+# Each level as Twisted's eventAsJSON writes it (a constant eventFromJSON makes again).
+_LEVELS_AS_JSON = {
+    level: json.loads(eventAsJSON({"log_level": level}))["log_level"]
+    for level in LogLevel.iterconstants()
+}
+# Written by eventAsJSON, told by nothing: the Logger object ({"unpersistable": true}) and the
+# fields again, formatted for readers without their values.
+_LEFT_OUT = frozenset(("log_logger", "log_flattened"))
+_PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
+
+
+def json_line(event: dict) -> str:
+    """The event as one line of JSON, with its message as "text".
+
+    An event whose fields are all strings, numbers or None (the server's own: a line per
+    login) is written by ``json.dumps`` as they are, with the level as Twisted writes it;
+    ``eventAsJSON`` would also flatten every field, a dozen times the work, for values that
+    JSON keeps as they are. Any other event is Twisted's to write."""
+    text = format_message(event)
+    plain: dict[str, Any] = {}
+    for key, value in event.items():
+        if key in _LEFT_OUT:
+            continue
+        if key == "log_level":
+            value = _LEVELS_AS_JSON.get(value)
+            if value is None:
+                break
+        elif type(value) not in _PLAIN_TYPES:
+            break
+        plain[key] = value
+    else:
+        plain["text"] = text
+        return json.dumps(plain) + "\n"
+    return eventAsJSON({**event, "text": text}) + "\n"
 
 
 def _rotate_on_sigusr1(stream: logfile.LogFile) -> None:

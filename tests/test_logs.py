@@ -5,11 +5,18 @@ import os
 import signal
 
 from twisted.internet import reactor, task
-from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    LogPublisher,
+    eventAsJSON,
+    eventFromJSON,
+    formatEventAsClassicLogText,
+)
 from twisted.trial import unittest
 
 from mim_twisted.config import load_config
-from mim_twisted.logs import LEVELS, ClassicText, LogOutput
+from mim_twisted.logs import LEVELS, ClassicText, LogOutput, format_message, json_line
 
 
 class LogOutputTests(unittest.TestCase):
@@ -81,6 +88,38 @@ class ClassicTextTests(unittest.TestCase):
         text = ClassicText()
         for event in events:
             self.assertEqual(text(event), formatEventAsClassicLogText(event))
+
+
+class JsonLineTests(unittest.TestCase):
+    def events(self) -> list[dict]:
+        events: list[dict] = []
+        log = Logger(namespace="mim_twisted.test", observer=LogPublisher(events.append))
+        log.info("{peer} bound {jid}", peer="127.0.0.1:1", jid="alice@localhost/phone")
+        log.warn(
+            "{count} of {share:.1f} {flag} {nothing}", count=3, share=0.25, flag=True, nothing=None
+        )
+        log.info("an object: {value}", value=object())
+        return events
+
+    def test_plain_events_read_back_as_twisted_writes_them(self) -> None:
+        for event in self.events():
+            ours = eventFromJSON(json_line(event))
+            twisted = eventFromJSON(eventAsJSON({**event, "text": format_message(event)}))
+            for key in ("log_logger", "log_flattened"):
+                twisted.pop(key, None)
+                ours.pop(key, None)
+            self.assertEqual(ours, twisted)
+            self.assertIs(ours["log_level"], event["log_level"])
+            self.assertTrue(json_line(event).endswith("\n"))
+
+    def test_read_back_the_text_is_the_same(self) -> None:
+        # As the worker would have written it (Twisted's text of a flattened event read back
+        # would drop the format spec of "{share:.1f}").
+        text = ClassicText()
+        for event in self.events():
+            self.assertEqual(
+                text(eventFromJSON(json_line(event))), formatEventAsClassicLogText(event)
+            )
 
 
 class LevelNamesTests(unittest.TestCase):
