@@ -254,7 +254,13 @@ def build_im_core(
     hook_table = hooks.Hooks()
     for name, handler, priority in registry.hook_handlers:
         hook_table.add(name, handler, priority)
-    offline = OfflineDelivery(database.offline, config.limits.max_offline_messages)
+    # A cluster's other nodes keep messages for this node's users too: only one process may
+    # remember which users have none.
+    offline = OfflineDelivery(
+        database.offline,
+        config.limits.max_offline_messages,
+        remember_empty=not config.cluster.enabled,
+    )
     rosters: Any = database.rosters
     if not config.cluster.enabled:
         # Every roster read and write of the server goes through it: the online accounts'

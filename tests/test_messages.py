@@ -10,8 +10,10 @@ from twisted.words.xish import domish
 
 from mim_twisted import hooks
 from mim_twisted.im.messages import highest_priority
-from mim_twisted.im.offline import NS_DELAY
+from mim_twisted.im.offline import NS_DELAY, OfflineDelivery
 from mim_twisted.storage.interfaces import OfflineMessage
+from mim_twisted.storage.memory import MemoryDatabase
+from mim_twisted.xmpp.jids import parse_jid
 from tests.imsupport import (
     FakeSession,
     HeldStore,
@@ -491,6 +493,46 @@ class OfflineDeliveryRaceTests(MessageTestCase):
             self.successResultOf(self.database.offline.store("localhost", "bob", message, 3))
         self.offline.release_all()
         self.assertEqual(bodies(self.stored()), ["1", "2", "3", "4", "5", "6"])
+
+
+class KnownEmptyTests(unittest.TestCase):
+    """The only writer of its store asks it nothing at the login of a user it emptied."""
+
+    def setUp(self) -> None:
+        self.database = MemoryDatabase()
+        self.successResultOf(self.database.accounts.create_account("localhost", "bob", {}))
+        self.store = HeldStore(self.database.offline)
+
+    def deliver(self, offline: OfflineDelivery) -> list[str]:
+        phone = FakeSession("bob@localhost/phone")
+        delivering = defer.ensureDeferred(offline.deliver(phone))
+        self.store.release_all()
+        self.successResultOf(delivering)
+        return bodies(phone.take())
+
+    def keep(self, offline: OfflineDelivery, body: str) -> None:
+        keeping = offline.keep(
+            parse_jid("bob@localhost"), parse(message_xml("bob@localhost", "chat", body))
+        )
+        self.store.release_all()
+        self.successResultOf(keeping)
+
+    def test_asked_again_only_once_a_message_was_kept(self) -> None:
+        offline = OfflineDelivery(self.store, 10, remember_empty=True)
+        self.keep(offline, "1")
+        self.assertEqual(self.deliver(offline), ["1"])
+        self.deliver(offline)
+        self.assertEqual(self.store.calls(), [])
+        self.keep(offline, "2")
+        self.assertEqual(self.deliver(offline), ["2"])
+
+    def test_not_when_others_may_store(self) -> None:
+        offline = OfflineDelivery(self.store, 10)
+        self.deliver(offline)
+        delivering = defer.ensureDeferred(offline.deliver(FakeSession("bob@localhost/phone")))
+        self.assertEqual(self.store.calls(), ["pop_all"])
+        self.store.release_all()
+        self.successResultOf(delivering)
 
 
 class SlowReader(FakeSession):

@@ -6,6 +6,10 @@ message kept just before the user comes online is in the store when it is emptie
 moment the server receives such a presence (`hold`) until the stored messages have been sent
 (`release`), the live messages routed to that session wait on it (`Session.held_messages`): the
 older, stored ones go first.
+
+A server that is the only one writing its store (one process, no cluster: every message is
+kept through `keep`, every return through `_put_back`) remembers the users it knows to have
+none stored (`remember_empty`): most logins find the store empty, and then ask it nothing.
 """
 
 import datetime
@@ -26,6 +30,8 @@ NS_DELAY = "urn:xmpp:delay"
 # A held message that its session, closed meanwhile, will never get is kept unless of these types
 # (RFC 6121 §8.5.2: they are never stored offline).
 NEVER_KEPT = frozenset(("headline", "groupchat", "error"))
+# Users known to have no stored messages, at most (the least recently emptied go first).
+MAX_KNOWN_EMPTY = 100_000
 
 
 def delay_stamp(moment: datetime.datetime) -> str:
@@ -48,10 +54,15 @@ def _taken(session: Session) -> int:
 class OfflineDelivery:
     """Stores messages for offline users and hands them over when they come online."""
 
-    def __init__(self, store: IOfflineStore, max_messages: int) -> None:
+    def __init__(
+        self, store: IOfflineStore, max_messages: int, *, remember_empty: bool = False
+    ) -> None:
         self.store = store
         self.max_messages = max_messages
         self.locks = KeyedLock()  # by bare JID: one store operation at a time per user
+        # Bare JIDs whose stored messages are known to be none (see the module docstring);
+        # None when another writer may store some. Changed under the user's lock only.
+        self._empty: dict[str, None] | None = {} if remember_empty else None
 
     def keep(self, recipient: JID, message: domish.Element) -> defer.Deferred:
         """Store a message for the bare JID; fires with False when the user's store is full.
@@ -86,6 +97,7 @@ class OfflineDelivery:
 
     async def _store(self, recipient: JID, records: list[OfflineMessage], limit: int) -> bool:
         async with self.locks.hold(recipient.userhost()):
+            self._may_have_some(recipient.userhost())
             stored = True
             for record in records:
                 stored = await self.store.store(recipient.host, recipient.user, record, limit)
@@ -140,7 +152,10 @@ class OfflineDelivery:
         client has not acknowledged).
         """
         jid = session.jid
-        async with self.locks.hold(jid.userhost()):
+        user = jid.userhost()
+        async with self.locks.hold(user):
+            if self._empty is not None and user in self._empty:
+                return
             messages = await self.store.pop_all(jid.host, jid.user)
             for index, message in enumerate(messages):
                 if session.closed:
@@ -150,9 +165,23 @@ class OfflineDelivery:
                 if session.closed:
                     await self._put_back(jid, messages[index + _taken(session) :])
                     return
+            self._has_none(user)
+
+    def _has_none(self, user: str) -> None:
+        if self._empty is None:
+            return
+        self._empty.pop(user, None)
+        while len(self._empty) >= MAX_KNOWN_EMPTY:
+            del self._empty[next(iter(self._empty))]
+        self._empty[user] = None
+
+    def _may_have_some(self, user: str) -> None:
+        if self._empty is not None:
+            self._empty.pop(user, None)
 
     async def _put_back(self, jid: JID, messages: list[OfflineMessage]) -> None:
         """Under the user's lock: nothing is stored in between."""
+        self._may_have_some(jid.userhost())
         newer = await self.store.pop_all(jid.host, jid.user)
         log.info(
             "{jid} went away during offline delivery: {count} messages kept",
