@@ -51,9 +51,27 @@ class SubmittedValuesTests(unittest.TestCase):
         self.assertIsNone(self.values(xml))
 
     def test_large_forms_are_not_kept(self) -> None:
-        xml = form("publish-options", field("pubsub#title", "x" * forms.MAX_FORM_TEXT))
-        self.assertEqual(self.values(xml)["pubsub#title"], "x" * forms.MAX_FORM_TEXT)
+        xml = form("publish-options", field("pubsub#title", "x" * forms.MAX_FORM_SIZE))
+        self.assertEqual(self.values(xml)["pubsub#title"], "x" * forms.MAX_FORM_SIZE)
         self.assertEqual(forms._READ, {})
+
+    def test_forms_of_many_elements_or_long_names_are_not_kept(self) -> None:
+        # No text and no attribute values, but each element's shape takes memory: a stanza of
+        # empty elements would otherwise keep megabytes per form.
+        many = form("publish-options", "<unknown/>" * 1000)
+        self.assertEqual(self.values(many), {})
+        long_name = form("publish-options", f"<{'n' * forms.MAX_FORM_SIZE}/>")
+        self.assertEqual(self.values(long_name), {})
+        namespaced = form("publish-options", f"<a xmlns='{'u' * forms.MAX_FORM_SIZE}'/>")
+        self.assertEqual(self.values(namespaced), {})
+        attribute = form("publish-options", f"<a {'b' * forms.MAX_FORM_SIZE}='c'/>")
+        self.assertEqual(self.values(attribute), {})
+        self.assertEqual(forms._READ, {})
+
+    def test_the_publish_options_form_of_omemo_is_kept(self) -> None:
+        xml = form("publish-options", field("pubsub#access_model", "open"))
+        self.values(xml)
+        self.assertEqual(len(forms._READ), 1)
 
     def test_the_number_kept_is_bounded(self) -> None:
         for n in range(forms.MAX_FORMS_READ + 1):

@@ -102,7 +102,10 @@ def meta_data_form(node: PubSubNode, owners: list[str]) -> data_form.Form:
 # so that the memory they take stays small whatever clients send.
 _READ: dict[tuple, dict | None] = {}
 MAX_FORMS_READ = 256
-MAX_FORM_TEXT = 2048  # characters of attribute values and text of a form kept
+# The size of a form kept: the characters of its names, namespaces, attributes and text, and
+# ELEMENT_SIZE per element (its shape's tuples), so that many empty elements count too.
+MAX_FORM_SIZE = 2048
+ELEMENT_SIZE = 32
 
 
 def submitted_values(element: domish.Element | None, namespace: str) -> dict | None:
@@ -119,7 +122,7 @@ def submitted_values(element: domish.Element | None, namespace: str) -> dict | N
         values = _READ[key]
     except KeyError:
         values = _read(element, namespace)  # a bad request is raised again every time
-        if size <= MAX_FORM_TEXT:
+        if size <= MAX_FORM_SIZE:
             if len(_READ) >= MAX_FORMS_READ:
                 _READ.clear()
             _READ[key] = values
@@ -131,8 +134,11 @@ def submitted_values(element: domish.Element | None, namespace: str) -> dict | N
 
 def _shape(element: domish.Element) -> tuple[tuple, int]:
     """All of an element that wokkel reads a form from, hashable (equal shapes, equal forms),
-    and the number of characters of its attribute values and text."""
-    size = sum(len(value) for value in element.attributes.values())
+    and its size (see MAX_FORM_SIZE)."""
+    size = ELEMENT_SIZE + len(element.name) + len(element.uri or "")
+    for key, value in element.attributes.items():
+        # A namespaced attribute's key is (namespace, name).
+        size += len(value) + (len(key) if type(key) is str else len(key[0]) + len(key[1]))
     children = []
     for child in element.children:
         if isinstance(child, domish.Element):
