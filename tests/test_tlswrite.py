@@ -78,6 +78,7 @@ class FakeConnection(abstract.FileDescriptor):
         self.reactor_ = MemoryReactor()
         super().__init__(reactor=self.reactor_)
         self.connected = True
+        self._aborting = False  # tcp.Connection's
         self.accept: int | None = 1_000_000
         self.sent: list[bytes] = []
 
@@ -122,6 +123,12 @@ class DirectCiphertextTests(unittest.TestCase):
         self.connection.accept = None
         self.direct.write(b"record")
         self.assertEqual(self.connection.buffered(), b"record")
+
+    def test_nothing_is_sent_once_aborted(self) -> None:
+        # abortConnection drops what is buffered; the socket stays open until the next turn.
+        self.connection._aborting = True
+        self.direct.write(b"record")
+        self.assertEqual(self.connection.sent, [])
 
     def test_nothing_is_sent_directly_while_disconnecting(self) -> None:
         self.connection.disconnecting = True

@@ -21,9 +21,9 @@ connection loss) to Twisted:
 Twisted internals used: `tcp.Connection.protocol` (the TLS layer after startTLS),
 `BufferingTLSTransport._aggregator` and its instance attribute `write`,
 `TLSMemoryBIOProtocol.transport` (a `twisted.internet._newtls._BypassTLS`, with its
-`_connection` and `_base`), and `tcp.Connection`'s buffer (`dataBuffer`, `offset`,
-`_tempDataLen`, `_writeDisconnected`). If the connection is not laid out as expected, nothing
-is changed.
+`_connection` and `_base`), and `tcp.Connection`'s buffer and state (`dataBuffer`, `offset`,
+`_tempDataLen`, `_writeDisconnected`, `_aborting`). If the connection is not laid out as
+expected, nothing is changed.
 """
 
 from collections.abc import Callable
@@ -122,9 +122,12 @@ def send_or_buffer(connection: tcp.Connection, data: bytes) -> None:
 
 def nothing_buffered(transport: tcp.Connection) -> bool:
     """Whether a TCP transport has nothing waiting to be written and is open for writing (what
-    Twisted's FileDescriptor.write checks, and its buffers)."""
+    Twisted's FileDescriptor.write checks, and its buffers). Not once aborted: the socket stays
+    open until the next turn, and whatever is written meanwhile must be dropped, as Twisted's
+    buffer drops it, not sent."""
     return (
         transport.connected
+        and not transport._aborting
         and not transport.disconnecting
         and not transport._writeDisconnected
         and not transport._tempDataLen
