@@ -1,9 +1,13 @@
 """The STARTTLS write path: one flush per reactor turn for all connections, and ciphertext
 straight to the socket unless something is waiting before it (then Twisted buffers it)."""
 
-from twisted.internet import abstract, error
+import socket
+
+from OpenSSL import crypto
+from twisted.internet import abstract, defer, error, protocol, reactor, ssl
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python import failure
 from twisted.trial import unittest
 
 from mim_twisted.xmpp.tlswrite import (
@@ -13,6 +17,7 @@ from mim_twisted.xmpp.tlswrite import (
     _TurnAggregator,
     speed_up,
 )
+from tests.certfactory import self_signed
 
 
 class TurnWritesTests(unittest.TestCase):
@@ -140,3 +145,71 @@ class SpeedUpTests(unittest.TestCase):
     def test_other_transports_are_left_alone(self) -> None:
         transport = StringTransport()
         self.assertFalse(speed_up(transport, TurnWrites(Clock())))
+
+
+class _Server(protocol.Protocol):
+    """STARTTLS at once, sped up; then writes `chunks` over several reactor turns (more than
+    the sockets hold, so that some of it waits in Twisted's buffer) and closes cleanly."""
+
+    def __init__(self, options: ssl.CertificateOptions, chunks: list[bytes]) -> None:
+        self.options = options
+        self.chunks = chunks
+        self.sped_up = False
+
+    def connectionMade(self) -> None:
+        # Small socket buffers: most writes are partial or wait behind others.
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.transport.startTLS(self.options)
+        self.sped_up = speed_up(self.transport, TurnWrites(reactor))
+        self.write_some(0)
+
+    def write_some(self, start: int) -> None:
+        for chunk in self.chunks[start : start + 50]:
+            self.transport.write(chunk)
+        if start + 50 < len(self.chunks):
+            reactor.callLater(0, self.write_some, start + 50)
+        else:
+            self.transport.loseConnection()
+
+
+class _Client(protocol.Protocol):
+    """Reads nothing for a while (so that the server's socket fills), then everything."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.transport.startTLS(ssl.CertificateOptions())
+        self.transport.pauseProducing()
+        reactor.callLater(0.3, self.transport.resumeProducing)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def connectionLost(self, reason: failure.Failure = protocol.connectionDone) -> None:
+        self.lost.callback(reason.value)
+
+
+class OverSocketsTests(unittest.TestCase):
+    async def test_everything_arrives_in_order_before_the_clean_close(self) -> None:
+        issued = self_signed("localhost")
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(issued.key),
+            certificate=crypto.X509.from_cryptography(issued.certificate),
+        )
+        chunks = [b"%06d" % n + b"x" * (3000 + n % 5000) for n in range(400)]
+        server = _Server(options, chunks)
+        port = reactor.listenTCP(
+            0, protocol.Factory.forProtocol(lambda: server), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        client = _Client()
+        connecting = protocol.ClientCreator(reactor, lambda: client)
+        await connecting.connectTCP("127.0.0.1", port.getHost().port)
+        reason = await client.lost
+        self.assertTrue(server.sped_up)
+        self.assertEqual(b"".join(client.received), b"".join(chunks))
+        # Not ConnectionLost: the close_notify came after the data.
+        self.assertIsInstance(reason, error.ConnectionDone)
