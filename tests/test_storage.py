@@ -10,13 +10,16 @@ import psycopg2
 import pymysql
 from psycopg2.errors import LockNotAvailable
 from psycopg2.extensions import make_dsn
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txpostgres import txpostgres
 
 from mim_twisted.storage import open_database, sql
 from mim_twisted.storage.interfaces import (
     IDatabase,
+    NodeNotFound,
     RosterItem,
     SchemaOutdated,
     SchemaTooNew,
@@ -194,6 +197,49 @@ class PostgresStorageTests(
         await self.pubsub.publish_items(SERVICE, "news", [item(2), item(3)], 10)
         self.assertEqual(len(sent), 2)
         self.assertTrue(all(s.startswith("BEGIN; ") and s.endswith("; COMMIT") for s in sent))
+
+    async def test_a_publication_waiting_for_a_node_deleted_meanwhile(self) -> None:
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        holder = psycopg2.connect(self.dsn)
+        self.addCleanup(holder.close)
+        cursor = holder.cursor()
+        cursor.execute(
+            "DELETE FROM pubsub_nodes WHERE service = %s AND name = %s", (SERVICE, "news")
+        )
+        publishing = self.pubsub.publish_items(SERVICE, "news", [item(1), item(2)], 1)
+        await deferLater(reactor, 0.2, lambda: None)  # waiting for the node's row
+        self.assertFalse(publishing.called)
+        holder.commit()
+        await self.assertFailure(publishing, NodeNotFound)
+
+    async def test_concurrent_publishers_on_one_node(self) -> None:
+        # Two pools, each publication its own transaction: they wait for each other on the
+        # node's row, so every stamp is after every earlier one, and trimming sees them all.
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        other = PostgresDatabase(self.dsn, pool_size=2)
+        self.addCleanup(other.close)
+        await other.start()
+        # The newest item stamped ahead of the clock (a clock set back): later ones follow it.
+        holder = psycopg2.connect(self.dsn)
+        self.addCleanup(holder.close)
+        await self.pubsub.publish_item(SERVICE, "news", item(0), 3)
+        with holder, holder.cursor() as cursor:
+            cursor.execute("UPDATE pubsub_items SET modified_at = now() + interval '1 hour'")
+        publications = [
+            (self.pubsub if n % 2 else other.pubsub).publish_items(
+                SERVICE, "news", [item(n), item(100 + n)], 3
+            )
+            for n in range(1, 21)
+        ]
+        await gatherResults(publications)
+        items = await self.pubsub.get_items(SERVICE, "news")
+        self.assertEqual(len(items), 3)
+        times = [i.modified_at for i in items]
+        self.assertEqual(times, sorted(set(times), reverse=True))
+        # The last publication's two items, in their order, and the one before its second.
+        newest, second, third = (i.item_id for i in items)
+        self.assertEqual(int(second[4:]) + 100, int(newest[4:]))
+        self.assertGreaterEqual(int(third[4:]), 100)
 
     async def test_a_refused_item_is_not_a_missing_node(self) -> None:
         # A missing node is told by its NULL node_id; another column's NULL is the error it is.
