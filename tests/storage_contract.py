@@ -264,6 +264,29 @@ class RosterStoreContract(StorageContract):
             await self.rosters.get_roster(*ALICE), (3, [RosterItem(jid="b@example.com")])
         )
 
+    async def test_replace_item_compares_and_swaps(self) -> None:
+        await self.register(ALICE)
+        jid = "a@example.com"
+        first = RosterItem(jid=jid, groups=("B", "A"), subscription="to")
+        self.assertEqual(await self.rosters.replace_item(*ALICE, jid, None, first), 1)
+        stored = await self.rosters.get_item(*ALICE, jid)
+        # Another item is stored than the one expected: nothing changes.
+        second = dataclasses.replace(first, subscription="both")
+        self.assertIsNone(await self.rosters.replace_item(*ALICE, jid, None, second))
+        stale = dataclasses.replace(first, ask=True)
+        self.assertIsNone(await self.rosters.replace_item(*ALICE, jid, stale, second))
+        self.assertEqual(await self.rosters.get_roster(*ALICE), (1, [stored]))
+        # The groups compare as the set they are stored as.
+        self.assertEqual(await self.rosters.replace_item(*ALICE, jid, first, second), 2)
+        self.assertEqual((await self.rosters.get_item(*ALICE, jid)).subscription, "both")
+        self.assertEqual(await self.rosters.replace_item(*ALICE, jid, second, None), 3)
+        self.assertIsNone(await self.rosters.get_item(*ALICE, jid))
+        # Removing what is not there changes nothing, nor the version.
+        self.assertEqual(await self.rosters.replace_item(*ALICE, jid, None, None), 3)
+        await self.assertFailure(
+            self.rosters.replace_item(*NOBODY, jid, None, first), AccountNotFound
+        )
+
     async def test_removing_an_absent_item_keeps_the_version(self) -> None:
         # RFC 6121 §2.6: the version changes when the roster does, and this changes nothing.
         await self.register(ALICE)

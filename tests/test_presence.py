@@ -1,6 +1,8 @@
 """Presence (RFC 6121 §4) and presence subscriptions (§3) between local users, at the stanza level
 through the IM core as tap.py wires it."""
 
+from collections.abc import Callable
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID
@@ -570,6 +572,60 @@ class SubscriptionHookTests(SubscriptionTestCase):
                 ("alice@localhost", "bob@localhost", "to"),
             ],
         )
+
+
+class InterleavedRosters:
+    """A roster store where, once, another node's change lands between a read and the write
+    that follows it (as when two nodes of a cluster change one roster at once)."""
+
+    def __init__(self, store: object) -> None:
+        self.inner = store
+        # The change, made before the next write to the roster of `self.owner`.
+        self.owner: str | None = None
+        self.interleave: Callable[[], defer.Deferred] | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def replace_item(self, domain: str, username: str, *args: object) -> defer.Deferred:
+        interleave = self.interleave if username == self.owner else None
+        if interleave is None:
+            return self.inner.replace_item(domain, username, *args)
+        self.interleave = None
+        return interleave().addCallback(lambda _: self.inner.replace_item(domain, username, *args))
+
+
+class AnotherNodeMeanwhileTests(SubscriptionTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.rosters = self.database.rosters = InterleavedRosters(self.database.rosters)
+        self.build()
+        self.alice = self.online("alice@localhost/phone")
+
+    def test_an_outbound_request_keeps_what_another_node_wrote_meanwhile(self) -> None:
+        # Bob's request for Alice's presence was handled on another node (Alice's item for Bob
+        # is pending-in there) after Alice's node read the item, before it wrote ask.
+        pending = RosterItem("bob@localhost", pending_in=True, in_roster=False)
+        self.rosters.owner = "alice"
+        self.rosters.interleave = lambda: self.rosters.inner.put_item("localhost", "alice", pending)
+        self.request(self.alice, "subscribe", "bob@localhost")
+        item = self.item("alice", "bob@localhost")
+        self.assertEqual((item.ask, item.pending_in), (True, True))
+
+    def test_an_inbound_approval_keeps_what_another_node_wrote_meanwhile(self) -> None:
+        # Alice asked Bob; Bob's approval is applied to Alice's roster here, after another
+        # node, handling Bob's own request for Alice's presence, wrote a pending-in for Bob.
+        self.put("alice", RosterItem("bob@localhost", ask=True))
+        self.put("bob", RosterItem("alice@localhost", pending_in=True, in_roster=False))
+        bob = self.online("bob@localhost/phone")
+        meanwhile = RosterItem("bob@localhost", ask=True, pending_in=True)
+        self.rosters.owner = "alice"
+        self.rosters.interleave = lambda: self.rosters.inner.put_item(
+            "localhost", "alice", meanwhile
+        )
+        self.request(bob, "subscribed", "alice@localhost")
+        item = self.item("alice", "bob@localhost")
+        self.assertEqual((item.subscription, item.ask, item.pending_in), ("to", False, True))
 
 
 class HeldRostersTestCase(PresenceTestCase):

@@ -285,11 +285,15 @@ class RemoveTests(RosterTestCase):
 
 
 class PresenceLayerApiTests(RosterTestCase):
-    async def test_put_and_get_item(self) -> None:
+    async def test_replace_and_get_item(self) -> None:
         item = RosterItem("bob@localhost", subscription="to")
-        self.assertEqual(await self.service.put_item(ALICE, item), 1)
+        self.assertEqual(await self.service.replace_item(ALICE, item.jid, None, item), 1)
         self.assertEqual(await self.service.get_item(ALICE, JID("bob@localhost/phone")), item)
         self.assertIsNone(await self.service.get_item(ALICE, JID("carol@localhost")))
+        # What was read is no longer what is stored: nothing is written.
+        self.assertIsNone(await self.service.replace_item(ALICE, item.jid, None, item))
+        self.assertEqual(await self.service.replace_item(ALICE, item.jid, item, None), 2)
+        self.assertIsNone(await self.service.get_item(ALICE, JID("bob@localhost")))
 
     def test_push(self) -> None:
         self.service.push(ALICE, RosterItem("bob@localhost", subscription="from"), 7)

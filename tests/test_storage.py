@@ -198,6 +198,31 @@ class PostgresStorageTests(
         self.assertEqual(len(sent), 2)
         self.assertTrue(all(s.startswith("BEGIN; ") and s.endswith("; COMMIT") for s in sent))
 
+    async def test_concurrent_replacements_of_one_roster_item(self) -> None:
+        # Two nodes of a cluster (two pools) change one item from the same read: the roster is
+        # locked while each compares, so exactly one of them writes.
+        await self.register(("localhost", "alice"))
+        other = PostgresDatabase(self.dsn, pool_size=2)
+        self.addCleanup(other.close)
+        await other.start()
+        jid = "bob@localhost"
+        read = RosterItem(jid=jid, subscription="from")
+        await self.rosters.put_item("localhost", "alice", read)
+        outcomes = await gatherResults(
+            [
+                rosters.replace_item(
+                    "localhost",
+                    "alice",
+                    jid,
+                    read,
+                    dataclasses.replace(read, subscription=subscription),
+                )
+                for rosters, subscription in ((self.rosters, "both"), (other.rosters, "none"))
+                for _ in range(5)
+            ]
+        )
+        self.assertEqual(sum(outcome is not None for outcome in outcomes), 1)
+
     async def test_a_publication_waiting_for_a_node_deleted_meanwhile(self) -> None:
         await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
         holder = psycopg2.connect(self.dsn)

@@ -438,10 +438,16 @@ class PresenceService:
             return
         changed = None
         async with self.locks.hold(user.userhost()):
-            item = await self.roster.get_item(user, contact) or RosterItem(jid=contact.full())
-            outcome = subscription.outbound(subscription.state_of(item), kind)
-            if outcome.changed:
-                changed = await self._store(user, subscription.apply(item, outcome.state))
+            written = False
+            while not written:  # not written: another node changed the item meanwhile
+                stored = await self.roster.get_item(user, contact)
+                item = stored or RosterItem(jid=contact.full())
+                outcome = subscription.outbound(subscription.state_of(item), kind)
+                if not outcome.changed:
+                    break
+                written, changed = await self._store(
+                    user, stored, subscription.apply(item, outcome.state)
+                )
         # The user's key is free again before the contact's is taken, in _inbound_subscription.
         await self._announce(user, changed)
         if outcome.send_presence == "unavailable":
@@ -468,18 +474,20 @@ class PresenceService:
             return
         changed = None
         async with self.locks.hold(owner.userhost()):
-            item = await self.roster.get_item(owner, sender) or RosterItem(
-                jid=sender.full(), in_roster=False
-            )
-            outcome = subscription.inbound(subscription.state_of(item), kind)
-            if outcome.changed:
+            written = False
+            while not written:  # not written: another node changed the item meanwhile
+                stored = await self.roster.get_item(owner, sender)
+                item = stored or RosterItem(jid=sender.full(), in_roster=False)
+                outcome = subscription.inbound(subscription.state_of(item), kind)
+                if not outcome.changed:
+                    break
                 updated = subscription.apply(item, outcome.state)
                 if kind == "subscribe" and outcome.state.pending_in:
                     # Kept so that it can be delivered again at the next initial presence.
                     updated = dataclasses.replace(
                         updated, pending_in_stanza=presence.toXml(defaultUri="jabber:client")
                     )
-                changed = await self._store(owner, updated)
+                written, changed = await self._store(owner, stored, updated)
         await self._announce(owner, changed)
         if outcome.send_presence is not None:
             self._send_presence_of(owner, sender, outcome.send_presence)
@@ -498,15 +506,25 @@ class PresenceService:
         if kind == "subscribed":
             self._send_presence_of(owner, sender, "available")  # after it, as in §3.1.5
 
-    async def _store(self, owner: JID, item: RosterItem) -> RosterItem | None:
-        """Write the changed item and push it, under the owner's key; the item if it was kept."""
-        if not item.in_roster and subscription.state_of(item) == subscription.State():
-            # A hidden item that no longer holds any state is not kept.
-            await self.rosters.remove_item(owner.host, owner.user, item.jid)
-            return None
-        version = await self.roster.put_item(owner, item)
+    async def _store(
+        self, owner: JID, stored: RosterItem | None, item: RosterItem
+    ) -> tuple[bool, RosterItem | None]:
+        """Write the changed item in place of `stored` and push it, under the owner's key:
+        whether it was written (not if the store no longer holds `stored`: another node of a
+        cluster changed it since it was read), and the item if it was kept."""
+        # A hidden item that no longer holds any state is not kept.
+        hidden_and_empty = (
+            not item.in_roster and subscription.state_of(item) == subscription.State()
+        )
+        version = await self.roster.replace_item(
+            owner, item.jid, stored, None if hidden_and_empty else item
+        )
+        if version is None:
+            return False, None
+        if hidden_and_empty:
+            return True, None
         self.roster.push(owner, item, version)
-        return item
+        return True, item
 
     async def _announce(self, owner: JID, item: RosterItem | None) -> None:
         """Run the hooks for a stored change, once the owner's key is free again: a handler may

@@ -74,9 +74,13 @@ class RosterService:
         """Deferred firing with the owner's RosterItem for the contact's bare JID, or None."""
         return self.rosters.get_item(owner.host, owner.user, contact.userhost())
 
-    def put_item(self, owner: JID, item: RosterItem) -> defer.Deferred:
-        """Store the item; Deferred firing with the roster's new version."""
-        return self.rosters.put_item(owner.host, owner.user, item)
+    def replace_item(
+        self, owner: JID, jid: str, expected: RosterItem | None, item: RosterItem | None
+    ) -> defer.Deferred:
+        """Store `item` (None: remove) if `expected` is still what the store holds for `jid`;
+        Deferred firing with the roster's version, or None if it is not (read again and
+        decide anew: another node of a cluster changed it since)."""
+        return self.rosters.replace_item(owner.host, owner.user, jid, expected, item)
 
     def push(self, owner: JID, item: RosterItem, version: int, removed: bool = False) -> None:
         """Send a roster push (§2.1.6) of the item, or of its removal, to interested resources."""
@@ -140,19 +144,24 @@ class RosterService:
             return
         name, groups = _name_and_groups(element)
         async with self.locks.hold(owner.userhost()):
-            current = await self.get_item(owner, contact)
-            if current is None:
-                item = RosterItem(contact.full(), name, groups)
-            else:
-                item = dataclasses.replace(current, name=name, groups=groups, in_roster=True)
-            self.push(owner, item, await self.put_item(owner, item))
+            version = None
+            while version is None:  # None: another node changed the item meanwhile
+                current = await self.get_item(owner, contact)
+                if current is None:
+                    item = RosterItem(contact.full(), name, groups)
+                else:
+                    item = dataclasses.replace(current, name=name, groups=groups, in_roster=True)
+                version = await self.replace_item(owner, item.jid, current, item)
+            self.push(owner, item, version)
 
     async def _remove(self, owner: JID, contact: JID) -> None:
         async with self.locks.hold(owner.userhost()):
-            item = await self.get_item(owner, contact)
-            if item is None or not item.in_roster:
-                raise StanzaError("item-not-found", text="The contact is not in the roster")
-            version = await self.rosters.remove_item(owner.host, owner.user, item.jid)
+            version = None
+            while version is None:  # None: another node changed the item meanwhile
+                item = await self.get_item(owner, contact)
+                if item is None or not item.in_roster:
+                    raise StanzaError("item-not-found", text="The contact is not in the roster")
+                version = await self.replace_item(owner, item.jid, item, None)
             self.push(owner, item, version, removed=True)
         # Outside the owner's key: the cancellations change the contact's roster under theirs.
         if self.on_remove is not None and subscription.cancellations(subscription.state_of(item)):

@@ -74,6 +74,16 @@ class RosterCache:
     def remove_item(self, domain: str, username: str, jid: str) -> Deferred:
         return self._write((domain, username), self.store.remove_item, jid)
 
+    def replace_item(
+        self,
+        domain: str,
+        username: str,
+        jid: str,
+        expected: RosterItem | None,
+        item: RosterItem | None,
+    ) -> Deferred:
+        return self._write((domain, username), self.store.replace_item, jid, expected, item)
+
     def session_ended(self, session: Session) -> None:
         """Once an account's last session has ended, its roster is read again when next
         needed."""

@@ -3,6 +3,7 @@
 # zope.interface declares methods without ``self``.
 # ruff: noqa: N805
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -123,6 +124,15 @@ class RosterItem:
     in_roster: bool = True
 
 
+def same_roster_item(one: RosterItem | None, other: RosterItem | None) -> bool:
+    """Whether two items (or absences) are the same as stored: groups are a set there."""
+    if one is None or other is None:
+        return one is other
+    return set(one.groups) == set(other.groups) and dataclasses.replace(
+        one, groups=()
+    ) == dataclasses.replace(other, groups=())
+
+
 @dataclass(frozen=True)
 class OfflineMessage:
     """A message stored for a user with no available resource (XEP-0160).
@@ -164,6 +174,18 @@ class IRosterStore(Interface):
 
         Removing an absent item is no error and, as the roster did not change, leaves the version
         as it was. Fails with AccountNotFound for an unknown account.
+        """
+
+    def replace_item(domain, username, jid, expected, item):
+        """Compare and swap: if the item stored for ``jid`` is ``expected`` (None: none is),
+        store ``item`` in its place (None: remove it). Deferred firing with the roster's version
+        afterwards, or with None, changing nothing, when another item is stored (the caller
+        reads it again and decides anew).
+
+        For read-modify-writes that other processes may interleave with (the nodes of a
+        cluster share the rosters): the account's roster is locked while the stored item is
+        compared and replaced. Groups compare as sets. Fails with AccountNotFound for an
+        unknown account.
         """
 
 

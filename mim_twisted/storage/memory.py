@@ -34,6 +34,7 @@ from mim_twisted.storage.interfaces import (
     check_subscription_state,
     fragment_size,
     next_modified_at,
+    same_roster_item,
 )
 
 
@@ -128,6 +129,23 @@ class MemoryRosterStore:
         if roster.items.pop(jid, None) is not None:
             roster.version += 1
         return succeed(roster.version)
+
+    def replace_item(
+        self,
+        domain: str,
+        username: str,
+        jid: str,
+        expected: RosterItem | None,
+        item: RosterItem | None,
+    ) -> Deferred[int | None]:
+        if not self._accounts.is_registered(domain, username):
+            return fail(AccountNotFound(f"{username}@{domain}"))
+        roster = self._rosters.get((domain, username), _Roster())
+        if not same_roster_item(roster.items.get(jid), expected):
+            return succeed(None)
+        if item is None:
+            return self.remove_item(domain, username, jid)
+        return self.put_item(domain, username, item)
 
 
 @implementer(IOfflineStore)

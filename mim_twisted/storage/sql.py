@@ -52,6 +52,7 @@ from mim_twisted.storage.interfaces import (
     check_subscription_state,
     fragment_size,
     next_modified_at,
+    same_roster_item,
 )
 
 T = TypeVar("T")
@@ -393,6 +394,28 @@ def _increment_roster_version(domain: str, username: str) -> Transaction[int]:
     return rows[0][0]
 
 
+def _write_roster_item(domain: str, username: str, item: RosterItem) -> Transaction[int]:
+    version = yield from _increment_roster_version(domain, username)
+    # Replacing the item replaces its groups: they are deleted with it (ON DELETE CASCADE).
+    yield DELETE_ROSTER_ITEM, (domain, username, item.jid)
+    row = (
+        domain,
+        username,
+        item.jid,
+        item.name,
+        item.subscription,
+        item.ask,
+        item.pending_in,
+        item.pending_in_stanza,
+        item.approved,
+        item.in_roster,
+    )
+    yield INSERT_ROSTER_ITEM, row
+    for group in set(item.groups):
+        yield INSERT_ROSTER_GROUP, (domain, username, item.jid, group)
+    return version
+
+
 @implementer(IRosterStore)
 class SQLRosterStore(_SQLStore):
     """The roster version is the account's ``users.roster_version``.
@@ -415,25 +438,29 @@ class SQLRosterStore(_SQLStore):
 
     @transaction
     def put_item(self, domain: str, username: str, item: RosterItem) -> Transaction[int]:
-        version = yield from _increment_roster_version(domain, username)
-        # Replacing the item replaces its groups: they are deleted with it (ON DELETE CASCADE).
-        yield DELETE_ROSTER_ITEM, (domain, username, item.jid)
-        row = (
-            domain,
-            username,
-            item.jid,
-            item.name,
-            item.subscription,
-            item.ask,
-            item.pending_in,
-            item.pending_in_stanza,
-            item.approved,
-            item.in_roster,
-        )
-        yield INSERT_ROSTER_ITEM, row
-        for group in set(item.groups):
-            yield INSERT_ROSTER_GROUP, (domain, username, item.jid, group)
-        return version
+        return (yield from _write_roster_item(domain, username, item))
+
+    @transaction
+    def replace_item(
+        self,
+        domain: str,
+        username: str,
+        jid: str,
+        expected: RosterItem | None,
+        item: RosterItem | None,
+    ) -> Transaction[int | None]:
+        rows = yield LOCK_ROSTER_VERSION, (domain, username)
+        if not rows:
+            raise AccountNotFound(f"{username}@{domain}")
+        stored = _roster_items((yield SELECT_ROSTER_ITEM, (domain, username, jid)))
+        if not same_roster_item(stored[0] if stored else None, expected):
+            return None
+        if item is not None:
+            return (yield from _write_roster_item(domain, username, item))
+        if not stored:
+            return rows[0][0]  # nothing to remove, so the version stays
+        yield DELETE_ROSTER_ITEM, (domain, username, jid)
+        return (yield from _increment_roster_version(domain, username))
 
     @transaction
     def remove_item(self, domain: str, username: str, jid: str) -> Transaction[int]:
