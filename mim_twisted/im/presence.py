@@ -436,18 +436,14 @@ class PresenceService:
         user = session.jid.userhostJID()
         if contact == user:
             return
-        changed = None
+
+        def decide(item: RosterItem) -> tuple[subscription.Outcome, RosterItem]:
+            outcome = subscription.outbound(subscription.state_of(item), kind)
+            return outcome, subscription.apply(item, outcome.state)
+
         async with self.locks.hold(user.userhost()):
-            written = False
-            while not written:  # not written: another node changed the item meanwhile
-                stored = await self.roster.get_item(user, contact)
-                item = stored or RosterItem(jid=contact.full())
-                outcome = subscription.outbound(subscription.state_of(item), kind)
-                if not outcome.changed:
-                    break
-                written, changed = await self._store(
-                    user, stored, subscription.apply(item, outcome.state)
-                )
+            absent = RosterItem(jid=contact.full())
+            outcome, changed = await self._change(user, contact, absent, decide)
         # The user's key is free again before the contact's is taken, in _inbound_subscription.
         await self._announce(user, changed)
         if outcome.send_presence == "unavailable":
@@ -472,22 +468,20 @@ class PresenceService:
             if kind == "subscribe":
                 await self._auto_reply(owner, sender, "unsubscribed")
             return
-        changed = None
+
+        def decide(item: RosterItem) -> tuple[subscription.Outcome, RosterItem]:
+            outcome = subscription.inbound(subscription.state_of(item), kind)
+            updated = subscription.apply(item, outcome.state)
+            if kind == "subscribe" and outcome.state.pending_in:
+                # Kept so that it can be delivered again at the next initial presence.
+                updated = dataclasses.replace(
+                    updated, pending_in_stanza=presence.toXml(defaultUri="jabber:client")
+                )
+            return outcome, updated
+
         async with self.locks.hold(owner.userhost()):
-            written = False
-            while not written:  # not written: another node changed the item meanwhile
-                stored = await self.roster.get_item(owner, sender)
-                item = stored or RosterItem(jid=sender.full(), in_roster=False)
-                outcome = subscription.inbound(subscription.state_of(item), kind)
-                if not outcome.changed:
-                    break
-                updated = subscription.apply(item, outcome.state)
-                if kind == "subscribe" and outcome.state.pending_in:
-                    # Kept so that it can be delivered again at the next initial presence.
-                    updated = dataclasses.replace(
-                        updated, pending_in_stanza=presence.toXml(defaultUri="jabber:client")
-                    )
-                written, changed = await self._store(owner, stored, updated)
+            absent = RosterItem(jid=sender.full(), in_roster=False)
+            outcome, changed = await self._change(owner, sender, absent, decide)
         await self._announce(owner, changed)
         if outcome.send_presence is not None:
             self._send_presence_of(owner, sender, outcome.send_presence)
@@ -506,25 +500,35 @@ class PresenceService:
         if kind == "subscribed":
             self._send_presence_of(owner, sender, "available")  # after it, as in §3.1.5
 
-    async def _store(
-        self, owner: JID, stored: RosterItem | None, item: RosterItem
-    ) -> tuple[bool, RosterItem | None]:
-        """Write the changed item in place of `stored` and push it, under the owner's key:
-        whether it was written (not if the store no longer holds `stored`: another node of a
-        cluster changed it since it was read), and the item if it was kept."""
-        # A hidden item that no longer holds any state is not kept.
-        hidden_and_empty = (
-            not item.in_roster and subscription.state_of(item) == subscription.State()
-        )
-        version = await self.roster.replace_item(
-            owner, item.jid, stored, None if hidden_and_empty else item
-        )
-        if version is None:
-            return False, None
-        if hidden_and_empty:
-            return True, None
-        self.roster.push(owner, item, version)
-        return True, item
+    async def _change(
+        self,
+        owner: JID,
+        contact: JID,
+        absent: RosterItem,
+        decide: Callable[[RosterItem], tuple[subscription.Outcome, RosterItem]],
+    ) -> tuple[subscription.Outcome, RosterItem | None]:
+        """Under the owner's key: decide on the owner's item for the contact (`absent` when
+        there is none), write what changed in place of what was read and push it; the outcome
+        and the item if one was written and kept. Read and decided again when the store no
+        longer holds what was read (another node of a cluster changed it meanwhile)."""
+        while True:
+            stored = await self.roster.get_item(owner, contact)
+            outcome, item = decide(stored or absent)
+            if not outcome.changed:
+                return outcome, None
+            # A hidden item that no longer holds any state is not kept.
+            hidden_and_empty = (
+                not item.in_roster and subscription.state_of(item) == subscription.State()
+            )
+            version = await self.roster.replace_item(
+                owner, item.jid, stored, None if hidden_and_empty else item
+            )
+            if version is None:
+                continue
+            if hidden_and_empty:
+                return outcome, None
+            self.roster.push(owner, item, version)
+            return outcome, item
 
     async def _announce(self, owner: JID, item: RosterItem | None) -> None:
         """Run the hooks for a stored change, once the owner's key is free again: a handler may
