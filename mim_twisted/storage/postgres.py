@@ -127,6 +127,8 @@ class PostgresDatabase(sql.SQLStores):
     tests point it elsewhere, and pass ``pool_options`` to the ConnectionPool.
     """
 
+    pubsub_store = PostgresPubSubStore
+
     def __init__(
         self,
         dsn: str,
@@ -138,7 +140,6 @@ class PostgresDatabase(sql.SQLStores):
         self._schema_dir = schema_dir
         self._pool = ConnectionPool(dsn, pool_size, **pool_options)
         super().__init__(self._run)
-        self.pubsub = PostgresPubSubStore(self._run)
 
     def _run(self, make_transaction: sql.TransactionFactory[T], alone: bool = False) -> Deferred[T]:
         # sql.py's plain SELECTs have no side effects: they may run before the transaction.

@@ -844,13 +844,16 @@ class SQLPubSubStore(_SQLStore):
 
 class SQLStores:
     """Every store of a SQL database, each running its transactions through the backend's
-    ``run``: one list for the three backends, so that a new store is added once."""
+    ``run``: one list for the three backends, so that a new store is added once. A backend
+    with a store of its own names its class (``pubsub_store``)."""
+
+    pubsub_store: type[SQLPubSubStore] = SQLPubSubStore
 
     def __init__(self, run: Run) -> None:
         self.accounts = SQLAccountStore(run)
         self.rosters = SQLRosterStore(run)
         self.offline = SQLOfflineStore(run)
-        self.pubsub = SQLPubSubStore(run)
+        self.pubsub = self.pubsub_store(run)
         self.last_activity = SQLLastActivityStore(run)
         self.block_lists = SQLBlockListStore(run)
         self.private = SQLPrivateStore(run)
