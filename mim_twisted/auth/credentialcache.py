@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mim_twisted.bounded import put_newest
 from mim_twisted.storage.interfaces import IAccountStore
 
 MAX_ACCOUNTS = 100_000
@@ -70,7 +71,7 @@ class CredentialCache:
 
         def done(result: Mapping[str, str] | None | Failure) -> object:
             if isinstance(result, Mapping) and generation == self._current:
-                self._hold(key, dict(result), now)
+                put_newest(self._held, key, (dict(result), now), self.max_accounts)
             return result
 
         return self.store.get_credentials(domain, username).addBoth(done)
@@ -99,12 +100,6 @@ class CredentialCache:
 
     def list_accounts(self, domain: str) -> Deferred:
         return self.store.list_accounts(domain)
-
-    def _hold(self, key: _Key, credentials: Mapping[str, str], read_at: float) -> None:
-        self._held.pop(key, None)
-        while len(self._held) >= self.max_accounts:
-            del self._held[next(iter(self._held))]
-        self._held[key] = (credentials, read_at)
 
     def _change(
         self, domain: str, username: str, write: Callable[..., Deferred], *args: object

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
+from mim_twisted.bounded import put_newest
 from mim_twisted.im.locks import KeyedLock
 from mim_twisted.im.sessions import Session
 from mim_twisted.storage.interfaces import IOfflineStore, OfflineMessage
@@ -168,12 +169,8 @@ class OfflineDelivery:
             self._has_none(user)
 
     def _has_none(self, user: str) -> None:
-        if self._empty is None:
-            return
-        self._empty.pop(user, None)
-        while len(self._empty) >= MAX_KNOWN_EMPTY:
-            del self._empty[next(iter(self._empty))]
-        self._empty[user] = None
+        if self._empty is not None:
+            put_newest(self._empty, user, None, MAX_KNOWN_EMPTY)
 
     def _may_have_some(self, user: str) -> None:
         if self._empty is not None:
