@@ -924,6 +924,31 @@ STANZA_CLOSE = b"</stream>"
 NS_LOAD = "urn:mim-twisted:load"
 
 
+def parse_cut_out(stanza: bytes) -> ET.Element:
+    """A stanza cut out of the stream, parsed with namespaces in the stream's default one;
+    ET.ParseError if it is not well-formed."""
+    return ET.fromstring(STANZA_OPEN + stanza + STANZA_CLOSE)[0]
+
+
+def not_well_formed(error: ET.ParseError, stanza: bytes) -> str:
+    return f"not well-formed: {error}: {stanza[:200]!r}"
+
+
+class Sample:
+    """Which notifications a scanner parses in full: the first, then every `every`-th."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.countdown = 1
+
+    def due(self) -> bool:
+        self.countdown -= 1
+        if self.countdown:
+            return False
+        self.countdown = self.every
+        return True
+
+
 class NotificationScanner:
     """A subscriber's receiving end while items are published: the item ids of the
     notifications are found in the received bytes, without building an element per stanza
@@ -943,8 +968,7 @@ class NotificationScanner:
         self.fanout = fanout
         self.client = client
         self.expected = expected
-        self.every = every
-        self.countdown = 1  # the first notification is checked
+        self.sample = Sample(every)
         self.rest = b""
 
     def feed(self, data: bytes) -> None:
@@ -958,9 +982,7 @@ class NotificationScanner:
         notified = self.fanout.notified
         for match in ITEM_ID.finditer(data, 0, end):
             item_id = (match[1] if match[1] is not None else match[2]).decode()
-            self.countdown -= 1
-            if self.countdown == 0:
-                self.countdown = self.every
+            if self.sample.due():
                 self.verify(data, match.start(), item_id)
             notified(item_id)
 
@@ -973,11 +995,9 @@ class NotificationScanner:
         else:
             stanza = data[start : stop + len(MESSAGE_END)]
             try:
-                problem = self.expected.problem(
-                    ET.fromstring(STANZA_OPEN + stanza + STANZA_CLOSE)[0], self.client, item_id
-                )
+                problem = self.expected.problem(parse_cut_out(stanza), self.client, item_id)
             except ET.ParseError as e:
-                problem = f"not well-formed: {e}: {stanza[:200]!r}"
+                problem = not_well_formed(e, stanza)
         self.fanout.verified += 1
         if problem is not None:
             self.fanout.malformed.append(problem)
@@ -1233,8 +1253,7 @@ class PepScanner:
     def __init__(self, client: "Client", ring: PepRing, every: int) -> None:
         self.client = client
         self.ring = ring
-        self.every = every
-        self.countdown = 1  # the first notification is checked
+        self.sample = Sample(every)
         self.rest = b""
 
     def feed(self, data: bytes) -> None:
@@ -1264,9 +1283,7 @@ class PepScanner:
             self._handle(data[start:end])
             return
         label = (match[1] if match[1] is not None else match[2]).decode()
-        self.countdown -= 1
-        if self.countdown == 0:
-            self.countdown = self.every
+        if self.sample.due():
             self._verify(data[start:end], label)
         self.ring.notified(label)
 
@@ -1296,9 +1313,9 @@ class PepScanner:
 
     def _parse(self, stanza: bytes) -> ET.Element | None:
         try:
-            return ET.fromstring(STANZA_OPEN + stanza + STANZA_CLOSE)[0]
+            return parse_cut_out(stanza)
         except ET.ParseError as e:
-            self.ring.malformed.append(f"not well-formed: {e}: {stanza[:200]!r}")
+            self.ring.malformed.append(not_well_formed(e, stanza))
             return None
 
     def _handle(self, stanza: bytes) -> None:
