@@ -49,8 +49,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-# What a stanza for another node must contain for its node to look at it before sending it on.
-
 # Where a payload carried once for several recipients had its recipient's address (the value
 # of its 'to' attribute, escaped): a character that XML cannot contain.
 RECIPIENT = "\x00"
@@ -215,7 +213,7 @@ class RemoteSession:
 
     def notify(self, notification: "Notification", address: str) -> None:
         """A PubSub notification to `address` (the JID subscribed), for this session."""
-        self.outbox.notify(self.node, self.jid.full(), notification, address)
+        self.outbox.notify(self.node, self._full_jid, notification, address)
 
     def replaced(self) -> None:
         self.outbox.bus.send(self.node, "replace", self.jid.full())
