@@ -29,6 +29,7 @@ class FakeSession:
 
     def __init__(self, jid: str, *, secure: bool = True) -> None:
         self.jid = JID(jid)
+        self.full_jid = self.jid.full()
         self.secure = secure
         self.presence: domish.Element | None = None
         self.priority = 0

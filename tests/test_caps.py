@@ -291,6 +291,19 @@ class CapsServiceTests(unittest.TestCase):
         self.caps.session_ended(alice)
         self.assertIsNone(self.caps.features_of(alice))
 
+    def test_the_session_table_is_told_when_features_change(self) -> None:
+        changed: list[str] = []
+        self.sessions.on_sessions_changed.append(changed.append)
+        alice = self.bind("alice@localhost/desk")
+        self.announce(alice, caps_presence(COMPLEX_VER))
+        self.assertEqual(changed, ["alice@localhost"])  # bound; the features not known yet
+        self.answer_complex(alice, self.queries(alice)[0])
+        self.assertEqual(changed, ["alice@localhost"] * 2)
+        self.announce(alice, caps_presence(COMPLEX_VER))  # the same: no change
+        self.assertEqual(len(changed), 2)
+        self.caps.session_ended(alice)
+        self.assertEqual(changed, ["alice@localhost"] * 3)
+
     def test_new_ver_replaces_the_features(self) -> None:
         alice = self.bind("alice@localhost/desk")
         self.announce(alice, caps_presence(COMPLEX_VER))

@@ -74,6 +74,7 @@ class FakeSession:
 
     def __init__(self, jid: str) -> None:
         self.jid = JID(jid)
+        self.full_jid = self.jid.full()
         self.closed = False
         self.ended = False
         self.presence = None
@@ -340,6 +341,31 @@ class ClusterSessionsTests(unittest.TestCase):
         self.sessions.bind(local)
         self.assertEqual(self.bus.sent, [("n2", "replace", "a@localhost/same")])
         self.assertEqual(self.bus.broadcasts[-1], ("session", record_of(local)))
+
+    def test_listeners_are_told_of_local_and_remote_changes(self) -> None:
+        changed: list[str] = []
+        self.sessions.on_sessions_changed.append(changed.append)
+        local = FakeSession("a@localhost/here")
+        self.sessions.bind(local)
+        self.sessions.sessions_changed("a@localhost")  # as presence and caps handling do
+        self.assertEqual(changed, ["a@localhost"] * 2)
+        changed.clear()
+        announced = self.bus.handlers["session"]
+        announced("n2", ["b@localhost/1", None, None, None])  # bound there
+        announced("n2", ["b@localhost/1", 3, "<presence/>", None])  # available
+        announced("n2", ["b@localhost/1", 5, "<presence><show>away</show></presence>", None])
+        announced("n2", ["b@localhost/1", 5, "<presence/>", ["x+notify"]])  # caps
+        announced("n2", ["b@localhost/1", 5, "<presence/>", ["x+notify"]])
+        self.assertEqual(changed, ["b@localhost"] * 3)
+        self.bus.handlers["unbound"]("n2", "b@localhost/1")
+        self.assertEqual(changed, ["b@localhost"] * 4)
+        announced("n2", ["c@localhost/1", None, None, None])
+        self.sessions.replace_all([("n3", ["d@localhost/1", None, None, None])])
+        self.assertEqual(changed[4:], ["c@localhost", "c@localhost", "d@localhost"])
+        self.assertEqual(
+            [s.full_jid for s in self.sessions.bound_sessions_of(JID("d@localhost"))],
+            ["d@localhost/1"],
+        )
 
 
 class SessionTableRaceTests(unittest.TestCase):

@@ -109,6 +109,12 @@ class PepTestCase(ImCoreTestCase):
         """A session that sent initial presence with caps for ``features``, and answered the
         server's disco#info query about them; what it was sent until then is forgotten."""
         session = self.connect(jid)
+        self.announce_caps(session, *features, priority=priority)
+        return session
+
+    def announce_caps(self, session, *features: str, priority: int | None = None) -> None:
+        """The session sends an available presence with caps for ``features``, and answers the
+        server's disco#info query about them if it is asked."""
         identity = caps.Identity("client", "pc", "", "test")
         ver = caps.caps_hash("sha-1", [identity], features)
         presence = presence_xml(priority=priority).replace(
@@ -116,7 +122,14 @@ class PepTestCase(ImCoreTestCase):
             f"<c xmlns='{caps.NS_CAPS}' hash='sha-1' node='urn:test' ver='{ver}'/></presence>",
         )
         self.send(session, presence)
-        query = next((s for s in session.sent if s.name == "iq" and s["type"] == "get"), None)
+        asked = (
+            s
+            for s in session.sent
+            if s.name == "iq"
+            and s["type"] == "get"
+            and next(s.elements(NS_DISCO_INFO, "query"))["node"] == f"urn:test#{ver}"
+        )
+        query = next(asked, None)
         if query is not None:
             body = "<identity category='client' type='pc' name='test'/>" + "".join(
                 f"<feature var='{feature}'/>" for feature in features
@@ -126,7 +139,6 @@ class PepTestCase(ImCoreTestCase):
                 f"<iq type='result' id='{query['id']}' to='localhost'>"
                 f"<query xmlns='{NS_DISCO_INFO}' node='urn:test#{ver}'>{body}</query></iq>",
             )
-        return session
 
     def ask(self, session, xml: str):
         """Send; the one IQ answer the session gets back (notifications are left)."""
@@ -501,6 +513,211 @@ class FanoutPathTests(PepTestCase):
         self.clock.advance(0)
         self.assertEqual(self.notifications(bob), [])
         self.assertEqual(len(self.notifications(carol)), 1)
+
+
+def configure(node: str, **fields: str) -> str:
+    values = "".join(
+        f"<field var='pubsub#{name}'><value>{value}</value></field>"
+        for name, value in fields.items()
+    )
+    return (
+        f"<iq type='set' id='cfg'><pubsub xmlns='{NS_PUBSUB}#owner'>"
+        f"<configure node='{node}'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE' type='hidden'>"
+        f"<value>{NS_PUBSUB}#node_config</value></field>{values}</x></configure></pubsub></iq>"
+    )
+
+
+class ImplicitRecipientTests(PepTestCase):
+    """The implicit recipients of an owner's node are kept between its publications, and
+    follow every change of what they were found from."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.subscribe("bob", "alice")
+        self.subscribe("carol", "alice")
+        self.alice = self.online("alice@localhost/desk")
+        self.fanouts: list = []
+        broadcaster = self.pubsub.pep.broadcaster
+        send = broadcaster.send
+
+        def recorded(fanout) -> None:
+            self.fanouts.append(fanout)
+            send(fanout)
+
+        self.patch(broadcaster, "send", recorded)
+
+    def published(self, item_id: str, node: str = NODE) -> list[str]:
+        """Alice publishes: the full JIDs of the sessions notified without subscribing."""
+        self.ask(self.alice, publish(node, item_id))
+        self.clock.advance(0)
+        [fanout] = self.fanouts
+        self.fanouts.clear()
+        return sorted(session.full_jid for session in fanout.sessions)
+
+    def test_nothing_changed_nothing_looked_up_again(self) -> None:
+        self.with_caps("bob@localhost/phone", NODE + "+notify")
+        self.assertEqual(self.published("one"), ["bob@localhost/phone"])
+        looked_up = []
+        sessions = self.core.sessions
+        bound_sessions_of = sessions.bound_sessions_of
+        self.patch(
+            sessions,
+            "bound_sessions_of",
+            lambda jid: looked_up.append(jid) or bound_sessions_of(jid),
+        )
+        self.assertEqual(self.published("two"), ["bob@localhost/phone"])
+        self.assertEqual(looked_up, [])
+
+    def test_a_contact_becoming_available(self) -> None:
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        self.send(bob, presence_xml("unavailable"))
+        self.assertEqual(self.published("one"), [])
+        self.send(bob, presence_xml())  # the caps it announced still hold
+        self.assertEqual(self.published("two"), ["bob@localhost/phone"])
+
+    def test_a_contact_becoming_unavailable(self) -> None:
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        self.assertEqual(self.published("one"), ["bob@localhost/phone"])
+        self.send(bob, presence_xml("unavailable"))
+        self.assertEqual(self.published("two"), [])
+
+    def test_caps_changing_to_notify(self) -> None:
+        bob = self.with_caps("bob@localhost/phone", "urn:other+notify")
+        self.assertEqual(self.published("one"), [])
+        self.announce_caps(bob, "urn:other+notify", NODE + "+notify")
+        self.assertEqual(self.published("two"), ["bob@localhost/phone"])
+
+    def test_caps_changing_from_notify(self) -> None:
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        self.assertEqual(self.published("one"), ["bob@localhost/phone"])
+        self.announce_caps(bob, "urn:other+notify")
+        self.assertEqual(self.published("two"), [])
+
+    def test_a_new_session_bound(self) -> None:
+        self.with_caps("bob@localhost/phone", NODE + "+notify")
+        self.assertEqual(self.published("one"), ["bob@localhost/phone"])
+        self.with_caps("bob@localhost/desk", NODE + "+notify")
+        self.with_caps("alice@localhost/phone", NODE + "+notify")  # the owner's own
+        self.assertEqual(
+            self.published("two"),
+            ["alice@localhost/phone", "bob@localhost/desk", "bob@localhost/phone"],
+        )
+
+    def test_a_session_ended(self) -> None:
+        self.with_caps("bob@localhost/phone", NODE + "+notify")
+        desk = self.with_caps("bob@localhost/desk", NODE + "+notify")
+        self.assertEqual(self.published("one"), ["bob@localhost/desk", "bob@localhost/phone"])
+        self.disconnect(desk)
+        self.assertEqual(self.published("two"), ["bob@localhost/phone"])
+        kept = [
+            s for entry in self.pubsub.pep.recipients._entries.values() for _, s in entry.sessions
+        ]
+        self.assertNotIn(desk, kept)
+
+    def test_a_closing_session_until_it_is_detached(self) -> None:
+        # Its connection closing, it is left out while still bound; detached (XEP-0198), it
+        # is no longer closing and is notified again, neither bound nor unbound meanwhile.
+        phone = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        phone.closed = True
+        self.assertEqual(self.published("one"), [])
+        phone.closed = False
+        self.assertEqual(self.published("two"), ["bob@localhost/phone"])
+
+    def test_a_subscription_removed_from_the_roster(self) -> None:
+        self.with_caps("bob@localhost/phone", NODE + "+notify")
+        self.with_caps("carol@localhost/pc", NODE + "+notify")
+        self.assertEqual(self.published("one"), ["bob@localhost/phone", "carol@localhost/pc"])
+        self.send(self.alice, "<presence type='unsubscribed' to='bob@localhost'/>")
+        self.clock.advance(0)
+        self.forget()
+        self.assertEqual(self.published("two"), ["carol@localhost/pc"])  # the roster read again
+        self.assertEqual(self.published("three"), ["carol@localhost/pc"])  # and held
+
+    def test_the_access_model_changed(self) -> None:
+        self.with_caps("bob@localhost/phone", NODE + "+notify")
+        self.assertEqual(self.published("one"), ["bob@localhost/phone"])
+        # From memory under open and presence (where the same contacts pass), after the
+        # affiliations are read under whitelist.
+        for model, recipients in (
+            ("open", ["bob@localhost/phone"]),
+            ("whitelist", []),
+            ("presence", ["bob@localhost/phone"]),
+        ):
+            answer = self.ask(self.alice, configure(NODE, access_model=model))
+            self.assertEqual(answer["type"], "result")
+            self.assertEqual(self.published(model), recipients)
+
+    def test_an_explicit_subscriber_is_not_notified_twice(self) -> None:
+        bob = self.with_caps("bob@localhost/phone", NODE + "+notify")
+        self.assertEqual(self.published("one"), ["bob@localhost/phone"])
+        subscribe = (
+            f"<iq type='set' id='s' to='alice@localhost'><pubsub xmlns='{NS_PUBSUB}'>"
+            f"<subscribe node='{NODE}' jid='bob@localhost'/></pubsub></iq>"
+        )
+        self.assertEqual(self.ask(bob, subscribe)["type"], "result")
+        self.notifications(bob)
+        self.assertEqual(self.published("two"), [])
+        self.assertEqual([event_items(n)[2] for n in self.notifications(bob)], [["two"]])
+
+    def test_entries_beyond_the_cache_size_are_dropped(self) -> None:
+        cache = self.pubsub.pep.recipients
+        cache.size = 2
+        self.with_caps("bob@localhost/phone", "a+notify", "b+notify", "c+notify")
+        for node in ("a", "b", "c"):
+            self.assertEqual(self.published("one", node), ["bob@localhost/phone"])
+        self.assertEqual(len(cache), 2)
+        self.assertEqual(self.published("two", "a"), ["bob@localhost/phone"])
+
+
+def entry(*accounts: str) -> pep.Recipients:
+    return pep.Recipients((), ("presence", ()), (), accounts)
+
+
+class RecipientCacheTests(unittest.TestCase):
+    def test_a_change_drops_the_entries_found_from_that_account_only(self) -> None:
+        cache = pep.RecipientCache()
+        roster: tuple = ()
+        cache.put(("alice@localhost", "n"), entry("alice@localhost", "bob@localhost"))
+        cache.put(("carol@localhost", "n"), entry("carol@localhost", "dave@localhost"))
+        cache.sessions_changed("bob@localhost")
+        self.assertIsNone(cache.get(("alice@localhost", "n"), roster, ("presence", ())))
+        self.assertIsNotNone(cache.get(("carol@localhost", "n"), roster, ("presence", ())))
+        self.assertEqual(set(cache._dependents), {"carol@localhost", "dave@localhost"})
+
+    def test_another_roster_or_other_rules_are_not_the_entry(self) -> None:
+        cache = pep.RecipientCache()
+        held: tuple = ()
+        cache.put(
+            ("alice@localhost", "n"), dataclasses.replace(entry("alice@localhost"), roster=held)
+        )
+        self.assertIsNone(cache.get(("alice@localhost", "n"), held, ("open", ())))
+        self.assertEqual(len(cache), 0)
+        cache.put(
+            ("alice@localhost", "n"), dataclasses.replace(entry("alice@localhost"), roster=held)
+        )
+        self.assertIsNone(
+            cache.get(("alice@localhost", "n"), (RosterItem("bob@localhost"),), ("presence", ()))
+        )
+        self.assertEqual(cache._dependents, {})
+
+    def test_the_least_recently_used_beyond_the_size_is_dropped_with_its_links(self) -> None:
+        cache = pep.RecipientCache(size=2)
+        roster: tuple = ()
+        cache.put(("a@localhost", "n"), entry("a@localhost", "x@localhost"))
+        cache.put(("b@localhost", "n"), entry("b@localhost", "x@localhost"))
+        self.assertIsNotNone(cache.get(("a@localhost", "n"), roster, ("presence", ())))
+        cache.put(("c@localhost", "n"), entry("c@localhost"))
+        self.assertEqual(len(cache), 2)
+        self.assertIsNone(cache.get(("b@localhost", "n"), roster, ("presence", ())))
+        self.assertEqual(
+            cache._dependents,
+            {
+                "a@localhost": {("a@localhost", "n")},
+                "x@localhost": {("a@localhost", "n")},
+                "c@localhost": {("c@localhost", "n")},
+            },
+        )
 
 
 def hold_roster_reads(pep_service: pep.PepService) -> list:

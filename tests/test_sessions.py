@@ -118,6 +118,48 @@ class OpenedSessionTests(ImCoreTestCase):
         self.assertEqual(list(self.core.sessions.live_sessions()), [alice])
         self.assertEqual(len(self.core.sessions), 2)  # until bob's connection is gone
 
+    def test_the_full_jid_as_text(self) -> None:
+        session = self.open("Alice@LocalHost/desk")
+        self.assertEqual(session.full_jid, "alice@localhost/desk")
+        self.assertEqual(session.full_jid, session.jid.full())
+
+    def test_bound_sessions_of_closing_ones_too(self) -> None:
+        alice = self.open("alice@localhost/desk")
+        phone = self.open("alice@localhost/phone")
+        phone.stream_error("policy-violation")
+        self.assertEqual(self.core.sessions.sessions_of(JID("alice@localhost")), [alice])
+        self.assertEqual(
+            self.core.sessions.bound_sessions_of(JID("alice@localhost")), [alice, phone]
+        )
+
+
+class SessionsChangedTests(ImCoreTestCase):
+    """The table tells its listeners of each change of what an account's sessions offer:
+    bound, unbound, available or not (as received), other caps features."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.changed: list[str] = []
+        self.core.sessions.on_sessions_changed.append(self.changed.append)
+
+    def test_bound_and_unbound(self) -> None:
+        alice = self.connect("alice@localhost/desk")
+        replacing = self.connect("alice@localhost/desk")
+        self.disconnect(alice)  # replaced: nothing is unbound
+        self.disconnect(replacing)
+        self.assertEqual(self.changed, ["alice@localhost"] * 3)
+
+    def test_becoming_available_or_unavailable_as_received(self) -> None:
+        alice = self.connect("alice@localhost/desk")
+        self.changed.clear()
+        self.send(alice, presence_xml())
+        self.send(alice, presence_xml(priority=-1))  # available still
+        self.send(alice, presence_xml(to="bob@localhost"))  # directed
+        self.assertEqual(self.changed, ["alice@localhost"])
+        self.send(alice, presence_xml("unavailable"))
+        self.send(alice, presence_xml("unavailable"))
+        self.assertEqual(self.changed, ["alice@localhost"] * 2)
+
 
 class LayeringTests(unittest.TestCase):
     """The stream layer hands bound resources to the IM core through `xmpp.connection`: it never

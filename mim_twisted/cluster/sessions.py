@@ -191,7 +191,7 @@ class RemoteSession:
 
     def __init__(self, jid: JID, node: str, outbox: Outbox) -> None:
         self.jid = jid
-        self._full_jid = jid.full()  # what its stanzas are sent to, for each one
+        self.full_jid = jid.full()  # what its stanzas are sent to, for each one
         self.node = node
         self.outbox = outbox
         self.priority = 0
@@ -209,11 +209,11 @@ class RemoteSession:
         self.caps_features = frozenset(features) if features is not None else None
 
     def send(self, stanza: domish.Element | bytes | str) -> None:
-        self.outbox.deliver(self.node, self._full_jid, stanza)
+        self.outbox.deliver(self.node, self.full_jid, stanza)
 
     def notify(self, notification: "Notification", address: str) -> None:
         """A PubSub notification to `address` (the JID subscribed), for this session."""
-        self.outbox.notify(self.node, self._full_jid, notification, address)
+        self.outbox.notify(self.node, self.full_jid, notification, address)
 
     def replaced(self) -> None:
         self.outbox.bus.send(self.node, "replace", self.jid.full())
@@ -263,6 +263,8 @@ class ClusterSessions:
         self.outbox = outbox
         self.store = store  # SessionTable
         self.local = SessionManager()  # this node's sessions
+        # Told of the remote sessions' changes too, as the local table tells of its own.
+        self.on_sessions_changed = self.local.on_sessions_changed
         self._remote: dict[JID, dict[str, RemoteSession]] = {}
         self._by_node: dict[str, set[JID]] = defaultdict(set)  # full JIDs per node
         # This node's sessions whose change is announced at the end of the turn, in order.
@@ -329,6 +331,17 @@ class ClusterSessions:
             sessions.extend(remote.values())
         return sessions
 
+    def bound_sessions_of(self, bare_jid: JID) -> list[Session | RemoteSession]:
+        bare = bare_jid.userhostJID()
+        sessions: list[Any] = self.local.bound_sessions_of(bare)
+        remote = self._remote.get(bare)
+        if remote:
+            sessions.extend(remote.values())
+        return sessions
+
+    def sessions_changed(self, bare_jid: str) -> None:
+        self.local.sessions_changed(bare_jid)
+
     def has_remote_sessions(self, jid: JID) -> bool:
         return jid.userhostJID() in self._remote
 
@@ -378,12 +391,21 @@ class ClusterSessions:
         jid = prepared_jid(record[0])
         resources = self._remote.setdefault(jid.userhostJID(), {})
         session = resources.get(jid.resource)
-        if session is None or session.node != node:
+        new = session is None or session.node != node
+        if new:
             if session is not None:
                 self._by_node[session.node].discard(jid)
             session = resources[jid.resource] = RemoteSession(jid, node, self.outbox)
             self._by_node[node].add(jid)
+        available, features = session.message_priority is not None, session.caps_features
         session.update(record)
+        # Most announcements of a known session change neither (a new status or priority).
+        if (
+            new
+            or (session.message_priority is not None) != available
+            or session.caps_features != features
+        ):
+            self.sessions_changed(jid.userhost())
         return session
 
     def _forget(self, node: str, jid: JID) -> RemoteSession | None:
@@ -396,6 +418,7 @@ class ClusterSessions:
             del self._remote[jid.userhostJID()]
         self._by_node[node].discard(jid)
         session.closed = True
+        self.sessions_changed(jid.userhost())
         return session
 
     def forget_node(self, node: str) -> list[RemoteSession]:

@@ -4,7 +4,8 @@ The pure part (`verification_string`, `caps_hash`, `parse_disco_info`) follows ย
 well-formedness checks of ยง5.4. `CapsService` reads the <c/> of clients' presences; for a `ver`
 it has not seen it asks that one client for its disco#info (node#ver), checks the hash, and caches
 the features under (hash, ver) for every client announcing the same value. PEP reads the result
-through `features_of` / `wants_notify` and listens on `on_caps_learned`.
+through `features_of` / `wants_notify` and listens on `on_caps_learned`; the session table is
+told of each change of a session's features (`SessionManager.sessions_changed`).
 
 The cache lives in this process only: with several nodes each learns a `ver` once on its own,
 which costs one query per node and never a wrong answer.
@@ -255,7 +256,10 @@ class CapsService:
 
     def _withdraw(self, session: Session) -> None:
         """Forget what the session announced, and stop asking it about that."""
-        key, session.caps, session.caps_features = session.caps, None, None
+        key, session.caps = session.caps, None
+        if session.caps_features is not None:
+            session.caps_features = None
+            self.router.sessions.sessions_changed(session.jid.userhost())
         unverified = self._unverified.pop(session, None)
         if unverified is not None:
             unverified.cancel()
@@ -362,7 +366,9 @@ class CapsService:
         asking.addCallbacks(answered, not_answered)
 
     def _learned(self, session: Session, features: frozenset[str]) -> None:
-        session.caps_features = features
+        if features != session.caps_features:
+            session.caps_features = features
+            self.router.sessions.sessions_changed(session.jid.userhost())
         for callback in list(self.on_caps_learned):
             try:
                 callback(session)

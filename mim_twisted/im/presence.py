@@ -143,12 +143,16 @@ class PresenceService:
             return False
         kind = presence.getAttribute("type")
         if kind == "unavailable":
-            session.message_priority = None
+            if session.message_priority is not None:
+                session.message_priority = None
+                self.sessions.sessions_changed(session.jid.userhost())
             return False
         priority = parse_priority(presence) if kind is None else None
         if priority is None:
             return False
         previous, session.message_priority = session.message_priority, priority
+        if previous is None:
+            self.sessions.sessions_changed(session.jid.userhost())
         offline_due = priority >= 0 and (previous is None or previous < 0)
         if offline_due:
             self.offline.hold(session)

@@ -10,7 +10,7 @@ JID", "the sessions of this bare JID"), so that a shared implementation can late
 local one when several nodes serve the same domains.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from twisted.words.protocols.jabber.jid import JID
@@ -38,7 +38,8 @@ class Session:
     def __init__(self, connection: ClientConnection, jid: JID, router: "Router") -> None:
         self.connection: ClientConnection | None = connection
         self._secure = connection.secure
-        self.jid = jid
+        self.jid = jid  # never reassigned: a new binding is a new session
+        self.full_jid = jid.full()  # what its PubSub notifications are addressed to, each
         self.ended = False  # over for good: unbound and unavailable
         self._router = router
         self.presence: domish.Element | None = None  # the last available broadcast presence
@@ -184,10 +185,18 @@ class Session:
 
 
 class SessionManager:
-    """The local session table: bare JID -> {resource: session}."""
+    """The local session table: bare JID -> {resource: session}.
+
+    `on_sessions_changed` listeners are called with a bare JID (as text) whenever what its
+    sessions offer others may have changed: a session bound or unbound, or one of them becoming
+    available or unavailable or announcing other caps (`sessions_changed`, called by presence and
+    caps handling as they set `message_priority` and `caps_features`). PEP keeps its implicit
+    recipients between publications by them.
+    """
 
     def __init__(self) -> None:
         self._by_bare: dict[JID, dict[str, Session]] = {}
+        self.on_sessions_changed: list[Callable[[str], object]] = []
 
     @property
     def local(self) -> "SessionManager":
@@ -200,6 +209,7 @@ class SessionManager:
         resources = self._by_bare.setdefault(jid.userhostJID(), {})
         previous = resources.get(jid.resource)
         resources[jid.resource] = session
+        self.sessions_changed(jid.userhost())
         if previous is not None and previous is not session:
             previous.replaced()
 
@@ -212,6 +222,13 @@ class SessionManager:
         del resources[session.jid.resource]
         if not resources:
             del self._by_bare[bare]
+        self.sessions_changed(bare.userhost())
+
+    def sessions_changed(self, bare_jid: str) -> None:
+        """A session of the bare JID was bound or unbound, became available or unavailable,
+        or its caps features changed."""
+        for listener in self.on_sessions_changed:
+            listener(bare_jid)
 
     # A session that is closing (its stream error sent, the connection not yet gone) is no
     # longer found: whatever would be sent to it now would be lost.
@@ -223,6 +240,13 @@ class SessionManager:
     def sessions_of(self, bare_jid: JID) -> list[Session]:
         resources = self._by_bare.get(bare_jid.userhostJID(), {})
         return [session for session in resources.values() if not session.closed]
+
+    def bound_sessions_of(self, bare_jid: JID) -> list[Session]:
+        """The sessions of the bare JID, closing ones too: a session stops closing without
+        being unbound or bound (its connection lost, it waits detached for its client to
+        resume it), so what is kept between `on_sessions_changed` calls is read from these and
+        filtered at use."""
+        return list(self._by_bare.get(bare_jid.userhostJID(), {}).values())
 
     def has_remote_sessions(self, jid: JID) -> bool:
         """Whether the account of `jid` has sessions on other nodes: never, in the table of

@@ -216,7 +216,7 @@ class Broadcaster:
             yield from self._write_copies(writes)
         writes = []
         for session in fanout.sessions:
-            _hand(session, fanout.notification, session.jid.full(), writes)
+            _hand(session, fanout.notification, session.full_jid, writes)
         yield from self._write_copies(writes)
 
     def _write_copies(self, writes: list[tuple[Session, Notification, str]]) -> Iterator[None]:

@@ -9,9 +9,11 @@ one: the sender's own account) reach it through the router's account IQ table.
 Who is notified of a node event: the explicit subscribers, as on any node, and, without
 subscribing (XEP-0163 §4), every available resource of the owner and of its contacts with a
 `from`/`both` presence subscription whose entity caps ask for `<node>+notify`, each held to the
-node's access model (`PepService._implicit_sessions`). The last item goes to such a resource
-once per availability: when its available presence arrives with known caps, when its caps become
-known later, and when a contact's presence subscription is approved, with an XEP-0203 delay.
+node's access model (`PepService._implicit_sessions`), kept between an owner's publications
+while nothing they were found from changes (`RecipientCache`). The last item goes to such a
+resource once per availability: when its available presence arrives with known caps, when its
+caps become known later, and when a contact's presence subscription is approved, with an
+XEP-0203 delay.
 
 Blocking (XEP-0191) holds both ways, as for messages: neither notifications nor last items go
 to a contact the owner has blocked, or to one that has blocked the owner, subscribed or not.
@@ -19,7 +21,7 @@ to a contact the owner has blocked, or to one that has blocked the owner, subscr
 
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -83,6 +85,9 @@ PEP_FEATURES = (
 # Account services kept made; each is small and holds no state of its own.
 MAX_SERVICES = 100_000
 
+# (owner, node)s whose implicit recipients are kept between publications.
+MAX_RECIPIENT_ENTRIES = 5_000
+
 # The affiliations that pass a whitelist node (XEP-0060 §4.5).
 _WHITELISTED = frozenset({"owner", "publisher", "member"})
 # The access models under which the node's affiliations decide who is notified implicitly.
@@ -139,6 +144,76 @@ def admits_contact(
     return False
 
 
+def contact_rules(config: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """The node's configuration that `admits_contact` reads."""
+    return config["pubsub#access_model"], tuple(config.get("pubsub#roster_groups_allowed", ()))
+
+
+@dataclass(frozen=True)
+class Recipients:
+    """The implicit recipients of one owner's node, and what they were found from."""
+
+    roster: tuple[RosterItem, ...]  # the owner's roster items as held: the same while unchanged
+    rules: tuple[str, tuple[str, ...]]  # contact_rules of the node's configuration
+    # (the JID as the roster has it, a session of its account): available, asking for the node.
+    sessions: tuple[tuple[str, Session], ...]
+    accounts: tuple[str, ...]  # the bare JIDs whose sessions were looked at
+
+
+class RecipientCache:
+    """`Recipients` by (owner, node), the least recently used dropped beyond `size`.
+
+    An entry is used while the owner's roster and the node's rules are the ones it was found
+    from (`get`), and dropped when a session of one of its accounts is bound, unbound, becomes
+    available or unavailable or announces other caps (`sessions_changed`, a listener of the
+    session table), so that it always holds what would be found again.
+    """
+
+    def __init__(self, size: int = MAX_RECIPIENT_ENTRIES) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[str, str], Recipients] = OrderedDict()
+        # Bare JID -> the entries found from its sessions.
+        self._dependents: dict[str, set[tuple[str, str]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(
+        self, key: tuple[str, str], roster: tuple[RosterItem, ...], rules: tuple
+    ) -> Recipients | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.roster is not roster or entry.rules != rules:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple[str, str], entry: Recipients) -> None:
+        self._drop(key)
+        self._entries[key] = entry
+        for account in entry.accounts:
+            self._dependents.setdefault(account, set()).add(key)
+        if len(self._entries) > self.size:
+            self._drop(next(iter(self._entries)))
+
+    def sessions_changed(self, bare_jid: str) -> None:
+        for key in self._dependents.pop(bare_jid, ()):
+            self._drop(key)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        for account in entry.accounts:
+            keys = self._dependents.get(account)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._dependents[account]
+
+
 def last_item_message(owner: str, node: str, item: PubSubItem, to: str) -> domish.Element:
     """The notification of an item published earlier, with its XEP-0203 delay."""
     message = domish.Element((None, "message"))
@@ -189,6 +264,9 @@ class PepService:
         # (domain, username) -> the roster items if in memory, else None (RosterCache's): an
         # event whose owner's roster is held is fanned out at once.
         self.held_rosters = held_rosters
+        # The implicit recipients of the events fanned out from memory.
+        self.recipients = RecipientCache()
+        sessions.on_sessions_changed.append(self.recipients.sessions_changed)
         # Account -> its request handler, the least recently used dropped beyond
         # MAX_SERVICES: any JID on a served domain can be asked, an account or not.
         self._components: OrderedDict[str, PubSubComponent] = OrderedDict()
@@ -291,7 +369,7 @@ class PepService:
         fanout = fanout_of(event)
         if fanout is None:
             return None
-        sessions = self._implicit_sessions(event, fanout.recipients, contacts, {})
+        sessions = self._held_implicit_sessions(event, fanout.recipients, contacts)
         lists: dict[str, frozenset[str]] = {}
         if self.blocking is not None:
             for account in self._block_lists_needed(owner, fanout, sessions):
@@ -329,28 +407,60 @@ class PepService:
     ) -> list[Session]:
         """The owner's and the contacts' available sessions whose caps ask for the node, that
         the access model admits and that no explicit subscription reaches already."""
-        reached = {recipient.jid for recipient in explicit}
+        admitted = self._admitted(event, contacts, affiliations)
+        return _reachable(self._notified(event.node, admitted), explicit)
+
+    def _held_implicit_sessions(
+        self, event: core.NodeEvent, explicit: list[Recipient], contacts: tuple[RosterItem, ...]
+    ) -> list[Session]:
+        """`_implicit_sessions` under an access model that no affiliation decides, with the
+        owner's roster as held: found again only when something it was found from changed."""
+        key = (event.service, event.node)
+        rules = contact_rules(event.config)
+        entry = self.recipients.get(key, contacts, rules)
+        if entry is None:
+            admitted = self._admitted(event, contacts, {})
+            entry = Recipients(
+                contacts,
+                rules,
+                tuple(self._notified(event.node, admitted)),
+                tuple(account.userhost() for _, account in admitted),
+            )
+            self.recipients.put(key, entry)
+        return _reachable(entry.sessions, explicit)
+
+    def _admitted(
+        self,
+        event: core.NodeEvent,
+        contacts: Iterable[RosterItem],
+        affiliations: Mapping[str, str],
+    ) -> list[tuple[str, JID]]:
+        """The owner and its contacts with a `from`/`both` subscription that the access model
+        admits, on the served domains: (the JID as the roster has it, its account)."""
         candidates: list[tuple[str, RosterItem | None]] = [(event.service, None)]
         candidates += [(c.jid, c) for c in contacts if c.subscription in ("from", "both")]
-        sessions = []
+        admitted = []
         for jid, contact in candidates:
             affiliation = "owner" if jid == event.service else affiliations.get(jid, "none")
-            if jid in reached or not admits_contact(event.config, contact, affiliation):
+            if not admits_contact(event.config, contact, affiliation):
                 continue
             try:
                 account = parse_jid(jid)
             except (InvalidFormat, UnicodeError):
                 continue
-            if account.host not in self.domains:
-                continue
-            for session in self.sessions.sessions_of(account):
-                if (
-                    session.message_priority is not None
-                    and self.caps.wants_notify(session, event.node)
-                    and (not reached or session.jid.full() not in reached)
-                ):
-                    sessions.append(session)
-        return sessions
+            if account.host in self.domains:
+                admitted.append((jid, account))
+        return admitted
+
+    def _notified(self, node: str, admitted: list[tuple[str, JID]]) -> list[tuple[str, Session]]:
+        """The admitted accounts' available sessions whose caps ask for the node, closing ones
+        too (see `SessionManager.bound_sessions_of`), each with the JID it was admitted as."""
+        return [
+            (jid, session)
+            for jid, account in admitted
+            for session in self.sessions.bound_sessions_of(account)
+            if session.message_priority is not None and self.caps.wants_notify(session, node)
+        ]
 
     def _block_lists_needed(
         self, owner: JID, fanout: Fanout, sessions: Iterable[Session]
@@ -488,6 +598,19 @@ class PepService:
                     sent.discard((owner, node))  # nothing yet, or not allowed: not sent
                 else:
                     session.send(last_item_message(owner, node, item, session.jid.full()))
+
+
+def _reachable(found: Iterable[tuple[str, Session]], explicit: list[Recipient]) -> list[Session]:
+    """The sessions found (`PepService._notified`) that are not closing and that no explicit
+    subscription reaches already, by their JID as admitted or their full JID."""
+    reached = {recipient.jid for recipient in explicit}
+    if not reached:
+        return [session for _, session in found if not session.closed]
+    return [
+        session
+        for jid, session in found
+        if not session.closed and jid not in reached and session.full_jid not in reached
+    ]
 
 
 def _log_failure(failure: Failure, what: str, owner: str) -> None:
