@@ -47,9 +47,11 @@ import os
 import re
 import resource
 import secrets
+import shlex
 import socket
 import ssl
 import statistics
+import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -1387,6 +1389,12 @@ def _emptying_roster(client: Client, timeout: float) -> Callable[[], Awaitable]:
     return empty
 
 
+def _start_on_measure(opts: argparse.Namespace) -> "subprocess.Popen | None":
+    if not opts.on_measure:
+        return None
+    return subprocess.Popen(shlex.split(opts.on_measure), stdout=sys.stderr)
+
+
 async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
     users, half = opts.clients, opts.contacts // 2
     if users <= opts.contacts:
@@ -1470,12 +1478,15 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
         ]
         await asyncio.sleep(opts.warmup)
         meter = CpuMeter(opts.server_pid, opts.db_process, opts.publisher_pid)
+        on_measure = _start_on_measure(opts)
         ring.measuring = True
         started = now()
         await asyncio.sleep(opts.duration)
         ring.measuring = False
         elapsed = now() - started
         cpu = meter.figures()
+        if on_measure is not None:
+            on_measure.wait()
         stop.set()
         done, pending = await asyncio.wait(tasks, timeout=opts.timeout)
         for task in pending:
@@ -1661,6 +1672,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--db-process", action="append", help="name or pid of a database process (e.g. postgres)"
         " whose CPU use is reported as db_cpu_pct; repeatable"
+    )  # fmt: skip
+    parser.add_argument(
+        "--on-measure", help="pep: a command started when the measured seconds begin (e.g. a"
+        " profiler attached to the server for --duration seconds), waited for at their end"
     )  # fmt: skip
     opts = parser.parse_args(argv)
     if opts.window is None:
