@@ -23,6 +23,7 @@ from mim_twisted.storage.interfaces import (
     RosterItem,
     SchemaOutdated,
     SchemaTooNew,
+    StorageUnavailable,
 )
 from mim_twisted.storage.memory import MemoryDatabase
 from mim_twisted.storage.migrations import (
@@ -197,6 +198,74 @@ class PostgresStorageTests(
         await self.pubsub.publish_items(SERVICE, "news", [item(2), item(3)], 10)
         self.assertEqual(len(sent), 2)
         self.assertTrue(all(s.startswith("BEGIN; ") and s.endswith("; COMMIT") for s in sent))
+
+    async def test_publications_of_one_turn_are_one_round_trip(self) -> None:
+        # Several nodes' publications made in one reactor turn (several worker queues at once)
+        # are stored in one transaction, their node locks taken in (service, node) order.
+        nodes = [("pep.example.org", "b"), ("pep.example.org", "a"), (SERVICE, "news")]
+        for service, name in nodes:
+            await self.pubsub.create_node(service, name, {}, OWNER)
+        sent: list[tuple[str, tuple]] = []
+        execute = txpostgres.Cursor.execute
+
+        def recording(cursor: txpostgres.Cursor, query: str, params: tuple = ()) -> Deferred:
+            sent.append((query, params))
+            return execute(cursor, query, params)
+
+        self.patch(txpostgres.Cursor, "execute", recording)
+        await gatherResults(
+            [
+                self.pubsub.publish_items(service, name, [item(n), item(10 + n)], 1)
+                for n, (service, name) in enumerate(nodes)
+            ]
+        )
+        self.assertEqual(len(sent), 1)
+        query, params = sent[0]
+        self.assertEqual(query.count("FOR UPDATE"), 3)
+        # Each node's lock, trim and its two items' writes: 2 + 2 * 6 + 3 parameters.
+        locked = [params[17 * n : 17 * n + 2] for n in range(3)]
+        self.assertEqual(locked, sorted(nodes))
+        for n, (service, name) in enumerate(nodes):
+            stored = await self.pubsub.get_items(service, name)
+            self.assertEqual([i.item_id for i in stored], [f"item{10 + n}"])
+
+    async def test_a_failing_publication_of_a_turn_fails_alone(self) -> None:
+        # One node of the turn is gone: its publication fails as it would alone, the others
+        # are stored (each again in its own transaction).
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.pubsub.create_node(SERVICE, "sports", {}, OWNER)
+        refused = dataclasses.replace(item(3), publisher=None)
+        outcomes = [
+            self.pubsub.publish_items(SERVICE, "news", [item(1)], 10),
+            self.pubsub.publish_items(SERVICE, "gone", [item(2)], 10),
+            self.pubsub.publish_items(SERVICE, "sports", [refused], 10),
+            self.pubsub.publish_items(SERVICE, "sports", [item(4)], 10),
+        ]
+        await outcomes[0]
+        await self.assertFailure(outcomes[1], NodeNotFound)
+        await self.assertFailure(outcomes[2], psycopg2.errors.NotNullViolation)
+        await outcomes[3]
+        self.assertEqual(
+            [i.item_id for i in await self.pubsub.get_items(SERVICE, "news")], ["item1"]
+        )
+        sports = await self.pubsub.get_items(SERVICE, "sports")
+        self.assertEqual([i.item_id for i in sports], ["item4"])
+
+    async def test_publications_of_one_turn_to_an_unavailable_database(self) -> None:
+        # The database is away: each publication fails with that, without being tried again
+        # alone.
+        await self.pubsub.create_node(SERVICE, "news", {}, OWNER)
+        await self.pubsub.create_node(SERVICE, "sports", {}, OWNER)
+        database = PostgresDatabase(self.dsn, pool_size=1)
+        await database.start()
+        database.close()
+        sent = self.record_statements()
+        for publishing in [
+            database.pubsub.publish_items(SERVICE, "news", [item(1)], 10),
+            database.pubsub.publish_items(SERVICE, "sports", [item(2)], 10),
+        ]:
+            await self.assertFailure(publishing, StorageUnavailable)
+        self.assertEqual(sent, [])
 
     async def test_concurrent_replacements_of_one_roster_item(self) -> None:
         # Two nodes of a cluster (two pools) change one item from the same read: the roster is
