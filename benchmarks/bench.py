@@ -780,7 +780,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--pubsub-windows", type=int, nargs="+", default=[1, 4], help="items in flight")
     add("--pep-sizes", nargs="+", default=["50x10", "1000x20"], help="pep: USERSxCONTACTS, "
         "users in a ring with that many mutual contacts each")  # fmt: skip
-    add("--pubsub-workers", type=int, default=16, help="mim: [pubsub] workers")
+    add("--pubsub-workers", type=int, default=64, help="mim: [pubsub] workers")
     add("--pg-pool", type=int, default=8, help="mim: [storage.postgresql] pool_size")
     add("--mysql-pool", type=int, default=4, help="mim: [storage.mysql] pool_size")
     add("--extra-config", default="", help="mim: TOML appended to the config")

@@ -506,7 +506,7 @@ class LimitsConfig:
 class PubSubConfig:
     enabled: bool = option(True, boolean)
     pep: bool = option(True, boolean)
-    workers: int = option(16, integer(1, 256))
+    workers: int = option(64, integer(1, 256))
     max_queue_length: int = option(1000, integer(1))
     sync_broadcast: bool = option(False, boolean)
     max_items_limit: int = option(1000, integer(1))
