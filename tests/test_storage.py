@@ -267,6 +267,35 @@ class PostgresStorageTests(
             await self.assertFailure(publishing, StorageUnavailable)
         self.assertEqual(sent, [])
 
+    async def test_an_account_removed_while_a_turn_publishes_to_two_of_its_nodes(self) -> None:
+        # The turn's transaction locks the nodes in name order: "a", then "b". The removal
+        # deletes them in the order it finds them ("b" first, the older row), so unless it
+        # locks them in name order first, each waits for the other (a deadlock, one aborted).
+        await self.register(ALICE)
+        service = "alice@example.org"
+        await self.pubsub.create_node(service, "b", {}, OWNER)
+        await self.pubsub.create_node(service, "a", {}, OWNER)
+        await self.pubsub.publish_item(service, "a", item(1), 10)
+        holder = psycopg2.connect(self.dsn)
+        self.addCleanup(holder.close)
+        with holder.cursor() as cursor:
+            # Keeps the turn's transaction waiting with "a" locked, before it locks "b".
+            cursor.execute("SELECT 1 FROM pubsub_items WHERE item_id = 'item1' FOR UPDATE")
+        remover = PostgresDatabase(self.dsn, pool_size=1)
+        self.addCleanup(remover.close)
+        await remover.start()
+        publishing = [
+            self.pubsub.publish_items(service, "a", [item(1)], 10),
+            self.pubsub.publish_items(service, "b", [item(2)], 10),
+        ]
+        await deferLater(reactor, 0.2, lambda: None)
+        removing = remover.accounts.remove_account(*ALICE)
+        await deferLater(reactor, 0.2, lambda: None)
+        holder.commit()
+        await removing
+        await gatherResults(publishing)
+        self.assertEqual(await self.pubsub.list_nodes(service), [])
+
     async def test_concurrent_replacements_of_one_roster_item(self) -> None:
         # Two nodes of a cluster (two pools) change one item from the same read: the roster is
         # locked while each compares, so exactly one of them writes.

@@ -106,6 +106,7 @@ UPDATE_CREDENTIALS = (
 DELETE_ACCOUNT = "DELETE FROM users WHERE server = ? AND username = ? RETURNING 1"
 # PEP nodes are keyed by their owner's bare JID, with no foreign key to the account.
 DELETE_SERVICE_NODES = "DELETE FROM pubsub_nodes WHERE service = ?"
+SELECT_NODE_NAMES = "SELECT name FROM pubsub_nodes WHERE service = ?"
 SELECT_ACCOUNT = "SELECT 1 FROM users WHERE server = ? AND username = ?"
 LOCK_ACCOUNT = SELECT_ACCOUNT + FOR_UPDATE
 SELECT_USERNAMES = "SELECT username FROM users WHERE server = ?"
@@ -346,7 +347,14 @@ class SQLAccountStore(_SQLStore):
         # nodes (with their items, affiliations and subscriptions) are deleted here.
         if not (yield DELETE_ACCOUNT, (domain, username)):
             raise AccountNotFound(f"{username}@{domain}")
-        yield DELETE_SERVICE_NODES, (f"{username}@{domain}",)
+        service = f"{username}@{domain}"
+        names = yield SELECT_NODE_NAMES, (service,)
+        if names:
+            # In name order, as a PostgreSQL transaction of several publications locks them
+            # (postgres.py): the delete alone takes them in the order of its scan, and the two
+            # would wait for each other.
+            yield Batch(*((LOCK_NODE, (service, name)) for (name,) in sorted(names)))
+        yield DELETE_SERVICE_NODES, (service,)
 
     @transaction
     def account_exists(self, domain: str, username: str) -> Transaction[bool]:
