@@ -51,7 +51,6 @@ import shlex
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -1389,10 +1388,10 @@ def _emptying_roster(client: Client, timeout: float) -> Callable[[], Awaitable]:
     return empty
 
 
-def _start_on_measure(opts: argparse.Namespace) -> "subprocess.Popen | None":
+async def _start_on_measure(opts: argparse.Namespace) -> "asyncio.subprocess.Process | None":
     if not opts.on_measure:
         return None
-    return subprocess.Popen(shlex.split(opts.on_measure), stdout=sys.stderr)
+    return await asyncio.create_subprocess_exec(*shlex.split(opts.on_measure), stdout=sys.stderr)
 
 
 async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
@@ -1478,7 +1477,7 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
         ]
         await asyncio.sleep(opts.warmup)
         meter = CpuMeter(opts.server_pid, opts.db_process, opts.publisher_pid)
-        on_measure = _start_on_measure(opts)
+        on_measure = await _start_on_measure(opts)
         ring.measuring = True
         started = now()
         await asyncio.sleep(opts.duration)
@@ -1486,7 +1485,7 @@ async def scenario_pep(opts: argparse.Namespace, run: int) -> dict:
         elapsed = now() - started
         cpu = meter.figures()
         if on_measure is not None:
-            on_measure.wait()
+            await on_measure.wait()
         stop.set()
         done, pending = await asyncio.wait(tasks, timeout=opts.timeout)
         for task in pending:

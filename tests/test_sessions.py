@@ -161,6 +161,18 @@ class SessionsChangedTests(ImCoreTestCase):
         self.assertEqual(self.changed, ["alice@localhost"] * 2)
 
 
+    def test_a_failing_listener_breaks_neither_binding_nor_the_others(self) -> None:
+        def failing(bare_jid: str) -> None:
+            raise RuntimeError("listener bug")
+
+        self.core.sessions.on_sessions_changed.insert(0, failing)
+        alice = self.connect("alice@localhost/desk")
+        self.send(alice, presence_xml())
+        self.assertEqual(self.changed, ["alice@localhost"] * 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertIsNotNone(self.core.sessions.session(alice.jid))
+
+
 class LayeringTests(unittest.TestCase):
     """The stream layer hands bound resources to the IM core through `xmpp.connection`: it never
     imports the IM core or PubSub, which sit above it."""

@@ -12,7 +12,7 @@ from psycopg2.errors import LockNotAvailable
 from psycopg2.extensions import make_dsn
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txpostgres import txpostgres
 
@@ -228,6 +228,11 @@ class PostgresStorageTests(
         for n, (service, name) in enumerate(nodes):
             stored = await self.pubsub.get_items(service, name)
             self.assertEqual([i.item_id for i in stored], [f"item{10 + n}"])
+
+    def test_publications_are_collected_on_the_pools_reactor(self) -> None:
+        clock = Clock()
+        database = PostgresDatabase(self.dsn, pool_size=1, reactor=clock)
+        self.assertIs(database.pubsub.clock, clock)
 
     async def test_a_failing_publication_of_a_turn_fails_alone(self) -> None:
         # One node of the turn is gone: its publication fails as it would alone, the others

@@ -13,6 +13,7 @@ local one when several nodes serve the same domains.
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
@@ -26,6 +27,8 @@ from mim_twisted.xmpp.serialise import to_xml
 if TYPE_CHECKING:
     from mim_twisted.im.router import Router
     from mim_twisted.im.stream_management import StanzaLedger
+
+log = Logger()
 
 
 class Session:
@@ -227,8 +230,12 @@ class SessionManager:
     def sessions_changed(self, bare_jid: str) -> None:
         """A session of the bare JID was bound or unbound, became available or unavailable,
         or its caps features changed."""
-        for listener in self.on_sessions_changed:
-            listener(bare_jid)
+        for listener in list(self.on_sessions_changed):
+            try:
+                listener(bare_jid)
+            except Exception:
+                # A listener's bug must not break binding or presence handling.
+                log.failure("sessions changed listener for {jid}", jid=bare_jid)
 
     # A session that is closing (its stream error sent, the connection not yet gone) is no
     # longer found: whatever would be sent to it now would be lost.

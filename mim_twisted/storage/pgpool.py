@@ -197,7 +197,7 @@ class ConnectionPool:
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        self._reactor = reactor
+        self.reactor = reactor
         self._dsn = dsn
         self._size = size
         self._connect_timeout = connect_timeout
@@ -229,11 +229,11 @@ class ConnectionPool:
         return gatherResults(attempts, consumeErrors=True).addCallbacks(lambda _: self, failed)
 
     def _connect(self) -> Deferred[_Connection]:
-        connection = _Connection(self._reactor, self._lost)
+        connection = _Connection(self.reactor, self._lost)
         connecting = connection.connect(self._dsn)
         self._connecting.add(connection)
         # Closing the connection fails its pending poll, and so the attempt.
-        timeout = self._reactor.callLater(self._connect_timeout, connection.discard)
+        timeout = self.reactor.callLater(self._connect_timeout, connection.discard)
 
         def done(result: object) -> object:
             self._connecting.discard(connection)
@@ -302,7 +302,7 @@ class ConnectionPool:
             next_delay = min(max(delay * 2, self._reconnect_delay), self._max_reconnect_delay)
             self._replace(next_delay)
 
-        call = self._reactor.callLater(delay, attempt)
+        call = self.reactor.callLater(delay, attempt)
         self._retries.add(call)
 
     # Lending connections.
@@ -322,7 +322,7 @@ class ConnectionPool:
         return DatabaseUnavailable(f"PostgreSQL is unreachable: {reason}")
 
     def _limit_wait(self, request: Deferred[_Connection]) -> None:
-        request.addTimeout(self._outage_wait, self._reactor)
+        request.addTimeout(self._outage_wait, self.reactor)
 
     def _fail_waiting(self) -> None:
         waiting, self._waiting = self._waiting, collections.deque()

@@ -119,11 +119,10 @@ class PostgresPubSubStore(sql.SQLPubSubStore):
     deleted meanwhile, an item refused) is its own; an unavailable database fails them all.
     """
 
-    def __init__(self, run: sql.Run, clock: IReactorTime | None = None) -> None:
+    def __init__(self, run: sql.Run) -> None:
         super().__init__(run)
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self._clock = clock
+        # Whose turns are collected: the database's pool's reactor (set by PostgresDatabase).
+        self.clock: IReactorTime | None = None
         self._this_turn: list[_Publication] = []
 
     def publish_items(
@@ -133,7 +132,9 @@ class PostgresPubSubStore(sql.SQLPubSubStore):
         if not items:
             return super().publish_items(service, name, items, max_items)
         if not self._this_turn:
-            self._clock.callLater(0, self._store_turn)
+            if self.clock is None:
+                raise RuntimeError("PostgresPubSubStore.clock is not set")
+            self.clock.callLater(0, self._store_turn)
         stored: Deferred[None] = Deferred()
         self._this_turn.append(_Publication(service, name, items, max_items, stored))
         return stored
@@ -219,6 +220,7 @@ class PostgresDatabase(sql.SQLStores):
         self._schema_dir = schema_dir
         self._pool = ConnectionPool(dsn, pool_size, **pool_options)
         super().__init__(self._run)
+        self.pubsub.clock = self._pool.reactor
 
     def _run(self, make_transaction: sql.TransactionFactory[T], alone: bool = False) -> Deferred[T]:
         # sql.py's plain SELECTs have no side effects: they may run before the transaction.
