@@ -160,7 +160,6 @@ class SessionsChangedTests(ImCoreTestCase):
         self.send(alice, presence_xml("unavailable"))
         self.assertEqual(self.changed, ["alice@localhost"] * 2)
 
-
     def test_a_failing_listener_breaks_neither_binding_nor_the_others(self) -> None:
         def failing(bare_jid: str) -> None:
             raise RuntimeError("listener bug")
