@@ -325,19 +325,18 @@ class ClusterSessions:
 
     def sessions_of(self, bare_jid: JID) -> list[Session | RemoteSession]:
         bare = bare_jid.userhostJID()
-        sessions: list[Any] = self.local.sessions_of(bare)
-        remote = self._remote.get(bare)
-        if remote:
-            sessions.extend(remote.values())
-        return sessions
+        return self._with_remote(bare, self.local.sessions_of(bare))
 
     def bound_sessions_of(self, bare_jid: JID) -> list[Session | RemoteSession]:
         bare = bare_jid.userhostJID()
-        sessions: list[Any] = self.local.bound_sessions_of(bare)
+        return self._with_remote(bare, self.local.bound_sessions_of(bare))
+
+    def _with_remote(self, bare: JID, local: list[Any]) -> list[Session | RemoteSession]:
+        """The local sessions of ``bare`` (a new list) followed by its other nodes' ones."""
         remote = self._remote.get(bare)
         if remote:
-            sessions.extend(remote.values())
-        return sessions
+            local.extend(remote.values())
+        return local
 
     def sessions_changed(self, bare_jid: str) -> None:
         self.local.sessions_changed(bare_jid)
